@@ -1,0 +1,44 @@
+# caption-cascade: the whole set-up is `make demo` or `make test` on a fresh machine.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV          := .venv
+PYTHON        ?= python3
+TORCH_VERSION := 2.11.0
+TORCH_STAMP   := $(VENV)/.torch-$(TORCH_VERSION)
+# Resolved when a recipe runs, after the venv exists.
+LIBTORCH       = $(firstword $(wildcard $(CURDIR)/$(VENV)/lib/python3*/site-packages/torch))
+CARGO_ENV      = LIBTORCH="$(LIBTORCH)" LD_LIBRARY_PATH="$(LIBTORCH)/lib:$$LD_LIBRARY_PATH"
+DEMO_IMAGES    = $(sort $(wildcard examples/images/*.png examples/images/*.jpg))
+
+.PHONY: help setup build demo test lint fmt models clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-8s %s\n", $$1, $$2}'
+
+setup: $(TORCH_STAMP) ## install libtorch (torch==$(TORCH_VERSION) from PyPI) into .venv, once
+
+$(TORCH_STAMP):
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check torch==$(TORCH_VERSION)
+	touch $@
+
+build: setup ## compile the server and CLI
+	$(CARGO_ENV) cargo build --locked --bins
+
+demo: build ## caption the sample scenes with the embedded models
+	$(CARGO_ENV) cargo run --locked --quiet -- caption $(DEMO_IMAGES)
+
+test: setup ## run every test
+	$(CARGO_ENV) cargo test --locked
+
+lint: setup ## rustfmt and clippy, warnings are errors
+	cargo fmt --check
+	$(CARGO_ENV) cargo clippy --locked --all-targets -- -D warnings
+
+models: setup ## retrain the embedded models (about 10 minutes on 2 cores)
+	$(VENV)/bin/pip install --quiet -r tools/requirements-train.txt
+	$(VENV)/bin/python tools/train_shapes.py
+
+clean:
+	cargo clean

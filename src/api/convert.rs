@@ -1,0 +1,160 @@
+//! Proto messages ⇄ domain types, with field-level validation of what the proto cannot express.
+
+use std::time::{Duration, Instant};
+
+use tonic::{metadata::MetadataMap, Status};
+
+use super::pb;
+use crate::{
+    cascade::{ImageSource, RankedCaption, Timings},
+    engine::Admission,
+    models::generation::{GenerationParams, Strategy},
+};
+
+pub fn image_source(image: Option<pb::Image>) -> Result<ImageSource, Status> {
+    match image.and_then(|i| i.source) {
+        Some(pb::image::Source::Url(url)) => Ok(ImageSource::Url(url)),
+        Some(pb::image::Source::Data(data)) => Ok(ImageSource::Bytes(data)),
+        None => Err(Status::invalid_argument(
+            "image: set either image.url or image.data",
+        )),
+    }
+}
+
+/// Request parameters over `defaults`; range checks happen in the domain (`validate`).
+pub fn generation_params(
+    p: Option<pb::GenerationParams>,
+    defaults: &GenerationParams,
+) -> Result<GenerationParams, Status> {
+    let mut out = defaults.clone();
+    out.seed = rand::random();
+    let Some(p) = p else { return Ok(out) };
+    if let Some(v) = p.num_candidates {
+        out.num_candidates = v;
+    }
+    if let Some(v) = p.max_length {
+        out.max_length = v;
+    }
+    if let Some(v) = p.min_length {
+        out.min_length = v;
+    }
+    out.strategy = match pb::Decoding::try_from(p.decoding) {
+        Ok(pb::Decoding::Unspecified) => defaults.strategy,
+        Ok(pb::Decoding::Greedy) => Strategy::Greedy,
+        Ok(pb::Decoding::Sample) => Strategy::Sample,
+        Err(_) => {
+            return Err(Status::invalid_argument(format!(
+                "decoding: unknown value {}",
+                p.decoding
+            )))
+        }
+    };
+    if let Some(v) = p.temperature {
+        out.temperature = v;
+    }
+    if let Some(v) = p.top_k {
+        out.top_k = v;
+    }
+    if let Some(v) = p.top_p {
+        out.top_p = v;
+    }
+    if let Some(v) = p.repetition_penalty {
+        out.repetition_penalty = v;
+    }
+    if let Some(v) = p.seed {
+        out.seed = v;
+    }
+    Ok(out)
+}
+
+/// The caller's gRPC deadline, from the `grpc-timeout` header.
+pub fn admission(metadata: &MetadataMap) -> Admission {
+    let deadline = metadata
+        .get("grpc-timeout")
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_grpc_timeout)
+        .map(|d| Instant::now() + d);
+    Admission { deadline }
+}
+
+fn parse_grpc_timeout(v: &str) -> Option<Duration> {
+    if v.len() < 2 {
+        return None;
+    }
+    let (digits, unit) = v.split_at(v.len() - 1);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+pub fn timings(t: &Timings) -> pb::Timings {
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    pb::Timings {
+        fetch_ms: ms(t.fetch),
+        preprocess_ms: ms(t.preprocess),
+        generate_ms: ms(t.generate),
+        rank_ms: ms(t.rank),
+        total_ms: ms(t.total),
+    }
+}
+
+pub fn ranked(c: RankedCaption) -> pb::RankedCaption {
+    pb::RankedCaption {
+        text: c.text,
+        probability: c.probability,
+        cosine: c.cosine,
+        logit: c.logit,
+        index: c.index,
+        count: c.count,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeout_units() {
+        assert_eq!(parse_grpc_timeout("100m"), Some(Duration::from_millis(100)));
+        assert_eq!(parse_grpc_timeout("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_grpc_timeout("5x"), None);
+        assert_eq!(parse_grpc_timeout("m"), None);
+    }
+
+    #[test]
+    fn unset_fields_keep_defaults_and_set_fields_override() {
+        let d = GenerationParams::default();
+        let p = generation_params(None, &d).unwrap();
+        assert_eq!(GenerationParams { seed: d.seed, ..p }, d);
+        let p = generation_params(
+            Some(pb::GenerationParams {
+                top_p: Some(0.5),
+                seed: Some(7),
+                decoding: pb::Decoding::Greedy as i32,
+                ..Default::default()
+            }),
+            &d,
+        )
+        .unwrap();
+        assert_eq!(
+            (p.top_p, p.seed, p.strategy, p.top_k),
+            (0.5, 7, Strategy::Greedy, d.top_k)
+        );
+        let bad = pb::GenerationParams {
+            decoding: 99,
+            ..Default::default()
+        };
+        assert_eq!(
+            generation_params(Some(bad), &d).unwrap_err().code(),
+            tonic::Code::InvalidArgument
+        );
+    }
+}

@@ -1,0 +1,89 @@
+//! The single mapping from domain errors to gRPC statuses.
+
+use tonic::{Code, Status};
+
+use crate::{cascade::CascadeError, engine::EngineError, images::ImageError};
+
+impl From<CascadeError> for Status {
+    fn from(e: CascadeError) -> Self {
+        match e {
+            CascadeError::Invalid(p) => Status::invalid_argument(p.to_string()),
+            CascadeError::Image(e) => image_status(e),
+            CascadeError::Engine(e) => engine_status(e),
+        }
+    }
+}
+
+fn image_status(e: ImageError) -> Status {
+    let code = match e {
+        // The remote side failed, not the request's form: the caller may fix the URL's target.
+        ImageError::Fetch { .. } => Code::FailedPrecondition,
+        ImageError::FileNotAllowed(_) => Code::PermissionDenied,
+        ImageError::InvalidUrl { .. }
+        | ImageError::TooLarge { .. }
+        | ImageError::Empty
+        | ImageError::Decode(_) => Code::InvalidArgument,
+    };
+    Status::new(code, e.to_string())
+}
+
+fn engine_status(e: EngineError) -> Status {
+    match e {
+        EngineError::Overloaded(_) => Status::resource_exhausted(e.to_string()),
+        EngineError::DeadlineExceeded => Status::deadline_exceeded(e.to_string()),
+        EngineError::ShuttingDown => Status::unavailable(e.to_string()),
+        EngineError::Invalid(msg) => Status::invalid_argument(msg),
+        EngineError::Internal(msg) => {
+            tracing::error!(%msg, "internal error");
+            Status::internal(msg)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::generation::InvalidParam;
+
+    #[test]
+    fn each_error_kind_has_its_code() {
+        let code = |e: CascadeError| Status::from(e).code();
+        assert_eq!(
+            code(
+                InvalidParam {
+                    field: "top_p",
+                    reason: "x".into()
+                }
+                .into()
+            ),
+            Code::InvalidArgument
+        );
+        assert_eq!(
+            code(ImageError::Decode("x".into()).into()),
+            Code::InvalidArgument
+        );
+        assert_eq!(
+            code(
+                ImageError::Fetch {
+                    url: "u".into(),
+                    reason: "r".into()
+                }
+                .into()
+            ),
+            Code::FailedPrecondition
+        );
+        assert_eq!(
+            code(EngineError::Overloaded("generate").into()),
+            Code::ResourceExhausted
+        );
+        assert_eq!(
+            code(EngineError::DeadlineExceeded.into()),
+            Code::DeadlineExceeded
+        );
+        assert_eq!(code(EngineError::ShuttingDown.into()), Code::Unavailable);
+        assert_eq!(
+            code(EngineError::Internal("x".into()).into()),
+            Code::Internal
+        );
+    }
+}

@@ -1,0 +1,159 @@
+//! CLIP runner: embeds a batch of images and all their captions in two forward passes, then
+//! scores each request's captions against its own image.
+
+use std::{
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use tch::{Device, Kind, Tensor};
+
+use super::stack_pixels;
+use crate::{
+    engine::{EngineError, Runner},
+    models::{
+        clip::Clip,
+        preprocess::{ImageProcessor, Pixels},
+        tokenizer::RankTokenizer,
+        ModelError, Shared,
+    },
+};
+
+pub struct RankInput {
+    pub pixels: Pixels,
+    pub captions: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RankScore {
+    /// Softmax of the logits over this request's captions.
+    pub probability: f32,
+    pub cosine: f32,
+    pub logit: f32,
+}
+
+#[derive(Debug)]
+pub struct RankOutput {
+    /// One score per caption, in request order.
+    pub scores: Vec<RankScore>,
+    pub compute: Duration,
+}
+
+pub struct ClipRunner {
+    model: Shared<Clip>,
+    tokenizer: RankTokenizer,
+    processor: ImageProcessor,
+    device: Device,
+    intra_op_threads: Option<i32>,
+}
+
+impl ClipRunner {
+    pub fn load(
+        folder: &Path,
+        device: Device,
+        intra_op_threads: Option<i32>,
+    ) -> Result<Self, ModelError> {
+        let model = Clip::load(folder, device)?;
+        let tokenizer = RankTokenizer::load(
+            folder,
+            model.config.text_config.max_position_embeddings as usize,
+        )?;
+        let processor = ImageProcessor::load(folder)?;
+        Ok(Self {
+            model: Shared::new(model),
+            tokenizer,
+            processor,
+            device,
+            intra_op_threads,
+        })
+    }
+
+    pub fn processor(&self) -> &ImageProcessor {
+        &self.processor
+    }
+
+    fn run_batch(&self, inputs: &[RankInput]) -> Result<Vec<Vec<RankScore>>, EngineError> {
+        let images = l2_normalize(
+            &self
+                .model
+                .image_features(&stack_pixels(inputs.iter().map(|i| &i.pixels), self.device)),
+        );
+        let texts: Vec<String> = inputs
+            .iter()
+            .flat_map(|i| i.captions.iter().cloned())
+            .collect();
+        let pad = self.model.config.text_config.pad_token_id;
+        let enc = self
+            .tokenizer
+            .encode_batch(&texts, pad)
+            .map_err(|e| EngineError::Invalid(e.to_string()))?;
+        let shape = [enc.rows as i64, enc.len as i64];
+        let ids = Tensor::from_slice(&enc.ids)
+            .view(shape)
+            .to_device(self.device);
+        let mask = Tensor::from_slice(&enc.mask)
+            .view(shape)
+            .to_device(self.device);
+        let texts = l2_normalize(&self.model.text_features(&ids, &mask));
+        let scale = self.model.logit_scale();
+        let mut start = 0i64;
+        let mut out = Vec::with_capacity(inputs.len());
+        for (i, input) in inputs.iter().enumerate() {
+            let n = input.captions.len() as i64;
+            let cosine = texts.narrow(0, start, n).matmul(&images.get(i as i64));
+            start += n;
+            let logits = &cosine * scale;
+            let probs = logits.softmax(-1, Kind::Float);
+            let to_vec =
+                |t: &Tensor| Vec::<f32>::try_from(t.to_device(Device::Cpu).to_kind(Kind::Float));
+            let (cosine, logits, probs) = (
+                to_vec(&cosine).map_err(internal)?,
+                to_vec(&logits).map_err(internal)?,
+                to_vec(&probs).map_err(internal)?,
+            );
+            out.push(
+                (0..n as usize)
+                    .map(|j| RankScore {
+                        probability: probs[j],
+                        cosine: cosine[j],
+                        logit: logits[j],
+                    })
+                    .collect(),
+            );
+        }
+        Ok(out)
+    }
+}
+
+fn internal(e: impl std::fmt::Display) -> EngineError {
+    EngineError::Internal(e.to_string())
+}
+
+fn l2_normalize(x: &Tensor) -> Tensor {
+    x / x.norm_scalaropt_dim(2, [-1], true)
+}
+
+impl Runner for ClipRunner {
+    type Input = RankInput;
+    type Output = RankOutput;
+
+    fn init_thread(&self) {
+        if let Some(n) = self.intra_op_threads {
+            tch::set_num_threads(n);
+        }
+    }
+
+    fn run(&self, inputs: Vec<RankInput>) -> Vec<Result<RankOutput, EngineError>> {
+        let start = Instant::now();
+        let _no_grad = tch::no_grad_guard();
+        match self.run_batch(&inputs) {
+            Ok(all) => {
+                let compute = start.elapsed();
+                all.into_iter()
+                    .map(|scores| Ok(RankOutput { scores, compute }))
+                    .collect()
+            }
+            Err(e) => (0..inputs.len()).map(|_| Err(e.clone())).collect(),
+        }
+    }
+}

@@ -1,0 +1,372 @@
+//! The captioning use cases behind the three services, usable in-process by the CLI too:
+//! resolve the image once per key, preprocess it for each model off the async runtime, queue the
+//! model work on the shared scheduler, and assemble ranked results with timings.
+
+mod types;
+
+pub use types::*;
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use sha2::{Digest, Sha256};
+use tokio::sync::Semaphore;
+
+use crate::{
+    backend::{BlipRunner, ClipRunner, GenerateInput, RankInput},
+    engine::{Admission, EngineError, Scheduler},
+    images::{cache::Lookup, decode_image, Fetcher, ImageCache, ImageError, RgbImage},
+    models::{
+        generation::{GenerationLimits, GenerationParams, InvalidParam},
+        preprocess::{ImageProcessor, Pixels},
+    },
+};
+
+pub type ModelScheduler = Scheduler<BlipRunner, ClipRunner>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CascadeError {
+    #[error(transparent)]
+    Invalid(#[from] InvalidParam),
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+}
+
+/// Bounds on what one request may ask for.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestLimits {
+    pub generation: GenerationLimits,
+    /// Most captions one Rank request may carry.
+    pub max_captions: usize,
+    /// Longest caption accepted by Rank, in bytes.
+    pub max_caption_bytes: usize,
+}
+
+pub struct Cascade {
+    scheduler: ModelScheduler,
+    blip: Arc<BlipRunner>,
+    clip: Arc<ClipRunner>,
+    fetcher: Fetcher,
+    cache: ImageCache,
+    limits: RequestLimits,
+    /// Bounds CPU work (decode, resize) running at once on the blocking pool.
+    cpu_slots: Semaphore,
+}
+
+impl Cascade {
+    pub fn new(
+        scheduler: ModelScheduler,
+        blip: Arc<BlipRunner>,
+        clip: Arc<ClipRunner>,
+        fetcher: Fetcher,
+        cache: ImageCache,
+        limits: RequestLimits,
+    ) -> Self {
+        let mut limits = limits;
+        // No request may outgrow the decoder's position table.
+        limits.generation.max_length = limits.generation.max_length.min(blip.max_positions());
+        let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+        Self {
+            scheduler,
+            blip,
+            clip,
+            fetcher,
+            cache,
+            limits,
+            cpu_slots: Semaphore::new(cpus),
+        }
+    }
+
+    pub fn limits(&self) -> &RequestLimits {
+        &self.limits
+    }
+
+    pub fn scheduler(&self) -> &ModelScheduler {
+        &self.scheduler
+    }
+
+    pub fn blip(&self) -> &BlipRunner {
+        &self.blip
+    }
+
+    /// Generation defaults with `max_length` fitted to the loaded model.
+    pub fn default_params(&self) -> GenerationParams {
+        let mut p = GenerationParams::default();
+        p.max_length = p.max_length.min(self.limits.generation.max_length);
+        p
+    }
+
+    pub async fn generate(
+        &self,
+        source: ImageSource,
+        params: GenerationParams,
+        admission: Admission,
+    ) -> Result<Generated, CascadeError> {
+        let start = Instant::now();
+        params.validate(&self.limits.generation)?;
+        let (key, image, fetch) = self.resolve(&source).await?;
+        let (pixels, preprocess) = self
+            .preprocess(image, self.blip.processor().clone())
+            .await?;
+        let t = Instant::now();
+        let out = self
+            .scheduler
+            .generate(GenerateInput { pixels, params }, admission)
+            .await?;
+        let generate = t.elapsed();
+        Ok(Generated {
+            key,
+            candidates: out.candidates,
+            timings: Timings {
+                fetch,
+                preprocess,
+                generate,
+                rank: Duration::ZERO,
+                total: start.elapsed(),
+            },
+        })
+    }
+
+    pub async fn rank(
+        &self,
+        source: ImageSource,
+        captions: Vec<String>,
+        admission: Admission,
+    ) -> Result<Ranked, CascadeError> {
+        let start = Instant::now();
+        self.check_captions(&captions)?;
+        let (key, image, fetch) = self.resolve(&source).await?;
+        let (pixels, preprocess) = self
+            .preprocess(image, self.clip.processor().clone())
+            .await?;
+        let t = Instant::now();
+        let captions = self.rank_pixels(pixels, captions, &[], admission).await?;
+        Ok(Ranked {
+            key,
+            captions,
+            timings: Timings {
+                fetch,
+                preprocess,
+                generate: Duration::ZERO,
+                rank: t.elapsed(),
+                total: start.elapsed(),
+            },
+        })
+    }
+
+    /// Generates candidates, ranks the distinct ones and keeps the best `top_k`.
+    pub async fn caption(
+        &self,
+        source: ImageSource,
+        params: GenerationParams,
+        top_k: usize,
+        admission: Admission,
+    ) -> Result<Captioned, CascadeError> {
+        let start = Instant::now();
+        params.validate(&self.limits.generation)?;
+        if top_k == 0 {
+            return Err(InvalidParam {
+                field: "top_k",
+                reason: "must be at least 1".into(),
+            }
+            .into());
+        }
+        let (key, image, fetch) = self.resolve(&source).await?;
+        let t = Instant::now();
+        // Both models' preprocessing from the one decoded image, concurrently.
+        let (blip_px, clip_px) = tokio::try_join!(
+            self.preprocess(image.clone(), self.blip.processor().clone()),
+            self.preprocess(image, self.clip.processor().clone()),
+        )?;
+        let preprocess = t.elapsed();
+        let t = Instant::now();
+        let generated = self
+            .scheduler
+            .generate(
+                GenerateInput {
+                    pixels: blip_px.0,
+                    params,
+                },
+                admission,
+            )
+            .await?;
+        let generate = t.elapsed();
+        let candidates: Vec<String> = generated.candidates.into_iter().map(|c| c.text).collect();
+        let (distinct, counts) = distinct_with_counts(&candidates);
+        let t = Instant::now();
+        let mut ranked = self
+            .rank_pixels(clip_px.0, distinct, &counts, admission)
+            .await?;
+        ranked.truncate(top_k);
+        Ok(Captioned {
+            key,
+            captions: ranked,
+            candidates,
+            timings: Timings {
+                fetch,
+                preprocess,
+                generate,
+                rank: t.elapsed(),
+                total: start.elapsed(),
+            },
+        })
+    }
+
+    async fn rank_pixels(
+        &self,
+        pixels: Pixels,
+        captions: Vec<String>,
+        counts: &[u32],
+        admission: Admission,
+    ) -> Result<Vec<RankedCaption>, CascadeError> {
+        let out = self
+            .scheduler
+            .rank(
+                RankInput {
+                    pixels,
+                    captions: captions.clone(),
+                },
+                admission,
+            )
+            .await?;
+        let mut ranked: Vec<RankedCaption> = captions
+            .into_iter()
+            .zip(out.scores)
+            .enumerate()
+            .map(|(index, (text, s))| RankedCaption {
+                text,
+                probability: s.probability,
+                cosine: s.cosine,
+                logit: s.logit,
+                index: index as u32,
+                count: counts.get(index).copied().unwrap_or(0),
+            })
+            .collect();
+        // Stable: equal probabilities keep their input order.
+        ranked.sort_by(|a, b| b.probability.total_cmp(&a.probability));
+        Ok(ranked)
+    }
+
+    fn check_captions(&self, captions: &[String]) -> Result<(), InvalidParam> {
+        let max = self.limits.max_captions;
+        if captions.is_empty() || captions.len() > max {
+            return Err(InvalidParam {
+                field: "captions",
+                reason: format!("give 1..={max} captions, got {}", captions.len()),
+            });
+        }
+        if let Some((i, c)) = captions
+            .iter()
+            .enumerate()
+            .find(|(_, c)| c.len() > self.limits.max_caption_bytes)
+        {
+            return Err(InvalidParam {
+                field: "captions",
+                reason: format!(
+                    "caption {i} is {} bytes, over the limit of {}",
+                    c.len(),
+                    self.limits.max_caption_bytes
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// The image's key and decoded pixels; the same key is fetched and decoded once.
+    async fn resolve(
+        &self,
+        source: &ImageSource,
+    ) -> Result<(String, Arc<RgbImage>, Duration), CascadeError> {
+        let start = Instant::now();
+        let key = match source {
+            ImageSource::Url(url) => {
+                if url.is_empty() {
+                    return Err(InvalidParam {
+                        field: "image.url",
+                        reason: "is empty".into(),
+                    }
+                    .into());
+                }
+                url.clone()
+            }
+            ImageSource::Bytes(data) => {
+                self.fetcher.check_inline(data)?;
+                format!("sha256:{:x}", Sha256::digest(data))
+            }
+        };
+        let (image, lookup) = self
+            .cache
+            .get_or_load(&key, || async {
+                let bytes = match source {
+                    ImageSource::Url(url) => self.fetcher.fetch(url).await?,
+                    ImageSource::Bytes(data) => data.clone(),
+                };
+                let _slot = self
+                    .cpu_slots
+                    .acquire()
+                    .await
+                    .expect("semaphore never closed");
+                tokio::task::spawn_blocking(move || decode_image(&bytes))
+                    .await
+                    .map_err(|e| ImageError::Decode(format!("decoder task failed: {e}")))?
+            })
+            .await?;
+        if lookup == Lookup::Hit {
+            tracing::debug!(%key, "image cache hit");
+        }
+        Ok((key, image, start.elapsed()))
+    }
+
+    async fn preprocess(
+        &self,
+        image: Arc<RgbImage>,
+        processor: ImageProcessor,
+    ) -> Result<(Pixels, Duration), CascadeError> {
+        let start = Instant::now();
+        let _slot = self
+            .cpu_slots
+            .acquire()
+            .await
+            .expect("semaphore never closed");
+        let pixels = tokio::task::spawn_blocking(move || processor.pixels(&image))
+            .await
+            .map_err(|e| EngineError::Internal(format!("preprocessing task failed: {e}")))?;
+        Ok((pixels, start.elapsed()))
+    }
+}
+
+/// Distinct captions in first-seen order, with how often each occurred.
+pub fn distinct_with_counts(candidates: &[String]) -> (Vec<String>, Vec<u32>) {
+    let mut distinct: Vec<String> = Vec::new();
+    let mut counts: Vec<u32> = Vec::new();
+    for c in candidates {
+        match distinct.iter().position(|d| d == c) {
+            Some(i) => counts[i] += 1,
+            None => {
+                distinct.push(c.clone());
+                counts.push(1);
+            }
+        }
+    }
+    (distinct, counts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn distinct_keeps_first_seen_order_and_counts() {
+        let c: Vec<String> = ["b", "a", "b", "c", "b"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let (d, n) = distinct_with_counts(&c);
+        assert_eq!(d, ["b", "a", "c"]);
+        assert_eq!(n, [3, 1, 1]);
+    }
+}

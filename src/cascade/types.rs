@@ -1,0 +1,54 @@
+//! Plain result types of the use cases.
+
+use std::time::Duration;
+
+use crate::backend::GeneratedCaption;
+
+/// Where an image comes from.
+#[derive(Debug, Clone)]
+pub enum ImageSource {
+    Url(String),
+    Bytes(Vec<u8>),
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Timings {
+    pub fetch: Duration,
+    pub preprocess: Duration,
+    pub generate: Duration,
+    pub rank: Duration,
+    pub total: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RankedCaption {
+    pub text: String,
+    pub probability: f32,
+    pub cosine: f32,
+    pub logit: f32,
+    pub index: u32,
+    /// How many generated candidates were this caption (0 for Rank).
+    pub count: u32,
+}
+
+#[derive(Debug)]
+pub struct Generated {
+    pub key: String,
+    pub candidates: Vec<GeneratedCaption>,
+    pub timings: Timings,
+}
+
+#[derive(Debug)]
+pub struct Ranked {
+    pub key: String,
+    pub captions: Vec<RankedCaption>,
+    pub timings: Timings,
+}
+
+#[derive(Debug)]
+pub struct Captioned {
+    pub key: String,
+    pub captions: Vec<RankedCaption>,
+    pub candidates: Vec<String>,
+    pub timings: Timings,
+}

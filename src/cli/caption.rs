@@ -1,0 +1,202 @@
+//! `caption-cascade caption`: the bulk job. Each argument (a file path or a URL) is captioned and
+//! printed in the origin job's format, or as one JSON object per line with `--json`.
+
+use std::{path::PathBuf, sync::Arc};
+
+use clap::Args;
+use serde_json::json;
+
+use crate::{
+    api::pb,
+    cascade::{Cascade, ImageSource, RankedCaption},
+    config::EngineArgs,
+    engine::Admission,
+    models::generation::{GenerationParams, Strategy},
+};
+
+#[derive(Debug, Args)]
+pub struct CaptionArgs {
+    /// Image files or http(s) URLs to caption.
+    #[arg(required = true, value_name = "IMAGE_OR_URL")]
+    pub images: Vec<String>,
+    /// Call a running server at this address (e.g. http://127.0.0.1:50051) instead of loading the models here.
+    #[arg(long, env = "CAPTION_ENDPOINT")]
+    pub endpoint: Option<String>,
+    /// Candidate captions BLIP writes per image.
+    #[arg(long, short = 'n', default_value_t = 10)]
+    pub num_candidates: u32,
+    /// Ranked captions printed per image.
+    #[arg(long, short = 'k', default_value_t = 3)]
+    pub top_k: u32,
+    /// Decode greedily instead of sampling.
+    #[arg(long)]
+    pub greedy: bool,
+    /// Seed of the sampler, for reproducible candidates.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Print one JSON object per image instead of text.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+}
+
+/// One image's result, whichever way it was computed.
+struct Outcome {
+    key: String,
+    captions: Vec<RankedCaption>,
+    candidates: Vec<String>,
+    total_ms: f64,
+}
+
+pub async fn run(args: CaptionArgs) -> anyhow::Result<()> {
+    let mut failures = 0;
+    let mut target = match &args.endpoint {
+        Some(endpoint) => Target::Remote(
+            pb::cascade_client::CascadeClient::connect(endpoint.clone())
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot connect to {endpoint}: {e}"))?
+                .max_decoding_message_size(crate::api::server::MAX_MESSAGE_BYTES),
+        ),
+        None => {
+            let engine = args.engine.clone();
+            Target::Local(tokio::task::spawn_blocking(move || engine.build_cascade()).await??)
+        }
+    };
+    for name in &args.images {
+        match caption_one(&mut target, &args, name).await {
+            Ok(out) => print_outcome(&args, name, &out),
+            Err(e) => {
+                failures += 1;
+                eprintln!("Image: {name}: error: {e}");
+            }
+        }
+    }
+    if let Target::Local(cascade) = target {
+        let scheduler = cascade.scheduler().clone();
+        tokio::task::spawn_blocking(move || scheduler.shutdown()).await?;
+    }
+    if failures > 0 {
+        anyhow::bail!("{failures} of {} images failed", args.images.len());
+    }
+    Ok(())
+}
+
+enum Target {
+    Local(Arc<Cascade>),
+    Remote(pb::cascade_client::CascadeClient<tonic::transport::Channel>),
+}
+
+fn source_of(name: &str) -> anyhow::Result<ImageSource> {
+    if name.starts_with("http://") || name.starts_with("https://") {
+        return Ok(ImageSource::Url(name.to_string()));
+    }
+    let path = PathBuf::from(name);
+    let bytes =
+        std::fs::read(&path).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+    Ok(ImageSource::Bytes(bytes))
+}
+
+async fn caption_one(
+    target: &mut Target,
+    args: &CaptionArgs,
+    name: &str,
+) -> anyhow::Result<Outcome> {
+    let source = source_of(name)?;
+    match target {
+        Target::Local(cascade) => {
+            let params = GenerationParams {
+                num_candidates: args.num_candidates,
+                strategy: if args.greedy {
+                    Strategy::Greedy
+                } else {
+                    Strategy::Sample
+                },
+                seed: args.seed,
+                ..cascade.default_params()
+            };
+            let out = cascade
+                .caption(source, params, args.top_k as usize, Admission::default())
+                .await?;
+            Ok(Outcome {
+                key: out.key,
+                captions: out.captions,
+                candidates: out.candidates,
+                total_ms: out.timings.total.as_secs_f64() * 1e3,
+            })
+        }
+        Target::Remote(client) => {
+            let image = match source {
+                ImageSource::Url(url) => pb::image::Source::Url(url),
+                ImageSource::Bytes(data) => pb::image::Source::Data(data),
+            };
+            let req = pb::CaptionRequest {
+                image: Some(pb::Image {
+                    source: Some(image),
+                }),
+                params: Some(pb::GenerationParams {
+                    num_candidates: Some(args.num_candidates),
+                    decoding: if args.greedy {
+                        pb::Decoding::Greedy
+                    } else {
+                        pb::Decoding::Sample
+                    } as i32,
+                    seed: Some(args.seed),
+                    ..Default::default()
+                }),
+                top_k: Some(args.top_k),
+            };
+            let out = client
+                .caption(req)
+                .await
+                .map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?
+                .into_inner();
+            Ok(Outcome {
+                key: out.key,
+                captions: out
+                    .captions
+                    .into_iter()
+                    .map(|c| RankedCaption {
+                        text: c.text,
+                        probability: c.probability,
+                        cosine: c.cosine,
+                        logit: c.logit,
+                        index: c.index,
+                        count: c.count,
+                    })
+                    .collect(),
+                candidates: out.candidates,
+                total_ms: out.timings.map_or(0.0, |t| t.total_ms),
+            })
+        }
+    }
+}
+
+fn print_outcome(args: &CaptionArgs, name: &str, out: &Outcome) {
+    if args.json {
+        let captions: Vec<_> = out
+            .captions
+            .iter()
+            .map(|c| json!({"text": c.text, "probability": c.probability, "cosine": c.cosine, "count": c.count}))
+            .collect();
+        let line = json!({
+            "image": name,
+            "key": out.key,
+            "captions": captions,
+            "candidates": out.candidates,
+            "total_ms": out.total_ms,
+        });
+        println!("{line}");
+        return;
+    }
+    println!("Image: {name}");
+    println!("\tTop {} captions ranked by CLIP:", out.captions.len());
+    for (i, c) in out.captions.iter().enumerate() {
+        println!(
+            "\t\t{}: {}. (Caption probability: {:.2})",
+            i + 1,
+            c.text,
+            c.probability
+        );
+    }
+}

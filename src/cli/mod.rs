@@ -1,0 +1,29 @@
+//! The `caption-cascade` command line: `serve` and `caption`.
+
+mod caption;
+mod serve;
+
+use clap::{Parser, Subcommand};
+
+/// Caption images with a BLIP → CLIP cascade, as a gRPC service or from the command line.
+#[derive(Debug, Parser)]
+#[command(name = "caption-cascade", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the Generator, Ranker and Cascade gRPC services (plus health and reflection).
+    Serve(serve::ServeArgs),
+    /// Caption images or URLs: BLIP writes candidates, CLIP ranks them, the best are printed.
+    Caption(caption::CaptionArgs),
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve(args) => serve::run(args).await,
+        Command::Caption(args) => caption::run(args).await,
+    }
+}

@@ -1,0 +1,157 @@
+//! Command-line and environment configuration of the engine and server, turned once into the
+//! typed settings the layers below receive.
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use clap::Args;
+
+use crate::{
+    backend::{BlipRunner, ClipRunner, DeviceChoice},
+    cascade::{Cascade, RequestLimits},
+    engine::{QueueConfig, Scheduler, SchedulerConfig},
+    images::{FetchLimits, Fetcher, ImageCache},
+    models::generation::GenerationLimits,
+};
+
+/// Models, device, batching and limits: everything needed to build the cascade in-process.
+#[derive(Debug, Clone, Args)]
+pub struct EngineArgs {
+    /// BLIP checkpoint folder (Hugging Face layout: config.json, model.safetensors, tokenizer.json, preprocessor_config.json).
+    #[arg(long, env = "CAPTION_BLIP_MODEL", default_value = "models/shapes-blip")]
+    pub blip_model: PathBuf,
+    /// CLIP checkpoint folder (Hugging Face layout).
+    #[arg(long, env = "CAPTION_CLIP_MODEL", default_value = "models/shapes-clip")]
+    pub clip_model: PathBuf,
+    /// Device the models run on.
+    #[arg(long, env = "CAPTION_DEVICE", value_enum, default_value_t = DeviceChoice::Auto)]
+    pub device: DeviceChoice,
+    /// Executor threads that run model batches (each runs one batch at a time).
+    #[arg(long, env = "CAPTION_EXECUTORS", default_value_t = 1)]
+    pub executors: usize,
+    /// libtorch intra-op threads per executor on CPU; default: the cores divided among executors.
+    #[arg(long, env = "CAPTION_INTRA_OP_THREADS")]
+    pub intra_op_threads: Option<i32>,
+    /// Largest number of images BLIP decodes together.
+    #[arg(long, env = "CAPTION_GENERATE_MAX_BATCH", default_value_t = 8)]
+    pub generate_max_batch: usize,
+    /// Largest number of images CLIP ranks together.
+    #[arg(long, env = "CAPTION_RANK_MAX_BATCH", default_value_t = 32)]
+    pub rank_max_batch: usize,
+    /// How long the oldest queued request waits for its batch to fill, in milliseconds.
+    #[arg(long, env = "CAPTION_MAX_QUEUE_DELAY_MS", default_value_t = 5)]
+    pub max_queue_delay_ms: u64,
+    /// Requests allowed to wait per model; beyond it calls fail fast with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "CAPTION_MAX_QUEUE_SIZE", default_value_t = 256)]
+    pub max_queue_size: usize,
+    /// Most candidate captions one request may ask for.
+    #[arg(long, env = "CAPTION_MAX_CANDIDATES", default_value_t = 32)]
+    pub max_candidates: u32,
+    /// Longest token sequence a request may ask for (also capped by the model's positions).
+    #[arg(long, env = "CAPTION_MAX_LENGTH", default_value_t = 80)]
+    pub max_length: u32,
+    /// Most captions one Rank request may carry.
+    #[arg(long, env = "CAPTION_MAX_CAPTIONS", default_value_t = 64)]
+    pub max_captions: usize,
+    /// Largest encoded image accepted, inline or fetched, in bytes.
+    #[arg(long, env = "CAPTION_MAX_IMAGE_BYTES", default_value_t = 20 * 1024 * 1024)]
+    pub max_image_bytes: u64,
+    /// Timeout of one http(s) image fetch, in seconds.
+    #[arg(long, env = "CAPTION_FETCH_TIMEOUT_S", default_value_t = 10)]
+    pub fetch_timeout_s: u64,
+    /// Directory whose files may be named by file:// URLs; file:// is refused without it.
+    #[arg(long, env = "CAPTION_ALLOW_FILE_DIR")]
+    pub allow_file_dir: Option<PathBuf>,
+    /// Decoded images kept by key so repeated URLs are fetched once (0 disables).
+    #[arg(long, env = "CAPTION_IMAGE_CACHE", default_value_t = 256)]
+    pub image_cache: usize,
+}
+
+/// Flags of the server alone.
+#[derive(Debug, Clone, Args)]
+pub struct ServerArgs {
+    /// Address the gRPC server listens on.
+    #[arg(long, env = "CAPTION_LISTEN", default_value = "0.0.0.0:50051")]
+    pub listen: SocketAddr,
+    /// Largest gRPC request message, in bytes.
+    #[arg(long, env = "CAPTION_MAX_MESSAGE_BYTES", default_value_t = crate::api::server::MAX_MESSAGE_BYTES)]
+    pub max_message_bytes: usize,
+}
+
+impl EngineArgs {
+    pub fn scheduler_config(&self) -> SchedulerConfig {
+        let delay = Duration::from_millis(self.max_queue_delay_ms);
+        SchedulerConfig {
+            executors: self.executors.max(1),
+            generate: QueueConfig {
+                max_batch_size: self.generate_max_batch.max(1),
+                max_queue_delay: delay,
+                max_queue_size: self.max_queue_size,
+            },
+            rank: QueueConfig {
+                max_batch_size: self.rank_max_batch.max(1),
+                max_queue_delay: delay,
+                max_queue_size: self.max_queue_size,
+            },
+        }
+    }
+
+    pub fn fetch_limits(&self) -> FetchLimits {
+        FetchLimits {
+            max_bytes: self.max_image_bytes,
+            timeout: Duration::from_secs(self.fetch_timeout_s),
+            allow_file_dir: self.allow_file_dir.clone(),
+        }
+    }
+
+    pub fn request_limits(&self) -> RequestLimits {
+        RequestLimits {
+            generation: GenerationLimits {
+                max_candidates: self.max_candidates,
+                max_length: self.max_length,
+            },
+            max_captions: self.max_captions,
+            max_caption_bytes: 1024,
+        }
+    }
+
+    fn intra_op_threads(&self, device: tch::Device) -> Option<i32> {
+        if device != tch::Device::Cpu {
+            return None;
+        }
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Some(
+            self.intra_op_threads
+                .unwrap_or_else(|| (cores / self.executors.max(1)).max(1) as i32),
+        )
+    }
+
+    /// Loads both models, warms them up and starts the scheduler.
+    pub fn build_cascade(&self) -> anyhow::Result<Arc<Cascade>> {
+        let device = self.device.resolve().map_err(anyhow::Error::msg)?;
+        let threads = self.intra_op_threads(device);
+        tracing::info!(?device, "loading models");
+        let blip = BlipRunner::load(&self.blip_model, device, threads).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot load the BLIP model from {}: {e}",
+                self.blip_model.display()
+            )
+        })?;
+        let clip = ClipRunner::load(&self.clip_model, device, threads).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot load the CLIP model from {}: {e}",
+                self.clip_model.display()
+            )
+        })?;
+        let (blip, clip) = (Arc::new(blip), Arc::new(clip));
+        let scheduler = Scheduler::start(self.scheduler_config(), blip.clone(), clip.clone());
+        let fetcher = Fetcher::new(self.fetch_limits()).map_err(anyhow::Error::msg)?;
+        Ok(Arc::new(Cascade::new(
+            scheduler,
+            blip,
+            clip,
+            fetcher,
+            ImageCache::new(self.image_cache),
+            self.request_limits(),
+        )))
+    }
+}

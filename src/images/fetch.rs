@@ -1,0 +1,242 @@
+//! Fetching image bytes by URL: http(s) with a size cap and a timeout, and `file://` only below
+//! a directory the operator allowed.
+
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use url::Url;
+
+use super::ImageError;
+
+#[derive(Debug, Clone)]
+pub struct FetchLimits {
+    /// Largest accepted encoded image, in bytes (applies to inline bytes too).
+    pub max_bytes: u64,
+    /// Whole-request timeout of an http(s) fetch.
+    pub timeout: Duration,
+    /// Directory below which `file://` URLs may be read; `None` disables them.
+    pub allow_file_dir: Option<PathBuf>,
+}
+
+impl Default for FetchLimits {
+    fn default() -> Self {
+        Self {
+            max_bytes: 20 * 1024 * 1024,
+            timeout: Duration::from_secs(10),
+            allow_file_dir: None,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Fetcher {
+    client: reqwest::Client,
+    limits: FetchLimits,
+    allowed_dir: Option<PathBuf>,
+}
+
+impl Fetcher {
+    pub fn new(limits: FetchLimits) -> Result<Self, String> {
+        let client = reqwest::Client::builder()
+            .timeout(limits.timeout)
+            .connect_timeout(limits.timeout)
+            .user_agent(concat!("caption-cascade/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| e.to_string())?;
+        let allowed_dir = match &limits.allow_file_dir {
+            Some(dir) => Some(
+                dir.canonicalize()
+                    .map_err(|e| format!("--allow-file-dir {}: {e}", dir.display()))?,
+            ),
+            None => None,
+        };
+        Ok(Self {
+            client,
+            limits,
+            allowed_dir,
+        })
+    }
+
+    pub fn limits(&self) -> &FetchLimits {
+        &self.limits
+    }
+
+    /// Rejects inline bytes above the size limit.
+    pub fn check_inline(&self, data: &[u8]) -> Result<(), ImageError> {
+        if data.len() as u64 > self.limits.max_bytes {
+            return Err(ImageError::TooLarge {
+                limit: self.limits.max_bytes,
+            });
+        }
+        Ok(())
+    }
+
+    pub async fn fetch(&self, raw: &str) -> Result<Vec<u8>, ImageError> {
+        let url = Url::parse(raw).map_err(|e| ImageError::InvalidUrl {
+            url: raw.to_string(),
+            reason: e.to_string(),
+        })?;
+        match url.scheme() {
+            "http" | "https" => self.fetch_http(url).await,
+            "file" => self.read_file(raw, &url).await,
+            other => Err(ImageError::InvalidUrl {
+                url: raw.to_string(),
+                reason: format!("scheme {other:?} is not supported (use http, https or file)"),
+            }),
+        }
+    }
+
+    async fn fetch_http(&self, url: Url) -> Result<Vec<u8>, ImageError> {
+        let shown = url.to_string();
+        let fail = |reason: String| ImageError::Fetch {
+            url: shown.clone(),
+            reason,
+        };
+        let mut resp = self
+            .client
+            .get(url.clone())
+            .send()
+            .await
+            .map_err(|e| fail(describe(&e)))?;
+        if !resp.status().is_success() {
+            return Err(fail(format!("server answered {}", resp.status())));
+        }
+        let limit = self.limits.max_bytes;
+        if resp.content_length().is_some_and(|n| n > limit) {
+            return Err(ImageError::TooLarge { limit });
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = resp.chunk().await.map_err(|e| fail(describe(&e)))? {
+            if (body.len() + chunk.len()) as u64 > limit {
+                return Err(ImageError::TooLarge { limit });
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(body)
+    }
+
+    async fn read_file(&self, raw: &str, url: &Url) -> Result<Vec<u8>, ImageError> {
+        let Some(dir) = &self.allowed_dir else {
+            return Err(ImageError::FileNotAllowed(raw.to_string()));
+        };
+        let path = url.to_file_path().map_err(|_| ImageError::InvalidUrl {
+            url: raw.to_string(),
+            reason: "not a local file path".into(),
+        })?;
+        let fail = |reason: String| ImageError::Fetch {
+            url: raw.to_string(),
+            reason,
+        };
+        // Canonicalising resolves `..` and symlinks, so the containment check cannot be escaped.
+        let real = tokio::fs::canonicalize(&path)
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        if !real.starts_with(dir) {
+            return Err(fail(format!(
+                "outside the allowed directory {}",
+                dir.display()
+            )));
+        }
+        let meta = tokio::fs::metadata(&real)
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        if meta.len() > self.limits.max_bytes {
+            return Err(ImageError::TooLarge {
+                limit: self.limits.max_bytes,
+            });
+        }
+        tokio::fs::read(&real)
+            .await
+            .map_err(|e| fail(e.to_string()))
+    }
+}
+
+/// reqwest's Display hides the cause ("error sending request"); the chain says what went wrong.
+fn describe(e: &reqwest::Error) -> String {
+    let mut msg = if e.is_timeout() {
+        "timed out".to_string()
+    } else {
+        e.to_string()
+    };
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        source = s.source();
+    }
+    msg
+}
+
+/// `file://` URL of a local path, for the CLI's convenience.
+pub fn file_url(path: &Path) -> Option<String> {
+    let abs = path.canonicalize().ok()?;
+    Url::from_file_path(abs).ok().map(String::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fetcher(dir: Option<PathBuf>) -> Fetcher {
+        Fetcher::new(FetchLimits {
+            max_bytes: 16,
+            allow_file_dir: dir,
+            ..Default::default()
+        })
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn file_urls_need_an_allowed_directory_and_stay_inside_it() {
+        let dir = std::env::temp_dir().join(format!("cc-fetch-{}", std::process::id()));
+        let inner = dir.join("inner");
+        std::fs::create_dir_all(&inner).unwrap();
+        std::fs::write(inner.join("a.bin"), b"hello").unwrap();
+        std::fs::write(dir.join("secret.bin"), b"no").unwrap();
+        std::fs::write(inner.join("big.bin"), [0u8; 64]).unwrap();
+        let url = |p: &Path| Url::from_file_path(p).unwrap().to_string();
+
+        let off = fetcher(None);
+        assert!(matches!(
+            off.fetch(&url(&inner.join("a.bin"))).await,
+            Err(ImageError::FileNotAllowed(_))
+        ));
+
+        let on = fetcher(Some(inner.clone()));
+        assert_eq!(
+            on.fetch(&url(&inner.join("a.bin"))).await.unwrap(),
+            b"hello"
+        );
+        let escape = format!("{}/../secret.bin", url(&inner));
+        assert!(matches!(
+            on.fetch(&escape).await,
+            Err(ImageError::Fetch { .. })
+        ));
+        assert!(matches!(
+            on.fetch(&url(&inner.join("big.bin"))).await,
+            Err(ImageError::TooLarge { limit: 16 })
+        ));
+        assert!(matches!(
+            on.fetch(&url(&inner.join("missing.bin"))).await,
+            Err(ImageError::Fetch { .. })
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn bad_urls_are_rejected_with_the_reason() {
+        let f = fetcher(None);
+        assert!(matches!(
+            f.fetch("not a url").await,
+            Err(ImageError::InvalidUrl { .. })
+        ));
+        let err = f.fetch("ftp://example.com/a.png").await.unwrap_err();
+        assert!(
+            err.to_string().contains("\"ftp\" is not supported"),
+            "{err}"
+        );
+        assert!(f.check_inline(&[0u8; 17]).is_err());
+    }
+}

@@ -1,0 +1,15 @@
+//! caption-cascade: a gRPC serving backend that captions images with a cascade of two models.
+//! BLIP writes candidate captions, CLIP ranks them.
+//!
+//! Layers, top to bottom: [`cli`] → [`api`] (gRPC adapters) → [`cascade`] (use cases) →
+//! [`engine`] (shared batching scheduler) → [`backend`] (model runners) → [`models`] (BLIP, CLIP,
+//! generation) and [`images`] (fetch, decode, resize).
+
+pub mod api;
+pub mod backend;
+pub mod cascade;
+pub mod cli;
+pub mod config;
+pub mod engine;
+pub mod images;
+pub mod models;

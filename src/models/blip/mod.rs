@@ -1,0 +1,47 @@
+//! BLIP for conditional generation: the vision transformer and the text decoder, built from a
+//! Hugging Face checkpoint folder (`config.json` + weights) with the checkpoint's key names.
+
+pub mod config;
+pub mod text;
+pub mod vision;
+
+use std::path::Path;
+
+use tch::{Device, Kind, Tensor};
+
+pub use config::BlipConfig;
+pub use text::{BlipTextDecoder, CrossAttnCache, SelfAttnCache};
+pub use vision::BlipVisionModel;
+
+use super::{read_config, weights::Weights, ModelError};
+
+#[derive(Debug)]
+pub struct Blip {
+    pub config: BlipConfig,
+    pub vision_model: BlipVisionModel,
+    pub text_decoder: BlipTextDecoder,
+}
+
+impl Blip {
+    pub fn new(config: BlipConfig, w: &Weights) -> Result<Self, ModelError> {
+        let vision_model = BlipVisionModel::new(&config.vision_config, &w.pp("vision_model"))?;
+        let text_decoder = BlipTextDecoder::new(&config.text_config, &w.pp("text_decoder"))?;
+        Ok(Self {
+            config,
+            vision_model,
+            text_decoder,
+        })
+    }
+
+    pub fn load(folder: &Path, device: Device) -> Result<Self, ModelError> {
+        let config = BlipConfig::from_json(&read_config(folder)?)
+            .map_err(|e| ModelError::Config(format!("{}/config.json: {e}", folder.display())))?;
+        let weights = Weights::from_folder(folder, device, Kind::Float)?;
+        Self::new(config, &weights)
+    }
+
+    /// Image embeddings `[images, 1 + patches, vision width]` for preprocessed pixels.
+    pub fn encode_image(&self, pixel_values: &Tensor) -> Tensor {
+        self.vision_model.forward(pixel_values)
+    }
+}

@@ -1,0 +1,355 @@
+//! BLIP's text decoder (`text_decoder.*`): a post-LN BERT whose every layer runs causal
+//! self-attention, then cross-attention to the image, then the feed-forward block; and the LM head.
+//!
+//! The model holds no decode state. Callers own a [`SelfAttnCache`] per decode batch and a
+//! [`CrossAttnCache`] per set of images. Cross-attention keys and values depend only on the image,
+//! so they are computed once per image and shared by every candidate row of that image: rows are
+//! grouped by image (`rows_per_image`), and each group's queries attend to one copy of its image's
+//! keys and values.
+
+use tch::{Kind, Tensor};
+
+use super::config::BlipTextConfig;
+use crate::models::{
+    nn::{attention, merge_heads, split_heads, Activation, Embedding, LayerNorm, Linear},
+    weights::Weights,
+    ModelError,
+};
+
+#[derive(Debug)]
+pub struct BlipTextDecoder {
+    word_embeddings: Embedding,
+    position_embeddings: Embedding,
+    embed_norm: LayerNorm,
+    layers: Vec<DecoderLayer>,
+    head: LmHead,
+    max_positions: i64,
+}
+
+#[derive(Debug)]
+struct Attention {
+    query: Linear,
+    key: Linear,
+    value: Linear,
+    dense: Linear,
+    norm: LayerNorm,
+    heads: i64,
+    scale: f64,
+}
+
+#[derive(Debug)]
+struct DecoderLayer {
+    self_attn: Attention,
+    cross_attn: Attention,
+    intermediate: Linear,
+    output: Linear,
+    output_norm: LayerNorm,
+    act: Activation,
+}
+
+#[derive(Debug)]
+struct LmHead {
+    transform: Linear,
+    transform_norm: LayerNorm,
+    act: Activation,
+    decoder: Linear,
+}
+
+/// Per-layer self-attention keys and values of the tokens decoded so far, `[rows, heads, past, head_dim]`.
+#[derive(Debug, Default)]
+pub struct SelfAttnCache {
+    layers: Vec<(Tensor, Tensor)>,
+}
+
+impl SelfAttnCache {
+    pub fn past_len(&self) -> i64 {
+        self.layers.first().map_or(0, |(k, _)| k.size()[2])
+    }
+
+    /// Keeps only the given rows (finished rows leave the batch).
+    pub fn select_rows(&mut self, rows: &Tensor) {
+        for (k, v) in &mut self.layers {
+            *k = k.index_select(0, rows);
+            *v = v.index_select(0, rows);
+        }
+    }
+}
+
+/// Per-layer cross-attention keys and values, one entry per image: `[images, heads, patches, head_dim]`.
+#[derive(Debug)]
+pub struct CrossAttnCache {
+    layers: Vec<(Tensor, Tensor)>,
+}
+
+impl CrossAttnCache {
+    pub fn images(&self) -> i64 {
+        self.layers.first().map_or(0, |(k, _)| k.size()[0])
+    }
+
+    pub fn select_images(&mut self, images: &Tensor) {
+        for (k, v) in &mut self.layers {
+            *k = k.index_select(0, images);
+            *v = v.index_select(0, images);
+        }
+    }
+}
+
+impl BlipTextDecoder {
+    pub fn new(cfg: &BlipTextConfig, w: &Weights) -> Result<Self, ModelError> {
+        let h = cfg.hidden_size;
+        if h % cfg.num_attention_heads != 0 {
+            return Err(ModelError::Config(format!(
+                "text_config: hidden_size {h} is not a multiple of num_attention_heads {}",
+                cfg.num_attention_heads
+            )));
+        }
+        let eps = cfg.layer_norm_eps;
+        let act = Activation::from_name(&cfg.hidden_act)?;
+        let bert = w.pp("bert");
+        let emb = bert.pp("embeddings");
+        let word_embeddings = Embedding::new(&emb.pp("word_embeddings"), cfg.vocab_size, h)?;
+        let position_embeddings = Embedding::new(
+            &emb.pp("position_embeddings"),
+            cfg.max_position_embeddings,
+            h,
+        )?;
+        let embed_norm = LayerNorm::new(&emb.pp("LayerNorm"), h, eps)?;
+        let scale = ((h / cfg.num_attention_heads) as f64).powf(-0.5);
+        let attn = |a: &Weights, kv_dim: i64| -> Result<Attention, ModelError> {
+            Ok(Attention {
+                query: Linear::new(&a.pp("self.query"), h, h)?,
+                key: Linear::new(&a.pp("self.key"), kv_dim, h)?,
+                value: Linear::new(&a.pp("self.value"), kv_dim, h)?,
+                dense: Linear::new(&a.pp("output.dense"), h, h)?,
+                norm: LayerNorm::new(&a.pp("output.LayerNorm"), h, eps)?,
+                heads: cfg.num_attention_heads,
+                scale,
+            })
+        };
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| {
+                let l = bert.pp("encoder.layer").pp(i);
+                Ok(DecoderLayer {
+                    self_attn: attn(&l.pp("attention"), h)?,
+                    cross_attn: attn(&l.pp("crossattention"), cfg.encoder_hidden_size)?,
+                    intermediate: Linear::new(
+                        &l.pp("intermediate.dense"),
+                        h,
+                        cfg.intermediate_size,
+                    )?,
+                    output: Linear::new(&l.pp("output.dense"), cfg.intermediate_size, h)?,
+                    output_norm: LayerNorm::new(&l.pp("output.LayerNorm"), h, eps)?,
+                    act,
+                })
+            })
+            .collect::<Result<_, ModelError>>()?;
+        let p = w.pp("cls.predictions");
+        // Published checkpoints tie the output projection to the word embeddings and often leave it
+        // out of the file; its bias lives at `cls.predictions.bias`.
+        let decoder_weight = if p.contains("decoder.weight") {
+            p.pp("decoder").get("weight", &[cfg.vocab_size, h])?
+        } else {
+            word_embeddings.weight.shallow_clone()
+        };
+        let decoder_bias = if p.contains("bias") {
+            p.get("bias", &[cfg.vocab_size])?
+        } else {
+            p.pp("decoder").get("bias", &[cfg.vocab_size])?
+        };
+        let head = LmHead {
+            transform: Linear::new(&p.pp("transform.dense"), h, h)?,
+            transform_norm: LayerNorm::new(&p.pp("transform.LayerNorm"), h, eps)?,
+            act,
+            decoder: Linear::from_parts(decoder_weight, Some(decoder_bias)),
+        };
+        Ok(Self {
+            word_embeddings,
+            position_embeddings,
+            embed_norm,
+            layers,
+            head,
+            max_positions: cfg.max_position_embeddings,
+        })
+    }
+
+    pub fn max_positions(&self) -> i64 {
+        self.max_positions
+    }
+
+    pub fn vocab_size(&self) -> i64 {
+        self.word_embeddings.weight.size()[0]
+    }
+
+    /// Cross-attention keys and values of each layer for `image_embeds` `[images, patches, width]`.
+    pub fn cross_attn_cache(&self, image_embeds: &Tensor) -> CrossAttnCache {
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                let a = &l.cross_attn;
+                (
+                    split_heads(&a.key.forward(image_embeds), a.heads),
+                    split_heads(&a.value.forward(image_embeds), a.heads),
+                )
+            })
+            .collect();
+        CrossAttnCache { layers }
+    }
+
+    /// Runs `ids` `[rows, len]` that follow `cache.past_len()` earlier tokens; appends their keys and
+    /// values to `cache` and returns the last layer's hidden states `[rows, len, hidden]`.
+    ///
+    /// Rows are grouped by image: the first `rows_per_image[0]` rows belong to image 0 of `cross`,
+    /// and so on. `self_mask`, when given, is an additive mask `[rows, 1, len, past + len]` (padding);
+    /// without it a causal mask is used.
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        cache: &mut SelfAttnCache,
+        cross: &CrossAttnCache,
+        rows_per_image: &[i64],
+        self_mask: Option<&Tensor>,
+    ) -> Tensor {
+        let (_, len) = ids.size2().expect("ids are [rows, len]");
+        let past = cache.past_len();
+        let positions = Tensor::arange_start(past, past + len, (Kind::Int64, ids.device()));
+        let x = self.word_embeddings.forward(ids) + self.position_embeddings.forward(&positions);
+        let mut x = self.embed_norm.forward(&x);
+        let causal;
+        let mask = match self_mask {
+            Some(m) => Some(m),
+            None if len > 1 => {
+                causal = causal_mask(len, past, x.kind(), x.device());
+                Some(&causal)
+            }
+            None => None,
+        };
+        if cache.layers.is_empty() {
+            cache.layers = self
+                .layers
+                .iter()
+                .map(|_| (Tensor::new(), Tensor::new()))
+                .collect();
+        }
+        for (i, layer) in self.layers.iter().enumerate() {
+            let (k_past, v_past) = &mut cache.layers[i];
+            x = layer.forward(
+                &x,
+                k_past,
+                v_past,
+                past,
+                &cross.layers[i],
+                rows_per_image,
+                mask,
+            );
+        }
+        x
+    }
+
+    /// Next-token logits `[rows, vocab]` from the hidden state of each row's last position.
+    pub fn next_token_logits(&self, hidden: &Tensor) -> Tensor {
+        let last = hidden.select(1, hidden.size()[1] - 1);
+        let h = self
+            .head
+            .transform_norm
+            .forward(&self.head.act.forward(&self.head.transform.forward(&last)));
+        self.head.decoder.forward(&h)
+    }
+}
+
+impl DecoderLayer {
+    #[allow(clippy::too_many_arguments)]
+    fn forward(
+        &self,
+        x: &Tensor,
+        k_past: &mut Tensor,
+        v_past: &mut Tensor,
+        past: i64,
+        cross: &(Tensor, Tensor),
+        rows_per_image: &[i64],
+        mask: Option<&Tensor>,
+    ) -> Tensor {
+        let a = &self.self_attn;
+        let q = split_heads(&a.query.forward(x), a.heads);
+        let k = split_heads(&a.key.forward(x), a.heads);
+        let v = split_heads(&a.value.forward(x), a.heads);
+        let (k, v) = if past == 0 {
+            (k, v)
+        } else {
+            (
+                Tensor::cat(&[&*k_past, &k], 2),
+                Tensor::cat(&[&*v_past, &v], 2),
+            )
+        };
+        let ctx = attention(&q, &k, &v, mask, a.scale);
+        *k_past = k;
+        *v_past = v;
+        let x = a.norm.forward(&(a.dense.forward(&merge_heads(&ctx)) + x));
+
+        let c = &self.cross_attn;
+        let q = split_heads(&c.query.forward(&x), c.heads);
+        let ctx = grouped_cross_attention(&q, &cross.0, &cross.1, rows_per_image, c.scale);
+        let x = c.norm.forward(&(c.dense.forward(&merge_heads(&ctx)) + &x));
+
+        let h = self
+            .output
+            .forward(&self.act.forward(&self.intermediate.forward(&x)));
+        self.output_norm.forward(&(h + &x))
+    }
+}
+
+/// Attention of row queries `[rows, heads, len, hd]` to per-image keys/values `[images, heads, patches, hd]`,
+/// where consecutive rows share an image. The group's queries are folded into one longer query
+/// sequence so each image's keys and values are read once, never copied per row.
+fn grouped_cross_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    rows_per_image: &[i64],
+    scale: f64,
+) -> Tensor {
+    let (rows, heads, len, hd) = q.size4().expect("4-d queries");
+    let images = rows_per_image.len() as i64;
+    let fold = |q: &Tensor, k: &Tensor, v: &Tensor, groups: i64, n: i64| {
+        let q = q
+            .view([groups, n, heads, len, hd])
+            .permute([0, 2, 1, 3, 4])
+            .reshape([groups, heads, n * len, hd]);
+        attention(&q, k, v, None, scale)
+            .view([groups, heads, n, len, hd])
+            .permute([0, 2, 1, 3, 4])
+            .reshape([groups * n, heads, len, hd])
+    };
+    let n = rows_per_image[0];
+    if rows_per_image.iter().all(|&r| r == n) {
+        return fold(q, k, v, images, n);
+    }
+    let mut start = 0;
+    let parts: Vec<Tensor> = rows_per_image
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| {
+            let part = fold(
+                &q.narrow(0, start, n),
+                &k.narrow(0, i as i64, 1),
+                &v.narrow(0, i as i64, 1),
+                1,
+                n,
+            );
+            start += n;
+            part
+        })
+        .collect();
+    debug_assert_eq!(start, rows);
+    Tensor::cat(&parts, 0)
+}
+
+/// Additive causal mask `[1, 1, len, past + len]` for new tokens that follow `past` cached ones.
+fn causal_mask(len: i64, past: i64, kind: Kind, device: tch::Device) -> Tensor {
+    let q = Tensor::arange_start(past, past + len, (Kind::Int64, device)).unsqueeze(1);
+    let k = Tensor::arange(past + len, (Kind::Int64, device)).unsqueeze(0);
+    let blocked = k.gt_tensor(&q);
+    Tensor::zeros([len, past + len], (kind, device))
+        .masked_fill(&blocked, f64::NEG_INFINITY)
+        .view([1, 1, len, past + len])
+}

@@ -1,0 +1,355 @@
+//! The decode state of one batch of BLIP requests: token histories, the self-attention cache,
+//! the per-image cross-attention cache and each row's parameters and random stream. The model
+//! stays stateless; this struct owns everything that changes from step to step.
+//!
+//! Each request brings one image and asks for N candidates, which become N rows sharing that
+//! image's cross-attention keys and values. Rows leave the batch as soon as they finish, and an
+//! image leaves once its last row has.
+
+use rand::{rngs::StdRng, Rng, SeedableRng};
+use tch::{Device, Kind, Tensor};
+
+use super::{
+    logits::{self, RowParams},
+    params::{GenerationParams, Strategy},
+};
+use crate::models::blip::{BlipTextDecoder, CrossAttnCache, SelfAttnCache};
+
+/// The decoder's special token ids, read from the checkpoint's config.
+#[derive(Debug, Clone, Copy)]
+pub struct SpecialTokens {
+    pub bos: i64,
+    /// Generation stops at this id (BLIP's sep token).
+    pub eos: i64,
+}
+
+/// One image's request to decode.
+#[derive(Debug, Clone)]
+pub struct DecodeRequest {
+    pub params: GenerationParams,
+    /// Decoder input before the first generated token: `[bos]`, or `[bos, prompt…]`.
+    pub prefix: Vec<i64>,
+}
+
+#[derive(Debug)]
+struct Row {
+    request: usize,
+    candidate: usize,
+    tokens: Vec<i64>,
+    rng: StdRng,
+    params: GenerationParams,
+}
+
+pub struct DecodeBatch<'m> {
+    decoder: &'m BlipTextDecoder,
+    special: SpecialTokens,
+    cross: CrossAttnCache,
+    cache: SelfAttnCache,
+    /// Active rows, grouped by image in the order of `cross`.
+    rows: Vec<Row>,
+    /// Image index (into `cross`) of each active row's group, parallel to `rows`.
+    row_image: Vec<usize>,
+    row_params: RowParams,
+    /// `[rows, vocab]`: which tokens each row already contains (repetition penalty).
+    seen: Tensor,
+    /// Finished candidates: `results[request][candidate]`.
+    results: Vec<Vec<Option<Vec<i64>>>>,
+    steps: u64,
+    device: Device,
+}
+
+/// A request's finished candidates, in candidate order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decoded {
+    pub request: usize,
+    pub candidates: Vec<Vec<i64>>,
+}
+
+impl<'m> DecodeBatch<'m> {
+    /// Starts decoding `requests`, where request `i` reads image `i` of `image_embeds`.
+    /// Every prefix must have the same length.
+    pub fn new(
+        decoder: &'m BlipTextDecoder,
+        special: SpecialTokens,
+        image_embeds: &Tensor,
+        requests: &[DecodeRequest],
+    ) -> Self {
+        assert_eq!(
+            image_embeds.size()[0] as usize,
+            requests.len(),
+            "one image per request"
+        );
+        assert!(
+            requests
+                .windows(2)
+                .all(|w| w[0].prefix.len() == w[1].prefix.len()),
+            "a decode batch starts from prefixes of equal length"
+        );
+        let device = image_embeds.device();
+        let cross = decoder.cross_attn_cache(image_embeds);
+        let mut rows = Vec::new();
+        let mut row_image = Vec::new();
+        for (r, req) in requests.iter().enumerate() {
+            for c in 0..req.params.num_candidates as usize {
+                rows.push(Row {
+                    request: r,
+                    candidate: c,
+                    tokens: req.prefix.clone(),
+                    rng: StdRng::seed_from_u64(candidate_seed(req.params.seed, c)),
+                    params: req.params.clone(),
+                });
+                row_image.push(r);
+            }
+        }
+        let vocab = decoder.vocab_size();
+        let seen = Tensor::zeros([rows.len() as i64, vocab], (Kind::Bool, device));
+        let prefix_ids = Tensor::from_slice(
+            &rows
+                .iter()
+                .flat_map(|r| r.tokens.clone())
+                .collect::<Vec<_>>(),
+        )
+        .view([rows.len() as i64, -1])
+        .to_device(device);
+        let seen = seen.scatter_value(1, &prefix_ids, 1);
+        let row_params = row_params(&rows, vocab, device);
+        let results = requests
+            .iter()
+            .map(|r| vec![None; r.params.num_candidates as usize])
+            .collect();
+        Self {
+            decoder,
+            special,
+            cross,
+            cache: SelfAttnCache::default(),
+            rows,
+            row_image,
+            row_params,
+            seen,
+            results,
+            steps: 0,
+            device,
+        }
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    pub fn active_rows(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// Decoder forward passes run so far.
+    pub fn steps(&self) -> u64 {
+        self.steps
+    }
+
+    /// Decodes one token for every active row; returns the requests that completed.
+    pub fn step(&mut self) -> Vec<Decoded> {
+        if self.rows.is_empty() {
+            return Vec::new();
+        }
+        let ids = if self.cache.past_len() == 0 {
+            let flat: Vec<i64> = self
+                .rows
+                .iter()
+                .flat_map(|r| r.tokens.iter().copied())
+                .collect();
+            Tensor::from_slice(&flat).view([self.rows.len() as i64, -1])
+        } else {
+            let last: Vec<i64> = self
+                .rows
+                .iter()
+                .map(|r| *r.tokens.last().expect("prefix"))
+                .collect();
+            Tensor::from_slice(&last).view([-1, 1])
+        }
+        .to_device(self.device);
+        let groups = self.rows_per_image();
+        let hidden = self
+            .decoder
+            .forward(&ids, &mut self.cache, &self.cross, &groups, None);
+        let scores = self.decoder.next_token_logits(&hidden).to_kind(Kind::Float);
+        self.steps += 1;
+
+        let scores =
+            logits::repetition_penalty(&scores, &self.seen, &self.row_params.repetition_penalty);
+        let too_short: Vec<bool> = self
+            .rows
+            .iter()
+            .map(|r| (r.tokens.len() as u32) < r.params.min_length)
+            .collect();
+        let scores = logits::suppress_eos(
+            &scores,
+            &Tensor::from_slice(&too_short).to_device(self.device),
+            self.special.eos,
+        );
+        let greedy = scores.argmax(-1, false);
+        let next: Vec<i64> = if self
+            .rows
+            .iter()
+            .any(|r| r.params.strategy == Strategy::Sample)
+        {
+            let probs = logits::warp(&scores, &self.row_params).softmax(-1, Kind::Float);
+            let u: Vec<f64> = self
+                .rows
+                .iter_mut()
+                .map(|r| 1.0 - r.rng.random::<f64>())
+                .collect();
+            let sampled = logits::sample(
+                &probs,
+                &Tensor::from_slice(&u).view([-1, 1]).to_device(self.device),
+            );
+            let is_sample: Vec<bool> = self
+                .rows
+                .iter()
+                .map(|r| r.params.strategy == Strategy::Sample)
+                .collect();
+            let is_sample = Tensor::from_slice(&is_sample).to_device(self.device);
+            Vec::try_from(
+                sampled
+                    .where_self(&is_sample, &greedy)
+                    .to_device(Device::Cpu),
+            )
+        } else {
+            Vec::try_from(greedy.to_device(Device::Cpu))
+        }
+        .expect("token ids are int64");
+        self.seen = self.seen.scatter_value(
+            1,
+            &Tensor::from_slice(&next)
+                .view([-1, 1])
+                .to_device(self.device),
+            1,
+        );
+
+        let mut keep = Vec::with_capacity(self.rows.len());
+        for (i, (row, &token)) in self.rows.iter_mut().zip(&next).enumerate() {
+            row.tokens.push(token);
+            let finished =
+                token == self.special.eos || row.tokens.len() as u32 >= row.params.max_length;
+            if finished {
+                self.results[row.request][row.candidate] = Some(std::mem::take(&mut row.tokens));
+            } else {
+                keep.push(i);
+            }
+        }
+        if keep.len() < self.rows.len() {
+            self.retain_rows(&keep);
+        }
+        self.collect_completed()
+    }
+
+    /// Runs until every row has finished; returns every request's candidates, in request order,
+    /// and the number of decoder steps taken.
+    pub fn run_to_end(mut self) -> (Vec<Decoded>, u64) {
+        let mut done = Vec::new();
+        while !self.is_done() {
+            done.extend(self.step());
+        }
+        done.sort_by_key(|d| d.request);
+        (done, self.steps)
+    }
+
+    fn rows_per_image(&self) -> Vec<i64> {
+        let mut groups: Vec<i64> = Vec::new();
+        let mut last = usize::MAX;
+        for &img in &self.row_image {
+            if img == last {
+                *groups.last_mut().expect("group") += 1;
+            } else {
+                groups.push(1);
+                last = img;
+            }
+        }
+        groups
+    }
+
+    fn retain_rows(&mut self, keep: &[usize]) {
+        let idx = Tensor::from_slice(&keep.iter().map(|&i| i as i64).collect::<Vec<_>>())
+            .to_device(self.device);
+        self.cache.select_rows(&idx);
+        self.seen = self.seen.index_select(0, &idx);
+        let p = &self.row_params;
+        self.row_params = RowParams {
+            repetition_penalty: p.repetition_penalty.index_select(0, &idx),
+            temperature: p.temperature.index_select(0, &idx),
+            top_k: p.top_k.index_select(0, &idx),
+            top_p: p.top_p.index_select(0, &idx),
+        };
+        let mut old_rows = std::mem::take(&mut self.rows)
+            .into_iter()
+            .map(Some)
+            .collect::<Vec<_>>();
+        let old_images = std::mem::take(&mut self.row_image);
+        // Images that still have rows, renumbered densely in their existing order.
+        let mut kept_images: Vec<usize> = Vec::new();
+        for &i in keep {
+            let img = old_images[i];
+            if kept_images.last() != Some(&img) {
+                kept_images.push(img);
+            }
+            self.rows
+                .push(old_rows[i].take().expect("each row kept once"));
+            self.row_image.push(kept_images.len() - 1);
+        }
+        if (kept_images.len() as i64) < self.cross.images() {
+            let idx =
+                Tensor::from_slice(&kept_images.iter().map(|&i| i as i64).collect::<Vec<_>>())
+                    .to_device(self.device);
+            self.cross.select_images(&idx);
+        }
+    }
+
+    fn collect_completed(&mut self) -> Vec<Decoded> {
+        let mut done = Vec::new();
+        for (request, slots) in self.results.iter_mut().enumerate() {
+            if !slots.is_empty() && slots.iter().all(Option::is_some) {
+                let candidates = slots.drain(..).map(|s| s.expect("checked")).collect();
+                done.push(Decoded {
+                    request,
+                    candidates,
+                });
+            }
+        }
+        done
+    }
+}
+
+/// Each candidate draws from its own stream, so its tokens do not depend on which other rows
+/// share the batch or when they finish.
+fn candidate_seed(seed: u64, candidate: usize) -> u64 {
+    // splitmix64 of the pair: well-spread seeds even for consecutive inputs.
+    let mut z = seed
+        ^ (candidate as u64)
+            .wrapping_add(1)
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+fn row_params(rows: &[Row], vocab: i64, device: Device) -> RowParams {
+    let col = |f: &dyn Fn(&GenerationParams) -> f32| {
+        Tensor::from_slice(&rows.iter().map(|r| f(&r.params)).collect::<Vec<f32>>())
+            .view([-1, 1])
+            .to_device(device)
+    };
+    let sampling = |p: &GenerationParams| p.strategy == Strategy::Sample;
+    RowParams {
+        repetition_penalty: col(&|p| p.repetition_penalty),
+        temperature: col(&|p| if sampling(p) { p.temperature } else { 1.0 }),
+        top_p: col(&|p| if sampling(p) { p.top_p } else { 1.0 }),
+        top_k: Tensor::from_slice(
+            &rows
+                .iter()
+                .map(|r| match r.params.top_k {
+                    0 => vocab,
+                    k => i64::from(k).min(vocab),
+                })
+                .collect::<Vec<i64>>(),
+        )
+        .to_device(device),
+    }
+}

@@ -1,0 +1,137 @@
+//! Logits processing with one set of parameters per row, in the reference's order:
+//! repetition penalty → min length → temperature → top-k → top-p (the last three for sampled rows).
+
+use tch::{Kind, Tensor};
+
+/// Per-row parameters, as tensors on the logits' device.
+pub struct RowParams {
+    /// `[rows, 1]`
+    pub repetition_penalty: Tensor,
+    /// `[rows, 1]`; 1 for greedy rows.
+    pub temperature: Tensor,
+    /// `[rows]`; vocabulary size where top-k is off.
+    pub top_k: Tensor,
+    /// `[rows, 1]`; 1 where top-p is off.
+    pub top_p: Tensor,
+}
+
+/// Divides positive (multiplies negative) scores of tokens already in each row by its penalty.
+/// `seen` is a `[rows, vocab]` boolean mask of tokens present in the row's sequence.
+pub fn repetition_penalty(scores: &Tensor, seen: &Tensor, penalty: &Tensor) -> Tensor {
+    // tch's `a.where_self(cond, b)` is `torch.where(cond, a, b)`.
+    let penalised = (scores * penalty).where_self(&scores.lt(0.0), &(scores / penalty));
+    penalised.where_self(seen, scores)
+}
+
+/// Forbids `eos` in the rows flagged by `too_short` (`[rows]` bool).
+pub fn suppress_eos(scores: &Tensor, too_short: &Tensor, eos: i64) -> Tensor {
+    let vocab = scores.size()[1];
+    let is_eos = Tensor::arange(vocab, (Kind::Int64, scores.device()))
+        .eq(eos)
+        .unsqueeze(0);
+    scores.masked_fill(
+        &is_eos.logical_and(&too_short.unsqueeze(1)),
+        f64::NEG_INFINITY,
+    )
+}
+
+/// Keeps every token scoring at least the row's k-th best score (ties kept).
+pub fn top_k(scores: &Tensor, k: &Tensor) -> Tensor {
+    let (sorted, _) = scores.sort(-1, true);
+    let kth = sorted.gather(1, &(k - 1).unsqueeze(1), false);
+    scores.masked_fill(&scores.lt_tensor(&kth), f64::NEG_INFINITY)
+}
+
+/// Removes the least likely tokens whose cumulative probability is at most `1 - p`, always
+/// keeping the most likely one.
+pub fn top_p(scores: &Tensor, p: &Tensor) -> Tensor {
+    let (sorted, order) = scores.sort(-1, false);
+    let cumulative = sorted.softmax(-1, Kind::Float).cumsum(-1, Kind::Float);
+    let vocab = scores.size()[1];
+    let remove_sorted = cumulative.le_tensor(&(1.0 - p));
+    let not_last = Tensor::arange(vocab, (Kind::Int64, scores.device()))
+        .lt(vocab - 1)
+        .unsqueeze(0);
+    let remove_sorted = remove_sorted.logical_and(&not_last);
+    let remove = remove_sorted.scatter(1, &order, &remove_sorted);
+    // Rows with p = 1 are left untouched, as the reference skips the filter for them.
+    let active = p.lt(1.0);
+    scores.masked_fill(&remove.logical_and(&active), f64::NEG_INFINITY)
+}
+
+/// Sampled scores: temperature, then top-k, then top-p.
+pub fn warp(scores: &Tensor, params: &RowParams) -> Tensor {
+    let scores = scores / &params.temperature;
+    let scores = top_k(&scores, &params.top_k);
+    top_p(&scores, &params.top_p)
+}
+
+/// Picks, for each row, the token at which its cumulative probability first reaches `u`
+/// (`[rows, 1]`, each in (0, 1]); tokens of zero probability are never picked.
+pub fn sample(probs: &Tensor, u: &Tensor) -> Tensor {
+    let cdf = probs.cumsum(-1, Kind::Double);
+    let total = cdf.narrow(1, cdf.size()[1] - 1, 1);
+    let below = cdf.lt_tensor(&(u.to_kind(Kind::Double) * total));
+    below
+        .sum_dim_intlist(1, false, Kind::Int64)
+        .clamp_max(probs.size()[1] - 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(v: &[f32]) -> Tensor {
+        Tensor::from_slice(v).view([1, -1])
+    }
+
+    fn vec(t: &Tensor) -> Vec<f32> {
+        Vec::<f32>::try_from(t.flatten(0, -1)).unwrap()
+    }
+
+    #[test]
+    fn repetition_penalty_divides_positive_and_multiplies_negative() {
+        let scores = row(&[2.0, -2.0, 1.0]);
+        let seen = Tensor::from_slice(&[true, true, false]).view([1, 3]);
+        let out = repetition_penalty(&scores, &seen, &Tensor::from_slice(&[2.0f32]).view([1, 1]));
+        assert_eq!(vec(&out), [1.0, -4.0, 1.0]);
+    }
+
+    #[test]
+    fn top_k_keeps_ties_and_top_p_keeps_at_least_one() {
+        let scores = row(&[3.0, 1.0, 3.0, 0.0]);
+        let out = top_k(&scores, &Tensor::from_slice(&[1i64]));
+        assert_eq!(vec(&out), [3.0, f32::NEG_INFINITY, 3.0, f32::NEG_INFINITY]);
+        // probabilities ≈ [0.643, 0.237, 0.087, 0.032]
+        let scores = row(&[3.0, 2.0, 1.0, 0.0]);
+        let out = top_p(&scores, &Tensor::from_slice(&[0.8f32]).view([1, 1]));
+        assert_eq!(vec(&out), [3.0, 2.0, f32::NEG_INFINITY, f32::NEG_INFINITY]);
+        let out = top_p(&scores, &Tensor::from_slice(&[0.01f32]).view([1, 1]));
+        assert_eq!(
+            vec(&out),
+            [3.0, f32::NEG_INFINITY, f32::NEG_INFINITY, f32::NEG_INFINITY]
+        );
+        let out = top_p(&scores, &Tensor::from_slice(&[1.0f32]).view([1, 1]));
+        assert_eq!(vec(&out), [3.0, 2.0, 1.0, 0.0]);
+    }
+
+    #[test]
+    fn sampling_follows_the_cdf_and_skips_impossible_tokens() {
+        let probs = row(&[0.0, 0.25, 0.0, 0.75]).repeat([3, 1]);
+        let u = Tensor::from_slice(&[1e-9f32, 0.25, 0.2501]).view([3, 1]);
+        let picked = Vec::<i64>::try_from(sample(&probs, &u)).unwrap();
+        assert_eq!(picked, [1, 1, 3]);
+        let u = Tensor::from_slice(&[1.0f32]).view([1, 1]);
+        assert_eq!(
+            Vec::<i64>::try_from(sample(&row(&[0.5, 0.5, 0.0]), &u)).unwrap(),
+            [1]
+        );
+    }
+
+    #[test]
+    fn eos_is_suppressed_only_for_short_rows() {
+        let scores = row(&[1.0, 1.0]).repeat([2, 1]);
+        let out = suppress_eos(&scores, &Tensor::from_slice(&[true, false]), 1);
+        assert_eq!(vec(&out), [1.0, f32::NEG_INFINITY, 1.0, 1.0]);
+    }
+}

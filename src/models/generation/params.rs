@@ -1,0 +1,147 @@
+//! Decoding parameters of one request, their defaults and their validation.
+
+/// How candidate tokens are chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Strategy {
+    Greedy,
+    Sample,
+}
+
+/// Everything that controls how one request's candidates are decoded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerationParams {
+    pub num_candidates: u32,
+    /// Limit of the whole sequence: start token + prompt + generated tokens.
+    pub max_length: u32,
+    /// The end token is suppressed while the whole sequence is shorter than this.
+    pub min_length: u32,
+    pub strategy: Strategy,
+    pub temperature: f32,
+    /// 0 disables top-k filtering.
+    pub top_k: u32,
+    pub top_p: f32,
+    pub repetition_penalty: f32,
+    pub seed: u64,
+}
+
+impl Default for GenerationParams {
+    fn default() -> Self {
+        Self {
+            num_candidates: 10,
+            max_length: 40,
+            min_length: 0,
+            strategy: Strategy::Sample,
+            temperature: 1.0,
+            top_k: 50,
+            top_p: 0.9,
+            repetition_penalty: 1.0,
+            seed: 0,
+        }
+    }
+}
+
+/// Upper bounds the server enforces on requests.
+#[derive(Debug, Clone, Copy)]
+pub struct GenerationLimits {
+    pub max_candidates: u32,
+    pub max_length: u32,
+}
+
+/// A rejected parameter, naming the request field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct InvalidParam {
+    pub field: &'static str,
+    pub reason: String,
+}
+
+fn invalid(field: &'static str, reason: impl Into<String>) -> InvalidParam {
+    InvalidParam {
+        field,
+        reason: reason.into(),
+    }
+}
+
+impl GenerationParams {
+    pub fn validate(&self, limits: &GenerationLimits) -> Result<(), InvalidParam> {
+        if self.num_candidates == 0 || self.num_candidates > limits.max_candidates {
+            return Err(invalid(
+                "num_candidates",
+                format!(
+                    "must be in 1..={}, got {}",
+                    limits.max_candidates, self.num_candidates
+                ),
+            ));
+        }
+        if self.max_length < 2 || self.max_length > limits.max_length {
+            return Err(invalid(
+                "max_length",
+                format!(
+                    "must be in 2..={}, got {}",
+                    limits.max_length, self.max_length
+                ),
+            ));
+        }
+        if self.min_length > self.max_length {
+            return Err(invalid(
+                "min_length",
+                format!(
+                    "must not exceed max_length {}, got {}",
+                    self.max_length, self.min_length
+                ),
+            ));
+        }
+        if !(self.temperature.is_finite() && self.temperature > 0.0) {
+            return Err(invalid(
+                "temperature",
+                format!("must be a finite number > 0, got {}", self.temperature),
+            ));
+        }
+        if !(self.top_p.is_finite() && self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(invalid(
+                "top_p",
+                format!("must be in (0, 1], got {}", self.top_p),
+            ));
+        }
+        if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
+            return Err(invalid(
+                "repetition_penalty",
+                format!(
+                    "must be a finite number > 0, got {}",
+                    self.repetition_penalty
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIMITS: GenerationLimits = GenerationLimits {
+        max_candidates: 16,
+        max_length: 40,
+    };
+
+    #[test]
+    fn defaults_are_valid_and_each_bad_field_is_named() {
+        assert_eq!(GenerationParams::default().validate(&LIMITS), Ok(()));
+        let cases: [(&str, fn(&mut GenerationParams)); 8] = [
+            ("num_candidates", |p| p.num_candidates = 0),
+            ("num_candidates", |p| p.num_candidates = 17),
+            ("max_length", |p| p.max_length = 41),
+            ("min_length", |p| p.min_length = 41),
+            ("temperature", |p| p.temperature = f32::NAN),
+            ("top_p", |p| p.top_p = 0.0),
+            ("top_p", |p| p.top_p = 1.5),
+            ("repetition_penalty", |p| p.repetition_penalty = -1.0),
+        ];
+        for (field, break_it) in cases {
+            let mut p = GenerationParams::default();
+            break_it(&mut p);
+            assert_eq!(p.validate(&LIMITS).unwrap_err().field, field);
+        }
+    }
+}

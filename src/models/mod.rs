@@ -1,0 +1,69 @@
+//! BLIP and CLIP over libtorch, and everything needed to feed them: checkpoint and config loading,
+//! image preprocessing, tokenizers and caption generation. Nothing here knows about gRPC, queues
+//! or async runtimes.
+
+pub mod blip;
+pub mod clip;
+pub mod generation;
+pub mod nn;
+pub mod preprocess;
+pub mod tokenizer;
+pub mod weights;
+
+use std::path::Path;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("model folder {0}: {1}")]
+    Folder(String, String),
+    #[error("config: {0}")]
+    Config(String),
+    #[error("checkpoint: {0}")]
+    Checkpoint(String),
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("libtorch: {0}")]
+    Torch(#[from] tch::TchError),
+}
+
+/// A model shared by executor threads.
+///
+/// libtorch tensors are safe to read from several threads at once; after construction the models
+/// only ever read their weights, so sharing them is sound even though `tch::Tensor` is not `Sync`.
+pub struct Shared<T>(T);
+
+// SAFETY: see the type's documentation; `Shared` only hands out shared references.
+unsafe impl<T: Send> Sync for Shared<T> {}
+
+impl<T> Shared<T> {
+    pub fn new(inner: T) -> Self {
+        Self(inner)
+    }
+}
+
+impl<T> std::ops::Deref for Shared<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
+/// Reads `config.json` of a checkpoint folder, with an error that names what is missing.
+pub(crate) fn read_config(folder: &Path) -> Result<String, ModelError> {
+    read_folder_file(folder, "config.json")
+}
+
+pub(crate) fn read_folder_file(folder: &Path, name: &str) -> Result<String, ModelError> {
+    if !folder.is_dir() {
+        return Err(ModelError::Folder(
+            folder.display().to_string(),
+            "is not a directory".into(),
+        ));
+    }
+    std::fs::read_to_string(folder.join(name)).map_err(|e| {
+        ModelError::Folder(
+            folder.display().to_string(),
+            format!("cannot read {name}: {e}"),
+        )
+    })
+}

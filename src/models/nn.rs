@@ -1,0 +1,135 @@
+//! The few layers both models are built from, as plain structs over checkpoint tensors.
+
+use tch::Tensor;
+
+use super::{weights::Weights, ModelError};
+
+#[derive(Debug)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn new(w: &Weights, in_dim: i64, out_dim: i64) -> Result<Self, ModelError> {
+        Ok(Self {
+            weight: w.get("weight", &[out_dim, in_dim])?,
+            bias: Some(w.get("bias", &[out_dim])?),
+        })
+    }
+
+    pub fn no_bias(w: &Weights, in_dim: i64, out_dim: i64) -> Result<Self, ModelError> {
+        Ok(Self {
+            weight: w.get("weight", &[out_dim, in_dim])?,
+            bias: None,
+        })
+    }
+
+    pub fn from_parts(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self { weight, bias }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        x.linear(&self.weight, self.bias.as_ref())
+    }
+}
+
+#[derive(Debug)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+    dim: i64,
+}
+
+impl LayerNorm {
+    pub fn new(w: &Weights, dim: i64, eps: f64) -> Result<Self, ModelError> {
+        Ok(Self {
+            weight: w.get("weight", &[dim])?,
+            bias: w.get("bias", &[dim])?,
+            eps,
+            dim,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        x.layer_norm(
+            [self.dim],
+            Some(&self.weight),
+            Some(&self.bias),
+            self.eps,
+            false,
+        )
+    }
+}
+
+#[derive(Debug)]
+pub struct Embedding {
+    pub weight: Tensor,
+}
+
+impl Embedding {
+    pub fn new(w: &Weights, count: i64, dim: i64) -> Result<Self, ModelError> {
+        Ok(Self {
+            weight: w.get("weight", &[count, dim])?,
+        })
+    }
+
+    pub fn forward(&self, ids: &Tensor) -> Tensor {
+        Tensor::embedding(&self.weight, ids, -1, false, false)
+    }
+}
+
+/// Activation functions named by `hidden_act` in Hugging Face configs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    Gelu,
+    GeluTanh,
+    QuickGelu,
+    Relu,
+}
+
+impl Activation {
+    pub fn from_name(name: &str) -> Result<Self, ModelError> {
+        match name {
+            "gelu" => Ok(Self::Gelu),
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Ok(Self::GeluTanh),
+            "quick_gelu" => Ok(Self::QuickGelu),
+            "relu" => Ok(Self::Relu),
+            other => Err(ModelError::Config(format!(
+                "unsupported hidden_act {other:?}"
+            ))),
+        }
+    }
+
+    pub fn forward(self, x: &Tensor) -> Tensor {
+        match self {
+            Self::Gelu => x.gelu("none"),
+            Self::GeluTanh => x.gelu("tanh"),
+            Self::QuickGelu => x * (x * 1.702).sigmoid(),
+            Self::Relu => x.relu(),
+        }
+    }
+}
+
+/// Scaled dot-product attention over `[batch, heads, len, head_dim]` tensors with an optional
+/// additive mask broadcastable to `[batch, heads, q_len, k_len]`.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<&Tensor>, scale: f64) -> Tensor {
+    let mut scores = q.matmul(&k.transpose(-1, -2)) * scale;
+    if let Some(mask) = mask {
+        scores += mask;
+    }
+    scores.softmax(-1, scores.kind()).matmul(v)
+}
+
+/// `[batch, len, heads*head_dim]` → `[batch, heads, len, head_dim]`.
+pub fn split_heads(x: &Tensor, heads: i64) -> Tensor {
+    let (b, l, d) = x.size3().expect("hidden states are 3-d");
+    x.view([b, l, heads, d / heads]).transpose(1, 2)
+}
+
+/// `[batch, heads, len, head_dim]` → `[batch, len, heads*head_dim]`.
+pub fn merge_heads(x: &Tensor) -> Tensor {
+    let (b, h, l, hd) = x.size4().expect("attention output is 4-d");
+    x.transpose(1, 2).contiguous().view([b, l, h * hd])
+}

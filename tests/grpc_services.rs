@@ -1,0 +1,286 @@
+//! The three services over real gRPC, on fresh scenes: captions must be right, probabilities a
+//! sorted distribution; bad input gets INVALID_ARGUMENT and the server keeps serving.
+
+mod common;
+
+use caption_cascade::api::pb::{
+    self, cascade_client::CascadeClient, generator_client::GeneratorClient,
+    ranker_client::RankerClient,
+};
+use common::{png_image, scenes::draw_scene, shared_channel};
+use rand::{rngs::StdRng, SeedableRng};
+use tonic::Code;
+
+fn assert_distribution(captions: &[pb::RankedCaption], complete: bool) {
+    assert!(
+        captions
+            .windows(2)
+            .all(|w| w[0].probability >= w[1].probability),
+        "sorted by probability"
+    );
+    let sum: f32 = captions.iter().map(|c| c.probability).sum();
+    if complete {
+        assert!((sum - 1.0).abs() < 1e-4, "probabilities sum to {sum}");
+    } else {
+        assert!(sum <= 1.0 + 1e-4);
+    }
+    for c in captions {
+        assert!((0.0..=1.0).contains(&c.probability) && (-1.0..=1.0).contains(&c.cosine));
+    }
+}
+
+#[tokio::test]
+async fn greedy_generate_writes_the_true_caption() {
+    let mut client = GeneratorClient::new(shared_channel().await);
+    let mut rng = StdRng::seed_from_u64(101);
+    let total = 60;
+    let mut right = 0;
+    for _ in 0..total {
+        let scene = draw_scene(&mut rng);
+        let req = pb::GenerateRequest {
+            image: png_image(scene.png()),
+            params: Some(pb::GenerationParams {
+                num_candidates: Some(2),
+                decoding: pb::Decoding::Greedy as i32,
+                ..Default::default()
+            }),
+        };
+        let resp = client.generate(req).await.expect("generate").into_inner();
+        assert_eq!(resp.candidates.len(), 2);
+        assert_eq!(
+            resp.candidates[0].text, resp.candidates[1].text,
+            "greedy candidates are identical"
+        );
+        assert!(resp.key.starts_with("sha256:"));
+        right += usize::from(resp.candidates[0].text == scene.caption);
+    }
+    let accuracy = right as f64 / total as f64;
+    assert!(accuracy >= 0.95, "greedy exact match {accuracy:.3} < 0.95");
+}
+
+#[tokio::test]
+async fn rank_puts_the_true_caption_first_among_distractors() {
+    let mut client = RankerClient::new(shared_channel().await);
+    let mut rng = StdRng::seed_from_u64(202);
+    let scenes: Vec<_> = (0..110).map(|_| draw_scene(&mut rng)).collect();
+    let total = 100;
+    let mut right = 0;
+    for i in 0..total {
+        let truth = scenes[i].caption.clone();
+        let mut captions = vec![truth.clone()];
+        captions.extend(
+            scenes
+                .iter()
+                .skip(i + 1)
+                .map(|s| s.caption.clone())
+                .filter(|c| *c != truth)
+                .take(9),
+        );
+        let req = pb::RankRequest {
+            image: png_image(scenes[i].png()),
+            captions: captions.clone(),
+        };
+        let resp = client.rank(req).await.expect("rank").into_inner();
+        assert_eq!(resp.captions.len(), captions.len());
+        assert_distribution(&resp.captions, true);
+        let mut indices: Vec<u32> = resp.captions.iter().map(|c| c.index).collect();
+        indices.sort();
+        assert_eq!(indices, (0..captions.len() as u32).collect::<Vec<_>>());
+        right += usize::from(resp.captions[0].text == truth);
+    }
+    let accuracy = right as f64 / total as f64;
+    assert!(accuracy >= 0.99, "CLIP top-1 among 10 {accuracy:.3} < 0.99");
+}
+
+#[tokio::test]
+async fn cascade_ranks_sampled_candidates_and_returns_top_k() {
+    let mut client = CascadeClient::new(shared_channel().await);
+    let mut rng = StdRng::seed_from_u64(303);
+    let total = 40;
+    let mut right = 0;
+    for i in 0..total {
+        let scene = draw_scene(&mut rng);
+        let req = pb::CaptionRequest {
+            image: png_image(scene.png()),
+            params: Some(pb::GenerationParams {
+                num_candidates: Some(10),
+                seed: Some(i),
+                ..Default::default()
+            }),
+            top_k: Some(3),
+        };
+        let resp = client.caption(req).await.expect("caption").into_inner();
+        assert_eq!(resp.candidates.len(), 10);
+        assert!(!resp.captions.is_empty() && resp.captions.len() <= 3);
+        assert_distribution(&resp.captions, false);
+        let counted: u32 = resp.captions.iter().map(|c| c.count).sum();
+        assert!(counted >= 1 && counted <= 10);
+        let t = resp.timings.expect("timings");
+        assert!(t.total_ms >= t.generate_ms && t.generate_ms > 0.0 && t.rank_ms > 0.0);
+        right += usize::from(resp.captions[0].text == scene.caption);
+    }
+    let accuracy = right as f64 / total as f64;
+    assert!(accuracy >= 0.95, "cascade top-1 {accuracy:.3} < 0.95");
+}
+
+#[tokio::test]
+async fn the_same_seed_gives_the_same_candidates() {
+    let mut client = GeneratorClient::new(shared_channel().await);
+    let scene = draw_scene(&mut StdRng::seed_from_u64(404));
+    let req = |seed| pb::GenerateRequest {
+        image: png_image(scene.png()),
+        params: Some(pb::GenerationParams {
+            num_candidates: Some(6),
+            seed: Some(seed),
+            temperature: Some(1.5),
+            ..Default::default()
+        }),
+    };
+    let texts = |r: pb::GenerateResponse| {
+        r.candidates
+            .into_iter()
+            .map(|c| c.token_ids)
+            .collect::<Vec<_>>()
+    };
+    let a = texts(client.generate(req(7)).await.unwrap().into_inner());
+    let b = texts(client.generate(req(7)).await.unwrap().into_inner());
+    assert_eq!(a, b);
+}
+
+#[tokio::test]
+async fn bad_input_is_invalid_argument_and_the_server_keeps_serving() {
+    let ch = shared_channel().await;
+    let mut cascade = CascadeClient::new(ch.clone());
+    let mut ranker = RankerClient::new(ch.clone());
+
+    let err = cascade
+        .caption(pb::CaptionRequest {
+            image: png_image(b"definitely not an image".to_vec()),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().contains("cannot be decoded"),
+        "{}",
+        err.message()
+    );
+
+    let err = cascade
+        .caption(pb::CaptionRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("image"), "{}", err.message());
+
+    let scene = draw_scene(&mut StdRng::seed_from_u64(505));
+    let bad_params = [
+        (
+            pb::GenerationParams {
+                top_p: Some(1.5),
+                ..Default::default()
+            },
+            "top_p",
+        ),
+        (
+            pb::GenerationParams {
+                temperature: Some(f32::NAN),
+                ..Default::default()
+            },
+            "temperature",
+        ),
+        (
+            pb::GenerationParams {
+                num_candidates: Some(100_000),
+                ..Default::default()
+            },
+            "num_candidates",
+        ),
+        (
+            pb::GenerationParams {
+                max_length: Some(100_000),
+                ..Default::default()
+            },
+            "max_length",
+        ),
+    ];
+    for (params, field) in bad_params {
+        let err = cascade
+            .caption(pb::CaptionRequest {
+                image: png_image(scene.png()),
+                params: Some(params),
+                top_k: None,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert!(
+            err.message().starts_with(field),
+            "{field}: {}",
+            err.message()
+        );
+    }
+
+    let err = ranker
+        .rank(pb::RankRequest {
+            image: png_image(scene.png()),
+            captions: vec![],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().starts_with("captions"), "{}", err.message());
+
+    let file_url = pb::Image {
+        source: Some(pb::image::Source::Url("file:///etc/passwd".into())),
+    };
+    let err = cascade
+        .caption(pb::CaptionRequest {
+            image: Some(file_url),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+
+    // Still serving after all of that.
+    let ok = cascade
+        .caption(pb::CaptionRequest {
+            image: png_image(scene.png()),
+            ..Default::default()
+        })
+        .await
+        .expect("server still serves");
+    assert!(!ok.into_inner().captions.is_empty());
+}
+
+#[tokio::test]
+async fn concurrent_calls_all_complete() {
+    let ch = shared_channel().await;
+    let mut rng = StdRng::seed_from_u64(606);
+    let calls: Vec<_> = (0..16)
+        .map(|i| {
+            let scene = draw_scene(&mut rng);
+            let mut client = CascadeClient::new(ch.clone());
+            tokio::spawn(async move {
+                let req = pb::CaptionRequest {
+                    image: png_image(scene.png()),
+                    params: Some(pb::GenerationParams {
+                        seed: Some(i),
+                        ..Default::default()
+                    }),
+                    top_k: Some(1),
+                };
+                let resp = client.caption(req).await.expect("caption").into_inner();
+                (resp.captions[0].text.clone(), scene.caption)
+            })
+        })
+        .collect();
+    let mut right = 0;
+    for c in calls {
+        let (got, truth) = c.await.unwrap();
+        right += usize::from(got == truth);
+    }
+    assert!(right >= 15, "{right}/16 right under concurrency");
+}
