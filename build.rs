@@ -47,10 +47,7 @@ fn libtorch_lib_dir() -> Option<PathBuf> {
     if env::var_os("LIBTORCH_USE_PYTORCH").is_some() {
         let python = env::var("PYTHON_SYS_EXECUTABLE").unwrap_or_else(|_| "python3".into());
         let out = Command::new(python)
-            .args([
-                "-c",
-                "import os, torch; print(os.path.dirname(torch.__file__))",
-            ])
+            .args(["-c", "import os, torch; print(os.path.dirname(torch.__file__))"])
             .output()
             .ok()?;
         let root = String::from_utf8(out.stdout).ok()?;

@@ -72,6 +72,9 @@ pub struct ServerArgs {
     /// Address the gRPC server listens on.
     #[arg(long, env = "CAPTION_LISTEN", default_value = "0.0.0.0:50051")]
     pub listen: SocketAddr,
+    /// Address of the Prometheus metrics endpoint (`/metrics`); off when unset.
+    #[arg(long, env = "CAPTION_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
     /// Largest gRPC request message, in bytes.
     #[arg(long, env = "CAPTION_MAX_MESSAGE_BYTES", default_value_t = crate::api::server::MAX_MESSAGE_BYTES)]
     pub max_message_bytes: usize,
@@ -105,10 +108,7 @@ impl EngineArgs {
 
     pub fn request_limits(&self) -> RequestLimits {
         RequestLimits {
-            generation: GenerationLimits {
-                max_candidates: self.max_candidates,
-                max_length: self.max_length,
-            },
+            generation: GenerationLimits { max_candidates: self.max_candidates, max_length: self.max_length },
             max_captions: self.max_captions,
             max_caption_bytes: 1024,
         }
@@ -119,10 +119,7 @@ impl EngineArgs {
             return None;
         }
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        Some(
-            self.intra_op_threads
-                .unwrap_or_else(|| (cores / self.executors.max(1)).max(1) as i32),
-        )
+        Some(self.intra_op_threads.unwrap_or_else(|| (cores / self.executors.max(1)).max(1) as i32))
     }
 
     /// Loads both models, warms them up and starts the scheduler.
@@ -130,18 +127,10 @@ impl EngineArgs {
         let device = self.device.resolve().map_err(anyhow::Error::msg)?;
         let threads = self.intra_op_threads(device);
         tracing::info!(?device, "loading models");
-        let blip = BlipRunner::load(&self.blip_model, device, threads).map_err(|e| {
-            anyhow::anyhow!(
-                "cannot load the BLIP model from {}: {e}",
-                self.blip_model.display()
-            )
-        })?;
-        let clip = ClipRunner::load(&self.clip_model, device, threads).map_err(|e| {
-            anyhow::anyhow!(
-                "cannot load the CLIP model from {}: {e}",
-                self.clip_model.display()
-            )
-        })?;
+        let blip = BlipRunner::load(&self.blip_model, device, threads)
+            .map_err(|e| anyhow::anyhow!("cannot load the BLIP model from {}: {e}", self.blip_model.display()))?;
+        let clip = ClipRunner::load(&self.clip_model, device, threads)
+            .map_err(|e| anyhow::anyhow!("cannot load the CLIP model from {}: {e}", self.clip_model.display()))?;
         let (blip, clip) = (Arc::new(blip), Arc::new(clip));
         let scheduler = Scheduler::start(self.scheduler_config(), blip.clone(), clip.clone());
         let fetcher = Fetcher::new(self.fetch_limits()).map_err(anyhow::Error::msg)?;

@@ -13,3 +13,4 @@ pub mod config;
 pub mod engine;
 pub mod images;
 pub mod models;
+pub mod telemetry;

@@ -11,19 +11,11 @@ fn run(args: &[&str]) -> (bool, String, String) {
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
         .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into(),
-        String::from_utf8_lossy(&out.stderr).into(),
-    )
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
 }
 
 fn expected() -> HashMap<String, String> {
-    let text = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/examples/images/expected.json"
-    ))
-    .unwrap();
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/images/expected.json")).unwrap();
     serde_json::from_str(&text).unwrap()
 }
 
@@ -32,10 +24,7 @@ fn prints_the_origin_format_with_the_right_first_caption() {
     let expected = expected();
     let mut names: Vec<&String> = expected.keys().collect();
     names.sort();
-    let paths: Vec<String> = names
-        .iter()
-        .map(|n| format!("examples/images/{n}"))
-        .collect();
+    let paths: Vec<String> = names.iter().map(|n| format!("examples/images/{n}")).collect();
     let args: Vec<&str> = paths.iter().map(String::as_str).collect();
     let (ok, stdout, stderr) = run(&args);
     assert!(ok, "{stderr}");
@@ -46,18 +35,12 @@ fn prints_the_origin_format_with_the_right_first_caption() {
         assert_eq!(block[0], format!("Image: examples/images/{name}"));
         assert_eq!(block[1], "\tTop 3 captions ranked by CLIP:");
         let first = block[2].strip_prefix("\t\t1: ").expect("rank line");
-        let (caption, prob) = first
-            .split_once(". (Caption probability: ")
-            .expect("probability");
+        let (caption, prob) = first.split_once(". (Caption probability: ").expect("probability");
         let prob: f64 = prob.trim_end_matches(')').parse().unwrap();
         assert!((0.0..=1.0).contains(&prob));
         right += usize::from(caption == expected[*name]);
     }
-    assert!(
-        right + 1 >= names.len(),
-        "{right}/{} sample scenes right:\n{stdout}",
-        names.len()
-    );
+    assert!(right + 1 >= names.len(), "{right}/{} sample scenes right:\n{stdout}", names.len());
 }
 
 #[test]
@@ -66,21 +49,12 @@ fn json_output_has_one_object_per_image_and_bad_files_fail_clearly() {
     assert!(ok);
     let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
     assert_eq!(v["image"], "examples/images/scene_1.png");
-    assert_eq!(
-        v["captions"].as_array().unwrap().len().min(2),
-        v["captions"].as_array().unwrap().len()
-    );
+    assert_eq!(v["captions"].as_array().unwrap().len().min(2), v["captions"].as_array().unwrap().len());
     assert_eq!(v["candidates"].as_array().unwrap().len(), 10);
     assert_eq!(v["captions"][0]["text"], expected()["scene_1.png"].as_str());
 
     let (ok, _, stderr) = run(&["Cargo.toml", "examples/images/missing.png"]);
     assert!(!ok);
-    assert!(
-        stderr.contains("Cargo.toml: error: image data cannot be decoded"),
-        "{stderr}"
-    );
-    assert!(
-        stderr.contains("missing.png: error: cannot read"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("Cargo.toml: error: image data cannot be decoded"), "{stderr}");
+    assert!(stderr.contains("missing.png: error: cannot read"), "{stderr}");
 }

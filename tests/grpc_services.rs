@@ -4,20 +4,14 @@
 mod common;
 
 use caption_cascade::api::pb::{
-    self, cascade_client::CascadeClient, generator_client::GeneratorClient,
-    ranker_client::RankerClient,
+    self, cascade_client::CascadeClient, generator_client::GeneratorClient, ranker_client::RankerClient,
 };
 use common::{png_image, scenes::draw_scene, shared_channel};
 use rand::{rngs::StdRng, SeedableRng};
 use tonic::Code;
 
 fn assert_distribution(captions: &[pb::RankedCaption], complete: bool) {
-    assert!(
-        captions
-            .windows(2)
-            .all(|w| w[0].probability >= w[1].probability),
-        "sorted by probability"
-    );
+    assert!(captions.windows(2).all(|w| w[0].probability >= w[1].probability), "sorted by probability");
     let sum: f32 = captions.iter().map(|c| c.probability).sum();
     if complete {
         assert!((sum - 1.0).abs() < 1e-4, "probabilities sum to {sum}");
@@ -47,10 +41,7 @@ async fn greedy_generate_writes_the_true_caption() {
         };
         let resp = client.generate(req).await.expect("generate").into_inner();
         assert_eq!(resp.candidates.len(), 2);
-        assert_eq!(
-            resp.candidates[0].text, resp.candidates[1].text,
-            "greedy candidates are identical"
-        );
+        assert_eq!(resp.candidates[0].text, resp.candidates[1].text, "greedy candidates are identical");
         assert!(resp.key.starts_with("sha256:"));
         right += usize::from(resp.candidates[0].text == scene.caption);
     }
@@ -68,18 +59,8 @@ async fn rank_puts_the_true_caption_first_among_distractors() {
     for i in 0..total {
         let truth = scenes[i].caption.clone();
         let mut captions = vec![truth.clone()];
-        captions.extend(
-            scenes
-                .iter()
-                .skip(i + 1)
-                .map(|s| s.caption.clone())
-                .filter(|c| *c != truth)
-                .take(9),
-        );
-        let req = pb::RankRequest {
-            image: png_image(scenes[i].png()),
-            captions: captions.clone(),
-        };
+        captions.extend(scenes.iter().skip(i + 1).map(|s| s.caption.clone()).filter(|c| *c != truth).take(9));
+        let req = pb::RankRequest { image: png_image(scenes[i].png()), captions: captions.clone() };
         let resp = client.rank(req).await.expect("rank").into_inner();
         assert_eq!(resp.captions.len(), captions.len());
         assert_distribution(&resp.captions, true);
@@ -102,11 +83,7 @@ async fn cascade_ranks_sampled_candidates_and_returns_top_k() {
         let scene = draw_scene(&mut rng);
         let req = pb::CaptionRequest {
             image: png_image(scene.png()),
-            params: Some(pb::GenerationParams {
-                num_candidates: Some(10),
-                seed: Some(i),
-                ..Default::default()
-            }),
+            params: Some(pb::GenerationParams { num_candidates: Some(10), seed: Some(i), ..Default::default() }),
             top_k: Some(3),
         };
         let resp = client.caption(req).await.expect("caption").into_inner();
@@ -136,12 +113,7 @@ async fn the_same_seed_gives_the_same_candidates() {
             ..Default::default()
         }),
     };
-    let texts = |r: pb::GenerateResponse| {
-        r.candidates
-            .into_iter()
-            .map(|c| c.token_ids)
-            .collect::<Vec<_>>()
-    };
+    let texts = |r: pb::GenerateResponse| r.candidates.into_iter().map(|c| c.token_ids).collect::<Vec<_>>();
     let a = texts(client.generate(req(7)).await.unwrap().into_inner());
     let b = texts(client.generate(req(7)).await.unwrap().into_inner());
     assert_eq!(a, b);
@@ -154,102 +126,43 @@ async fn bad_input_is_invalid_argument_and_the_server_keeps_serving() {
     let mut ranker = RankerClient::new(ch.clone());
 
     let err = cascade
-        .caption(pb::CaptionRequest {
-            image: png_image(b"definitely not an image".to_vec()),
-            ..Default::default()
-        })
+        .caption(pb::CaptionRequest { image: png_image(b"definitely not an image".to_vec()), ..Default::default() })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
-    assert!(
-        err.message().contains("cannot be decoded"),
-        "{}",
-        err.message()
-    );
+    assert!(err.message().contains("cannot be decoded"), "{}", err.message());
 
-    let err = cascade
-        .caption(pb::CaptionRequest::default())
-        .await
-        .unwrap_err();
+    let err = cascade.caption(pb::CaptionRequest::default()).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("image"), "{}", err.message());
 
     let scene = draw_scene(&mut StdRng::seed_from_u64(505));
     let bad_params = [
-        (
-            pb::GenerationParams {
-                top_p: Some(1.5),
-                ..Default::default()
-            },
-            "top_p",
-        ),
-        (
-            pb::GenerationParams {
-                temperature: Some(f32::NAN),
-                ..Default::default()
-            },
-            "temperature",
-        ),
-        (
-            pb::GenerationParams {
-                num_candidates: Some(100_000),
-                ..Default::default()
-            },
-            "num_candidates",
-        ),
-        (
-            pb::GenerationParams {
-                max_length: Some(100_000),
-                ..Default::default()
-            },
-            "max_length",
-        ),
+        (pb::GenerationParams { top_p: Some(1.5), ..Default::default() }, "top_p"),
+        (pb::GenerationParams { temperature: Some(f32::NAN), ..Default::default() }, "temperature"),
+        (pb::GenerationParams { num_candidates: Some(100_000), ..Default::default() }, "num_candidates"),
+        (pb::GenerationParams { max_length: Some(100_000), ..Default::default() }, "max_length"),
     ];
     for (params, field) in bad_params {
         let err = cascade
-            .caption(pb::CaptionRequest {
-                image: png_image(scene.png()),
-                params: Some(params),
-                top_k: None,
-            })
+            .caption(pb::CaptionRequest { image: png_image(scene.png()), params: Some(params), top_k: None })
             .await
             .unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument);
-        assert!(
-            err.message().starts_with(field),
-            "{field}: {}",
-            err.message()
-        );
+        assert!(err.message().starts_with(field), "{field}: {}", err.message());
     }
 
-    let err = ranker
-        .rank(pb::RankRequest {
-            image: png_image(scene.png()),
-            captions: vec![],
-        })
-        .await
-        .unwrap_err();
+    let err = ranker.rank(pb::RankRequest { image: png_image(scene.png()), captions: vec![] }).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().starts_with("captions"), "{}", err.message());
 
-    let file_url = pb::Image {
-        source: Some(pb::image::Source::Url("file:///etc/passwd".into())),
-    };
-    let err = cascade
-        .caption(pb::CaptionRequest {
-            image: Some(file_url),
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
+    let file_url = pb::Image { source: Some(pb::image::Source::Url("file:///etc/passwd".into())) };
+    let err = cascade.caption(pb::CaptionRequest { image: Some(file_url), ..Default::default() }).await.unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
 
     // Still serving after all of that.
     let ok = cascade
-        .caption(pb::CaptionRequest {
-            image: png_image(scene.png()),
-            ..Default::default()
-        })
+        .caption(pb::CaptionRequest { image: png_image(scene.png()), ..Default::default() })
         .await
         .expect("server still serves");
     assert!(!ok.into_inner().captions.is_empty());
@@ -266,10 +179,7 @@ async fn concurrent_calls_all_complete() {
             tokio::spawn(async move {
                 let req = pb::CaptionRequest {
                     image: png_image(scene.png()),
-                    params: Some(pb::GenerationParams {
-                        seed: Some(i),
-                        ..Default::default()
-                    }),
+                    params: Some(pb::GenerationParams { seed: Some(i), ..Default::default() }),
                     top_k: Some(1),
                 };
                 let resp = client.caption(req).await.expect("caption").into_inner();

@@ -7,15 +7,9 @@ use std::process::Command;
 
 use common::shared_channel;
 use tokio_stream::StreamExt;
-use tonic_health::pb::{
-    health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
-};
+use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest};
 
-const SERVICES: [&str; 3] = [
-    "caption.v1.Generator",
-    "caption.v1.Ranker",
-    "caption.v1.Cascade",
-];
+const SERVICES: [&str; 3] = ["caption.v1.Generator", "caption.v1.Ranker", "caption.v1.Cascade"];
 
 #[tokio::test]
 async fn reflection_lists_every_service_in_both_versions() {
@@ -25,18 +19,11 @@ async fn reflection_lists_every_service_in_both_versions() {
     let mut client = v1::server_reflection_client::ServerReflectionClient::new(ch.clone());
     let req = v1::ServerReflectionRequest {
         host: String::new(),
-        message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(
-            String::new(),
-        )),
+        message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(String::new())),
     };
-    let mut stream = client
-        .server_reflection_info(tokio_stream::iter([req]))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = client.server_reflection_info(tokio_stream::iter([req])).await.unwrap().into_inner();
     let resp = stream.next().await.unwrap().unwrap();
-    let Some(v1::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
-        resp.message_response
+    let Some(v1::server_reflection_response::MessageResponse::ListServicesResponse(list)) = resp.message_response
     else {
         panic!("unexpected reflection response");
     };
@@ -48,17 +35,11 @@ async fn reflection_lists_every_service_in_both_versions() {
     let mut client = v1alpha::server_reflection_client::ServerReflectionClient::new(ch);
     let req = v1alpha::ServerReflectionRequest {
         host: String::new(),
-        message_request: Some(
-            v1alpha::server_reflection_request::MessageRequest::FileContainingSymbol(
-                "caption.v1.Cascade".into(),
-            ),
-        ),
+        message_request: Some(v1alpha::server_reflection_request::MessageRequest::FileContainingSymbol(
+            "caption.v1.Cascade".into(),
+        )),
     };
-    let mut stream = client
-        .server_reflection_info(tokio_stream::iter([req]))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = client.server_reflection_info(tokio_stream::iter([req])).await.unwrap().into_inner();
     let resp = stream.next().await.unwrap().unwrap();
     assert!(matches!(
         resp.message_response,
@@ -70,13 +51,7 @@ async fn reflection_lists_every_service_in_both_versions() {
 async fn health_reports_each_service_serving() {
     let mut health = HealthClient::new(shared_channel().await);
     for service in SERVICES.iter().chain(&[""]) {
-        let resp = health
-            .check(HealthCheckRequest {
-                service: service.to_string(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let resp = health.check(HealthCheckRequest { service: service.to_string() }).await.unwrap().into_inner();
         assert_eq!(resp.status, ServingStatus::Serving as i32, "{service}");
     }
 }
@@ -84,23 +59,14 @@ async fn health_reports_each_service_serving() {
 #[test]
 fn a_missing_model_folder_stops_the_server_with_a_clear_error() {
     let out = Command::new(env!("CARGO_BIN_EXE_caption-cascade"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--device",
-            "cpu",
-            "--blip-model",
-            "/nonexistent/blip",
-        ])
+        .args(["serve", "--listen", "127.0.0.1:0", "--device", "cpu", "--blip-model", "/nonexistent/blip"])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
         .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("cannot load the BLIP model from /nonexistent/blip")
-            && stderr.contains("is not a directory"),
+        stderr.contains("cannot load the BLIP model from /nonexistent/blip") && stderr.contains("is not a directory"),
         "{stderr}"
     );
 }
@@ -109,23 +75,10 @@ fn a_missing_model_folder_stops_the_server_with_a_clear_error() {
 fn an_incomplete_model_folder_names_what_is_missing() {
     let dir = std::env::temp_dir().join(format!("cc-empty-model-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    std::fs::copy(
-        concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/models/shapes-clip/config.json"
-        ),
-        dir.join("config.json"),
-    )
-    .unwrap();
+    std::fs::copy(concat!(env!("CARGO_MANIFEST_DIR"), "/models/shapes-clip/config.json"), dir.join("config.json"))
+        .unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_caption-cascade"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--device",
-            "cpu",
-            "--clip-model",
-        ])
+        .args(["serve", "--listen", "127.0.0.1:0", "--device", "cpu", "--clip-model"])
         .arg(&dir)
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
@@ -133,8 +86,5 @@ fn an_incomplete_model_folder_names_what_is_missing() {
     std::fs::remove_dir_all(&dir).unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("cannot load the CLIP model") && stderr.contains("model.safetensors"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("cannot load the CLIP model") && stderr.contains("model.safetensors"), "{stderr}");
 }

@@ -15,9 +15,7 @@ pub fn image_source(image: Option<pb::Image>) -> Result<ImageSource, Status> {
     match image.and_then(|i| i.source) {
         Some(pb::image::Source::Url(url)) => Ok(ImageSource::Url(url)),
         Some(pb::image::Source::Data(data)) => Ok(ImageSource::Bytes(data)),
-        None => Err(Status::invalid_argument(
-            "image: set either image.url or image.data",
-        )),
+        None => Err(Status::invalid_argument("image: set either image.url or image.data")),
     }
 }
 
@@ -42,12 +40,7 @@ pub fn generation_params(
         Ok(pb::Decoding::Unspecified) => defaults.strategy,
         Ok(pb::Decoding::Greedy) => Strategy::Greedy,
         Ok(pb::Decoding::Sample) => Strategy::Sample,
-        Err(_) => {
-            return Err(Status::invalid_argument(format!(
-                "decoding: unknown value {}",
-                p.decoding
-            )))
-        }
+        Err(_) => return Err(Status::invalid_argument(format!("decoding: unknown value {}", p.decoding))),
     };
     if let Some(v) = p.temperature {
         out.temperature = v;
@@ -144,17 +137,8 @@ mod tests {
             &d,
         )
         .unwrap();
-        assert_eq!(
-            (p.top_p, p.seed, p.strategy, p.top_k),
-            (0.5, 7, Strategy::Greedy, d.top_k)
-        );
-        let bad = pb::GenerationParams {
-            decoding: 99,
-            ..Default::default()
-        };
-        assert_eq!(
-            generation_params(Some(bad), &d).unwrap_err().code(),
-            tonic::Code::InvalidArgument
-        );
+        assert_eq!((p.top_p, p.seed, p.strategy, p.top_k), (0.5, 7, Strategy::Greedy, d.top_k));
+        let bad = pb::GenerationParams { decoding: 99, ..Default::default() };
+        assert_eq!(generation_params(Some(bad), &d).unwrap_err().code(), tonic::Code::InvalidArgument);
     }
 }

@@ -19,10 +19,9 @@ fn image_status(e: ImageError) -> Status {
         // The remote side failed, not the request's form: the caller may fix the URL's target.
         ImageError::Fetch { .. } => Code::FailedPrecondition,
         ImageError::FileNotAllowed(_) => Code::PermissionDenied,
-        ImageError::InvalidUrl { .. }
-        | ImageError::TooLarge { .. }
-        | ImageError::Empty
-        | ImageError::Decode(_) => Code::InvalidArgument,
+        ImageError::InvalidUrl { .. } | ImageError::TooLarge { .. } | ImageError::Empty | ImageError::Decode(_) => {
+            Code::InvalidArgument
+        }
     };
     Status::new(code, e.to_string())
 }
@@ -48,42 +47,12 @@ mod tests {
     #[test]
     fn each_error_kind_has_its_code() {
         let code = |e: CascadeError| Status::from(e).code();
-        assert_eq!(
-            code(
-                InvalidParam {
-                    field: "top_p",
-                    reason: "x".into()
-                }
-                .into()
-            ),
-            Code::InvalidArgument
-        );
-        assert_eq!(
-            code(ImageError::Decode("x".into()).into()),
-            Code::InvalidArgument
-        );
-        assert_eq!(
-            code(
-                ImageError::Fetch {
-                    url: "u".into(),
-                    reason: "r".into()
-                }
-                .into()
-            ),
-            Code::FailedPrecondition
-        );
-        assert_eq!(
-            code(EngineError::Overloaded("generate").into()),
-            Code::ResourceExhausted
-        );
-        assert_eq!(
-            code(EngineError::DeadlineExceeded.into()),
-            Code::DeadlineExceeded
-        );
+        assert_eq!(code(InvalidParam { field: "top_p", reason: "x".into() }.into()), Code::InvalidArgument);
+        assert_eq!(code(ImageError::Decode("x".into()).into()), Code::InvalidArgument);
+        assert_eq!(code(ImageError::Fetch { url: "u".into(), reason: "r".into() }.into()), Code::FailedPrecondition);
+        assert_eq!(code(EngineError::Overloaded("generate").into()), Code::ResourceExhausted);
+        assert_eq!(code(EngineError::DeadlineExceeded.into()), Code::DeadlineExceeded);
         assert_eq!(code(EngineError::ShuttingDown.into()), Code::Unavailable);
-        assert_eq!(
-            code(EngineError::Internal("x".into()).into()),
-            Code::Internal
-        );
+        assert_eq!(code(EngineError::Internal("x".into()).into()), Code::Internal);
     }
 }

@@ -14,11 +14,7 @@ use crate::cascade::Cascade;
 /// Largest gRPC message accepted (inline image bytes travel in one).
 pub const MAX_MESSAGE_BYTES: usize = 32 * 1024 * 1024;
 
-const SERVICE_NAMES: [&str; 3] = [
-    "caption.v1.Generator",
-    "caption.v1.Ranker",
-    "caption.v1.Cascade",
-];
+const SERVICE_NAMES: [&str; 3] = ["caption.v1.Generator", "caption.v1.Ranker", "caption.v1.Cascade"];
 
 /// Serves on `listener` until `shutdown` resolves, then drains in-flight calls.
 pub async fn serve(
@@ -30,9 +26,7 @@ pub async fn serve(
     let services = Services { cascade };
     let (health, health_service) = tonic_health::server::health_reporter();
     for name in SERVICE_NAMES.into_iter().chain([""]) {
-        health
-            .set_service_status(name, ServingStatus::Serving)
-            .await;
+        health.set_service_status(name, ServingStatus::Serving).await;
     }
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
@@ -48,9 +42,7 @@ pub async fn serve(
     let shutdown = async move {
         shutdown.await;
         for name in SERVICE_NAMES.into_iter().chain([""]) {
-            drain_health
-                .set_service_status(name, ServingStatus::NotServing)
-                .await;
+            drain_health.set_service_status(name, ServingStatus::NotServing).await;
         }
         tracing::info!("shutting down: draining in-flight calls");
     };
@@ -59,17 +51,12 @@ pub async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(
-            pb::generator_server::GeneratorServer::new(services.clone())
-                .max_decoding_message_size(max_message_bytes),
+            pb::generator_server::GeneratorServer::new(services.clone()).max_decoding_message_size(max_message_bytes),
         )
         .add_service(
-            pb::ranker_server::RankerServer::new(services.clone())
-                .max_decoding_message_size(max_message_bytes),
+            pb::ranker_server::RankerServer::new(services.clone()).max_decoding_message_size(max_message_bytes),
         )
-        .add_service(
-            pb::cascade_server::CascadeServer::new(services)
-                .max_decoding_message_size(max_message_bytes),
-        )
+        .add_service(pb::cascade_server::CascadeServer::new(services).max_decoding_message_size(max_message_bytes))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await
 }

@@ -1,8 +1,9 @@
 //! The three gRPC services, each a thin adapter over [`Cascade`].
 
-use std::sync::Arc;
+use std::{future::Future, sync::Arc, time::Instant};
 
-use tonic::{Request, Response, Status};
+use metrics::{counter, gauge, histogram};
+use tonic::{Code, Request, Response, Status};
 
 use super::{convert, pb};
 use crate::cascade::Cascade;
@@ -12,9 +13,50 @@ pub struct Services {
     pub cascade: Arc<Cascade>,
 }
 
+/// Counts a call by service and final status, times it and tracks it as in flight. A call whose
+/// future is dropped (client cancelled, deadline) is counted as CANCELLED.
+struct CallObserver {
+    service: &'static str,
+    start: Instant,
+    code: Option<Code>,
+}
+
+impl CallObserver {
+    fn new(service: &'static str) -> Self {
+        gauge!("caption_inflight_requests", "service" => service).increment(1.0);
+        Self { service, start: Instant::now(), code: None }
+    }
+}
+
+impl Drop for CallObserver {
+    fn drop(&mut self) {
+        let code = self.code.unwrap_or(Code::Cancelled);
+        gauge!("caption_inflight_requests", "service" => self.service).decrement(1.0);
+        counter!("caption_requests_total", "service" => self.service, "code" => format!("{code:?}")).increment(1);
+        histogram!("caption_request_duration_seconds", "service" => self.service)
+            .record(self.start.elapsed().as_secs_f64());
+    }
+}
+
+async fn observed<T>(service: &'static str, call: impl Future<Output = Result<T, Status>>) -> Result<T, Status> {
+    let mut observer = CallObserver::new(service);
+    let result = call.await;
+    observer.code = Some(match &result {
+        Ok(_) => Code::Ok,
+        Err(status) => status.code(),
+    });
+    result
+}
+
 #[tonic::async_trait]
 impl pb::generator_server::Generator for Services {
-    async fn generate(
+    async fn generate(&self, request: Request<pb::GenerateRequest>) -> Result<Response<pb::GenerateResponse>, Status> {
+        observed("Generate", self.generate_call(request)).await
+    }
+}
+
+impl Services {
+    async fn generate_call(
         &self,
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<pb::GenerateResponse>, Status> {
@@ -28,10 +70,7 @@ impl pb::generator_server::Generator for Services {
             candidates: out
                 .candidates
                 .into_iter()
-                .map(|c| pb::Candidate {
-                    text: c.text,
-                    token_ids: c.token_ids,
-                })
+                .map(|c| pb::Candidate { text: c.text, token_ids: c.token_ids })
                 .collect(),
             timings: Some(convert::timings(&out.timings)),
         }))
@@ -40,10 +79,13 @@ impl pb::generator_server::Generator for Services {
 
 #[tonic::async_trait]
 impl pb::ranker_server::Ranker for Services {
-    async fn rank(
-        &self,
-        request: Request<pb::RankRequest>,
-    ) -> Result<Response<pb::RankResponse>, Status> {
+    async fn rank(&self, request: Request<pb::RankRequest>) -> Result<Response<pb::RankResponse>, Status> {
+        observed("Rank", self.rank_call(request)).await
+    }
+}
+
+impl Services {
+    async fn rank_call(&self, request: Request<pb::RankRequest>) -> Result<Response<pb::RankResponse>, Status> {
         let admission = convert::admission(request.metadata());
         let req = request.into_inner();
         let source = convert::image_source(req.image)?;
@@ -61,7 +103,13 @@ const DEFAULT_TOP_K: u32 = 3;
 
 #[tonic::async_trait]
 impl pb::cascade_server::Cascade for Services {
-    async fn caption(
+    async fn caption(&self, request: Request<pb::CaptionRequest>) -> Result<Response<pb::CaptionResponse>, Status> {
+        observed("Caption", self.caption_call(request)).await
+    }
+}
+
+impl Services {
+    async fn caption_call(
         &self,
         request: Request<pb::CaptionRequest>,
     ) -> Result<Response<pb::CaptionResponse>, Status> {
@@ -70,10 +118,7 @@ impl pb::cascade_server::Cascade for Services {
         let source = convert::image_source(req.image)?;
         let params = convert::generation_params(req.params, &self.cascade.default_params())?;
         let top_k = req.top_k.unwrap_or(DEFAULT_TOP_K) as usize;
-        let out = self
-            .cascade
-            .caption(source, params, top_k, admission)
-            .await?;
+        let out = self.cascade.caption(source, params, top_k, admission).await?;
         Ok(Response::new(pb::CaptionResponse {
             key: out.key,
             captions: out.captions.into_iter().map(convert::ranked).collect(),

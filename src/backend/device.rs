@@ -17,9 +17,7 @@ impl DeviceChoice {
             Self::Cpu => Ok(Device::Cpu),
             Self::Auto => Ok(Device::cuda_if_available()),
             Self::Cuda if tch::Cuda::is_available() => Ok(Device::Cuda(0)),
-            Self::Cuda => {
-                Err("--device cuda was asked for but libtorch sees no CUDA device".into())
-            }
+            Self::Cuda => Err("--device cuda was asked for but libtorch sees no CUDA device".into()),
         }
     }
 }

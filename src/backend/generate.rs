@@ -11,7 +11,7 @@ use tch::Device;
 
 use super::stack_pixels;
 use crate::{
-    engine::{EngineError, Runner},
+    engine::{Batch, EngineError, Runner},
     models::{
         blip::Blip,
         generation::{DecodeBatch, DecodeRequest, GenerationParams, SpecialTokens},
@@ -35,7 +35,7 @@ pub struct GeneratedCaption {
 #[derive(Debug)]
 pub struct GenerateOutput {
     pub candidates: Vec<GeneratedCaption>,
-    /// Wall time of the batch this request ran in.
+    /// Time from the start of this request's decode batch to its completion.
     pub compute: Duration,
 }
 
@@ -50,11 +50,7 @@ pub struct BlipRunner {
 }
 
 impl BlipRunner {
-    pub fn load(
-        folder: &Path,
-        device: Device,
-        intra_op_threads: Option<i32>,
-    ) -> Result<Self, ModelError> {
+    pub fn load(folder: &Path, device: Device, intra_op_threads: Option<i32>) -> Result<Self, ModelError> {
         let model = Blip::load(folder, device)?;
         let tokenizer = CaptionTokenizer::load(folder)?;
         let processor = ImageProcessor::load(folder)?;
@@ -97,53 +93,29 @@ impl BlipRunner {
 
     fn special_tokens(&self) -> SpecialTokens {
         let t = &self.model.config.text_config;
-        SpecialTokens {
-            bos: t.bos_token_id,
-            eos: t.sep_token_id,
-        }
+        SpecialTokens { bos: t.bos_token_id, eos: t.sep_token_id }
     }
 
-    fn run_batch(
-        &self,
-        inputs: &[GenerateInput],
-    ) -> Result<Vec<Vec<GeneratedCaption>>, EngineError> {
-        let pixels = stack_pixels(inputs.iter().map(|i| &i.pixels), self.device);
-        let image_embeds = self.model.encode_image(&pixels);
-        self.images_encoded
-            .fetch_add(inputs.len() as u64, Ordering::Relaxed);
-        let special = self.special_tokens();
-        let requests: Vec<DecodeRequest> = inputs
-            .iter()
-            .map(|i| DecodeRequest {
-                params: i.params.clone(),
-                prefix: vec![special.bos],
-            })
-            .collect();
-        let batch = DecodeBatch::new(&self.model.text_decoder, special, &image_embeds, &requests);
-        let (decoded, steps) = batch.run_to_end();
-        self.decode_steps.fetch_add(steps, Ordering::Relaxed);
-        decoded
-            .into_iter()
-            .map(|d| {
-                d.candidates
-                    .into_iter()
-                    .map(|ids| {
-                        let token_ids: Vec<u32> = ids.iter().map(|&t| t as u32).collect();
-                        let text = self
-                            .tokenizer
-                            .decode(&token_ids)
-                            .map_err(|e| EngineError::Internal(e.to_string()))?;
-                        Ok(GeneratedCaption { text, token_ids })
-                    })
-                    .collect()
-            })
-            .collect()
+    fn detokenize(&self, ids: Vec<i64>) -> Result<GeneratedCaption, EngineError> {
+        let token_ids: Vec<u32> = ids.iter().map(|&t| t as u32).collect();
+        let text = self.tokenizer.decode(&token_ids).map_err(|e| EngineError::Internal(e.to_string()))?;
+        Ok(GeneratedCaption { text, token_ids })
     }
+}
+
+/// Requests being decoded together on one executor.
+pub struct GenerateBatch<'a> {
+    runner: &'a BlipRunner,
+    decode: DecodeBatch<'a>,
+    started: Instant,
 }
 
 impl Runner for BlipRunner {
     type Input = GenerateInput;
     type Output = GenerateOutput;
+    type Batch<'a> = GenerateBatch<'a>;
+
+    const NAME: &'static str = "generate";
 
     fn init_thread(&self) {
         if let Some(n) = self.intra_op_threads {
@@ -151,22 +123,61 @@ impl Runner for BlipRunner {
         }
     }
 
-    fn run(&self, inputs: Vec<GenerateInput>) -> Vec<Result<GenerateOutput, EngineError>> {
-        let start = Instant::now();
+    /// Encodes every image once and computes its cross-attention keys and values once; the
+    /// request's candidates all read them.
+    fn start(&self, inputs: Vec<(u64, GenerateInput)>) -> GenerateBatch<'_> {
         let _no_grad = tch::no_grad_guard();
-        match self.run_batch(&inputs) {
-            Ok(all) => {
-                let compute = start.elapsed();
-                all.into_iter()
-                    .map(|candidates| {
-                        Ok(GenerateOutput {
-                            candidates,
-                            compute,
-                        })
-                    })
-                    .collect()
-            }
-            Err(e) => (0..inputs.len()).map(|_| Err(e.clone())).collect(),
-        }
+        let pixels = stack_pixels(inputs.iter().map(|(_, i)| &i.pixels), self.device);
+        let image_embeds = self.model.encode_image(&pixels);
+        self.images_encoded.fetch_add(inputs.len() as u64, Ordering::Relaxed);
+        let special = self.special_tokens();
+        let requests: Vec<DecodeRequest> = inputs
+            .into_iter()
+            .map(|(id, i)| DecodeRequest { id, params: i.params, prefix: vec![special.bos] })
+            .collect();
+        let decode = DecodeBatch::new(&self.model.text_decoder, special, &image_embeds, &requests);
+        GenerateBatch { runner: self, decode, started: Instant::now() }
+    }
+}
+
+impl Batch for GenerateBatch<'_> {
+    type Output = GenerateOutput;
+
+    fn step(&mut self) -> Vec<(u64, Result<GenerateOutput, EngineError>)> {
+        let _no_grad = tch::no_grad_guard();
+        let done = self.decode.step();
+        self.runner.decode_steps.fetch_add(1, Ordering::Relaxed);
+        let compute = self.started.elapsed();
+        done.into_iter()
+            .map(|d| {
+                let out = d
+                    .candidates
+                    .into_iter()
+                    .map(|ids| self.runner.detokenize(ids))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map(|candidates| GenerateOutput { candidates, compute });
+                (d.id, out)
+            })
+            .collect()
+    }
+
+    fn join(&mut self, other: Self) {
+        self.decode.join(other.decode);
+    }
+
+    fn cancel(&mut self, id: u64) {
+        self.decode.cancel(id);
+    }
+
+    fn is_done(&self) -> bool {
+        self.decode.is_done()
+    }
+
+    fn joinable(&self) -> bool {
+        true
+    }
+
+    fn requests(&self) -> usize {
+        self.decode.active_requests()
     }
 }

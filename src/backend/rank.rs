@@ -10,7 +10,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::stack_pixels;
 use crate::{
-    engine::{EngineError, Runner},
+    engine::{Batch, EngineError, Runner},
     models::{
         clip::Clip,
         preprocess::{ImageProcessor, Pixels},
@@ -48,24 +48,11 @@ pub struct ClipRunner {
 }
 
 impl ClipRunner {
-    pub fn load(
-        folder: &Path,
-        device: Device,
-        intra_op_threads: Option<i32>,
-    ) -> Result<Self, ModelError> {
+    pub fn load(folder: &Path, device: Device, intra_op_threads: Option<i32>) -> Result<Self, ModelError> {
         let model = Clip::load(folder, device)?;
-        let tokenizer = RankTokenizer::load(
-            folder,
-            model.config.text_config.max_position_embeddings as usize,
-        )?;
+        let tokenizer = RankTokenizer::load(folder, model.config.text_config.max_position_embeddings as usize)?;
         let processor = ImageProcessor::load(folder)?;
-        Ok(Self {
-            model: Shared::new(model),
-            tokenizer,
-            processor,
-            device,
-            intra_op_threads,
-        })
+        Ok(Self { model: Shared::new(model), tokenizer, processor, device, intra_op_threads })
     }
 
     pub fn processor(&self) -> &ImageProcessor {
@@ -73,27 +60,14 @@ impl ClipRunner {
     }
 
     fn run_batch(&self, inputs: &[RankInput]) -> Result<Vec<Vec<RankScore>>, EngineError> {
-        let images = l2_normalize(
-            &self
-                .model
-                .image_features(&stack_pixels(inputs.iter().map(|i| &i.pixels), self.device)),
-        );
-        let texts: Vec<String> = inputs
-            .iter()
-            .flat_map(|i| i.captions.iter().cloned())
-            .collect();
+        let images =
+            l2_normalize(&self.model.image_features(&stack_pixels(inputs.iter().map(|i| &i.pixels), self.device)));
+        let texts: Vec<String> = inputs.iter().flat_map(|i| i.captions.iter().cloned()).collect();
         let pad = self.model.config.text_config.pad_token_id;
-        let enc = self
-            .tokenizer
-            .encode_batch(&texts, pad)
-            .map_err(|e| EngineError::Invalid(e.to_string()))?;
+        let enc = self.tokenizer.encode_batch(&texts, pad).map_err(|e| EngineError::Invalid(e.to_string()))?;
         let shape = [enc.rows as i64, enc.len as i64];
-        let ids = Tensor::from_slice(&enc.ids)
-            .view(shape)
-            .to_device(self.device);
-        let mask = Tensor::from_slice(&enc.mask)
-            .view(shape)
-            .to_device(self.device);
+        let ids = Tensor::from_slice(&enc.ids).view(shape).to_device(self.device);
+        let mask = Tensor::from_slice(&enc.mask).view(shape).to_device(self.device);
         let texts = l2_normalize(&self.model.text_features(&ids, &mask));
         let scale = self.model.logit_scale();
         let mut start = 0i64;
@@ -104,8 +78,7 @@ impl ClipRunner {
             start += n;
             let logits = &cosine * scale;
             let probs = logits.softmax(-1, Kind::Float);
-            let to_vec =
-                |t: &Tensor| Vec::<f32>::try_from(t.to_device(Device::Cpu).to_kind(Kind::Float));
+            let to_vec = |t: &Tensor| Vec::<f32>::try_from(t.to_device(Device::Cpu).to_kind(Kind::Float));
             let (cosine, logits, probs) = (
                 to_vec(&cosine).map_err(internal)?,
                 to_vec(&logits).map_err(internal)?,
@@ -113,11 +86,7 @@ impl ClipRunner {
             );
             out.push(
                 (0..n as usize)
-                    .map(|j| RankScore {
-                        probability: probs[j],
-                        cosine: cosine[j],
-                        logit: logits[j],
-                    })
+                    .map(|j| RankScore { probability: probs[j], cosine: cosine[j], logit: logits[j] })
                     .collect(),
             );
         }
@@ -133,9 +102,18 @@ fn l2_normalize(x: &Tensor) -> Tensor {
     x / x.norm_scalaropt_dim(2, [-1], true)
 }
 
+/// Ranking requests run together in one pass of each tower.
+pub struct RankBatch<'a> {
+    runner: &'a ClipRunner,
+    inputs: Vec<(u64, RankInput)>,
+}
+
 impl Runner for ClipRunner {
     type Input = RankInput;
     type Output = RankOutput;
+    type Batch<'a> = RankBatch<'a>;
+
+    const NAME: &'static str = "rank";
 
     fn init_thread(&self) {
         if let Some(n) = self.intra_op_threads {
@@ -143,17 +121,45 @@ impl Runner for ClipRunner {
         }
     }
 
-    fn run(&self, inputs: Vec<RankInput>) -> Vec<Result<RankOutput, EngineError>> {
+    fn start(&self, inputs: Vec<(u64, RankInput)>) -> RankBatch<'_> {
+        RankBatch { runner: self, inputs }
+    }
+}
+
+impl Batch for RankBatch<'_> {
+    type Output = RankOutput;
+
+    fn step(&mut self) -> Vec<(u64, Result<RankOutput, EngineError>)> {
         let start = Instant::now();
         let _no_grad = tch::no_grad_guard();
-        match self.run_batch(&inputs) {
+        let inputs = std::mem::take(&mut self.inputs);
+        let (ids, inputs): (Vec<u64>, Vec<RankInput>) = inputs.into_iter().unzip();
+        match self.runner.run_batch(&inputs) {
             Ok(all) => {
                 let compute = start.elapsed();
-                all.into_iter()
-                    .map(|scores| Ok(RankOutput { scores, compute }))
-                    .collect()
+                ids.into_iter().zip(all).map(|(id, scores)| (id, Ok(RankOutput { scores, compute }))).collect()
             }
-            Err(e) => (0..inputs.len()).map(|_| Err(e.clone())).collect(),
+            Err(e) => ids.into_iter().map(|id| (id, Err(e.clone()))).collect(),
         }
+    }
+
+    fn join(&mut self, other: Self) {
+        self.inputs.extend(other.inputs);
+    }
+
+    fn cancel(&mut self, id: u64) {
+        self.inputs.retain(|(i, _)| *i != id);
+    }
+
+    fn is_done(&self) -> bool {
+        self.inputs.is_empty()
+    }
+
+    fn joinable(&self) -> bool {
+        false
+    }
+
+    fn requests(&self) -> usize {
+        self.inputs.len()
     }
 }

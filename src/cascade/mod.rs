@@ -70,15 +70,7 @@ impl Cascade {
         // No request may outgrow the decoder's position table.
         limits.generation.max_length = limits.generation.max_length.min(blip.max_positions());
         let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
-        Self {
-            scheduler,
-            blip,
-            clip,
-            fetcher,
-            cache,
-            limits,
-            cpu_slots: Semaphore::new(cpus),
-        }
+        Self { scheduler, blip, clip, fetcher, cache, limits, cpu_slots: Semaphore::new(cpus) }
     }
 
     pub fn limits(&self) -> &RequestLimits {
@@ -109,25 +101,14 @@ impl Cascade {
         let start = Instant::now();
         params.validate(&self.limits.generation)?;
         let (key, image, fetch) = self.resolve(&source).await?;
-        let (pixels, preprocess) = self
-            .preprocess(image, self.blip.processor().clone())
-            .await?;
+        let (pixels, preprocess) = self.preprocess(image, self.blip.processor().clone()).await?;
         let t = Instant::now();
-        let out = self
-            .scheduler
-            .generate(GenerateInput { pixels, params }, admission)
-            .await?;
+        let out = self.scheduler.generate(GenerateInput { pixels, params }, admission).await?;
         let generate = t.elapsed();
         Ok(Generated {
             key,
             candidates: out.candidates,
-            timings: Timings {
-                fetch,
-                preprocess,
-                generate,
-                rank: Duration::ZERO,
-                total: start.elapsed(),
-            },
+            timings: Timings { fetch, preprocess, generate, rank: Duration::ZERO, total: start.elapsed() },
         })
     }
 
@@ -140,21 +121,13 @@ impl Cascade {
         let start = Instant::now();
         self.check_captions(&captions)?;
         let (key, image, fetch) = self.resolve(&source).await?;
-        let (pixels, preprocess) = self
-            .preprocess(image, self.clip.processor().clone())
-            .await?;
+        let (pixels, preprocess) = self.preprocess(image, self.clip.processor().clone()).await?;
         let t = Instant::now();
         let captions = self.rank_pixels(pixels, captions, &[], admission).await?;
         Ok(Ranked {
             key,
             captions,
-            timings: Timings {
-                fetch,
-                preprocess,
-                generate: Duration::ZERO,
-                rank: t.elapsed(),
-                total: start.elapsed(),
-            },
+            timings: Timings { fetch, preprocess, generate: Duration::ZERO, rank: t.elapsed(), total: start.elapsed() },
         })
     }
 
@@ -169,11 +142,7 @@ impl Cascade {
         let start = Instant::now();
         params.validate(&self.limits.generation)?;
         if top_k == 0 {
-            return Err(InvalidParam {
-                field: "top_k",
-                reason: "must be at least 1".into(),
-            }
-            .into());
+            return Err(InvalidParam { field: "top_k", reason: "must be at least 1".into() }.into());
         }
         let (key, image, fetch) = self.resolve(&source).await?;
         let t = Instant::now();
@@ -184,35 +153,18 @@ impl Cascade {
         )?;
         let preprocess = t.elapsed();
         let t = Instant::now();
-        let generated = self
-            .scheduler
-            .generate(
-                GenerateInput {
-                    pixels: blip_px.0,
-                    params,
-                },
-                admission,
-            )
-            .await?;
+        let generated = self.scheduler.generate(GenerateInput { pixels: blip_px.0, params }, admission).await?;
         let generate = t.elapsed();
         let candidates: Vec<String> = generated.candidates.into_iter().map(|c| c.text).collect();
         let (distinct, counts) = distinct_with_counts(&candidates);
         let t = Instant::now();
-        let mut ranked = self
-            .rank_pixels(clip_px.0, distinct, &counts, admission)
-            .await?;
+        let mut ranked = self.rank_pixels(clip_px.0, distinct, &counts, admission).await?;
         ranked.truncate(top_k);
         Ok(Captioned {
             key,
             captions: ranked,
             candidates,
-            timings: Timings {
-                fetch,
-                preprocess,
-                generate,
-                rank: t.elapsed(),
-                total: start.elapsed(),
-            },
+            timings: Timings { fetch, preprocess, generate, rank: t.elapsed(), total: start.elapsed() },
         })
     }
 
@@ -223,16 +175,7 @@ impl Cascade {
         counts: &[u32],
         admission: Admission,
     ) -> Result<Vec<RankedCaption>, CascadeError> {
-        let out = self
-            .scheduler
-            .rank(
-                RankInput {
-                    pixels,
-                    captions: captions.clone(),
-                },
-                admission,
-            )
-            .await?;
+        let out = self.scheduler.rank(RankInput { pixels, captions: captions.clone() }, admission).await?;
         let mut ranked: Vec<RankedCaption> = captions
             .into_iter()
             .zip(out.scores)
@@ -259,11 +202,7 @@ impl Cascade {
                 reason: format!("give 1..={max} captions, got {}", captions.len()),
             });
         }
-        if let Some((i, c)) = captions
-            .iter()
-            .enumerate()
-            .find(|(_, c)| c.len() > self.limits.max_caption_bytes)
-        {
+        if let Some((i, c)) = captions.iter().enumerate().find(|(_, c)| c.len() > self.limits.max_caption_bytes) {
             return Err(InvalidParam {
                 field: "captions",
                 reason: format!(
@@ -277,19 +216,12 @@ impl Cascade {
     }
 
     /// The image's key and decoded pixels; the same key is fetched and decoded once.
-    async fn resolve(
-        &self,
-        source: &ImageSource,
-    ) -> Result<(String, Arc<RgbImage>, Duration), CascadeError> {
+    async fn resolve(&self, source: &ImageSource) -> Result<(String, Arc<RgbImage>, Duration), CascadeError> {
         let start = Instant::now();
         let key = match source {
             ImageSource::Url(url) => {
                 if url.is_empty() {
-                    return Err(InvalidParam {
-                        field: "image.url",
-                        reason: "is empty".into(),
-                    }
-                    .into());
+                    return Err(InvalidParam { field: "image.url", reason: "is empty".into() }.into());
                 }
                 url.clone()
             }
@@ -302,21 +234,22 @@ impl Cascade {
             .cache
             .get_or_load(&key, || async {
                 let bytes = match source {
-                    ImageSource::Url(url) => self.fetcher.fetch(url).await?,
+                    ImageSource::Url(url) => {
+                        let fetched = self.fetcher.fetch(url).await;
+                        let outcome = if fetched.is_ok() { "ok" } else { "error" };
+                        metrics::counter!("caption_images_fetched_total", "outcome" => outcome).increment(1);
+                        fetched?
+                    }
                     ImageSource::Bytes(data) => data.clone(),
                 };
-                let _slot = self
-                    .cpu_slots
-                    .acquire()
-                    .await
-                    .expect("semaphore never closed");
+                let _slot = self.cpu_slots.acquire().await.expect("semaphore never closed");
                 tokio::task::spawn_blocking(move || decode_image(&bytes))
                     .await
                     .map_err(|e| ImageError::Decode(format!("decoder task failed: {e}")))?
             })
             .await?;
         if lookup == Lookup::Hit {
-            tracing::debug!(%key, "image cache hit");
+            metrics::counter!("caption_image_cache_hits_total").increment(1);
         }
         Ok((key, image, start.elapsed()))
     }
@@ -327,11 +260,7 @@ impl Cascade {
         processor: ImageProcessor,
     ) -> Result<(Pixels, Duration), CascadeError> {
         let start = Instant::now();
-        let _slot = self
-            .cpu_slots
-            .acquire()
-            .await
-            .expect("semaphore never closed");
+        let _slot = self.cpu_slots.acquire().await.expect("semaphore never closed");
         let pixels = tokio::task::spawn_blocking(move || processor.pixels(&image))
             .await
             .map_err(|e| EngineError::Internal(format!("preprocessing task failed: {e}")))?;
@@ -361,10 +290,7 @@ mod tests {
 
     #[test]
     fn distinct_keeps_first_seen_order_and_counts() {
-        let c: Vec<String> = ["b", "a", "b", "c", "b"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let c: Vec<String> = ["b", "a", "b", "c", "b"].iter().map(|s| s.to_string()).collect();
         let (d, n) = distinct_with_counts(&c);
         assert_eq!(d, ["b", "a", "c"]);
         assert_eq!(n, [3, 1, 1]);

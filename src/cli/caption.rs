@@ -92,32 +92,21 @@ fn source_of(name: &str) -> anyhow::Result<ImageSource> {
         return Ok(ImageSource::Url(name.to_string()));
     }
     let path = PathBuf::from(name);
-    let bytes =
-        std::fs::read(&path).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+    let bytes = std::fs::read(&path).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
     Ok(ImageSource::Bytes(bytes))
 }
 
-async fn caption_one(
-    target: &mut Target,
-    args: &CaptionArgs,
-    name: &str,
-) -> anyhow::Result<Outcome> {
+async fn caption_one(target: &mut Target, args: &CaptionArgs, name: &str) -> anyhow::Result<Outcome> {
     let source = source_of(name)?;
     match target {
         Target::Local(cascade) => {
             let params = GenerationParams {
                 num_candidates: args.num_candidates,
-                strategy: if args.greedy {
-                    Strategy::Greedy
-                } else {
-                    Strategy::Sample
-                },
+                strategy: if args.greedy { Strategy::Greedy } else { Strategy::Sample },
                 seed: args.seed,
                 ..cascade.default_params()
             };
-            let out = cascade
-                .caption(source, params, args.top_k as usize, Admission::default())
-                .await?;
+            let out = cascade.caption(source, params, args.top_k as usize, Admission::default()).await?;
             Ok(Outcome {
                 key: out.key,
                 captions: out.captions,
@@ -131,26 +120,17 @@ async fn caption_one(
                 ImageSource::Bytes(data) => pb::image::Source::Data(data),
             };
             let req = pb::CaptionRequest {
-                image: Some(pb::Image {
-                    source: Some(image),
-                }),
+                image: Some(pb::Image { source: Some(image) }),
                 params: Some(pb::GenerationParams {
                     num_candidates: Some(args.num_candidates),
-                    decoding: if args.greedy {
-                        pb::Decoding::Greedy
-                    } else {
-                        pb::Decoding::Sample
-                    } as i32,
+                    decoding: if args.greedy { pb::Decoding::Greedy } else { pb::Decoding::Sample } as i32,
                     seed: Some(args.seed),
                     ..Default::default()
                 }),
                 top_k: Some(args.top_k),
             };
-            let out = client
-                .caption(req)
-                .await
-                .map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?
-                .into_inner();
+            let out =
+                client.caption(req).await.map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?.into_inner();
             Ok(Outcome {
                 key: out.key,
                 captions: out
@@ -192,11 +172,6 @@ fn print_outcome(args: &CaptionArgs, name: &str, out: &Outcome) {
     println!("Image: {name}");
     println!("\tTop {} captions ranked by CLIP:", out.captions.len());
     for (i, c) in out.captions.iter().enumerate() {
-        println!(
-            "\t\t{}: {}. (Caption probability: {:.2})",
-            i + 1,
-            c.text,
-            c.probability
-        );
+        println!("\t\t{}: {}. (Caption probability: {:.2})", i + 1, c.text, c.probability);
     }
 }

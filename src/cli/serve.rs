@@ -18,6 +18,10 @@ pub struct ServeArgs {
 }
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    if let Some(addr) = args.server.metrics_listen {
+        crate::telemetry::install_exporter(addr)?;
+        tracing::info!(%addr, "serving Prometheus metrics");
+    }
     let engine = args.engine.clone();
     let cascade = tokio::task::spawn_blocking(move || engine.build_cascade()).await??;
     warm_up(&cascade).await?;
@@ -25,13 +29,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.server.listen))?;
     tracing::info!(addr = %listener.local_addr()?, "serving caption.v1 (Generator, Ranker, Cascade), health and reflection");
-    crate::api::serve(
-        listener,
-        cascade.clone(),
-        args.server.max_message_bytes,
-        shutdown_signal(),
-    )
-    .await?;
+    crate::api::serve(listener, cascade.clone(), args.server.max_message_bytes, shutdown_signal()).await?;
     let scheduler = cascade.scheduler().clone();
     tokio::task::spawn_blocking(move || scheduler.shutdown()).await?;
     Ok(())
@@ -41,18 +39,12 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
 /// broken model fails at start rather than on traffic.
 pub async fn warm_up(cascade: &Cascade) -> anyhow::Result<()> {
     let mut png = std::io::Cursor::new(Vec::new());
-    image::RgbImage::from_pixel(32, 32, image::Rgb([128, 128, 128]))
-        .write_to(&mut png, image::ImageFormat::Png)?;
+    image::RgbImage::from_pixel(32, 32, image::Rgb([128, 128, 128])).write_to(&mut png, image::ImageFormat::Png)?;
     let mut params = cascade.default_params();
     params.num_candidates = 2;
     params.max_length = params.max_length.min(4);
     cascade
-        .caption(
-            ImageSource::Bytes(png.into_inner()),
-            params,
-            1,
-            Admission::default(),
-        )
+        .caption(ImageSource::Bytes(png.into_inner()), params, 1, Admission::default())
         .await
         .map_err(|e| anyhow::anyhow!("warm-up failed: {e}"))?;
     Ok(())

@@ -20,6 +20,7 @@ pub struct QueueConfig {
 }
 
 pub(super) struct Pending<I, O> {
+    pub id: u64,
     pub input: I,
     pub reply: oneshot::Sender<Result<O, EngineError>>,
     pub enqueued: Instant,
@@ -38,18 +39,13 @@ impl<I, O> Pending<I, O> {
 }
 
 pub(super) struct BatchQueue<I, O> {
-    pub name: &'static str,
     pub config: QueueConfig,
     items: VecDeque<Pending<I, O>>,
 }
 
 impl<I, O> BatchQueue<I, O> {
-    pub fn new(name: &'static str, config: QueueConfig) -> Self {
-        Self {
-            name,
-            config,
-            items: VecDeque::new(),
-        }
+    pub fn new(config: QueueConfig) -> Self {
+        Self { config, items: VecDeque::new() }
     }
 
     pub fn len(&self) -> usize {
@@ -82,9 +78,7 @@ impl<I, O> BatchQueue<I, O> {
 
     /// When the head's batching delay runs out.
     pub fn ready_at(&self) -> Option<Instant> {
-        self.items
-            .front()
-            .map(|p| p.enqueued + self.config.max_queue_delay)
+        self.items.front().map(|p| p.enqueued + self.config.max_queue_delay)
     }
 
     /// Removes requests nobody waits for any more (answering expired ones with
@@ -106,8 +100,9 @@ impl<I, O> BatchQueue<I, O> {
         (cancelled, expired)
     }
 
-    pub fn take_batch(&mut self) -> Vec<Pending<I, O>> {
-        let n = self.items.len().min(self.config.max_batch_size);
+    /// Takes up to `max` of the oldest requests (never more than a batch).
+    pub fn take(&mut self, max: usize) -> Vec<Pending<I, O>> {
+        let n = self.items.len().min(self.config.max_batch_size).min(max);
         self.items.drain(..n).collect()
     }
 }

@@ -1,23 +1,33 @@
-//! Executor threads over the two model queues. Each executor repeatedly takes the next ready
-//! batch from whichever queue has one (the older head first, so neither model starves), runs it
-//! outside the lock and answers each request over its oneshot.
+//! Executor threads over the two model queues.
+//!
+//! An idle executor waits until either queue holds a ready batch (full, or its oldest request has
+//! waited `max_queue_delay`), preferring the older head so neither model starves. While it runs a
+//! generation batch it goes back to the queues between decode steps: newly queued generation
+//! requests join the running batch at once (up to `max_batch_size` requests), a ready rank batch
+//! runs in between, and requests whose callers left or whose deadline passed are dropped.
 
 use std::{
-    sync::{Arc, Condvar, Mutex, MutexGuard},
+    collections::HashMap,
+    panic::AssertUnwindSafe,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc, Condvar, Mutex, MutexGuard,
+    },
     thread::JoinHandle,
     time::{Duration, Instant},
 };
 
+use metrics::{counter, gauge, histogram};
 use tokio::sync::oneshot;
 
 use super::{
     queue::{BatchQueue, Pending, QueueConfig},
-    Admission, EngineError, Runner,
+    Admission, Batch, EngineError, Runner,
 };
 
 #[derive(Debug, Clone, Copy)]
 pub struct SchedulerConfig {
-    /// Executor threads (CPU) — each runs one batch at a time.
+    /// Executor threads; each runs one batch at a time (on CUDA, each on its own stream).
     pub executors: usize,
     pub generate: QueueConfig,
     pub rank: QueueConfig,
@@ -34,9 +44,10 @@ struct Shared<G: Runner, R: Runner> {
     wake: Condvar,
     generate: Arc<G>,
     rank: Arc<R>,
+    next_id: AtomicU64,
 }
 
-/// Handle to the scheduler; cloning shares the same queues and executors.
+/// Handle to the scheduler; clones share the same queues and executors.
 pub struct Scheduler<G: Runner, R: Runner> {
     shared: Arc<Shared<G, R>>,
     threads: Arc<Mutex<Vec<JoinHandle<()>>>>,
@@ -44,29 +55,35 @@ pub struct Scheduler<G: Runner, R: Runner> {
 
 impl<G: Runner, R: Runner> Clone for Scheduler<G, R> {
     fn clone(&self) -> Self {
-        Self {
-            shared: self.shared.clone(),
-            threads: self.threads.clone(),
-        }
+        Self { shared: self.shared.clone(), threads: self.threads.clone() }
     }
 }
 
-enum Work<G: Runner, R: Runner> {
-    Generate(Vec<Pending<G::Input, G::Output>>),
-    Rank(Vec<Pending<R::Input, R::Output>>),
+/// What an executor took from the queues in one visit.
+struct Work<G: Runner, R: Runner> {
+    generate: Vec<Pending<G::Input, G::Output>>,
+    rank: Vec<Pending<R::Input, R::Output>>,
+}
+
+/// A request being computed, with the means to answer it.
+struct InFlight<O> {
+    reply: oneshot::Sender<Result<O, EngineError>>,
+    deadline: Option<Instant>,
+    started: Instant,
 }
 
 impl<G: Runner, R: Runner> Scheduler<G, R> {
     pub fn start(config: SchedulerConfig, generate: Arc<G>, rank: Arc<R>) -> Self {
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
-                generate: BatchQueue::new("generate", config.generate),
-                rank: BatchQueue::new("rank", config.rank),
+                generate: BatchQueue::new(config.generate),
+                rank: BatchQueue::new(config.rank),
                 shutting_down: false,
             }),
             wake: Condvar::new(),
             generate,
             rank,
+            next_id: AtomicU64::new(0),
         });
         let threads = (0..config.executors.max(1))
             .map(|i| {
@@ -77,69 +94,62 @@ impl<G: Runner, R: Runner> Scheduler<G, R> {
                     .expect("spawn executor thread")
             })
             .collect();
-        Self {
-            shared,
-            threads: Arc::new(Mutex::new(threads)),
-        }
+        Self { shared, threads: Arc::new(Mutex::new(threads)) }
     }
 
-    pub async fn generate(
-        &self,
-        input: G::Input,
-        admission: Admission,
-    ) -> Result<G::Output, EngineError> {
+    pub async fn generate(&self, input: G::Input, admission: Admission) -> Result<G::Output, EngineError> {
         let (reply, rx) = oneshot::channel();
-        let pending = Pending {
-            input,
-            reply,
-            enqueued: Instant::now(),
-            admission,
-        };
+        let pending = self.pending(input, reply, admission);
         {
             let mut st = self.lock();
             if st.shutting_down {
                 return Err(EngineError::ShuttingDown);
             }
             if st.generate.push(pending).is_err() {
-                return Err(EngineError::Overloaded("generate"));
+                counter!("caption_rejected_requests_total", "model" => G::NAME).increment(1);
+                return Err(EngineError::Overloaded(G::NAME));
             }
+            gauge!("caption_queue_depth", "model" => G::NAME).set(st.generate.len() as f64);
         }
         self.shared.wake.notify_one();
         rx.await.unwrap_or(Err(EngineError::ShuttingDown))
     }
 
-    pub async fn rank(
-        &self,
-        input: R::Input,
-        admission: Admission,
-    ) -> Result<R::Output, EngineError> {
+    pub async fn rank(&self, input: R::Input, admission: Admission) -> Result<R::Output, EngineError> {
         let (reply, rx) = oneshot::channel();
-        let pending = Pending {
-            input,
-            reply,
-            enqueued: Instant::now(),
-            admission,
-        };
+        let pending = self.pending(input, reply, admission);
         {
             let mut st = self.lock();
             if st.shutting_down {
                 return Err(EngineError::ShuttingDown);
             }
             if st.rank.push(pending).is_err() {
-                return Err(EngineError::Overloaded("rank"));
+                counter!("caption_rejected_requests_total", "model" => R::NAME).increment(1);
+                return Err(EngineError::Overloaded(R::NAME));
             }
+            gauge!("caption_queue_depth", "model" => R::NAME).set(st.rank.len() as f64);
         }
         self.shared.wake.notify_one();
         rx.await.unwrap_or(Err(EngineError::ShuttingDown))
     }
 
-    /// Requests waiting in (generate, rank) queues.
+    fn pending<I, O>(
+        &self,
+        input: I,
+        reply: oneshot::Sender<Result<O, EngineError>>,
+        admission: Admission,
+    ) -> Pending<I, O> {
+        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        Pending { id, input, reply, enqueued: Instant::now(), admission }
+    }
+
+    /// Requests waiting in the (generate, rank) queues.
     pub fn queue_depths(&self) -> (usize, usize) {
         let st = self.lock();
         (st.generate.len(), st.rank.len())
     }
 
-    /// Stops accepting work, lets executors finish what is queued, and joins them.
+    /// Stops accepting work, lets executors finish everything accepted, and joins them.
     pub fn shutdown(&self) {
         self.lock().shutting_down = true;
         self.shared.wake.notify_all();
@@ -157,97 +167,231 @@ impl<G: Runner, R: Runner> Scheduler<G, R> {
 fn executor_loop<G: Runner, R: Runner>(shared: &Shared<G, R>) {
     shared.generate.init_thread();
     shared.rank.init_thread();
-    while let Some(work) = next_work(shared) {
-        match work {
-            Work::Generate(batch) => run_batch(&*shared.generate, batch),
-            Work::Rank(batch) => run_batch(&*shared.rank, batch),
+    let generate = &*shared.generate;
+    let mut running: Option<G::Batch<'_>> = None;
+    let mut inflight: HashMap<u64, InFlight<G::Output>> = HashMap::new();
+    loop {
+        let join_room = running
+            .as_ref()
+            .filter(|b| b.joinable())
+            .map(|b| shared.generate_batch_limit().saturating_sub(b.requests()));
+        let Some(work) = next_work(shared, running.is_some(), join_room.unwrap_or(0)) else {
+            return;
+        };
+        if !work.rank.is_empty() {
+            run_to_completion(&*shared.rank, work.rank);
+        }
+        if !work.generate.is_empty() {
+            let inputs = admit(work.generate, &mut inflight, G::NAME);
+            let new_ids: Vec<u64> = inputs.iter().map(|(id, _)| *id).collect();
+            if !inputs.is_empty() {
+                let joining = running.is_some();
+                let started = guarded(|| {
+                    let mut batch = generate.start(inputs);
+                    // Joiners run their prefix first, then continue in step with the running batch.
+                    let done = if joining { batch.step() } else { Vec::new() };
+                    (batch, done)
+                });
+                match started {
+                    Ok((batch, done)) => {
+                        deliver(done, &mut inflight, G::NAME);
+                        match running.as_mut() {
+                            Some(r) => r.join(batch),
+                            None => running = Some(batch),
+                        }
+                    }
+                    Err(msg) => fail(&mut inflight, &new_ids, &msg),
+                }
+            }
+        }
+        let mut finished = false;
+        if let Some(batch) = running.as_mut() {
+            drop_abandoned(batch, &mut inflight, G::NAME);
+            if !batch.is_done() {
+                let size = batch.requests();
+                match guarded(|| batch.step()) {
+                    Ok(done) => {
+                        histogram!("caption_batch_size", "model" => G::NAME).record(size as f64);
+                        counter!("caption_decode_steps_total").increment(1);
+                        deliver(done, &mut inflight, G::NAME);
+                    }
+                    Err(msg) => {
+                        let ids: Vec<u64> = inflight.keys().copied().collect();
+                        fail(&mut inflight, &ids, &msg);
+                    }
+                }
+            }
+            finished = batch.is_done() || inflight.is_empty();
+        }
+        if finished {
+            running = None;
+            // Anything a finished batch did not answer is a runner bug; never leave a caller hanging.
+            let ids: Vec<u64> = inflight.keys().copied().collect();
+            fail(&mut inflight, &ids, "the batch ended without a result for this request");
         }
     }
 }
 
-/// Blocks until a batch is ready; `None` once shutting down with nothing left.
-fn next_work<G: Runner, R: Runner>(shared: &Shared<G, R>) -> Option<Work<G, R>> {
+impl<G: Runner, R: Runner> Shared<G, R> {
+    fn generate_batch_limit(&self) -> usize {
+        self.state.lock().expect("scheduler lock poisoned").generate.config.max_batch_size
+    }
+}
+
+/// Blocks until there is something to do. With a batch already running it never blocks: it takes
+/// joiners (up to `join_room`) and a ready rank batch, possibly nothing. `None` once shutting
+/// down with nothing left.
+fn next_work<G: Runner, R: Runner>(shared: &Shared<G, R>, busy: bool, join_room: usize) -> Option<Work<G, R>> {
     let mut st = shared.state.lock().expect("scheduler lock poisoned");
     loop {
         let now = Instant::now();
-        st.generate.prune(now);
-        st.rank.prune(now);
+        count_dropped(G::NAME, st.generate.prune(now));
+        count_dropped(R::NAME, st.rank.prune(now));
         // While draining, run whatever is queued without waiting to fill batches.
         let drain = st.shutting_down;
         let g_ready = st.generate.len() > 0 && (drain || st.generate.ready(now));
         let r_ready = st.rank.len() > 0 && (drain || st.rank.ready(now));
-        let pick_generate = match (g_ready, r_ready) {
-            (true, true) => st.generate.oldest() <= st.rank.oldest(),
-            (g, _) => g,
-        };
-        if pick_generate {
-            return Some(Work::Generate(st.generate.take_batch()));
+        let mut work = Work { generate: Vec::new(), rank: Vec::new() };
+        if busy {
+            work.generate = st.generate.take(join_room);
+            if r_ready {
+                work.rank = st.rank.take(usize::MAX);
+            }
+        } else if g_ready && (!r_ready || st.generate.oldest() <= st.rank.oldest()) {
+            work.generate = st.generate.take(usize::MAX);
+        } else if r_ready {
+            work.rank = st.rank.take(usize::MAX);
         }
-        if r_ready {
-            return Some(Work::Rank(st.rank.take_batch()));
+        gauge!("caption_queue_depth", "model" => G::NAME).set(st.generate.len() as f64);
+        gauge!("caption_queue_depth", "model" => R::NAME).set(st.rank.len() as f64);
+        if busy || !work.generate.is_empty() || !work.rank.is_empty() {
+            return Some(work);
         }
         if drain {
             return None;
         }
-        let wake_at = [st.generate.ready_at(), st.rank.ready_at()]
-            .into_iter()
-            .flatten()
-            .min();
-        st = match wake_at {
-            Some(at) => {
-                shared
-                    .wake
-                    .wait_timeout(st, at.saturating_duration_since(now))
-                    .expect("lock")
-                    .0
-            }
-            // Nothing queued: sleep until a submit notifies; the timeout only bounds a missed wake.
-            None => {
-                shared
-                    .wake
-                    .wait_timeout(st, Duration::from_secs(1))
-                    .expect("lock")
-                    .0
-            }
-        };
+        let wake_at = [st.generate.ready_at(), st.rank.ready_at()].into_iter().flatten().min();
+        // With nothing queued, sleep until a submit notifies; the timeout only bounds a missed wake.
+        let wait = wake_at.map_or(Duration::from_secs(1), |at| at.saturating_duration_since(now));
+        st = shared.wake.wait_timeout(st, wait).expect("scheduler lock poisoned").0;
     }
 }
 
-fn run_batch<M: Runner>(runner: &M, batch: Vec<Pending<M::Input, M::Output>>) {
+fn count_dropped(model: &'static str, (cancelled, expired): (usize, usize)) {
+    if cancelled > 0 {
+        counter!("caption_dropped_requests_total", "model" => model, "reason" => "cancelled")
+            .increment(cancelled as u64);
+    }
+    if expired > 0 {
+        counter!("caption_dropped_requests_total", "model" => model, "reason" => "deadline").increment(expired as u64);
+    }
+}
+
+/// Registers the replies of `batch` and returns its inputs, skipping requests already dead.
+fn admit<I, O>(
+    batch: Vec<Pending<I, O>>,
+    inflight: &mut HashMap<u64, InFlight<O>>,
+    model: &'static str,
+) -> Vec<(u64, I)> {
     let now = Instant::now();
     let mut inputs = Vec::with_capacity(batch.len());
-    let mut replies = Vec::with_capacity(batch.len());
     for p in batch {
         if p.abandoned() {
+            count_dropped(model, (1, 0));
             continue;
         }
         if p.expired(now) {
+            count_dropped(model, (0, 1));
             let _ = p.reply.send(Err(EngineError::DeadlineExceeded));
             continue;
         }
-        inputs.push(p.input);
-        replies.push(p.reply);
+        histogram!("caption_queue_duration_seconds", "model" => model).record((now - p.enqueued).as_secs_f64());
+        inflight.insert(p.id, InFlight { reply: p.reply, deadline: p.admission.deadline, started: now });
+        inputs.push((p.id, p.input));
     }
+    inputs
+}
+
+fn deliver<O>(done: Vec<(u64, Result<O, EngineError>)>, inflight: &mut HashMap<u64, InFlight<O>>, model: &'static str) {
+    for (id, result) in done {
+        if let Some(f) = inflight.remove(&id) {
+            histogram!("caption_compute_duration_seconds", "model" => model).record(f.started.elapsed().as_secs_f64());
+            let _ = f.reply.send(result);
+        }
+    }
+}
+
+fn fail<O>(inflight: &mut HashMap<u64, InFlight<O>>, ids: &[u64], msg: &str) {
+    for id in ids {
+        if let Some(f) = inflight.remove(id) {
+            let _ = f.reply.send(Err(EngineError::Internal(msg.to_string())));
+        }
+    }
+}
+
+/// Between steps: requests whose caller left or whose deadline passed leave the batch.
+fn drop_abandoned<B: Batch>(batch: &mut B, inflight: &mut HashMap<u64, InFlight<B::Output>>, model: &'static str) {
+    let now = Instant::now();
+    let gone: Vec<(u64, bool)> = inflight
+        .iter()
+        .filter_map(|(&id, f)| {
+            if f.reply.is_closed() {
+                Some((id, false))
+            } else if f.deadline.is_some_and(|d| d <= now) {
+                Some((id, true))
+            } else {
+                None
+            }
+        })
+        .collect();
+    for (id, expired) in gone {
+        batch.cancel(id);
+        let f = inflight.remove(&id).expect("listed");
+        if expired {
+            let _ = f.reply.send(Err(EngineError::DeadlineExceeded));
+            count_dropped(model, (0, 1));
+        } else {
+            count_dropped(model, (1, 0));
+        }
+    }
+}
+
+/// Runs a batch of a model without iteration-level joining (ranking) from start to end.
+fn run_to_completion<M: Runner>(runner: &M, batch: Vec<Pending<M::Input, M::Output>>) {
+    let mut inflight = HashMap::new();
+    let inputs = admit(batch, &mut inflight, M::NAME);
     if inputs.is_empty() {
         return;
     }
-    let n = inputs.len();
-    // A panic inside libtorch glue must fail this batch, not kill the executor.
-    let outputs = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| runner.run(inputs)))
-        .unwrap_or_else(|panic| {
-            let msg = panic
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "unknown panic".into());
-            // libtorch errors carry a C++ backtrace; the first line says what went wrong.
-            let msg = msg.lines().next().unwrap_or_default().to_string();
-            tracing::error!(%msg, "batch panicked");
-            (0..n)
-                .map(|_| Err(EngineError::Internal(msg.clone())))
-                .collect()
-        });
-    for (reply, out) in replies.into_iter().zip(outputs) {
-        let _ = reply.send(out);
+    histogram!("caption_batch_size", "model" => M::NAME).record(inputs.len() as f64);
+    let result = guarded(|| {
+        let mut batch = runner.start(inputs);
+        let mut done = Vec::new();
+        while !batch.is_done() {
+            done.extend(batch.step());
+        }
+        done
+    });
+    let ids: Vec<u64> = inflight.keys().copied().collect();
+    match result {
+        Ok(done) => deliver(done, &mut inflight, M::NAME),
+        Err(msg) => fail(&mut inflight, &ids, &msg),
     }
+    fail(&mut inflight, &ids, "the batch ended without a result for this request");
+}
+
+/// Runs `f`, turning a panic (a libtorch error surfaced by tch) into an error message, so a bad
+/// batch fails its requests instead of killing the executor.
+fn guarded<T>(f: impl FnOnce() -> T) -> Result<T, String> {
+    std::panic::catch_unwind(AssertUnwindSafe(f)).map_err(|panic| {
+        let msg = panic
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "unknown panic".into());
+        // libtorch errors carry a C++ backtrace; the first line says what went wrong.
+        let msg = msg.lines().next().unwrap_or_default().to_string();
+        tracing::error!(%msg, "batch failed");
+        msg
+    })
 }

@@ -31,18 +31,10 @@ pub enum Lookup {
 
 impl ImageCache {
     pub fn new(capacity: usize) -> Self {
-        Self {
-            slots: DashMap::new(),
-            order: Mutex::new(VecDeque::new()),
-            capacity,
-        }
+        Self { slots: DashMap::new(), order: Mutex::new(VecDeque::new()), capacity }
     }
 
-    pub async fn get_or_load<F, Fut>(
-        &self,
-        key: &str,
-        load: F,
-    ) -> Result<(Arc<RgbImage>, Lookup), ImageError>
+    pub async fn get_or_load<F, Fut>(&self, key: &str, load: F) -> Result<(Arc<RgbImage>, Lookup), ImageError>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<RgbImage, ImageError>>,
@@ -63,18 +55,13 @@ impl ImageCache {
                 if loaded_here {
                     self.remember(key);
                 }
-                let lookup = if loaded_here {
-                    Lookup::Loaded
-                } else {
-                    Lookup::Hit
-                };
+                let lookup = if loaded_here { Lookup::Loaded } else { Lookup::Hit };
                 Ok((img.clone(), lookup))
             }
             Err(e) => {
                 // Drop the empty slot so a later request retries, unless another request already
                 // replaced it with a fresh one.
-                self.slots
-                    .remove_if(key, |_, s| Arc::ptr_eq(s, &slot) && s.get().is_none());
+                self.slots.remove_if(key, |_, s| Arc::ptr_eq(s, &slot) && s.get().is_none());
                 Err(e)
             }
         }
@@ -108,11 +95,7 @@ mod tests {
     use super::*;
 
     fn tiny() -> RgbImage {
-        RgbImage {
-            width: 1,
-            height: 1,
-            pixels: vec![1, 2, 3],
-        }
+        RgbImage { width: 1, height: 1, pixels: vec![1, 2, 3] }
     }
 
     #[tokio::test]
@@ -130,14 +113,9 @@ mod tests {
         lookups.sort_by_key(|l| *l == Lookup::Hit);
         assert_eq!(lookups, [Lookup::Loaded, Lookup::Hit]);
 
-        let err = cache
-            .get_or_load("bad", || async { Err(ImageError::Empty) })
-            .await;
+        let err = cache.get_or_load("bad", || async { Err(ImageError::Empty) }).await;
         assert_eq!(err.unwrap_err(), ImageError::Empty);
-        let ok = cache
-            .get_or_load("bad", || async { Ok(tiny()) })
-            .await
-            .unwrap();
+        let ok = cache.get_or_load("bad", || async { Ok(tiny()) }).await.unwrap();
         assert_eq!(ok.1, Lookup::Loaded);
     }
 
@@ -148,10 +126,7 @@ mod tests {
             cache.get_or_load(k, || async { Ok(tiny()) }).await.unwrap();
         }
         assert_eq!(cache.len(), 2);
-        let (_, lookup) = cache
-            .get_or_load("a", || async { Ok(tiny()) })
-            .await
-            .unwrap();
+        let (_, lookup) = cache.get_or_load("a", || async { Ok(tiny()) }).await.unwrap();
         assert_eq!(lookup, Lookup::Loaded, "the oldest entry was evicted");
     }
 }

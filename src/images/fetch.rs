@@ -22,11 +22,7 @@ pub struct FetchLimits {
 
 impl Default for FetchLimits {
     fn default() -> Self {
-        Self {
-            max_bytes: 20 * 1024 * 1024,
-            timeout: Duration::from_secs(10),
-            allow_file_dir: None,
-        }
+        Self { max_bytes: 20 * 1024 * 1024, timeout: Duration::from_secs(10), allow_file_dir: None }
     }
 }
 
@@ -46,17 +42,10 @@ impl Fetcher {
             .build()
             .map_err(|e| e.to_string())?;
         let allowed_dir = match &limits.allow_file_dir {
-            Some(dir) => Some(
-                dir.canonicalize()
-                    .map_err(|e| format!("--allow-file-dir {}: {e}", dir.display()))?,
-            ),
+            Some(dir) => Some(dir.canonicalize().map_err(|e| format!("--allow-file-dir {}: {e}", dir.display()))?),
             None => None,
         };
-        Ok(Self {
-            client,
-            limits,
-            allowed_dir,
-        })
+        Ok(Self { client, limits, allowed_dir })
     }
 
     pub fn limits(&self) -> &FetchLimits {
@@ -66,18 +55,14 @@ impl Fetcher {
     /// Rejects inline bytes above the size limit.
     pub fn check_inline(&self, data: &[u8]) -> Result<(), ImageError> {
         if data.len() as u64 > self.limits.max_bytes {
-            return Err(ImageError::TooLarge {
-                limit: self.limits.max_bytes,
-            });
+            return Err(ImageError::TooLarge { limit: self.limits.max_bytes });
         }
         Ok(())
     }
 
     pub async fn fetch(&self, raw: &str) -> Result<Vec<u8>, ImageError> {
-        let url = Url::parse(raw).map_err(|e| ImageError::InvalidUrl {
-            url: raw.to_string(),
-            reason: e.to_string(),
-        })?;
+        let url =
+            Url::parse(raw).map_err(|e| ImageError::InvalidUrl { url: raw.to_string(), reason: e.to_string() })?;
         match url.scheme() {
             "http" | "https" => self.fetch_http(url).await,
             "file" => self.read_file(raw, &url).await,
@@ -90,16 +75,8 @@ impl Fetcher {
 
     async fn fetch_http(&self, url: Url) -> Result<Vec<u8>, ImageError> {
         let shown = url.to_string();
-        let fail = |reason: String| ImageError::Fetch {
-            url: shown.clone(),
-            reason,
-        };
-        let mut resp = self
-            .client
-            .get(url.clone())
-            .send()
-            .await
-            .map_err(|e| fail(describe(&e)))?;
+        let fail = |reason: String| ImageError::Fetch { url: shown.clone(), reason };
+        let mut resp = self.client.get(url.clone()).send().await.map_err(|e| fail(describe(&e)))?;
         if !resp.status().is_success() {
             return Err(fail(format!("server answered {}", resp.status())));
         }
@@ -121,45 +98,26 @@ impl Fetcher {
         let Some(dir) = &self.allowed_dir else {
             return Err(ImageError::FileNotAllowed(raw.to_string()));
         };
-        let path = url.to_file_path().map_err(|_| ImageError::InvalidUrl {
-            url: raw.to_string(),
-            reason: "not a local file path".into(),
-        })?;
-        let fail = |reason: String| ImageError::Fetch {
-            url: raw.to_string(),
-            reason,
-        };
+        let path = url
+            .to_file_path()
+            .map_err(|_| ImageError::InvalidUrl { url: raw.to_string(), reason: "not a local file path".into() })?;
+        let fail = |reason: String| ImageError::Fetch { url: raw.to_string(), reason };
         // Canonicalising resolves `..` and symlinks, so the containment check cannot be escaped.
-        let real = tokio::fs::canonicalize(&path)
-            .await
-            .map_err(|e| fail(e.to_string()))?;
+        let real = tokio::fs::canonicalize(&path).await.map_err(|e| fail(e.to_string()))?;
         if !real.starts_with(dir) {
-            return Err(fail(format!(
-                "outside the allowed directory {}",
-                dir.display()
-            )));
+            return Err(fail(format!("outside the allowed directory {}", dir.display())));
         }
-        let meta = tokio::fs::metadata(&real)
-            .await
-            .map_err(|e| fail(e.to_string()))?;
+        let meta = tokio::fs::metadata(&real).await.map_err(|e| fail(e.to_string()))?;
         if meta.len() > self.limits.max_bytes {
-            return Err(ImageError::TooLarge {
-                limit: self.limits.max_bytes,
-            });
+            return Err(ImageError::TooLarge { limit: self.limits.max_bytes });
         }
-        tokio::fs::read(&real)
-            .await
-            .map_err(|e| fail(e.to_string()))
+        tokio::fs::read(&real).await.map_err(|e| fail(e.to_string()))
     }
 }
 
 /// reqwest's Display hides the cause ("error sending request"); the chain says what went wrong.
 fn describe(e: &reqwest::Error) -> String {
-    let mut msg = if e.is_timeout() {
-        "timed out".to_string()
-    } else {
-        e.to_string()
-    };
+    let mut msg = if e.is_timeout() { "timed out".to_string() } else { e.to_string() };
     let mut source = std::error::Error::source(e);
     while let Some(s) = source {
         msg.push_str(": ");
@@ -180,12 +138,7 @@ mod tests {
     use super::*;
 
     fn fetcher(dir: Option<PathBuf>) -> Fetcher {
-        Fetcher::new(FetchLimits {
-            max_bytes: 16,
-            allow_file_dir: dir,
-            ..Default::default()
-        })
-        .unwrap()
+        Fetcher::new(FetchLimits { max_bytes: 16, allow_file_dir: dir, ..Default::default() }).unwrap()
     }
 
     #[tokio::test]
@@ -199,44 +152,23 @@ mod tests {
         let url = |p: &Path| Url::from_file_path(p).unwrap().to_string();
 
         let off = fetcher(None);
-        assert!(matches!(
-            off.fetch(&url(&inner.join("a.bin"))).await,
-            Err(ImageError::FileNotAllowed(_))
-        ));
+        assert!(matches!(off.fetch(&url(&inner.join("a.bin"))).await, Err(ImageError::FileNotAllowed(_))));
 
         let on = fetcher(Some(inner.clone()));
-        assert_eq!(
-            on.fetch(&url(&inner.join("a.bin"))).await.unwrap(),
-            b"hello"
-        );
+        assert_eq!(on.fetch(&url(&inner.join("a.bin"))).await.unwrap(), b"hello");
         let escape = format!("{}/../secret.bin", url(&inner));
-        assert!(matches!(
-            on.fetch(&escape).await,
-            Err(ImageError::Fetch { .. })
-        ));
-        assert!(matches!(
-            on.fetch(&url(&inner.join("big.bin"))).await,
-            Err(ImageError::TooLarge { limit: 16 })
-        ));
-        assert!(matches!(
-            on.fetch(&url(&inner.join("missing.bin"))).await,
-            Err(ImageError::Fetch { .. })
-        ));
+        assert!(matches!(on.fetch(&escape).await, Err(ImageError::Fetch { .. })));
+        assert!(matches!(on.fetch(&url(&inner.join("big.bin"))).await, Err(ImageError::TooLarge { limit: 16 })));
+        assert!(matches!(on.fetch(&url(&inner.join("missing.bin"))).await, Err(ImageError::Fetch { .. })));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[tokio::test]
     async fn bad_urls_are_rejected_with_the_reason() {
         let f = fetcher(None);
-        assert!(matches!(
-            f.fetch("not a url").await,
-            Err(ImageError::InvalidUrl { .. })
-        ));
+        assert!(matches!(f.fetch("not a url").await, Err(ImageError::InvalidUrl { .. })));
         let err = f.fetch("ftp://example.com/a.png").await.unwrap_err();
-        assert!(
-            err.to_string().contains("\"ftp\" is not supported"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("\"ftp\" is not supported"), "{err}");
         assert!(f.check_inline(&[0u8; 17]).is_err());
     }
 }

@@ -75,11 +75,7 @@ impl AxisCoeffs {
             }
             bounds.push((start, len));
         }
-        Self {
-            ksize,
-            bounds,
-            weights,
-        }
+        Self { ksize, bounds, weights }
     }
 
     fn taps(&self, out_index: usize) -> (usize, &[i32]) {
@@ -112,12 +108,7 @@ fn clip8(acc: i32) -> u8 {
 
 /// Horizontal pass over source rows `rows`; returns `rows.len()` rows of
 /// `coeffs.bounds.len()` pixels.
-fn resample_horizontal(
-    src: &[u8],
-    width: usize,
-    rows: std::ops::Range<usize>,
-    coeffs: &AxisCoeffs,
-) -> Vec<u8> {
+fn resample_horizontal(src: &[u8], width: usize, rows: std::ops::Range<usize>, coeffs: &AxisCoeffs) -> Vec<u8> {
     let in_stride = width * CHANNELS;
     let out_width = coeffs.bounds.len();
     let out_stride = out_width * CHANNELS;
@@ -178,20 +169,10 @@ fn resample_vertical(src: &[u8], width: usize, row_offset: usize, coeffs: &AxisC
 ///
 /// `src.len()` must equal `width * height * 3` (checked in debug builds);
 /// a shorter buffer panics on indexing, extra trailing bytes are ignored.
-pub fn resize_bicubic_rgb8(
-    src: &[u8],
-    width: u32,
-    height: u32,
-    new_width: u32,
-    new_height: u32,
-) -> Vec<u8> {
+pub fn resize_bicubic_rgb8(src: &[u8], width: u32, height: u32, new_width: u32, new_height: u32) -> Vec<u8> {
     let (w, h) = (width as usize, height as usize);
     let (nw, nh) = (new_width as usize, new_height as usize);
-    debug_assert_eq!(
-        src.len(),
-        w * h * CHANNELS,
-        "src is not width*height*3 bytes"
-    );
+    debug_assert_eq!(src.len(), w * h * CHANNELS, "src is not width*height*3 bytes");
     if w == 0 || h == 0 || nw == 0 || nh == 0 {
         return Vec::new();
     }
@@ -217,11 +198,7 @@ pub fn resize_bicubic_rgb8(
     }
     // Only the rows the vertical pass will read are resampled horizontally;
     // with an unchanged height the span is the whole image.
-    let (first, last) = if nh == h {
-        (0, h)
-    } else {
-        vertical.input_span()
-    };
+    let (first, last) = if nh == h { (0, h) } else { vertical.input_span() };
     let tmp = resample_horizontal(src, w, first..last, &AxisCoeffs::new(w, nw));
     if nh == h {
         return tmp;
@@ -273,11 +250,7 @@ mod tests {
                 for c in 0..3 {
                     let v = match region {
                         0 => mix32((((y * w + x) * 3 + c) as u32) ^ 0x9e37_79b9) & 0xff,
-                        1 => [
-                            x * 255 / (w - 1),
-                            y * 255 / (h - 1),
-                            (x + y) * 255 / (w + h - 2),
-                        ][c] as u32,
+                        1 => [x * 255 / (w - 1), y * 255 / (h - 1), (x + y) * 255 / (w + h - 2)][c] as u32,
                         _ => {
                             if (x / 5 + y / 3 + c) & 1 == 1 {
                                 255
@@ -303,26 +276,12 @@ mod tests {
         let src_len = width as usize * height as usize * 3;
         let dst_len = new_width as usize * new_height as usize * 3;
         let (src, rest) = match bytes[5] {
-            0 => (
-                bytes[HEADER_LEN..HEADER_LEN + src_len].to_vec(),
-                &bytes[HEADER_LEN + src_len..],
-            ),
-            1 => (
-                pattern_source(width as usize, height as usize),
-                &bytes[HEADER_LEN..],
-            ),
+            0 => (bytes[HEADER_LEN..HEADER_LEN + src_len].to_vec(), &bytes[HEADER_LEN + src_len..]),
+            1 => (pattern_source(width as usize, height as usize), &bytes[HEADER_LEN..]),
             kind => panic!("{name}: unknown source kind {kind}"),
         };
         assert_eq!(rest.len(), dst_len, "{name}: truncated fixture");
-        Fixture {
-            name,
-            width,
-            height,
-            new_width,
-            new_height,
-            src,
-            expected: rest.to_vec(),
-        }
+        Fixture { name, width, height, new_width, new_height, src, expected: rest.to_vec() }
     }
 
     fn fixtures() -> Vec<Fixture> {
@@ -339,22 +298,14 @@ mod tests {
     fn matches_pillow_bit_for_bit() {
         let fixtures = fixtures();
         // Guards against a missing or emptied fixture folder passing vacuously.
-        assert!(
-            fixtures.len() >= 20,
-            "only {} fixtures found",
-            fixtures.len()
-        );
+        assert!(fixtures.len() >= 20, "only {} fixtures found", fixtures.len());
         let mut failures = Vec::new();
         for f in &fixtures {
             let got = resize_bicubic_rgb8(&f.src, f.width, f.height, f.new_width, f.new_height);
             assert_eq!(got.len(), f.expected.len(), "{}: output length", f.name);
             let mismatches = got.iter().zip(&f.expected).filter(|(a, b)| a != b).count();
             if mismatches > 0 {
-                let first = got
-                    .iter()
-                    .zip(&f.expected)
-                    .position(|(a, b)| a != b)
-                    .unwrap();
+                let first = got.iter().zip(&f.expected).position(|(a, b)| a != b).unwrap();
                 failures.push(format!(
                     "{}: {mismatches} bytes differ, first at byte {first} (got {}, want {})",
                     f.name, got[first], f.expected[first]

@@ -55,15 +55,8 @@ pub(crate) fn read_config(folder: &Path) -> Result<String, ModelError> {
 
 pub(crate) fn read_folder_file(folder: &Path, name: &str) -> Result<String, ModelError> {
     if !folder.is_dir() {
-        return Err(ModelError::Folder(
-            folder.display().to_string(),
-            "is not a directory".into(),
-        ));
+        return Err(ModelError::Folder(folder.display().to_string(), "is not a directory".into()));
     }
-    std::fs::read_to_string(folder.join(name)).map_err(|e| {
-        ModelError::Folder(
-            folder.display().to_string(),
-            format!("cannot read {name}: {e}"),
-        )
-    })
+    std::fs::read_to_string(folder.join(name))
+        .map_err(|e| ModelError::Folder(folder.display().to_string(), format!("cannot read {name}: {e}")))
 }

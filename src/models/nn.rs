@@ -12,17 +12,11 @@ pub struct Linear {
 
 impl Linear {
     pub fn new(w: &Weights, in_dim: i64, out_dim: i64) -> Result<Self, ModelError> {
-        Ok(Self {
-            weight: w.get("weight", &[out_dim, in_dim])?,
-            bias: Some(w.get("bias", &[out_dim])?),
-        })
+        Ok(Self { weight: w.get("weight", &[out_dim, in_dim])?, bias: Some(w.get("bias", &[out_dim])?) })
     }
 
     pub fn no_bias(w: &Weights, in_dim: i64, out_dim: i64) -> Result<Self, ModelError> {
-        Ok(Self {
-            weight: w.get("weight", &[out_dim, in_dim])?,
-            bias: None,
-        })
+        Ok(Self { weight: w.get("weight", &[out_dim, in_dim])?, bias: None })
     }
 
     pub fn from_parts(weight: Tensor, bias: Option<Tensor>) -> Self {
@@ -44,22 +38,11 @@ pub struct LayerNorm {
 
 impl LayerNorm {
     pub fn new(w: &Weights, dim: i64, eps: f64) -> Result<Self, ModelError> {
-        Ok(Self {
-            weight: w.get("weight", &[dim])?,
-            bias: w.get("bias", &[dim])?,
-            eps,
-            dim,
-        })
+        Ok(Self { weight: w.get("weight", &[dim])?, bias: w.get("bias", &[dim])?, eps, dim })
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        x.layer_norm(
-            [self.dim],
-            Some(&self.weight),
-            Some(&self.bias),
-            self.eps,
-            false,
-        )
+        x.layer_norm([self.dim], Some(&self.weight), Some(&self.bias), self.eps, false)
     }
 }
 
@@ -70,9 +53,7 @@ pub struct Embedding {
 
 impl Embedding {
     pub fn new(w: &Weights, count: i64, dim: i64) -> Result<Self, ModelError> {
-        Ok(Self {
-            weight: w.get("weight", &[count, dim])?,
-        })
+        Ok(Self { weight: w.get("weight", &[count, dim])? })
     }
 
     pub fn forward(&self, ids: &Tensor) -> Tensor {
@@ -96,9 +77,7 @@ impl Activation {
             "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Ok(Self::GeluTanh),
             "quick_gelu" => Ok(Self::QuickGelu),
             "relu" => Ok(Self::Relu),
-            other => Err(ModelError::Config(format!(
-                "unsupported hidden_act {other:?}"
-            ))),
+            other => Err(ModelError::Config(format!("unsupported hidden_act {other:?}"))),
         }
     }
 

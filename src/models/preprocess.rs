@@ -83,9 +83,7 @@ impl ImageProcessor {
             None
         };
         let center_crop = if raw.do_center_crop {
-            let crop = raw
-                .crop_size
-                .ok_or("do_center_crop is set but crop_size is missing")?;
+            let crop = raw.crop_size.ok_or("do_center_crop is set but crop_size is missing")?;
             match parse_resize(&crop)? {
                 ResizeTo::Exact { height, width } => Some((height, width)),
                 ResizeTo::ShortestEdge(s) => Some((s, s)),
@@ -98,19 +96,11 @@ impl ImageProcessor {
                 let v = v.ok_or(format!("do_normalize is set but {name} is missing"))?;
                 <[f32; 3]>::try_from(v.as_slice()).map_err(|_| format!("{name} must have 3 values"))
             };
-            Some((
-                three(raw.image_mean, "image_mean")?,
-                three(raw.image_std, "image_std")?,
-            ))
+            Some((three(raw.image_mean, "image_mean")?, three(raw.image_std, "image_std")?))
         } else {
             None
         };
-        Ok(Self {
-            resize,
-            center_crop,
-            rescale: raw.do_rescale.then_some(raw.rescale_factor),
-            normalize,
-        })
+        Ok(Self { resize, center_crop, rescale: raw.do_rescale.then_some(raw.rescale_factor), normalize })
     }
 
     /// Height and width of the output.
@@ -138,11 +128,7 @@ impl ImageProcessor {
 
     pub fn pixels(&self, img: &RgbImage) -> Pixels {
         let (height, width) = self.output_size(img.height, img.width);
-        Pixels {
-            data: self.apply(img),
-            height,
-            width,
-        }
+        Pixels { data: self.apply(img), height, width }
     }
 
     /// CHW float pixels for one RGB image.
@@ -168,11 +154,7 @@ impl ImageProcessor {
                 let inside = sy >= 0 && sx >= 0 && (sy as u32) < h && (sx as u32) < w;
                 for c in 0..3 {
                     // A crop larger than the image pads with zeros, as the reference does.
-                    let v = if inside {
-                        pixels[((sy as usize * w as usize) + sx as usize) * 3 + c]
-                    } else {
-                        0
-                    };
+                    let v = if inside { pixels[((sy as usize * w as usize) + sx as usize) * 3 + c] } else { 0 };
                     out[c * plane + (y * out_w + x) as usize] = self.normalize_value(v, c);
                 }
             }
@@ -232,11 +214,7 @@ mod tests {
                 }
             }
         }
-        RgbImage {
-            width,
-            height,
-            pixels,
-        }
+        RgbImage { width, height, pixels }
     }
 
     #[test]
@@ -245,13 +223,7 @@ mod tests {
         assert_eq!(clip.resize, Some(ResizeTo::ShortestEdge(224)));
         assert_eq!(clip.center_crop, Some((224, 224)));
         let blip = ImageProcessor::from_json(BLIP).unwrap();
-        assert_eq!(
-            blip.resize,
-            Some(ResizeTo::Exact {
-                height: 384,
-                width: 384
-            })
-        );
+        assert_eq!(blip.resize, Some(ResizeTo::Exact { height: 384, width: 384 }));
         assert_eq!(blip.center_crop, None);
         let legacy = ImageProcessor::from_json(
             r#"{"size": 224, "crop_size": 224, "do_center_crop": true,
@@ -287,13 +259,8 @@ mod tests {
         assert_eq!(clip.output_size(333, 500), (224, 224));
         // A left half black, right half white image: the crop of a 448x224 image keeps x in 112..336.
         let img = image(448, 224, |x, _, _| if x < 224 { 0 } else { 255 });
-        let out = ImageProcessor {
-            resize: None,
-            center_crop: Some((224, 224)),
-            rescale: None,
-            normalize: None,
-        }
-        .apply(&img);
+        let out =
+            ImageProcessor { resize: None, center_crop: Some((224, 224)), rescale: None, normalize: None }.apply(&img);
         assert_eq!(out.len(), 3 * 224 * 224);
         assert_eq!(out[111], 0.0);
         assert_eq!(out[112], 255.0);

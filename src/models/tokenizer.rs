@@ -20,17 +20,12 @@ impl CaptionTokenizer {
 
     /// Decodes generated ids as the reference does with `skip_special_tokens=True`.
     pub fn decode(&self, ids: &[u32]) -> Result<String, ModelError> {
-        self.inner
-            .decode(ids, true)
-            .map_err(|e| ModelError::Tokenizer(e.to_string()))
+        self.inner.decode(ids, true).map_err(|e| ModelError::Tokenizer(e.to_string()))
     }
 
     /// Ids of `text` with the tokenizer's own special tokens (`[CLS] text [SEP]`).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, ModelError> {
-        let enc = self
-            .inner
-            .encode(text, true)
-            .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+        let enc = self.inner.encode(text, true).map_err(|e| ModelError::Tokenizer(e.to_string()))?;
         Ok(enc.get_ids().to_vec())
     }
 
@@ -56,20 +51,14 @@ impl RankTokenizer {
     pub fn load(folder: &Path, max_positions: usize) -> Result<Self, ModelError> {
         let mut inner = load(folder)?;
         inner
-            .with_truncation(Some(TruncationParams {
-                max_length: max_positions,
-                ..Default::default()
-            }))
+            .with_truncation(Some(TruncationParams { max_length: max_positions, ..Default::default() }))
             .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
         inner.with_padding(None);
         Ok(Self { inner })
     }
 
     pub fn encode_batch(&self, texts: &[String], pad_id: i64) -> Result<EncodedBatch, ModelError> {
-        let encs = self
-            .inner
-            .encode_batch(texts.to_vec(), true)
-            .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+        let encs = self.inner.encode_batch(texts.to_vec(), true).map_err(|e| ModelError::Tokenizer(e.to_string()))?;
         let len = encs.iter().map(|e| e.get_ids().len()).max().unwrap_or(0);
         let mut ids = vec![pad_id; texts.len() * len];
         let mut mask = vec![0; texts.len() * len];
@@ -79,17 +68,11 @@ impl RankTokenizer {
                 mask[row * len + i] = 1;
             }
         }
-        Ok(EncodedBatch {
-            ids,
-            mask,
-            rows: texts.len(),
-            len,
-        })
+        Ok(EncodedBatch { ids, mask, rows: texts.len(), len })
     }
 }
 
 fn load(folder: &Path) -> Result<Tokenizer, ModelError> {
     let path = folder.join("tokenizer.json");
-    Tokenizer::from_file(&path)
-        .map_err(|e| ModelError::Tokenizer(format!("{}: {e}", path.display())))
+    Tokenizer::from_file(&path).map_err(|e| ModelError::Tokenizer(format!("{}: {e}", path.display())))
 }

@@ -10,9 +10,7 @@ use std::{net::SocketAddr, sync::OnceLock, time::Duration};
 use caption_cascade::{api::pb, config::EngineArgs};
 use clap::Parser;
 use tonic::transport::Channel;
-use tonic_health::pb::{
-    health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
-};
+use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest};
 
 #[derive(Parser)]
 struct EngineCli {
@@ -25,15 +23,7 @@ pub fn engine_args(args: &[&str]) -> EngineArgs {
     let root = env!("CARGO_MANIFEST_DIR");
     let blip = format!("{root}/models/shapes-blip");
     let clip = format!("{root}/models/shapes-clip");
-    let mut argv = vec![
-        "test",
-        "--device",
-        "cpu",
-        "--blip-model",
-        &blip,
-        "--clip-model",
-        &clip,
-    ];
+    let mut argv = vec!["test", "--device", "cpu", "--blip-model", &blip, "--clip-model", &clip];
     argv.extend_from_slice(args);
     EngineCli::parse_from(argv).engine
 }
@@ -51,14 +41,9 @@ pub fn start_server(engine: EngineArgs) -> SocketAddr {
         let rt = tokio::runtime::Runtime::new().expect("runtime");
         rt.block_on(async move {
             let cascade = engine.build_cascade().expect("models load");
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-                .await
-                .expect("bind");
-            tx.send(listener.local_addr().expect("addr"))
-                .expect("send addr");
-            caption_cascade::api::serve(listener, cascade, 32 << 20, std::future::pending())
-                .await
-                .expect("serve");
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            tx.send(listener.local_addr().expect("addr")).expect("send addr");
+            caption_cascade::api::serve(listener, cascade, 32 << 20, std::future::pending()).await.expect("serve");
         });
     });
     let addr = rx.recv().expect("server thread started");
@@ -70,15 +55,9 @@ pub fn start_server(engine: EngineArgs) -> SocketAddr {
 pub async fn channel(addr: SocketAddr) -> Channel {
     let endpoint = format!("http://{addr}");
     for _ in 0..600 {
-        if let Ok(ch) = Channel::from_shared(endpoint.clone())
-            .expect("uri")
-            .connect()
-            .await
-        {
+        if let Ok(ch) = Channel::from_shared(endpoint.clone()).expect("uri").connect().await {
             let mut health = HealthClient::new(ch.clone());
-            let req = HealthCheckRequest {
-                service: "caption.v1.Cascade".into(),
-            };
+            let req = HealthCheckRequest { service: "caption.v1.Cascade".into() };
             if let Ok(resp) = health.check(req).await {
                 if resp.into_inner().status == ServingStatus::Serving as i32 {
                     return ch;
@@ -95,7 +74,5 @@ pub async fn shared_channel() -> Channel {
 }
 
 pub fn png_image(bytes: Vec<u8>) -> Option<pb::Image> {
-    Some(pb::Image {
-        source: Some(pb::image::Source::Data(bytes)),
-    })
+    Some(pb::Image { source: Some(pb::image::Source::Data(bytes)) })
 }

@@ -47,9 +47,7 @@ impl Shape {
             "square" => (px - cx).abs() <= 0.9 * r && (py - cy).abs() <= 0.9 * r,
             "triangle" => {
                 let (a, b, c) = ((cx, cy - r), (cx - r, cy + 0.8 * r), (cx + r, cy + 0.8 * r));
-                let edge = |p: (f64, f64), q: (f64, f64)| {
-                    (q.0 - p.0) * (py - p.1) - (q.1 - p.1) * (px - p.0)
-                };
+                let edge = |p: (f64, f64), q: (f64, f64)| (q.0 - p.0) * (py - p.1) - (q.1 - p.1) * (px - p.0);
                 let (e1, e2, e3) = (edge(a, b), edge(b, c), edge(c, a));
                 (e1 >= 0.0 && e2 >= 0.0 && e3 >= 0.0) || (e1 <= 0.0 && e2 <= 0.0 && e3 <= 0.0)
             }
@@ -67,9 +65,7 @@ pub struct Scene {
 impl Scene {
     pub fn png(&self) -> Vec<u8> {
         let mut out = std::io::Cursor::new(Vec::new());
-        self.image
-            .write_to(&mut out, image::ImageFormat::Png)
-            .expect("encode png");
+        self.image.write_to(&mut out, image::ImageFormat::Png).expect("encode png");
         out.into_inner()
     }
 }
@@ -83,19 +79,8 @@ pub fn draw_scene(rng: &mut StdRng) -> Scene {
                 let kind = KINDS[rng.random_range(0..KINDS.len())];
                 let colour = SHAPE_COLOURS[rng.random_range(0..SHAPE_COLOURS.len())];
                 let size = SIZES[rng.random_range(0..SIZES.len())];
-                let (lo, hi) = if size == "small" {
-                    (10.0, 14.0)
-                } else {
-                    (22.0, 30.0)
-                };
-                Shape {
-                    kind,
-                    colour,
-                    size,
-                    r: rng.random_range(lo..hi),
-                    cx: 0.0,
-                    cy: 0.0,
-                }
+                let (lo, hi) = if size == "small" { (10.0, 14.0) } else { (22.0, 30.0) };
+                Shape { kind, colour, size, r: rng.random_range(lo..hi), cx: 0.0, cy: 0.0 }
             })
             .collect();
         let mut placed = false;
@@ -131,10 +116,7 @@ pub fn draw_scene(rng: &mut StdRng) -> Scene {
         }
         let mut ordered = shapes.clone();
         ordered.sort_by(|a, b| a.cx.total_cmp(&b.cx));
-        let parts: Vec<String> = ordered
-            .iter()
-            .map(|s| format!("a {} {} {}", s.size, s.colour, s.kind))
-            .collect();
+        let parts: Vec<String> = ordered.iter().map(|s| format!("a {} {} {}", s.size, s.colour, s.kind)).collect();
         let caption = format!("{} on a {bg} background", parts.join(" and "));
         return Scene { image, caption };
     }

@@ -93,10 +93,9 @@ mod tests {
 
     #[test]
     fn absent_fields_take_reference_defaults_and_encoder_width_follows_vision() {
-        let cfg = BlipConfig::from_json(
-            r#"{"text_config": {"hidden_size": 64}, "vision_config": {"hidden_size": 96}}"#,
-        )
-        .unwrap();
+        let cfg =
+            BlipConfig::from_json(r#"{"text_config": {"hidden_size": 64}, "vision_config": {"hidden_size": 96}}"#)
+                .unwrap();
         assert_eq!(cfg.text_config.num_attention_heads, 8);
         assert_eq!(cfg.text_config.sep_token_id, 102);
         assert_eq!(cfg.text_config.bos_token_id, 30522);

@@ -26,11 +26,7 @@ impl Blip {
     pub fn new(config: BlipConfig, w: &Weights) -> Result<Self, ModelError> {
         let vision_model = BlipVisionModel::new(&config.vision_config, &w.pp("vision_model"))?;
         let text_decoder = BlipTextDecoder::new(&config.text_config, &w.pp("text_decoder"))?;
-        Ok(Self {
-            config,
-            vision_model,
-            text_decoder,
-        })
+        Ok(Self { config, vision_model, text_decoder })
     }
 
     pub fn load(folder: &Path, device: Device) -> Result<Self, ModelError> {

@@ -73,6 +73,33 @@ impl SelfAttnCache {
             *v = v.index_select(0, rows);
         }
     }
+
+    /// Forgets the first `n` positions of every row (padding no row needs any more).
+    pub fn drop_leading(&mut self, n: i64) {
+        for (k, v) in &mut self.layers {
+            let len = k.size()[2];
+            *k = k.narrow(2, n, len - n);
+            *v = v.narrow(2, n, len - n);
+        }
+    }
+
+    /// Appends `other`'s rows after this cache's rows. The shorter history is left-padded with
+    /// zeros to the longer one's length; callers mask the padded positions.
+    pub fn append_rows(&mut self, other: SelfAttnCache) {
+        let (a, b) = (self.past_len(), other.past_len());
+        let pad = |t: &Tensor, n: i64| {
+            if n == 0 {
+                return t.shallow_clone();
+            }
+            let mut size = t.size();
+            size[2] = n;
+            Tensor::cat(&[Tensor::zeros(size.as_slice(), (t.kind(), t.device())), t.shallow_clone()], 2)
+        };
+        for ((k, v), (ok, ov)) in self.layers.iter_mut().zip(other.layers) {
+            *k = Tensor::cat(&[pad(k, (b - a).max(0)), pad(&ok, (a - b).max(0))], 0);
+            *v = Tensor::cat(&[pad(v, (b - a).max(0)), pad(&ov, (a - b).max(0))], 0);
+        }
+    }
 }
 
 /// Per-layer cross-attention keys and values, one entry per image: `[images, heads, patches, head_dim]`.
@@ -92,6 +119,14 @@ impl CrossAttnCache {
             *v = v.index_select(0, images);
         }
     }
+
+    /// Appends `other`'s images after this cache's images.
+    pub fn append_images(&mut self, other: CrossAttnCache) {
+        for ((k, v), (ok, ov)) in self.layers.iter_mut().zip(other.layers) {
+            *k = Tensor::cat(&[&*k, &ok], 0);
+            *v = Tensor::cat(&[&*v, &ov], 0);
+        }
+    }
 }
 
 impl BlipTextDecoder {
@@ -108,11 +143,7 @@ impl BlipTextDecoder {
         let bert = w.pp("bert");
         let emb = bert.pp("embeddings");
         let word_embeddings = Embedding::new(&emb.pp("word_embeddings"), cfg.vocab_size, h)?;
-        let position_embeddings = Embedding::new(
-            &emb.pp("position_embeddings"),
-            cfg.max_position_embeddings,
-            h,
-        )?;
+        let position_embeddings = Embedding::new(&emb.pp("position_embeddings"), cfg.max_position_embeddings, h)?;
         let embed_norm = LayerNorm::new(&emb.pp("LayerNorm"), h, eps)?;
         let scale = ((h / cfg.num_attention_heads) as f64).powf(-0.5);
         let attn = |a: &Weights, kv_dim: i64| -> Result<Attention, ModelError> {
@@ -132,11 +163,7 @@ impl BlipTextDecoder {
                 Ok(DecoderLayer {
                     self_attn: attn(&l.pp("attention"), h)?,
                     cross_attn: attn(&l.pp("crossattention"), cfg.encoder_hidden_size)?,
-                    intermediate: Linear::new(
-                        &l.pp("intermediate.dense"),
-                        h,
-                        cfg.intermediate_size,
-                    )?,
+                    intermediate: Linear::new(&l.pp("intermediate.dense"), h, cfg.intermediate_size)?,
                     output: Linear::new(&l.pp("output.dense"), cfg.intermediate_size, h)?,
                     output_norm: LayerNorm::new(&l.pp("output.LayerNorm"), h, eps)?,
                     act,
@@ -196,11 +223,11 @@ impl BlipTextDecoder {
         CrossAttnCache { layers }
     }
 
-    /// Runs `ids` `[rows, len]` that follow `cache.past_len()` earlier tokens; appends their keys and
-    /// values to `cache` and returns the last layer's hidden states `[rows, len, hidden]`.
+    /// Runs `ids` `[rows, len]` that follow `cache.past_len()` earlier tokens in every row; appends
+    /// their keys and values to `cache` and returns the last layer's hidden states `[rows, len, hidden]`.
     ///
     /// Rows are grouped by image: the first `rows_per_image[0]` rows belong to image 0 of `cross`,
-    /// and so on. `self_mask`, when given, is an additive mask `[rows, 1, len, past + len]` (padding);
+    /// and so on. `self_mask`, when given, is an additive mask `[rows, 1, len, past + len]`;
     /// without it a causal mask is used.
     pub fn forward(
         &self,
@@ -210,10 +237,27 @@ impl BlipTextDecoder {
         rows_per_image: &[i64],
         self_mask: Option<&Tensor>,
     ) -> Tensor {
+        let (rows, len) = ids.size2().expect("ids are [rows, len]");
+        let past = cache.past_len();
+        let positions =
+            Tensor::arange_start(past, past + len, (Kind::Int64, ids.device())).unsqueeze(0).expand([rows, len], false);
+        self.forward_at(ids, &positions, cache, cross, rows_per_image, self_mask)
+    }
+
+    /// As [`forward`](Self::forward), with explicit position ids `[rows, len]`: rows whose caches
+    /// are left-padded (they joined a running batch later) are at positions of their own.
+    pub fn forward_at(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        cache: &mut SelfAttnCache,
+        cross: &CrossAttnCache,
+        rows_per_image: &[i64],
+        self_mask: Option<&Tensor>,
+    ) -> Tensor {
         let (_, len) = ids.size2().expect("ids are [rows, len]");
         let past = cache.past_len();
-        let positions = Tensor::arange_start(past, past + len, (Kind::Int64, ids.device()));
-        let x = self.word_embeddings.forward(ids) + self.position_embeddings.forward(&positions);
+        let x = self.word_embeddings.forward(ids) + self.position_embeddings.forward(positions);
         let mut x = self.embed_norm.forward(&x);
         let causal;
         let mask = match self_mask {
@@ -225,23 +269,11 @@ impl BlipTextDecoder {
             None => None,
         };
         if cache.layers.is_empty() {
-            cache.layers = self
-                .layers
-                .iter()
-                .map(|_| (Tensor::new(), Tensor::new()))
-                .collect();
+            cache.layers = self.layers.iter().map(|_| (Tensor::new(), Tensor::new())).collect();
         }
         for (i, layer) in self.layers.iter().enumerate() {
             let (k_past, v_past) = &mut cache.layers[i];
-            x = layer.forward(
-                &x,
-                k_past,
-                v_past,
-                past,
-                &cross.layers[i],
-                rows_per_image,
-                mask,
-            );
+            x = layer.forward(&x, k_past, v_past, past, &cross.layers[i], rows_per_image, mask);
         }
         x
     }
@@ -249,10 +281,7 @@ impl BlipTextDecoder {
     /// Next-token logits `[rows, vocab]` from the hidden state of each row's last position.
     pub fn next_token_logits(&self, hidden: &Tensor) -> Tensor {
         let last = hidden.select(1, hidden.size()[1] - 1);
-        let h = self
-            .head
-            .transform_norm
-            .forward(&self.head.act.forward(&self.head.transform.forward(&last)));
+        let h = self.head.transform_norm.forward(&self.head.act.forward(&self.head.transform.forward(&last)));
         self.head.decoder.forward(&h)
     }
 }
@@ -273,14 +302,8 @@ impl DecoderLayer {
         let q = split_heads(&a.query.forward(x), a.heads);
         let k = split_heads(&a.key.forward(x), a.heads);
         let v = split_heads(&a.value.forward(x), a.heads);
-        let (k, v) = if past == 0 {
-            (k, v)
-        } else {
-            (
-                Tensor::cat(&[&*k_past, &k], 2),
-                Tensor::cat(&[&*v_past, &v], 2),
-            )
-        };
+        let (k, v) =
+            if past == 0 { (k, v) } else { (Tensor::cat(&[&*k_past, &k], 2), Tensor::cat(&[&*v_past, &v], 2)) };
         let ctx = attention(&q, &k, &v, mask, a.scale);
         *k_past = k;
         *v_past = v;
@@ -291,9 +314,7 @@ impl DecoderLayer {
         let ctx = grouped_cross_attention(&q, &cross.0, &cross.1, rows_per_image, c.scale);
         let x = c.norm.forward(&(c.dense.forward(&merge_heads(&ctx)) + &x));
 
-        let h = self
-            .output
-            .forward(&self.act.forward(&self.intermediate.forward(&x)));
+        let h = self.output.forward(&self.act.forward(&self.intermediate.forward(&x)));
         self.output_norm.forward(&(h + &x))
     }
 }
@@ -301,24 +322,17 @@ impl DecoderLayer {
 /// Attention of row queries `[rows, heads, len, hd]` to per-image keys/values `[images, heads, patches, hd]`,
 /// where consecutive rows share an image. The group's queries are folded into one longer query
 /// sequence so each image's keys and values are read once, never copied per row.
-fn grouped_cross_attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    rows_per_image: &[i64],
-    scale: f64,
-) -> Tensor {
+fn grouped_cross_attention(q: &Tensor, k: &Tensor, v: &Tensor, rows_per_image: &[i64], scale: f64) -> Tensor {
     let (rows, heads, len, hd) = q.size4().expect("4-d queries");
     let images = rows_per_image.len() as i64;
     let fold = |q: &Tensor, k: &Tensor, v: &Tensor, groups: i64, n: i64| {
-        let q = q
-            .view([groups, n, heads, len, hd])
-            .permute([0, 2, 1, 3, 4])
-            .reshape([groups, heads, n * len, hd]);
-        attention(&q, k, v, None, scale)
-            .view([groups, heads, n, len, hd])
-            .permute([0, 2, 1, 3, 4])
-            .reshape([groups * n, heads, len, hd])
+        let q = q.view([groups, n, heads, len, hd]).permute([0, 2, 1, 3, 4]).reshape([groups, heads, n * len, hd]);
+        attention(&q, k, v, None, scale).view([groups, heads, n, len, hd]).permute([0, 2, 1, 3, 4]).reshape([
+            groups * n,
+            heads,
+            len,
+            hd,
+        ])
     };
     let n = rows_per_image[0];
     if rows_per_image.iter().all(|&r| r == n) {
@@ -329,13 +343,7 @@ fn grouped_cross_attention(
         .iter()
         .enumerate()
         .map(|(i, &n)| {
-            let part = fold(
-                &q.narrow(0, start, n),
-                &k.narrow(0, i as i64, 1),
-                &v.narrow(0, i as i64, 1),
-                1,
-                n,
-            );
+            let part = fold(&q.narrow(0, start, n), &k.narrow(0, i as i64, 1), &v.narrow(0, i as i64, 1), 1, n);
             start += n;
             part
         })
@@ -349,7 +357,10 @@ fn causal_mask(len: i64, past: i64, kind: Kind, device: tch::Device) -> Tensor {
     let q = Tensor::arange_start(past, past + len, (Kind::Int64, device)).unsqueeze(1);
     let k = Tensor::arange(past + len, (Kind::Int64, device)).unsqueeze(0);
     let blocked = k.gt_tensor(&q);
-    Tensor::zeros([len, past + len], (kind, device))
-        .masked_fill(&blocked, f64::NEG_INFINITY)
-        .view([1, 1, len, past + len])
+    Tensor::zeros([len, past + len], (kind, device)).masked_fill(&blocked, f64::NEG_INFINITY).view([
+        1,
+        1,
+        len,
+        past + len,
+    ])
 }

@@ -52,10 +52,9 @@ impl BlipVisionModel {
         let e = w.pp("embeddings");
         let embeddings = Embeddings {
             class_embedding: e.get("class_embedding", &[1, 1, d])?,
-            patch_weight: e.pp("patch_embedding").get(
-                "weight",
-                &[d, cfg.num_channels, cfg.patch_size, cfg.patch_size],
-            )?,
+            patch_weight: e
+                .pp("patch_embedding")
+                .get("weight", &[d, cfg.num_channels, cfg.patch_size, cfg.patch_size])?,
             patch_bias: e.pp("patch_embedding").get("bias", &[d])?,
             position_embedding: e.get("position_embedding", &[1, patches + 1, d])?,
             patch_size: cfg.patch_size,
@@ -79,11 +78,7 @@ impl BlipVisionModel {
             })
             .collect::<Result<_, ModelError>>()?;
         let post_layernorm = LayerNorm::new(&w.pp("post_layernorm"), d, cfg.layer_norm_eps)?;
-        Ok(Self {
-            embeddings,
-            layers,
-            post_layernorm,
-        })
+        Ok(Self { embeddings, layers, post_layernorm })
     }
 
     /// `[batch, 3, S, S]` normalised pixels → image embeddings `[batch, 1 + patches, hidden]`.
@@ -101,14 +96,7 @@ impl Embeddings {
         let b = pixels.size()[0];
         let p = self.patch_size;
         let patches = pixels
-            .conv2d(
-                &self.patch_weight,
-                Some(&self.patch_bias),
-                [p, p],
-                [0, 0],
-                [1, 1],
-                1,
-            )
+            .conv2d(&self.patch_weight, Some(&self.patch_bias), [p, p], [0, 0], [1, 1], 1)
             .flatten(2, -1)
             .transpose(1, 2);
         let d = patches.size()[2];
@@ -121,18 +109,11 @@ impl EncoderLayer {
     fn forward(&self, x: &Tensor) -> Tensor {
         let (b, l, d) = x.size3().expect("3-d hidden states");
         let hd = d / self.heads;
-        let qkv = self
-            .qkv
-            .forward(&self.layer_norm1.forward(x))
-            .view([b, l, 3, self.heads, hd])
-            .permute([2, 0, 3, 1, 4]);
+        let qkv =
+            self.qkv.forward(&self.layer_norm1.forward(x)).view([b, l, 3, self.heads, hd]).permute([2, 0, 3, 1, 4]);
         let ctx = attention(&qkv.get(0), &qkv.get(1), &qkv.get(2), None, self.scale);
         let x = x + self.projection.forward(&merge_heads(&ctx));
-        let h = self.fc2.forward(
-            &self
-                .act
-                .forward(&self.fc1.forward(&self.layer_norm2.forward(&x))),
-        );
+        let h = self.fc2.forward(&self.act.forward(&self.fc1.forward(&self.layer_norm2.forward(&x))));
         x + h
     }
 }

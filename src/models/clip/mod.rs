@@ -64,15 +64,10 @@ impl Clip {
         let positions = (vc.image_size / vc.patch_size).pow(2) + 1;
         let vision = VisionTower {
             class_embedding: v.pp("embeddings").get("class_embedding", &[d])?,
-            patch_weight: v.pp("embeddings.patch_embedding").get(
-                "weight",
-                &[d, vc.num_channels, vc.patch_size, vc.patch_size],
-            )?,
-            position_embedding: Embedding::new(
-                &v.pp("embeddings.position_embedding"),
-                positions,
-                d,
-            )?,
+            patch_weight: v
+                .pp("embeddings.patch_embedding")
+                .get("weight", &[d, vc.num_channels, vc.patch_size, vc.patch_size])?,
+            position_embedding: Embedding::new(&v.pp("embeddings.position_embedding"), positions, d)?,
             pre_layrnorm: LayerNorm::new(&v.pp("pre_layrnorm"), d, vc.layer_norm_eps)?,
             encoder: ClipEncoder::new(
                 &EncoderDims {
@@ -92,11 +87,7 @@ impl Clip {
         let h = tc.hidden_size;
         let text = TextTower {
             token_embedding: Embedding::new(&t.pp("embeddings.token_embedding"), tc.vocab_size, h)?,
-            position_embedding: Embedding::new(
-                &t.pp("embeddings.position_embedding"),
-                tc.max_position_embeddings,
-                h,
-            )?,
+            position_embedding: Embedding::new(&t.pp("embeddings.position_embedding"), tc.max_position_embeddings, h)?,
             encoder: ClipEncoder::new(
                 &EncoderDims {
                     hidden: h,
@@ -161,19 +152,13 @@ impl Clip {
             .gt_tensor(&q)
             .view([1, 1, len, len]) // causal
             .logical_or(&attention_mask.eq(0).view([n, 1, 1, len])); // padding
-        let mask = Tensor::zeros([n, 1, len, len], (x.kind(), device))
-            .masked_fill(&blocked, f64::from(f32::MIN));
-        let x = t
-            .final_layer_norm
-            .forward(&t.encoder.forward(&x, Some(&mask)));
+        let mask = Tensor::zeros([n, 1, len, len], (x.kind(), device)).masked_fill(&blocked, f64::from(f32::MIN));
+        let x = t.final_layer_norm.forward(&t.encoder.forward(&x, Some(&mask)));
         let eos_at = if t.pool_at_argmax {
             input_ids.argmax(-1, false)
         } else {
             // The first eos of each row.
-            input_ids
-                .eq(t.eos_token_id)
-                .to_kind(Kind::Int)
-                .argmax(-1, false)
+            input_ids.eq(t.eos_token_id).to_kind(Kind::Int).argmax(-1, false)
         };
         let pooled = x.index(&[Some(Tensor::arange(n, (Kind::Int64, device))), Some(eos_at)]);
         self.text_projection.forward(&pooled)

@@ -1,10 +1,14 @@
-//! The decode state of one batch of BLIP requests: token histories, the self-attention cache,
-//! the per-image cross-attention cache and each row's parameters and random stream. The model
-//! stays stateless; this struct owns everything that changes from step to step.
+//! The decode state of a batch of BLIP requests: token histories, the self-attention cache, the
+//! per-image cross-attention cache, and each row's parameters and random stream. The model stays
+//! stateless; this struct owns everything that changes from step to step.
 //!
 //! Each request brings one image and asks for N candidates, which become N rows sharing that
-//! image's cross-attention keys and values. Rows leave the batch as soon as they finish, and an
-//! image leaves once its last row has.
+//! image's cross-attention keys and values. Rows leave as soon as they finish, an image leaves
+//! with its last row, and a batch started later can [`join`](DecodeBatch::join) a running one at
+//! a step boundary: its shorter history is left-padded and masked, and its rows keep their own
+//! positions, so every row computes what it would compute alone.
+
+use std::collections::HashMap;
 
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use tch::{Device, Kind, Tensor};
@@ -26,14 +30,23 @@ pub struct SpecialTokens {
 /// One image's request to decode.
 #[derive(Debug, Clone)]
 pub struct DecodeRequest {
+    /// Caller's identifier, returned with the result.
+    pub id: u64,
     pub params: GenerationParams,
     /// Decoder input before the first generated token: `[bos]`, or `[bos, prompt…]`.
     pub prefix: Vec<i64>,
 }
 
+/// A request's finished candidates, in candidate order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decoded {
+    pub id: u64,
+    pub candidates: Vec<Vec<i64>>,
+}
+
 #[derive(Debug)]
 struct Row {
-    request: usize,
+    request: u64,
     candidate: usize,
     tokens: Vec<i64>,
     rng: StdRng,
@@ -47,76 +60,56 @@ pub struct DecodeBatch<'m> {
     cache: SelfAttnCache,
     /// Active rows, grouped by image in the order of `cross`.
     rows: Vec<Row>,
-    /// Image index (into `cross`) of each active row's group, parallel to `rows`.
+    /// Image index (into `cross`) of each active row, parallel to `rows`.
     row_image: Vec<usize>,
     row_params: RowParams,
     /// `[rows, vocab]`: which tokens each row already contains (repetition penalty).
     seen: Tensor,
-    /// Finished candidates: `results[request][candidate]`.
-    results: Vec<Vec<Option<Vec<i64>>>>,
+    /// `[rows, past]`: cache positions that are padding for that row.
+    padding: Option<Tensor>,
+    /// Finished candidates of requests still in flight.
+    results: HashMap<u64, Vec<Option<Vec<i64>>>>,
     steps: u64,
     device: Device,
 }
 
-/// A request's finished candidates, in candidate order.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Decoded {
-    pub request: usize,
-    pub candidates: Vec<Vec<i64>>,
-}
-
 impl<'m> DecodeBatch<'m> {
     /// Starts decoding `requests`, where request `i` reads image `i` of `image_embeds`.
-    /// Every prefix must have the same length.
+    /// Every prefix must have the same length (batches of other lengths can join later).
     pub fn new(
         decoder: &'m BlipTextDecoder,
         special: SpecialTokens,
         image_embeds: &Tensor,
         requests: &[DecodeRequest],
     ) -> Self {
-        assert_eq!(
-            image_embeds.size()[0] as usize,
-            requests.len(),
-            "one image per request"
-        );
+        assert_eq!(image_embeds.size()[0] as usize, requests.len(), "one image per request");
         assert!(
-            requests
-                .windows(2)
-                .all(|w| w[0].prefix.len() == w[1].prefix.len()),
+            requests.windows(2).all(|w| w[0].prefix.len() == w[1].prefix.len()),
             "a decode batch starts from prefixes of equal length"
         );
         let device = image_embeds.device();
         let cross = decoder.cross_attn_cache(image_embeds);
         let mut rows = Vec::new();
         let mut row_image = Vec::new();
-        for (r, req) in requests.iter().enumerate() {
+        for (i, req) in requests.iter().enumerate() {
             for c in 0..req.params.num_candidates as usize {
                 rows.push(Row {
-                    request: r,
+                    request: req.id,
                     candidate: c,
                     tokens: req.prefix.clone(),
                     rng: StdRng::seed_from_u64(candidate_seed(req.params.seed, c)),
                     params: req.params.clone(),
                 });
-                row_image.push(r);
+                row_image.push(i);
             }
         }
         let vocab = decoder.vocab_size();
-        let seen = Tensor::zeros([rows.len() as i64, vocab], (Kind::Bool, device));
-        let prefix_ids = Tensor::from_slice(
-            &rows
-                .iter()
-                .flat_map(|r| r.tokens.clone())
-                .collect::<Vec<_>>(),
-        )
-        .view([rows.len() as i64, -1])
-        .to_device(device);
-        let seen = seen.scatter_value(1, &prefix_ids, 1);
+        let prefix_ids = Tensor::from_slice(&rows.iter().flat_map(|r| r.tokens.clone()).collect::<Vec<_>>())
+            .view([rows.len() as i64, -1])
+            .to_device(device);
+        let seen = Tensor::zeros([rows.len() as i64, vocab], (Kind::Bool, device)).scatter_value(1, &prefix_ids, 1);
         let row_params = row_params(&rows, vocab, device);
-        let results = requests
-            .iter()
-            .map(|r| vec![None; r.params.num_candidates as usize])
-            .collect();
+        let results = requests.iter().map(|r| (r.id, vec![None; r.params.num_candidates as usize])).collect();
         Self {
             decoder,
             special,
@@ -126,6 +119,7 @@ impl<'m> DecodeBatch<'m> {
             row_image,
             row_params,
             seen,
+            padding: None,
             results,
             steps: 0,
             device,
@@ -136,8 +130,14 @@ impl<'m> DecodeBatch<'m> {
         self.rows.is_empty()
     }
 
+    /// Rows still decoding.
     pub fn active_rows(&self) -> usize {
         self.rows.len()
+    }
+
+    /// Requests still decoding.
+    pub fn active_requests(&self) -> usize {
+        self.results.len()
     }
 
     /// Decoder forward passes run so far.
@@ -150,87 +150,40 @@ impl<'m> DecodeBatch<'m> {
         if self.rows.is_empty() {
             return Vec::new();
         }
-        let ids = if self.cache.past_len() == 0 {
-            let flat: Vec<i64> = self
-                .rows
-                .iter()
-                .flat_map(|r| r.tokens.iter().copied())
-                .collect();
-            Tensor::from_slice(&flat).view([self.rows.len() as i64, -1])
+        let n = self.rows.len() as i64;
+        let first = self.cache.past_len() == 0;
+        let (ids, positions) = if first {
+            let flat: Vec<i64> = self.rows.iter().flat_map(|r| r.tokens.iter().copied()).collect();
+            let len = self.rows[0].tokens.len() as i64;
+            let positions = Tensor::arange(len, (Kind::Int64, self.device)).unsqueeze(0).expand([n, len], false);
+            (Tensor::from_slice(&flat).view([n, len]), positions)
         } else {
-            let last: Vec<i64> = self
-                .rows
-                .iter()
-                .map(|r| *r.tokens.last().expect("prefix"))
-                .collect();
-            Tensor::from_slice(&last).view([-1, 1])
-        }
-        .to_device(self.device);
+            let last: Vec<i64> = self.rows.iter().map(|r| *r.tokens.last().expect("prefix")).collect();
+            let pos: Vec<i64> = self.rows.iter().map(|r| r.tokens.len() as i64 - 1).collect();
+            (Tensor::from_slice(&last).view([n, 1]), Tensor::from_slice(&pos).view([n, 1]).to_device(self.device))
+        };
+        let ids = ids.to_device(self.device);
+        let mask = (!first).then(|| self.step_mask()).flatten();
         let groups = self.rows_per_image();
-        let hidden = self
-            .decoder
-            .forward(&ids, &mut self.cache, &self.cross, &groups, None);
+        let hidden = self.decoder.forward_at(&ids, &positions, &mut self.cache, &self.cross, &groups, mask.as_ref());
+        if let Some(p) = &self.padding {
+            let new_cols = self.cache.past_len() - p.size()[1];
+            self.padding =
+                Some(Tensor::cat(&[p.shallow_clone(), Tensor::zeros([n, new_cols], (Kind::Bool, self.device))], 1));
+        }
         let scores = self.decoder.next_token_logits(&hidden).to_kind(Kind::Float);
         self.steps += 1;
-
-        let scores =
-            logits::repetition_penalty(&scores, &self.seen, &self.row_params.repetition_penalty);
-        let too_short: Vec<bool> = self
-            .rows
-            .iter()
-            .map(|r| (r.tokens.len() as u32) < r.params.min_length)
-            .collect();
-        let scores = logits::suppress_eos(
-            &scores,
-            &Tensor::from_slice(&too_short).to_device(self.device),
-            self.special.eos,
-        );
-        let greedy = scores.argmax(-1, false);
-        let next: Vec<i64> = if self
-            .rows
-            .iter()
-            .any(|r| r.params.strategy == Strategy::Sample)
-        {
-            let probs = logits::warp(&scores, &self.row_params).softmax(-1, Kind::Float);
-            let u: Vec<f64> = self
-                .rows
-                .iter_mut()
-                .map(|r| 1.0 - r.rng.random::<f64>())
-                .collect();
-            let sampled = logits::sample(
-                &probs,
-                &Tensor::from_slice(&u).view([-1, 1]).to_device(self.device),
-            );
-            let is_sample: Vec<bool> = self
-                .rows
-                .iter()
-                .map(|r| r.params.strategy == Strategy::Sample)
-                .collect();
-            let is_sample = Tensor::from_slice(&is_sample).to_device(self.device);
-            Vec::try_from(
-                sampled
-                    .where_self(&is_sample, &greedy)
-                    .to_device(Device::Cpu),
-            )
-        } else {
-            Vec::try_from(greedy.to_device(Device::Cpu))
-        }
-        .expect("token ids are int64");
-        self.seen = self.seen.scatter_value(
-            1,
-            &Tensor::from_slice(&next)
-                .view([-1, 1])
-                .to_device(self.device),
-            1,
-        );
+        let next = self.choose_tokens(&scores);
+        self.seen = self.seen.scatter_value(1, &Tensor::from_slice(&next).view([-1, 1]).to_device(self.device), 1);
 
         let mut keep = Vec::with_capacity(self.rows.len());
         for (i, (row, &token)) in self.rows.iter_mut().zip(&next).enumerate() {
             row.tokens.push(token);
-            let finished =
-                token == self.special.eos || row.tokens.len() as u32 >= row.params.max_length;
+            let finished = token == self.special.eos || row.tokens.len() as u32 >= row.params.max_length;
             if finished {
-                self.results[row.request][row.candidate] = Some(std::mem::take(&mut row.tokens));
+                if let Some(slots) = self.results.get_mut(&row.request) {
+                    slots[row.candidate] = Some(std::mem::take(&mut row.tokens));
+                }
             } else {
                 keep.push(i);
             }
@@ -241,15 +194,98 @@ impl<'m> DecodeBatch<'m> {
         self.collect_completed()
     }
 
-    /// Runs until every row has finished; returns every request's candidates, in request order,
-    /// and the number of decoder steps taken.
+    /// Runs until every row has finished; returns every request's candidates in request order of
+    /// completion, and the number of decoder steps taken.
     pub fn run_to_end(mut self) -> (Vec<Decoded>, u64) {
         let mut done = Vec::new();
         while !self.is_done() {
             done.extend(self.step());
         }
-        done.sort_by_key(|d| d.request);
         (done, self.steps)
+    }
+
+    /// Moves every row of `other` (a batch that has run at least one step) into this batch.
+    pub fn join(&mut self, mut other: DecodeBatch<'m>) {
+        if other.is_done() {
+            return;
+        }
+        if self.is_done() {
+            other.steps += self.steps;
+            *self = other;
+            return;
+        }
+        let (a, b) = (self.cache.past_len(), other.cache.past_len());
+        let (na, nb) = (self.rows.len() as i64, other.rows.len() as i64);
+        let pad_of = |p: &Option<Tensor>, rows: i64, len: i64, extra: i64, device| {
+            let own =
+                p.as_ref().map_or_else(|| Tensor::zeros([rows, len], (Kind::Bool, device)), Tensor::shallow_clone);
+            Tensor::cat(&[Tensor::ones([rows, extra], (Kind::Bool, device)), own], 1)
+        };
+        let padding = Tensor::cat(
+            &[
+                pad_of(&self.padding, na, a, (b - a).max(0), self.device),
+                pad_of(&other.padding, nb, b, (a - b).max(0), self.device),
+            ],
+            0,
+        );
+        self.padding = Some(padding);
+        self.cache.append_rows(std::mem::take(&mut other.cache));
+        let images = self.cross.images() as usize;
+        self.cross.append_images(other.cross);
+        self.row_image.extend(other.row_image.iter().map(|i| i + images));
+        self.rows.append(&mut other.rows);
+        self.seen = Tensor::cat(&[&self.seen, &other.seen], 0);
+        let (p, q) = (&self.row_params, &other.row_params);
+        self.row_params = RowParams {
+            repetition_penalty: Tensor::cat(&[&p.repetition_penalty, &q.repetition_penalty], 0),
+            temperature: Tensor::cat(&[&p.temperature, &q.temperature], 0),
+            top_k: Tensor::cat(&[&p.top_k, &q.top_k], 0),
+            top_p: Tensor::cat(&[&p.top_p, &q.top_p], 0),
+        };
+        self.results.extend(other.results);
+    }
+
+    /// Drops every row of request `id` (its caller went away); true if it was decoding.
+    pub fn cancel(&mut self, id: u64) -> bool {
+        if self.results.remove(&id).is_none() {
+            return false;
+        }
+        let keep: Vec<usize> = (0..self.rows.len()).filter(|&i| self.rows[i].request != id).collect();
+        if keep.len() < self.rows.len() {
+            self.retain_rows(&keep);
+        }
+        true
+    }
+
+    /// Additive self-attention mask for a one-token step, or `None` when no row is padded.
+    fn step_mask(&self) -> Option<Tensor> {
+        let p = self.padding.as_ref()?;
+        let n = p.size()[0];
+        let blocked = Tensor::cat(&[p.shallow_clone(), Tensor::zeros([n, 1], (Kind::Bool, self.device))], 1);
+        let width = blocked.size()[1];
+        Some(
+            Tensor::zeros([n, width], (Kind::Float, self.device))
+                .masked_fill(&blocked, f64::NEG_INFINITY)
+                .view([n, 1, 1, width]),
+        )
+    }
+
+    fn choose_tokens(&mut self, scores: &Tensor) -> Vec<i64> {
+        let scores = logits::repetition_penalty(scores, &self.seen, &self.row_params.repetition_penalty);
+        let too_short: Vec<bool> = self.rows.iter().map(|r| (r.tokens.len() as u32) < r.params.min_length).collect();
+        let scores =
+            logits::suppress_eos(&scores, &Tensor::from_slice(&too_short).to_device(self.device), self.special.eos);
+        let greedy = scores.argmax(-1, false);
+        let chosen = if self.rows.iter().any(|r| r.params.strategy == Strategy::Sample) {
+            let probs = logits::warp(&scores, &self.row_params).softmax(-1, Kind::Float);
+            let u: Vec<f64> = self.rows.iter_mut().map(|r| 1.0 - r.rng.random::<f64>()).collect();
+            let sampled = logits::sample(&probs, &Tensor::from_slice(&u).view([-1, 1]).to_device(self.device));
+            let is_sample: Vec<bool> = self.rows.iter().map(|r| r.params.strategy == Strategy::Sample).collect();
+            sampled.where_self(&Tensor::from_slice(&is_sample).to_device(self.device), &greedy)
+        } else {
+            greedy
+        };
+        Vec::try_from(chosen.to_device(Device::Cpu)).expect("token ids are int64")
     }
 
     fn rows_per_image(&self) -> Vec<i64> {
@@ -267,10 +303,10 @@ impl<'m> DecodeBatch<'m> {
     }
 
     fn retain_rows(&mut self, keep: &[usize]) {
-        let idx = Tensor::from_slice(&keep.iter().map(|&i| i as i64).collect::<Vec<_>>())
-            .to_device(self.device);
+        let idx = Tensor::from_slice(&keep.iter().map(|&i| i as i64).collect::<Vec<_>>()).to_device(self.device);
         self.cache.select_rows(&idx);
         self.seen = self.seen.index_select(0, &idx);
+        self.padding = self.padding.as_ref().map(|p| p.index_select(0, &idx));
         let p = &self.row_params;
         self.row_params = RowParams {
             repetition_penalty: p.repetition_penalty.index_select(0, &idx),
@@ -278,10 +314,7 @@ impl<'m> DecodeBatch<'m> {
             top_k: p.top_k.index_select(0, &idx),
             top_p: p.top_p.index_select(0, &idx),
         };
-        let mut old_rows = std::mem::take(&mut self.rows)
-            .into_iter()
-            .map(Some)
-            .collect::<Vec<_>>();
+        let mut old_rows: Vec<Option<Row>> = std::mem::take(&mut self.rows).into_iter().map(Some).collect();
         let old_images = std::mem::take(&mut self.row_image);
         // Images that still have rows, renumbered densely in their existing order.
         let mut kept_images: Vec<usize> = Vec::new();
@@ -290,30 +323,46 @@ impl<'m> DecodeBatch<'m> {
             if kept_images.last() != Some(&img) {
                 kept_images.push(img);
             }
-            self.rows
-                .push(old_rows[i].take().expect("each row kept once"));
+            self.rows.push(old_rows[i].take().expect("each row kept once"));
             self.row_image.push(kept_images.len() - 1);
         }
         if (kept_images.len() as i64) < self.cross.images() {
             let idx =
-                Tensor::from_slice(&kept_images.iter().map(|&i| i as i64).collect::<Vec<_>>())
-                    .to_device(self.device);
+                Tensor::from_slice(&kept_images.iter().map(|&i| i as i64).collect::<Vec<_>>()).to_device(self.device);
             self.cross.select_images(&idx);
+        }
+        self.trim_padding();
+    }
+
+    /// Drops leading cache positions that are padding for every remaining row.
+    fn trim_padding(&mut self) {
+        let Some(p) = &self.padding else { return };
+        if self.rows.is_empty() {
+            self.padding = None;
+            return;
+        }
+        let all_padded: Vec<bool> =
+            Vec::try_from(p.all_dim(0, false).to_device(Device::Cpu)).expect("bool column flags");
+        let lead = all_padded.iter().take_while(|&&b| b).count() as i64;
+        if lead > 0 {
+            self.cache.drop_leading(lead);
+            self.padding = Some(p.narrow(1, lead, p.size()[1] - lead));
+        }
+        if !bool::try_from(self.padding.as_ref().expect("set").any()).unwrap_or(true) {
+            self.padding = None;
         }
     }
 
     fn collect_completed(&mut self) -> Vec<Decoded> {
-        let mut done = Vec::new();
-        for (request, slots) in self.results.iter_mut().enumerate() {
-            if !slots.is_empty() && slots.iter().all(Option::is_some) {
-                let candidates = slots.drain(..).map(|s| s.expect("checked")).collect();
-                done.push(Decoded {
-                    request,
-                    candidates,
-                });
-            }
-        }
-        done
+        let complete: Vec<u64> =
+            self.results.iter().filter(|(_, s)| s.iter().all(Option::is_some)).map(|(&id, _)| id).collect();
+        complete
+            .into_iter()
+            .map(|id| {
+                let slots = self.results.remove(&id).expect("listed");
+                Decoded { id, candidates: slots.into_iter().map(|s| s.expect("checked")).collect() }
+            })
+            .collect()
     }
 }
 
@@ -321,10 +370,7 @@ impl<'m> DecodeBatch<'m> {
 /// share the batch or when they finish.
 fn candidate_seed(seed: u64, candidate: usize) -> u64 {
     // splitmix64 of the pair: well-spread seeds even for consecutive inputs.
-    let mut z = seed
-        ^ (candidate as u64)
-            .wrapping_add(1)
-            .wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    let mut z = seed ^ (candidate as u64).wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
@@ -332,9 +378,7 @@ fn candidate_seed(seed: u64, candidate: usize) -> u64 {
 
 fn row_params(rows: &[Row], vocab: i64, device: Device) -> RowParams {
     let col = |f: &dyn Fn(&GenerationParams) -> f32| {
-        Tensor::from_slice(&rows.iter().map(|r| f(&r.params)).collect::<Vec<f32>>())
-            .view([-1, 1])
-            .to_device(device)
+        Tensor::from_slice(&rows.iter().map(|r| f(&r.params)).collect::<Vec<f32>>()).view([-1, 1]).to_device(device)
     };
     let sampling = |p: &GenerationParams| p.strategy == Strategy::Sample;
     RowParams {

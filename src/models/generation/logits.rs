@@ -26,13 +26,8 @@ pub fn repetition_penalty(scores: &Tensor, seen: &Tensor, penalty: &Tensor) -> T
 /// Forbids `eos` in the rows flagged by `too_short` (`[rows]` bool).
 pub fn suppress_eos(scores: &Tensor, too_short: &Tensor, eos: i64) -> Tensor {
     let vocab = scores.size()[1];
-    let is_eos = Tensor::arange(vocab, (Kind::Int64, scores.device()))
-        .eq(eos)
-        .unsqueeze(0);
-    scores.masked_fill(
-        &is_eos.logical_and(&too_short.unsqueeze(1)),
-        f64::NEG_INFINITY,
-    )
+    let is_eos = Tensor::arange(vocab, (Kind::Int64, scores.device())).eq(eos).unsqueeze(0);
+    scores.masked_fill(&is_eos.logical_and(&too_short.unsqueeze(1)), f64::NEG_INFINITY)
 }
 
 /// Keeps every token scoring at least the row's k-th best score (ties kept).
@@ -49,9 +44,7 @@ pub fn top_p(scores: &Tensor, p: &Tensor) -> Tensor {
     let cumulative = sorted.softmax(-1, Kind::Float).cumsum(-1, Kind::Float);
     let vocab = scores.size()[1];
     let remove_sorted = cumulative.le_tensor(&(1.0 - p));
-    let not_last = Tensor::arange(vocab, (Kind::Int64, scores.device()))
-        .lt(vocab - 1)
-        .unsqueeze(0);
+    let not_last = Tensor::arange(vocab, (Kind::Int64, scores.device())).lt(vocab - 1).unsqueeze(0);
     let remove_sorted = remove_sorted.logical_and(&not_last);
     let remove = remove_sorted.scatter(1, &order, &remove_sorted);
     // Rows with p = 1 are left untouched, as the reference skips the filter for them.
@@ -72,9 +65,7 @@ pub fn sample(probs: &Tensor, u: &Tensor) -> Tensor {
     let cdf = probs.cumsum(-1, Kind::Double);
     let total = cdf.narrow(1, cdf.size()[1] - 1, 1);
     let below = cdf.lt_tensor(&(u.to_kind(Kind::Double) * total));
-    below
-        .sum_dim_intlist(1, false, Kind::Int64)
-        .clamp_max(probs.size()[1] - 1)
+    below.sum_dim_intlist(1, false, Kind::Int64).clamp_max(probs.size()[1] - 1)
 }
 
 #[cfg(test)]
@@ -107,10 +98,7 @@ mod tests {
         let out = top_p(&scores, &Tensor::from_slice(&[0.8f32]).view([1, 1]));
         assert_eq!(vec(&out), [3.0, 2.0, f32::NEG_INFINITY, f32::NEG_INFINITY]);
         let out = top_p(&scores, &Tensor::from_slice(&[0.01f32]).view([1, 1]));
-        assert_eq!(
-            vec(&out),
-            [3.0, f32::NEG_INFINITY, f32::NEG_INFINITY, f32::NEG_INFINITY]
-        );
+        assert_eq!(vec(&out), [3.0, f32::NEG_INFINITY, f32::NEG_INFINITY, f32::NEG_INFINITY]);
         let out = top_p(&scores, &Tensor::from_slice(&[1.0f32]).view([1, 1]));
         assert_eq!(vec(&out), [3.0, 2.0, 1.0, 0.0]);
     }
@@ -122,10 +110,7 @@ mod tests {
         let picked = Vec::<i64>::try_from(sample(&probs, &u)).unwrap();
         assert_eq!(picked, [1, 1, 3]);
         let u = Tensor::from_slice(&[1.0f32]).view([1, 1]);
-        assert_eq!(
-            Vec::<i64>::try_from(sample(&row(&[0.5, 0.5, 0.0]), &u)).unwrap(),
-            [1]
-        );
+        assert_eq!(Vec::<i64>::try_from(sample(&row(&[0.5, 0.5, 0.0]), &u)).unwrap(), [1]);
     }
 
     #[test]

@@ -56,10 +56,7 @@ pub struct InvalidParam {
 }
 
 fn invalid(field: &'static str, reason: impl Into<String>) -> InvalidParam {
-    InvalidParam {
-        field,
-        reason: reason.into(),
-    }
+    InvalidParam { field, reason: reason.into() }
 }
 
 impl GenerationParams {
@@ -67,49 +64,31 @@ impl GenerationParams {
         if self.num_candidates == 0 || self.num_candidates > limits.max_candidates {
             return Err(invalid(
                 "num_candidates",
-                format!(
-                    "must be in 1..={}, got {}",
-                    limits.max_candidates, self.num_candidates
-                ),
+                format!("must be in 1..={}, got {}", limits.max_candidates, self.num_candidates),
             ));
         }
         if self.max_length < 2 || self.max_length > limits.max_length {
             return Err(invalid(
                 "max_length",
-                format!(
-                    "must be in 2..={}, got {}",
-                    limits.max_length, self.max_length
-                ),
+                format!("must be in 2..={}, got {}", limits.max_length, self.max_length),
             ));
         }
         if self.min_length > self.max_length {
             return Err(invalid(
                 "min_length",
-                format!(
-                    "must not exceed max_length {}, got {}",
-                    self.max_length, self.min_length
-                ),
+                format!("must not exceed max_length {}, got {}", self.max_length, self.min_length),
             ));
         }
         if !(self.temperature.is_finite() && self.temperature > 0.0) {
-            return Err(invalid(
-                "temperature",
-                format!("must be a finite number > 0, got {}", self.temperature),
-            ));
+            return Err(invalid("temperature", format!("must be a finite number > 0, got {}", self.temperature)));
         }
         if !(self.top_p.is_finite() && self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(invalid(
-                "top_p",
-                format!("must be in (0, 1], got {}", self.top_p),
-            ));
+            return Err(invalid("top_p", format!("must be in (0, 1], got {}", self.top_p)));
         }
         if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
             return Err(invalid(
                 "repetition_penalty",
-                format!(
-                    "must be a finite number > 0, got {}",
-                    self.repetition_penalty
-                ),
+                format!("must be a finite number > 0, got {}", self.repetition_penalty),
             ));
         }
         Ok(())
@@ -120,10 +99,7 @@ impl GenerationParams {
 mod tests {
     use super::*;
 
-    const LIMITS: GenerationLimits = GenerationLimits {
-        max_candidates: 16,
-        max_length: 40,
-    };
+    const LIMITS: GenerationLimits = GenerationLimits { max_candidates: 16, max_length: 40 };
 
     #[test]
     fn defaults_are_valid_and_each_bad_field_is_named() {

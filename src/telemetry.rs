@@ -1,0 +1,48 @@
+//! Prometheus metrics: the exporter on its own listen address, and the bucket layout of every
+//! histogram. Metric names share the `caption_` prefix; the code that measures records through
+//! the `metrics` macros.
+
+use std::net::SocketAddr;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+
+/// Seconds, from a millisecond to a minute.
+const DURATION_BUCKETS: &[f64] =
+    &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+/// Requests (or images) per batch.
+const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0];
+
+/// Serves `/metrics` in Prometheus text format on `addr` (from the current tokio runtime).
+pub fn install_exporter(addr: SocketAddr) -> anyhow::Result<()> {
+    PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), DURATION_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Full("caption_batch_size".into()), BATCH_BUCKETS)?
+        .install()
+        .map_err(|e| anyhow::anyhow!("cannot serve metrics on {addr}: {e}"))?;
+    describe();
+    Ok(())
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!("caption_requests_total", "gRPC calls by service and status code");
+    describe_histogram!("caption_request_duration_seconds", Unit::Seconds, "gRPC call latency by service");
+    describe_gauge!("caption_inflight_requests", "gRPC calls being served, by service");
+    describe_histogram!("caption_queue_duration_seconds", Unit::Seconds, "time requests wait in a model queue");
+    describe_histogram!(
+        "caption_compute_duration_seconds",
+        Unit::Seconds,
+        "time from a request's start on an executor to its result"
+    );
+    describe_histogram!("caption_batch_size", "requests per model batch (per decode step for generate)");
+    describe_gauge!("caption_queue_depth", "requests waiting per model queue");
+    describe_counter!("caption_decode_steps_total", "decoder forward steps");
+    describe_counter!("caption_rejected_requests_total", "requests refused because a queue was full");
+    describe_counter!(
+        "caption_dropped_requests_total",
+        "accepted requests dropped before completion (cancelled, deadline)"
+    );
+    describe_counter!("caption_images_fetched_total", "images fetched by URL, by outcome");
+    describe_counter!("caption_image_cache_hits_total", "image lookups served from the cache or a shared fetch");
+}
