@@ -40,10 +40,10 @@ const SCORE_TOL: f64 = 1e-5;
 const MIN_MARGIN: f64 = 1e-3;
 /// Largest per-channel difference allowed between the Rust JPEG decoder and Pillow's
 /// libjpeg-turbo; different IDCT and chroma upsampling round differently (see the README).
-const JPEG_DECODE_TOL: u8 = 12;
+const JPEG_DECODE_TOL: u8 = 8;
 /// Largest CLIP ranking-probability difference allowed when the same JPEG is decoded by the Rust
 /// decoder instead of Pillow.
-const JPEG_PROB_TOL: f64 = 0.02;
+const JPEG_PROB_TOL: f64 = 0.01;
 
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -59,12 +59,8 @@ fn manifest() -> &'static Value {
     })
 }
 
-fn models(kind: &str) -> impl Iterator<Item = &'static Value> {
-    manifest()["models"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(move |m| m["kind"] == kind)
+fn models(kind: &'static str) -> impl Iterator<Item = &'static Value> {
+    manifest()["models"].as_array().unwrap().iter().filter(move |m| m["kind"] == kind)
 }
 
 fn images() -> &'static [Value] {
@@ -232,7 +228,11 @@ fn resize_is_bit_identical_to_pillow() {
                 .filter(|(a, b)| a != b)
                 .fold((0, 0), |(n, m), (a, b)| (n + 1, m.max(a.abs_diff(*b))));
             assert_eq!(cropped.len(), expect.len(), "{pname} {name}: size");
-            assert_eq!(n, 0, "{pname} {name} ({}x{} -> {w}x{h}): {n} bytes differ, worst by {max}", src.width, src.height);
+            assert_eq!(
+                n, 0,
+                "{pname} {name} ({}x{} -> {w}x{h}): {n} bytes differ, worst by {max}",
+                src.width, src.height
+            );
         }
     }
 }
@@ -288,7 +288,9 @@ fn clip_text(m: &Value) -> (Tensor, Tensor) {
     let tok = RankTokenizer::load(&model_folder(m), m["max_positions"].as_u64().unwrap() as usize).unwrap();
     let captions: Vec<String> = m["captions"].as_array().unwrap().iter().map(|c| s(c).to_string()).collect();
     let enc = tok.encode_batch(&captions, m["pad_token_id"].as_i64().unwrap()).unwrap();
-    for (row, (ref_ids, ref_mask)) in m["input_ids"].as_array().unwrap().iter().zip(m["attention_mask"].as_array().unwrap()).enumerate() {
+    for (row, (ref_ids, ref_mask)) in
+        m["input_ids"].as_array().unwrap().iter().zip(m["attention_mask"].as_array().unwrap()).enumerate()
+    {
         let (ref_ids, ref_mask) = (ids(ref_ids), ids(ref_mask));
         let n = ref_mask.iter().sum::<i64>() as usize;
         let ours = &enc.ids[row * enc.len..(row + 1) * enc.len];
@@ -369,13 +371,19 @@ fn special(m: &Value) -> SpecialTokens {
     SpecialTokens { bos: m["bos"].as_i64().unwrap(), eos: m["sep"].as_i64().unwrap() }
 }
 
-/// Greedy sequences of every image of `embeds`, decoded together in one batch.
-fn greedy_batch(blip: &Blip, m: &Value, embeds: &Tensor, prefix: &[i64]) -> Vec<Vec<i64>> {
+/// A greedy decode batch of every image of `embeds`, request ids counting from `first_id`.
+fn greedy_batch<'m>(blip: &'m Blip, m: &Value, embeds: &Tensor, prefix: &[i64], first_id: u64) -> DecodeBatch<'m> {
     let params = greedy_params(m["max_length"].as_u64().unwrap() as u32);
-    let requests: Vec<DecodeRequest> = (0..embeds.size()[0])
-        .map(|_| DecodeRequest { params: params.clone(), prefix: prefix.to_vec() })
+    let requests: Vec<DecodeRequest> = (0..embeds.size()[0] as u64)
+        .map(|i| DecodeRequest { id: first_id + i, params: params.clone(), prefix: prefix.to_vec() })
         .collect();
-    let (done, _) = DecodeBatch::new(&blip.text_decoder, special(m), embeds, &requests).run_to_end();
+    DecodeBatch::new(&blip.text_decoder, special(m), embeds, &requests)
+}
+
+/// Each request's single candidate, in request id order.
+fn finish(batch: DecodeBatch) -> Vec<Vec<i64>> {
+    let (mut done, _) = batch.run_to_end();
+    done.sort_by_key(|d| d.id);
     done.into_iter().map(|d| d.candidates.into_iter().next().unwrap()).collect()
 }
 
@@ -419,7 +427,8 @@ fn blip_step_logits_match_reference() {
             let row = |ids: &[i64]| Tensor::from_slice(ids).view([1, -1]);
 
             let mut cache = SelfAttnCache::default();
-            let mut incremental = vec![dec.next_token_logits(&dec.forward(&row(&seq[..prefix]), &mut cache, &cross, &[1], None))];
+            let mut incremental =
+                vec![dec.next_token_logits(&dec.forward(&row(&seq[..prefix]), &mut cache, &cross, &[1], None))];
             for t in prefix..seq.len() - 1 {
                 let hidden = dec.forward(&row(&seq[t..t + 1]), &mut cache, &cross, &[1], None);
                 incremental.push(dec.next_token_logits(&hidden));
@@ -429,9 +438,8 @@ fn blip_step_logits_match_reference() {
             assert!(w <= LOGIT_TOL, "{name} {}: incremental step logits |Δ| {w:e}", s(&run["image"]));
 
             let hidden = dec.forward(&row(&seq[..seq.len() - 1]), &mut SelfAttnCache::default(), &cross, &[1], None);
-            let one_pass: Vec<Tensor> = (prefix - 1..seq.len() - 1)
-                .map(|t| dec.next_token_logits(&hidden.narrow(1, t as i64, 1)))
-                .collect();
+            let one_pass: Vec<Tensor> =
+                (prefix - 1..seq.len() - 1).map(|t| dec.next_token_logits(&hidden.narrow(1, t as i64, 1))).collect();
             let w = worst(&Tensor::cat(&one_pass, 0), expect);
             overall = overall.max(w);
             assert!(w <= LOGIT_TOL, "{name} {}: one-pass step logits |Δ| {w:e}", s(&run["image"]));
@@ -458,16 +466,48 @@ fn blip_greedy_ids_match_reference() {
         assert_eq!(prefix, ids(&prompt["prefix"]), "{name}: prompt prefix");
 
         for (runs, prefix) in [(&m["greedy"], vec![m["bos"].as_i64().unwrap()]), (&prompt["runs"], prefix)] {
-            let ours = greedy_batch(&blip, m, &embeds, &prefix);
+            let ours = finish(greedy_batch(&blip, m, &embeds, &prefix, 0));
             for (run, got) in runs.as_array().unwrap().iter().zip(ours) {
+                let img = s(&run["image"]);
                 assert_eq!(
                     got,
                     ids(&run["ids"]),
-                    "{name} {} (prefix {prefix:?}): greedy ids; reference margin {:.2e}",
-                    s(&run["image"]),
+                    "{name} {img} (prefix {prefix:?}): greedy ids; reference margin {:.2e}",
                     run["min_margin"].as_f64().unwrap()
                 );
+                // decode(skip_special_tokens=True): bos and sep go, the prompt's words stay.
+                let text = tok.decode(&got.iter().map(|&t| t as u32).collect::<Vec<_>>()).unwrap();
+                assert_eq!(text, s(&run["text"]), "{name} {img}: decoded caption");
             }
+        }
+    }
+}
+
+/// Continuous batching: prompt rows that join unconditional rows already two steps in (left-padded
+/// shorter history, own positions) must still decode exactly what the reference decodes alone.
+#[test]
+fn blip_greedy_ids_match_reference_after_join() {
+    for m in models("blip") {
+        let name = s(&m["name"]);
+        let arrays = Arrays::load(s(&m["fixture"]));
+        let blip = load_blip(m);
+        let embeds = blip.encode_image(arrays.get("pixel_values"));
+        let n = embeds.size()[0] as u64;
+        let mut running = greedy_batch(&blip, m, &embeds, &[m["bos"].as_i64().unwrap()], 0);
+        let mut finished = Vec::new();
+        for _ in 0..2 {
+            finished.extend(running.step());
+        }
+        let mut joining = greedy_batch(&blip, m, &embeds, &ids(&m["prompt"]["prefix"]), n);
+        finished.extend(joining.step());
+        running.join(joining);
+        let (rest, _) = running.run_to_end();
+        finished.extend(rest);
+        finished.sort_by_key(|d| d.id);
+        let expect = m["greedy"].as_array().unwrap().iter().chain(m["prompt"]["runs"].as_array().unwrap());
+        assert_eq!(finished.len(), expect.clone().count(), "{name}: every request completes once");
+        for (d, run) in finished.iter().zip(expect) {
+            assert_eq!(d.candidates[0], ids(&run["ids"]), "{name} request {}: greedy ids after join", d.id);
         }
     }
 }
@@ -482,7 +522,7 @@ fn blip_greedy_end_to_end_from_files() {
         let runs = m["greedy_all"].as_array().unwrap();
         let imgs: Vec<RgbImage> = runs.iter().map(|r| decode_file(s(&r["image"]))).collect();
         let embeds = blip.encode_image(&batch(&p, &imgs));
-        let ours = greedy_batch(&blip, m, &embeds, &[m["bos"].as_i64().unwrap()]);
+        let ours = finish(greedy_batch(&blip, m, &embeds, &[m["bos"].as_i64().unwrap()], 0));
         for (run, got) in runs.iter().zip(ours) {
             let img = s(&run["image"]);
             let margin = run["min_margin"].as_f64().unwrap();
@@ -493,8 +533,10 @@ fn blip_greedy_end_to_end_from_files() {
             if is_exact(img) && margin >= MIN_MARGIN {
                 panic!("{name} {img}: greedy ids {got:?}, reference {expect:?} (margin {margin:.2e})");
             }
-            eprintln!("{name} {img}: greedy ids differ (margin {margin:.2e}, decoder {}): {got:?} vs {expect:?}",
-                s(&image_entry(img)["decode"]));
+            eprintln!(
+                "{name} {img}: greedy ids differ (margin {margin:.2e}, decoder {}): {got:?} vs {expect:?}",
+                s(&image_entry(img)["decode"])
+            );
         }
     }
 }
@@ -514,7 +556,11 @@ fn sampling_processors_match_reference() {
         let histories: Vec<Vec<i64>> = sp["histories"].as_array().unwrap().iter().map(ids).collect();
         let mut seen = Tensor::zeros([rows, vocab], (Kind::Bool, Device::Cpu));
         for (r, h) in histories.iter().enumerate() {
-            seen = seen.index_put_(&[Some(Tensor::from_slice(&[r as i64])), Some(Tensor::from_slice(h))], &Tensor::from(true), false);
+            seen = seen.index_put_(
+                &[Some(Tensor::from_slice(&[r as i64])), Some(Tensor::from_slice(h))],
+                &Tensor::from(true),
+                false,
+            );
         }
         let col = |v: f64| Tensor::full([rows, 1], v, (Kind::Float, Device::Cpu));
         let min_length = params["min_length"].as_i64().unwrap();
@@ -534,7 +580,12 @@ fn sampling_processors_match_reference() {
         let top_ped = top_p(&top_ked, &col(f("top_p")));
         let all_at_once = warp(
             &suppressed,
-            &RowParams { repetition_penalty: col(1.0), temperature: col(f("temperature")), top_k: k, top_p: col(f("top_p")) },
+            &RowParams {
+                repetition_penalty: col(1.0),
+                temperature: col(f("temperature")),
+                top_k: k,
+                top_p: col(f("top_p")),
+            },
         );
         let ours: HashMap<&str, &Tensor> = HashMap::from([
             ("repetition_penalty", &penalised),
@@ -548,10 +599,16 @@ fn sampling_processors_match_reference() {
             let (stage, key) = (s(&stage[0]), s(&stage[1]));
             let (pattern, w) = compare_scores(ours[stage], arrays.get(key));
             worst_all = worst_all.max(w);
-            assert!(pattern == 0 && w <= SCORE_TOL, "{name} after {stage}: {pattern} entries differ in -inf, finite |Δ| {w:e}");
+            assert!(
+                pattern == 0 && w <= SCORE_TOL,
+                "{name} after {stage}: {pattern} entries differ in -inf, finite |Δ| {w:e}"
+            );
             if stage == "top_p" {
                 let (pattern, w) = compare_scores(&all_at_once, arrays.get(key));
-                assert!(pattern == 0 && w <= SCORE_TOL, "{name} warp(): {pattern} entries differ in -inf, finite |Δ| {w:e}");
+                assert!(
+                    pattern == 0 && w <= SCORE_TOL,
+                    "{name} warp(): {pattern} entries differ in -inf, finite |Δ| {w:e}"
+                );
             }
         }
         eprintln!("{name}: processed scores worst finite |Δ| {worst_all:e}");

@@ -1,0 +1,124 @@
+//! Decoding on the embedded BLIP: requests that join a running batch get exactly what they get
+//! alone, cross-attention shared per image equals the per-row computation, and each image is
+//! encoded once however many candidates it asks for.
+
+mod common;
+
+use std::path::Path;
+
+use caption_cascade::{
+    backend::{BlipRunner, GenerateInput},
+    engine::{Batch, Runner},
+    images::decode_image,
+    models::{
+        blip::{Blip, SelfAttnCache},
+        generation::{DecodeBatch, DecodeRequest, Decoded, GenerationParams, SpecialTokens, Strategy},
+        preprocess::ImageProcessor,
+    },
+};
+use common::scenes::draw_scene;
+use rand::{rngs::StdRng, SeedableRng};
+use tch::{Device, Kind, Tensor};
+
+const BLIP: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/shapes-blip");
+
+fn pixels(seed: u64) -> Tensor {
+    let scene = draw_scene(&mut StdRng::seed_from_u64(seed));
+    let img = decode_image(&scene.png()).unwrap();
+    let p = ImageProcessor::load(Path::new(BLIP)).unwrap().pixels(&img);
+    Tensor::from_slice(&p.data).view([1, 3, i64::from(p.height), i64::from(p.width)])
+}
+
+fn special(blip: &Blip) -> SpecialTokens {
+    SpecialTokens { bos: blip.config.text_config.bos_token_id, eos: blip.config.text_config.sep_token_id }
+}
+
+fn request(blip: &Blip, id: u64, params: GenerationParams) -> DecodeRequest {
+    DecodeRequest { id, params, prefix: vec![special(blip).bos] }
+}
+
+fn alone(blip: &Blip, embeds: &Tensor, req: DecodeRequest) -> Decoded {
+    let (mut done, _) = DecodeBatch::new(&blip.text_decoder, special(blip), embeds, &[req]).run_to_end();
+    done.remove(0)
+}
+
+fn sampled(seed: u64, n: u32) -> GenerationParams {
+    GenerationParams { num_candidates: n, seed, temperature: 1.3, top_p: 0.95, max_length: 30, ..Default::default() }
+}
+
+#[test]
+fn joining_a_running_batch_changes_no_result() {
+    let _g = tch::no_grad_guard();
+    let blip = Blip::load(Path::new(BLIP), Device::Cpu).unwrap();
+    let (ea, eb, ec) = (blip.encode_image(&pixels(1)), blip.encode_image(&pixels(2)), blip.encode_image(&pixels(3)));
+    let greedy = GenerationParams { num_candidates: 2, strategy: Strategy::Greedy, ..Default::default() };
+    let a = request(&blip, 1, sampled(11, 4));
+    let b = request(&blip, 2, greedy);
+    let c = request(&blip, 3, GenerationParams { repetition_penalty: 1.5, ..sampled(33, 3) });
+    let expected = [alone(&blip, &ea, a.clone()), alone(&blip, &eb, b.clone()), alone(&blip, &ec, c.clone())];
+
+    let sp = special(&blip);
+    let mut running = DecodeBatch::new(&blip.text_decoder, sp, &ea, &[a]);
+    let mut done: Vec<Decoded> = Vec::new();
+    for _ in 0..3 {
+        done.extend(running.step());
+    }
+    // b joins after 3 steps, c after 5: their caches are shorter and get left-padded.
+    let mut joiner = DecodeBatch::new(&blip.text_decoder, sp, &eb, &[b]);
+    done.extend(joiner.step());
+    running.join(joiner);
+    for _ in 0..2 {
+        done.extend(running.step());
+    }
+    let mut joiner = DecodeBatch::new(&blip.text_decoder, sp, &ec, &[c]);
+    done.extend(joiner.step());
+    running.join(joiner);
+    while !running.is_done() {
+        done.extend(running.step());
+    }
+    done.sort_by_key(|d| d.id);
+    assert_eq!(done, expected);
+}
+
+#[test]
+fn cross_attention_shared_per_image_equals_the_repeated_computation() {
+    let _g = tch::no_grad_guard();
+    let blip = Blip::load(Path::new(BLIP), Device::Cpu).unwrap();
+    let embeds = Tensor::cat(&[blip.encode_image(&pixels(4)), blip.encode_image(&pixels(5))], 0);
+    let dec = &blip.text_decoder;
+    let ids = Tensor::from_slice(&[5i64, 6, 7, 5, 6, 8, 5, 7, 7, 5, 6, 6, 5, 8, 6]).view([5, 3]);
+    // Shared: 3 rows read image 0's keys/values and 2 rows image 1's, each computed once.
+    let shared = dec.cross_attn_cache(&embeds);
+    let hidden_shared = dec.forward(&ids, &mut SelfAttnCache::default(), &shared, &[3, 2], None);
+    // Repeated: every row gets its own copy of its image, as a per-sequence implementation does.
+    let repeated_embeds = embeds.index_select(0, &Tensor::from_slice(&[0i64, 0, 0, 1, 1]));
+    let repeated = dec.cross_attn_cache(&repeated_embeds);
+    let hidden_repeated = dec.forward(&ids, &mut SelfAttnCache::default(), &repeated, &[1, 1, 1, 1, 1], None);
+    let diff = (&hidden_shared - &hidden_repeated).abs().max().double_value(&[]);
+    assert!(diff < 1e-5, "max |Δ| = {diff}");
+    // Uneven groups take the general path; they must agree too.
+    assert_eq!(shared.images(), 2);
+    assert_eq!(repeated.images(), 5);
+    let logits = |h: &Tensor| dec.next_token_logits(h).to_kind(Kind::Float);
+    let diff = (logits(&hidden_shared) - logits(&hidden_repeated)).abs().max().double_value(&[]);
+    assert!(diff < 1e-4, "logits max |Δ| = {diff}");
+}
+
+#[test]
+fn the_vision_encoder_runs_once_per_image() {
+    let runner = BlipRunner::load(Path::new(BLIP), Device::Cpu, Some(1)).unwrap();
+    let scene = draw_scene(&mut StdRng::seed_from_u64(6));
+    let img = decode_image(&scene.png()).unwrap();
+    let px = runner.processor().pixels(&img);
+    let params = GenerationParams { num_candidates: 10, seed: 1, ..Default::default() };
+    let inputs =
+        (0..3).map(|id| (id, GenerateInput { pixels: px.clone(), params: params.clone() })).collect::<Vec<_>>();
+    let mut batch = runner.start(inputs);
+    let mut done = Vec::new();
+    while !batch.is_done() {
+        done.extend(batch.step());
+    }
+    assert_eq!(done.len(), 3);
+    assert!(done.iter().all(|(_, r)| r.as_ref().unwrap().candidates.len() == 10));
+    assert_eq!(runner.images_encoded(), 3, "3 images for 30 candidates");
+}

@@ -1,0 +1,282 @@
+//! The shared scheduler with fake models: batches fill to max_batch_size, a lone request waits at
+//! most max_queue_delay, a full queue refuses at once, deadlines and cancellations drop work,
+//! joiners enter a running decode batch, and neither model starves the other.
+
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use caption_cascade::engine::{Admission, Batch, EngineError, QueueConfig, Runner, Scheduler, SchedulerConfig};
+
+/// What the fake models saw, for assertions.
+#[derive(Default)]
+struct Log {
+    /// Requests per step (generate) or per batch (rank).
+    generate_steps: Vec<usize>,
+    rank_batches: Vec<usize>,
+    started: Vec<u64>,
+    cancelled: Vec<u64>,
+}
+
+/// A "generator" whose input is the number of steps a request needs.
+struct FakeGenerate {
+    log: Arc<Mutex<Log>>,
+    step_time: Duration,
+}
+
+struct FakeGenerateBatch<'a> {
+    runner: &'a FakeGenerate,
+    /// (id, steps left, input)
+    rows: Vec<(u64, u32, u32)>,
+}
+
+impl Runner for FakeGenerate {
+    type Input = u32;
+    type Output = u32;
+    type Batch<'a> = FakeGenerateBatch<'a>;
+    const NAME: &'static str = "generate";
+
+    fn start(&self, inputs: Vec<(u64, u32)>) -> FakeGenerateBatch<'_> {
+        self.log.lock().unwrap().started.extend(inputs.iter().map(|(id, _)| *id));
+        FakeGenerateBatch { runner: self, rows: inputs.into_iter().map(|(id, n)| (id, n, n)).collect() }
+    }
+}
+
+impl Batch for FakeGenerateBatch<'_> {
+    type Output = u32;
+
+    fn step(&mut self) -> Vec<(u64, Result<u32, EngineError>)> {
+        std::thread::sleep(self.runner.step_time);
+        self.runner.log.lock().unwrap().generate_steps.push(self.rows.len());
+        for row in &mut self.rows {
+            row.1 -= 1;
+        }
+        let done = self.rows.iter().filter(|r| r.1 == 0).map(|r| (r.0, Ok(r.2))).collect();
+        self.rows.retain(|r| r.1 > 0);
+        done
+    }
+    fn join(&mut self, other: Self) {
+        self.rows.extend(other.rows);
+    }
+    fn cancel(&mut self, id: u64) {
+        self.runner.log.lock().unwrap().cancelled.push(id);
+        self.rows.retain(|r| r.0 != id);
+    }
+    fn is_done(&self) -> bool {
+        self.rows.is_empty()
+    }
+    fn joinable(&self) -> bool {
+        true
+    }
+    fn requests(&self) -> usize {
+        self.rows.len()
+    }
+}
+
+/// A "ranker" that answers each input doubled, one batch per step.
+struct FakeRank {
+    log: Arc<Mutex<Log>>,
+}
+
+struct FakeRankBatch<'a> {
+    log: &'a Mutex<Log>,
+    inputs: Vec<(u64, u32)>,
+}
+
+impl Runner for FakeRank {
+    type Input = u32;
+    type Output = u32;
+    type Batch<'a> = FakeRankBatch<'a>;
+    const NAME: &'static str = "rank";
+
+    fn start(&self, inputs: Vec<(u64, u32)>) -> FakeRankBatch<'_> {
+        FakeRankBatch { log: &self.log, inputs }
+    }
+}
+
+impl Batch for FakeRankBatch<'_> {
+    type Output = u32;
+
+    fn step(&mut self) -> Vec<(u64, Result<u32, EngineError>)> {
+        self.log.lock().unwrap().rank_batches.push(self.inputs.len());
+        self.inputs.drain(..).map(|(id, x)| (id, Ok(2 * x))).collect()
+    }
+    fn join(&mut self, other: Self) {
+        self.inputs.extend(other.inputs);
+    }
+    fn cancel(&mut self, id: u64) {
+        self.inputs.retain(|r| r.0 != id);
+    }
+    fn is_done(&self) -> bool {
+        self.inputs.is_empty()
+    }
+    fn joinable(&self) -> bool {
+        false
+    }
+    fn requests(&self) -> usize {
+        self.inputs.len()
+    }
+}
+
+fn queue(max_batch_size: usize, delay_ms: u64, max_queue_size: usize) -> QueueConfig {
+    QueueConfig { max_batch_size, max_queue_delay: Duration::from_millis(delay_ms), max_queue_size }
+}
+
+fn scheduler(
+    generate: QueueConfig,
+    rank: QueueConfig,
+    step_ms: u64,
+) -> (Scheduler<FakeGenerate, FakeRank>, Arc<Mutex<Log>>) {
+    let log = Arc::new(Mutex::new(Log::default()));
+    let s = Scheduler::start(
+        SchedulerConfig { executors: 1, generate, rank },
+        Arc::new(FakeGenerate { log: log.clone(), step_time: Duration::from_millis(step_ms) }),
+        Arc::new(FakeRank { log: log.clone() }),
+    );
+    (s, log)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rank_batches_fill_to_max_batch_size() {
+    let (s, log) = scheduler(queue(8, 1, 64), queue(4, 2_000, 64), 1);
+    let calls: Vec<_> = (0..8).map(|i| s.rank(i, Admission::default())).collect();
+    let start = Instant::now();
+    let results = futures::future::join_all(calls).await;
+    assert_eq!(results, (0..8).map(|i| Ok(2 * i)).collect::<Vec<_>>());
+    assert_eq!(log.lock().unwrap().rank_batches, [4, 4]);
+    // Full batches run without waiting out the 2 s delay.
+    assert!(start.elapsed() < Duration::from_secs(1), "{:?}", start.elapsed());
+    s.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_request_waits_at_most_the_queue_delay() {
+    let (s, log) = scheduler(queue(8, 1, 64), queue(32, 150, 64), 1);
+    let start = Instant::now();
+    assert_eq!(s.rank(21, Admission::default()).await, Ok(42));
+    let waited = start.elapsed();
+    assert!(waited >= Duration::from_millis(140), "ran before the delay: {waited:?}");
+    assert!(waited < Duration::from_millis(1_000), "waited far past the delay: {waited:?}");
+    assert_eq!(log.lock().unwrap().rank_batches, [1]);
+    s.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_refuses_at_once_and_accepted_work_still_completes() {
+    let (s, _log) = scheduler(queue(8, 1, 64), queue(32, 300, 2), 1);
+    let a = tokio::spawn({
+        let s = s.clone();
+        async move { s.rank(1, Admission::default()).await }
+    });
+    let b = tokio::spawn({
+        let s = s.clone();
+        async move { s.rank(2, Admission::default()).await }
+    });
+    // Wait until both sit in the queue.
+    while s.queue_depths().1 < 2 {
+        tokio::task::yield_now().await;
+    }
+    let start = Instant::now();
+    assert_eq!(s.rank(3, Admission::default()).await, Err(EngineError::Overloaded("rank")));
+    assert!(start.elapsed() < Duration::from_millis(100));
+    assert_eq!(a.await.unwrap(), Ok(2));
+    assert_eq!(b.await.unwrap(), Ok(4));
+    s.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deadlines_drop_work_queued_or_between_steps() {
+    let (s, log) = scheduler(queue(8, 1, 64), queue(8, 1, 64), 2);
+    // Already expired when queued: never reaches the model.
+    let past = Admission { deadline: Some(Instant::now()) };
+    assert_eq!(s.generate(5, past).await, Err(EngineError::DeadlineExceeded));
+    // Expires while decoding a long request: leaves the batch between steps.
+    let soon = Admission { deadline: Some(Instant::now() + Duration::from_millis(60)) };
+    let start = Instant::now();
+    assert_eq!(s.generate(10_000, soon).await, Err(EngineError::DeadlineExceeded));
+    assert!(start.elapsed() < Duration::from_secs(2));
+    let log = log.lock().unwrap();
+    assert_eq!(log.started.len(), 1, "only the second request started");
+    assert_eq!(log.cancelled.len(), 1, "and it was dropped from its batch");
+    drop(log);
+    s.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_call_leaves_the_batch() {
+    let (s, log) = scheduler(queue(8, 1, 64), queue(8, 1, 64), 2);
+    let call = tokio::spawn({
+        let s = s.clone();
+        async move { s.generate(10_000, Admission::default()).await }
+    });
+    while log.lock().unwrap().started.is_empty() {
+        tokio::task::yield_now().await;
+    }
+    call.abort();
+    let start = Instant::now();
+    while log.lock().unwrap().cancelled.is_empty() {
+        assert!(start.elapsed() < Duration::from_secs(2), "never cancelled");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The executor is free again.
+    assert_eq!(s.generate(2, Admission::default()).await, Ok(2));
+    s.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_request_joins_a_running_batch_and_finishes_first() {
+    let (s, log) = scheduler(queue(8, 1, 64), queue(8, 1, 64), 3);
+    let long = tokio::spawn({
+        let s = s.clone();
+        async move {
+            let r = s.generate(200, Admission::default()).await;
+            (r, Instant::now())
+        }
+    });
+    while log.lock().unwrap().started.is_empty() {
+        tokio::task::yield_now().await;
+    }
+    let (short, short_done) = (s.generate(5, Admission::default()).await, Instant::now());
+    let (long, long_done) = long.await.unwrap();
+    assert_eq!((short, long), (Ok(5), Ok(200)));
+    assert!(short_done < long_done);
+    let steps = &log.lock().unwrap().generate_steps;
+    assert!(steps.contains(&2), "the short request shared steps with the long one: {steps:?}");
+    s.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ranking_is_not_starved_by_running_generation() {
+    let (s, _log) = scheduler(queue(8, 1, 64), queue(8, 1, 64), 3);
+    let long = tokio::spawn({
+        let s = s.clone();
+        async move { s.generate(500, Admission::default()).await }
+    });
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let start = Instant::now();
+    assert_eq!(s.rank(4, Admission::default()).await, Ok(8));
+    assert!(start.elapsed() < Duration::from_millis(500), "rank waited {:?}", start.elapsed());
+    assert!(!long.is_finished(), "rank ran while generation was still decoding");
+    assert_eq!(long.await.unwrap(), Ok(500));
+    s.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generation_is_not_starved_by_ranking_traffic() {
+    let (s, _log) = scheduler(queue(8, 1, 64), queue(1, 1, 1024), 1);
+    let flood: Vec<_> = (0..200)
+        .map(|i| {
+            let s = s.clone();
+            tokio::spawn(async move { s.rank(i, Admission::default()).await })
+        })
+        .collect();
+    let start = Instant::now();
+    assert_eq!(s.generate(3, Admission::default()).await, Ok(3));
+    let waited = start.elapsed();
+    for f in flood {
+        assert!(f.await.unwrap().is_ok());
+    }
+    assert!(waited < Duration::from_secs(2), "generate waited {waited:?} behind ranking");
+    s.shutdown();
+}
