@@ -27,6 +27,7 @@ use caption_cascade::{
     },
 };
 use serde_json::Value;
+use sha2::{Digest, Sha256};
 use tch::{Device, Kind, Tensor};
 
 /// Pixel values: the same float32 operations in the same order give the same bits.
@@ -152,8 +153,19 @@ fn is_exact(name: &str) -> bool {
     image_entry(name)["decode"] == "exact"
 }
 
+/// The model's folder, after checking that its files are the ones the fixtures were made from.
 fn model_folder(m: &Value) -> PathBuf {
-    root().join(s(&m["folder"]))
+    let folder = root().join(s(&m["folder"]));
+    for (file, hash) in m["sha256"].as_object().unwrap() {
+        let bytes = std::fs::read(folder.join(file)).unwrap_or_else(|e| panic!("{}/{file}: {e}", folder.display()));
+        assert_eq!(
+            format!("{:x}", Sha256::digest(&bytes)),
+            s(hash),
+            "{}/{file} changed since the fixtures were made: rerun tests/parity/make_fixtures.py",
+            folder.display()
+        );
+    }
+    folder
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -36,19 +36,31 @@ pub fn server_addr() -> SocketAddr {
 
 /// Starts a server with `engine` on a runtime thread of its own; returns once it listens.
 pub fn start_server(engine: EngineArgs) -> SocketAddr {
+    start_server_with_metrics(engine, None)
+}
+
+/// As [`start_server`], also serving Prometheus metrics on `metrics` when given.
+pub fn start_server_with_metrics(engine: EngineArgs, metrics: Option<SocketAddr>) -> SocketAddr {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let rt = tokio::runtime::Runtime::new().expect("runtime");
         rt.block_on(async move {
+            if let Some(addr) = metrics {
+                caption_cascade::telemetry::install_exporter(addr).expect("metrics exporter");
+            }
             let cascade = engine.build_cascade().expect("models load");
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
             tx.send(listener.local_addr().expect("addr")).expect("send addr");
             caption_cascade::api::serve(listener, cascade, 32 << 20, std::future::pending()).await.expect("serve");
         });
     });
-    let addr = rx.recv().expect("server thread started");
     // Each test runs its own runtime; readiness is polled there by `channel`.
-    addr
+    rx.recv().expect("server thread started")
+}
+
+/// A port that was free a moment ago, for listeners that cannot bind port 0 themselves.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// A channel to `addr` once its health check reports SERVING (polled, no fixed sleep).
