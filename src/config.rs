@@ -114,7 +114,7 @@ impl EngineArgs {
         }
     }
 
-    fn intra_op_threads(&self, device: tch::Device) -> Option<i32> {
+    pub fn intra_op_threads(&self, device: tch::Device) -> Option<i32> {
         if device != tch::Device::Cpu {
             return None;
         }
@@ -131,6 +131,11 @@ impl EngineArgs {
             .map_err(|e| anyhow::anyhow!("cannot load the BLIP model from {}: {e}", self.blip_model.display()))?;
         let clip = ClipRunner::load(&self.clip_model, device, threads)
             .map_err(|e| anyhow::anyhow!("cannot load the CLIP model from {}: {e}", self.clip_model.display()))?;
+        self.assemble(blip, clip)
+    }
+
+    /// Starts the scheduler over loaded runners and builds the cascade around it.
+    pub fn assemble(&self, blip: BlipRunner, clip: ClipRunner) -> anyhow::Result<Arc<Cascade>> {
         let (blip, clip) = (Arc::new(blip), Arc::new(clip));
         let scheduler = Scheduler::start(self.scheduler_config(), blip.clone(), clip.clone());
         let fetcher = Fetcher::new(self.fetch_limits()).map_err(anyhow::Error::msg)?;

@@ -21,3 +21,28 @@ impl DeviceChoice {
         }
     }
 }
+
+#[cfg(cuda_streams)]
+extern "C" {
+    fn caption_cascade_use_pool_stream(device: i32) -> i32;
+}
+
+/// Makes a CUDA stream from libtorch's pool current on the calling executor thread, so executors
+/// run their batches concurrently instead of queueing on the default stream. Returns whether it
+/// did; a build without the CUDA shim, or a CPU device, leaves the thread as it is.
+pub fn use_own_stream(device: Device) -> bool {
+    #[cfg(cuda_streams)]
+    if let Device::Cuda(index) = device {
+        // SAFETY: the shim takes a device index and only touches libtorch's thread-local stream.
+        return unsafe { caption_cascade_use_pool_stream(index as i32) } == 0;
+    }
+    let _ = device;
+    false
+}
+
+/// Waits until weights copied to the GPU have landed, before executors on other streams read them.
+pub fn settle(device: Device) {
+    if let Device::Cuda(index) = device {
+        tch::Cuda::synchronize(index as i64);
+    }
+}

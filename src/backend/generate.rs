@@ -52,8 +52,17 @@ pub struct BlipRunner {
 impl BlipRunner {
     pub fn load(folder: &Path, device: Device, intra_op_threads: Option<i32>) -> Result<Self, ModelError> {
         let model = Blip::load(folder, device)?;
-        let tokenizer = CaptionTokenizer::load(folder)?;
-        let processor = ImageProcessor::load(folder)?;
+        Self::new(model, CaptionTokenizer::load(folder)?, ImageProcessor::load(folder)?, device, intra_op_threads)
+    }
+
+    pub fn new(
+        model: Blip,
+        tokenizer: CaptionTokenizer,
+        processor: ImageProcessor,
+        device: Device,
+        intra_op_threads: Option<i32>,
+    ) -> Result<Self, ModelError> {
+        super::device::settle(device);
         let vocab = model.config.text_config.vocab_size as usize;
         if tokenizer.vocab_size() > vocab {
             return Err(ModelError::Tokenizer(format!(
@@ -117,9 +126,14 @@ impl Runner for BlipRunner {
 
     const NAME: &'static str = "generate";
 
+    /// Sets this executor's libtorch threads and, on CUDA, its own stream. The rank runner shares
+    /// the device, so this is the one place per executor that binds the stream.
     fn init_thread(&self) {
         if let Some(n) = self.intra_op_threads {
             tch::set_num_threads(n);
+        }
+        if super::device::use_own_stream(self.device) {
+            tracing::debug!(thread = ?std::thread::current().name(), "executor runs on its own CUDA stream");
         }
     }
 

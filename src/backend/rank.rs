@@ -51,8 +51,18 @@ impl ClipRunner {
     pub fn load(folder: &Path, device: Device, intra_op_threads: Option<i32>) -> Result<Self, ModelError> {
         let model = Clip::load(folder, device)?;
         let tokenizer = RankTokenizer::load(folder, model.config.text_config.max_position_embeddings as usize)?;
-        let processor = ImageProcessor::load(folder)?;
-        Ok(Self { model: Shared::new(model), tokenizer, processor, device, intra_op_threads })
+        Ok(Self::new(model, tokenizer, ImageProcessor::load(folder)?, device, intra_op_threads))
+    }
+
+    pub fn new(
+        model: Clip,
+        tokenizer: RankTokenizer,
+        processor: ImageProcessor,
+        device: Device,
+        intra_op_threads: Option<i32>,
+    ) -> Self {
+        super::device::settle(device);
+        Self { model: Shared::new(model), tokenizer, processor, device, intra_op_threads }
     }
 
     pub fn processor(&self) -> &ImageProcessor {

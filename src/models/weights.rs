@@ -22,6 +22,7 @@ pub struct Weights {
     tensors: Arc<HashMap<String, Tensor>>,
     prefix: String,
     source: Arc<PathBuf>,
+    random: Option<(Device, Kind)>,
 }
 
 impl Weights {
@@ -43,18 +44,30 @@ impl Weights {
                 (name, t.to_device(device))
             })
             .collect();
-        Ok(Self { tensors: Arc::new(tensors), prefix: String::new(), source: Arc::new(file) })
+        Ok(Self { tensors: Arc::new(tensors), prefix: String::new(), source: Arc::new(file), random: None })
+    }
+
+    /// Freshly initialised weights of whatever shape the model asks for (benchmarks of full-size
+    /// configurations without their checkpoints): normal(0, 0.02), LayerNorm weights 1, biases 0.
+    /// No key is reported present, so tied weights stay tied.
+    pub fn random(device: Device, kind: Kind) -> Self {
+        Self {
+            tensors: Arc::new(HashMap::new()),
+            prefix: String::new(),
+            source: Arc::new(PathBuf::from("<random>")),
+            random: Some((device, kind)),
+        }
     }
 
     /// Builds a view over tensors already in memory (tests, fixtures).
     pub fn from_tensors(tensors: HashMap<String, Tensor>) -> Self {
-        Self { tensors: Arc::new(tensors), prefix: String::new(), source: Arc::new(PathBuf::new()) }
+        Self { tensors: Arc::new(tensors), prefix: String::new(), source: Arc::new(PathBuf::new()), random: None }
     }
 
     /// A view one level down: `pp("encoder")` then `get("weight")` reads `<prefix>.encoder.weight`.
     pub fn pp(&self, name: impl std::fmt::Display) -> Self {
         let prefix = if self.prefix.is_empty() { name.to_string() } else { format!("{}.{name}", self.prefix) };
-        Self { tensors: self.tensors.clone(), prefix, source: self.source.clone() }
+        Self { tensors: self.tensors.clone(), prefix, source: self.source.clone(), random: self.random }
     }
 
     fn key(&self, name: &str) -> String {
@@ -72,6 +85,19 @@ impl Weights {
     /// The tensor at `name`, which must have exactly `shape`.
     pub fn get(&self, name: &str, shape: &[i64]) -> Result<Tensor, ModelError> {
         let key = self.key(name);
+        if let Some((device, kind)) = self.random {
+            let lower = key.to_lowercase();
+            let t = if name == "bias" {
+                Tensor::zeros(shape, (kind, device))
+            } else if name == "weight" && (lower.contains("norm") || lower.contains("layrnorm")) {
+                Tensor::ones(shape, (kind, device))
+            } else if name == "logit_scale" {
+                Tensor::full(shape, 2.6592, (kind, device))
+            } else {
+                Tensor::randn(shape, (kind, device)) * 0.02
+            };
+            return Ok(t);
+        }
         let t = self
             .tensors
             .get(&key)
