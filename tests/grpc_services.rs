@@ -194,3 +194,54 @@ async fn concurrent_calls_all_complete() {
     }
     assert!(right >= 15, "{right}/16 right under concurrency");
 }
+
+#[tokio::test]
+async fn a_prompt_starts_every_caption_and_can_be_stripped() {
+    let mut client = GeneratorClient::new(shared_channel().await);
+    let scene = draw_scene(&mut StdRng::seed_from_u64(707));
+    let req = |strip| pb::GenerateRequest {
+        image: png_image(scene.png()),
+        params: Some(pb::GenerationParams {
+            num_candidates: Some(3),
+            seed: Some(1),
+            prompt: Some("A Large".into()),
+            strip_prompt: Some(strip),
+            ..Default::default()
+        }),
+    };
+    let kept = client.generate(req(false)).await.unwrap().into_inner();
+    let stripped = client.generate(req(true)).await.unwrap().into_inner();
+    for (k, s) in kept.candidates.iter().zip(&stripped.candidates) {
+        // The tokenizer lowercases; the prompt's tokens follow the start token.
+        assert!(k.text.starts_with("a large "), "{}", k.text);
+        assert_eq!(k.token_ids, s.token_ids, "stripping changes the text only");
+        assert_eq!(format!("a large {}", s.text), k.text);
+    }
+    let too_long = pb::GenerateRequest {
+        image: png_image(scene.png()),
+        params: Some(pb::GenerationParams {
+            prompt: Some("a large red circle and ".repeat(10)),
+            max_length: Some(8),
+            ..Default::default()
+        }),
+    };
+    let err = client.generate(too_long).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().starts_with("prompt"), "{}", err.message());
+}
+
+#[tokio::test]
+async fn the_notebook_preset_applies_its_settings() {
+    let mut client = GeneratorClient::new(shared_channel().await);
+    let scene = draw_scene(&mut StdRng::seed_from_u64(808));
+    let req = pb::GenerateRequest {
+        image: png_image(scene.png()),
+        params: Some(pb::GenerationParams { preset: pb::Preset::Notebook as i32, seed: Some(3), ..Default::default() }),
+    };
+    let resp = client.generate(req).await.unwrap().into_inner();
+    assert_eq!(resp.candidates.len(), 10);
+    // min_length 10 counts the start token: no candidate may end before its tenth token.
+    for c in &resp.candidates {
+        assert!(c.token_ids.len() >= 11 || c.token_ids.len() as u32 >= 40, "{:?}", c.token_ids);
+    }
+}

@@ -23,10 +23,18 @@ pub fn image_source(image: Option<pb::Image>) -> Result<ImageSource, Status> {
 pub fn generation_params(
     p: Option<pb::GenerationParams>,
     defaults: &GenerationParams,
+    max_positions: u32,
 ) -> Result<GenerationParams, Status> {
     let mut out = defaults.clone();
     out.seed = rand::random();
     let Some(p) = p else { return Ok(out) };
+    match pb::Preset::try_from(p.preset) {
+        Ok(pb::Preset::Unspecified) => {}
+        Ok(pb::Preset::Notebook) => {
+            out = GenerationParams { seed: out.seed, ..GenerationParams::notebook(max_positions) }
+        }
+        Err(_) => return Err(Status::invalid_argument(format!("preset: unknown value {}", p.preset))),
+    }
     if let Some(v) = p.num_candidates {
         out.num_candidates = v;
     }
@@ -56,6 +64,12 @@ pub fn generation_params(
     }
     if let Some(v) = p.seed {
         out.seed = v;
+    }
+    if let Some(v) = p.prompt {
+        out.prompt = Some(v);
+    }
+    if let Some(v) = p.strip_prompt {
+        out.strip_prompt = v;
     }
     Ok(out)
 }
@@ -125,7 +139,7 @@ mod tests {
     #[test]
     fn unset_fields_keep_defaults_and_set_fields_override() {
         let d = GenerationParams::default();
-        let p = generation_params(None, &d).unwrap();
+        let p = generation_params(None, &d, 512).unwrap();
         assert_eq!(GenerationParams { seed: d.seed, ..p }, d);
         let p = generation_params(
             Some(pb::GenerationParams {
@@ -135,10 +149,14 @@ mod tests {
                 ..Default::default()
             }),
             &d,
+            512,
         )
         .unwrap();
         assert_eq!((p.top_p, p.seed, p.strategy, p.top_k), (0.5, 7, Strategy::Greedy, d.top_k));
         let bad = pb::GenerationParams { decoding: 99, ..Default::default() };
-        assert_eq!(generation_params(Some(bad), &d).unwrap_err().code(), tonic::Code::InvalidArgument);
+        assert_eq!(generation_params(Some(bad), &d, 512).unwrap_err().code(), tonic::Code::InvalidArgument);
+        let nb = pb::GenerationParams { preset: pb::Preset::Notebook as i32, top_k: Some(7), ..Default::default() };
+        let p = generation_params(Some(nb), &d, 40).unwrap();
+        assert_eq!((p.max_length, p.min_length, p.repetition_penalty, p.top_k), (40, 10, 1.1, 7));
     }
 }

@@ -63,7 +63,11 @@ impl Services {
         let admission = convert::admission(request.metadata());
         let req = request.into_inner();
         let source = convert::image_source(req.image)?;
-        let params = convert::generation_params(req.params, &self.cascade.default_params())?;
+        let params = convert::generation_params(
+            req.params,
+            &self.cascade.default_params(),
+            self.cascade.limits().generation.max_length,
+        )?;
         let out = self.cascade.generate(source, params, admission).await?;
         Ok(Response::new(pb::GenerateResponse {
             key: out.key,
@@ -116,7 +120,11 @@ impl Services {
         let admission = convert::admission(request.metadata());
         let req = request.into_inner();
         let source = convert::image_source(req.image)?;
-        let params = convert::generation_params(req.params, &self.cascade.default_params())?;
+        let params = convert::generation_params(
+            req.params,
+            &self.cascade.default_params(),
+            self.cascade.limits().generation.max_length,
+        )?;
         let top_k = req.top_k.unwrap_or(DEFAULT_TOP_K) as usize;
         let out = self.cascade.caption(source, params, top_k, admission).await?;
         Ok(Response::new(pb::CaptionResponse {

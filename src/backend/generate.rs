@@ -2,6 +2,7 @@
 //! decode batch, and detokenizes the results.
 
 use std::{
+    collections::{BTreeMap, HashMap},
     path::Path,
     sync::atomic::{AtomicU64, Ordering},
     time::{Duration, Instant},
@@ -14,7 +15,7 @@ use crate::{
     engine::{Batch, EngineError, Runner},
     models::{
         blip::Blip,
-        generation::{DecodeBatch, DecodeRequest, GenerationParams, SpecialTokens},
+        generation::{DecodeBatch, DecodeRequest, Decoded, GenerationParams, SpecialTokens},
         preprocess::{ImageProcessor, Pixels},
         tokenizer::CaptionTokenizer,
         ModelError, Shared,
@@ -115,8 +116,40 @@ impl BlipRunner {
 /// Requests being decoded together on one executor.
 pub struct GenerateBatch<'a> {
     runner: &'a BlipRunner,
-    decode: DecodeBatch<'a>,
+    decode: Option<DecodeBatch<'a>>,
+    /// Per request: the prompt text to strip from its captions.
+    strip: HashMap<u64, String>,
+    /// Results known before decoding (invalid prompts, requests done by their first token).
+    early: Vec<(u64, Result<GenerateOutput, EngineError>)>,
     started: Instant,
+}
+
+impl BlipRunner {
+    /// The decoder input of a request: `[bos]`, or with a prompt the tokenizer's `[CLS] prompt [SEP]`
+    /// with CLS replaced by bos and the trailing SEP dropped, as the reference does.
+    fn prefix(&self, params: &GenerationParams) -> Result<Vec<i64>, EngineError> {
+        let bos = self.special_tokens().bos;
+        let Some(prompt) = params.prompt.as_deref().filter(|p| !p.trim().is_empty()) else {
+            return Ok(vec![bos]);
+        };
+        let ids = self.tokenizer.encode(prompt).map_err(|e| EngineError::Invalid(format!("prompt: {e}")))?;
+        let mut prefix: Vec<i64> = ids.iter().map(|&t| i64::from(t)).collect();
+        if prefix.len() >= 2 {
+            prefix.pop();
+        }
+        match prefix.first_mut() {
+            Some(first) => *first = bos,
+            None => prefix.push(bos),
+        }
+        if prefix.len() as u32 >= params.max_length {
+            return Err(EngineError::Invalid(format!(
+                "prompt: {} tokens leave no room under max_length {}",
+                prefix.len(),
+                params.max_length
+            )));
+        }
+        Ok(prefix)
+    }
 }
 
 impl Runner for BlipRunner {
@@ -138,19 +171,70 @@ impl Runner for BlipRunner {
     }
 
     /// Encodes every image once and computes its cross-attention keys and values once; the
-    /// request's candidates all read them.
+    /// request's candidates all read them. Prefixes of different lengths start as separate decode
+    /// batches that join after their first step.
     fn start(&self, inputs: Vec<(u64, GenerateInput)>) -> GenerateBatch<'_> {
         let _no_grad = tch::no_grad_guard();
-        let pixels = stack_pixels(inputs.iter().map(|(_, i)| &i.pixels), self.device);
-        let image_embeds = self.model.encode_image(&pixels);
-        self.images_encoded.fetch_add(inputs.len() as u64, Ordering::Relaxed);
+        let started = Instant::now();
+        let mut early = Vec::new();
+        let mut strip = HashMap::new();
+        let mut groups: BTreeMap<usize, Vec<(DecodeRequest, GenerateInput)>> = BTreeMap::new();
+        for (id, input) in inputs {
+            match self.prefix(&input.params) {
+                Ok(prefix) => {
+                    if input.params.strip_prompt && prefix.len() > 1 {
+                        let ids: Vec<u32> = prefix[1..].iter().map(|&t| t as u32).collect();
+                        strip.insert(id, self.tokenizer.decode(&ids).unwrap_or_default());
+                    }
+                    let req = DecodeRequest { id, params: input.params.clone(), prefix };
+                    groups.entry(req.prefix.len()).or_default().push((req, input));
+                }
+                Err(e) => early.push((id, Err(e))),
+            }
+        }
         let special = self.special_tokens();
-        let requests: Vec<DecodeRequest> = inputs
+        let mut decode: Option<DecodeBatch<'_>> = None;
+        for (_, group) in groups {
+            let pixels = stack_pixels(group.iter().map(|(_, i)| &i.pixels), self.device);
+            let image_embeds = self.model.encode_image(&pixels);
+            self.images_encoded.fetch_add(group.len() as u64, Ordering::Relaxed);
+            let requests: Vec<DecodeRequest> = group.into_iter().map(|(r, _)| r).collect();
+            let mut batch = DecodeBatch::new(&self.model.text_decoder, special, &image_embeds, &requests);
+            match decode.as_mut() {
+                None => decode = Some(batch),
+                Some(running) => {
+                    let done = batch.step();
+                    early.extend(done.into_iter().map(|d| (d.id, self.finish(d, &strip, started))));
+                    running.join(batch);
+                }
+            }
+        }
+        GenerateBatch { runner: self, decode, strip, early, started }
+    }
+}
+
+impl BlipRunner {
+    fn finish(
+        &self,
+        d: Decoded,
+        strip: &HashMap<u64, String>,
+        started: Instant,
+    ) -> Result<GenerateOutput, EngineError> {
+        let prompt = strip.get(&d.id);
+        let candidates = d
+            .candidates
             .into_iter()
-            .map(|(id, i)| DecodeRequest { id, params: i.params, prefix: vec![special.bos] })
-            .collect();
-        let decode = DecodeBatch::new(&self.model.text_decoder, special, &image_embeds, &requests);
-        GenerateBatch { runner: self, decode, started: Instant::now() }
+            .map(|ids| {
+                let mut c = self.detokenize(ids)?;
+                if let Some(p) = prompt {
+                    if let Some(rest) = c.text.strip_prefix(p.as_str()) {
+                        c.text = rest.trim_start().to_string();
+                    }
+                }
+                Ok(c)
+            })
+            .collect::<Result<Vec<_>, EngineError>>()?;
+        Ok(GenerateOutput { candidates, compute: started.elapsed() })
     }
 }
 
@@ -158,33 +242,35 @@ impl Batch for GenerateBatch<'_> {
     type Output = GenerateOutput;
 
     fn step(&mut self) -> Vec<(u64, Result<GenerateOutput, EngineError>)> {
-        let _no_grad = tch::no_grad_guard();
-        let done = self.decode.step();
-        self.runner.decode_steps.fetch_add(1, Ordering::Relaxed);
-        let compute = self.started.elapsed();
-        done.into_iter()
-            .map(|d| {
-                let out = d
-                    .candidates
-                    .into_iter()
-                    .map(|ids| self.runner.detokenize(ids))
-                    .collect::<Result<Vec<_>, _>>()
-                    .map(|candidates| GenerateOutput { candidates, compute });
-                (d.id, out)
-            })
-            .collect()
+        let mut out = std::mem::take(&mut self.early);
+        if let Some(decode) = self.decode.as_mut().filter(|d| !d.is_done()) {
+            let _no_grad = tch::no_grad_guard();
+            let done = decode.step();
+            self.runner.decode_steps.fetch_add(1, Ordering::Relaxed);
+            out.extend(done.into_iter().map(|d| (d.id, self.runner.finish(d, &self.strip, self.started))));
+        }
+        out
     }
 
-    fn join(&mut self, other: Self) {
-        self.decode.join(other.decode);
+    fn join(&mut self, mut other: Self) {
+        self.early.append(&mut other.early);
+        self.strip.extend(other.strip);
+        match (self.decode.as_mut(), other.decode) {
+            (Some(d), Some(o)) => d.join(o),
+            (None, o) => self.decode = o,
+            (_, None) => {}
+        }
     }
 
     fn cancel(&mut self, id: u64) {
-        self.decode.cancel(id);
+        self.early.retain(|(i, _)| *i != id);
+        if let Some(d) = self.decode.as_mut() {
+            d.cancel(id);
+        }
     }
 
     fn is_done(&self) -> bool {
-        self.decode.is_done()
+        self.early.is_empty() && self.decode.as_ref().is_none_or(DecodeBatch::is_done)
     }
 
     fn joinable(&self) -> bool {
@@ -192,6 +278,6 @@ impl Batch for GenerateBatch<'_> {
     }
 
     fn requests(&self) -> usize {
-        self.decode.active_requests()
+        self.early.len() + self.decode.as_ref().map_or(0, DecodeBatch::active_requests)
     }
 }

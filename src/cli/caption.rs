@@ -31,6 +31,15 @@ pub struct CaptionArgs {
     /// Decode greedily instead of sampling.
     #[arg(long)]
     pub greedy: bool,
+    /// Start every caption from this text (e.g. "a picture of").
+    #[arg(long)]
+    pub prompt: Option<String>,
+    /// Remove the prompt from the printed captions.
+    #[arg(long, requires = "prompt")]
+    pub strip_prompt: bool,
+    /// Use the origin notebook's decoding settings (sampling, top_p 0.9, repetition penalty 1.1, min_length 10, max_length 80).
+    #[arg(long)]
+    pub notebook: bool,
     /// Seed of the sampler, for reproducible candidates.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -100,11 +109,18 @@ async fn caption_one(target: &mut Target, args: &CaptionArgs, name: &str) -> any
     let source = source_of(name)?;
     match target {
         Target::Local(cascade) => {
+            let base = if args.notebook {
+                GenerationParams::notebook(cascade.limits().generation.max_length)
+            } else {
+                cascade.default_params()
+            };
             let params = GenerationParams {
                 num_candidates: args.num_candidates,
                 strategy: if args.greedy { Strategy::Greedy } else { Strategy::Sample },
                 seed: args.seed,
-                ..cascade.default_params()
+                prompt: args.prompt.clone(),
+                strip_prompt: args.strip_prompt,
+                ..base
             };
             let out = cascade.caption(source, params, args.top_k as usize, Admission::default()).await?;
             Ok(Outcome {
@@ -125,6 +141,9 @@ async fn caption_one(target: &mut Target, args: &CaptionArgs, name: &str) -> any
                     num_candidates: Some(args.num_candidates),
                     decoding: if args.greedy { pb::Decoding::Greedy } else { pb::Decoding::Sample } as i32,
                     seed: Some(args.seed),
+                    prompt: args.prompt.clone(),
+                    strip_prompt: Some(args.strip_prompt),
+                    preset: if args.notebook { pb::Preset::Notebook } else { pb::Preset::Unspecified } as i32,
                     ..Default::default()
                 }),
                 top_k: Some(args.top_k),

@@ -22,6 +22,10 @@ pub struct GenerationParams {
     pub top_p: f32,
     pub repetition_penalty: f32,
     pub seed: u64,
+    /// Text the caption continues from.
+    pub prompt: Option<String>,
+    /// Remove the prompt from the returned text.
+    pub strip_prompt: bool,
 }
 
 impl Default for GenerationParams {
@@ -36,9 +40,32 @@ impl Default for GenerationParams {
             top_p: 0.9,
             repetition_penalty: 1.0,
             seed: 0,
+            prompt: None,
+            strip_prompt: false,
         }
     }
 }
+
+impl GenerationParams {
+    /// The origin notebook's BLIP call (`sample=True, top_p=0.9, max_length=80, min_length=10`,
+    /// repetition penalty 1.1, top_k 50, 10 candidates), with `max_length` capped at `max_positions`.
+    pub fn notebook(max_positions: u32) -> Self {
+        Self {
+            num_candidates: 10,
+            max_length: 80.min(max_positions),
+            min_length: 10,
+            strategy: Strategy::Sample,
+            temperature: 1.0,
+            top_k: 50,
+            top_p: 0.9,
+            repetition_penalty: 1.1,
+            ..Self::default()
+        }
+    }
+}
+
+/// Longest accepted prompt; its tokens must also leave room under `max_length`.
+pub const MAX_PROMPT_BYTES: usize = 512;
 
 /// Upper bounds the server enforces on requests.
 #[derive(Debug, Clone, Copy)]
@@ -84,6 +111,9 @@ impl GenerationParams {
         }
         if !(self.top_p.is_finite() && self.top_p > 0.0 && self.top_p <= 1.0) {
             return Err(invalid("top_p", format!("must be in (0, 1], got {}", self.top_p)));
+        }
+        if self.prompt.as_ref().is_some_and(|p| p.len() > MAX_PROMPT_BYTES) {
+            return Err(invalid("prompt", format!("must be at most {MAX_PROMPT_BYTES} bytes")));
         }
         if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
             return Err(invalid(
