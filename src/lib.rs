@@ -11,6 +11,7 @@ pub mod cascade;
 pub mod cli;
 pub mod config;
 pub mod engine;
+pub mod hub;
 pub mod images;
 pub mod models;
 pub mod telemetry;

@@ -1,6 +1,7 @@
 //! The `caption-cascade` command line: `serve` and `caption`.
 
 mod caption;
+mod models;
 mod serve;
 
 use clap::{Parser, Subcommand};
@@ -19,11 +20,14 @@ pub enum Command {
     Serve(serve::ServeArgs),
     /// Caption images or URLs: BLIP writes candidates, CLIP ranks them, the best are printed.
     Caption(caption::CaptionArgs),
+    /// Manage checkpoint folders.
+    Models(models::ModelsArgs),
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => serve::run(args).await,
         Command::Caption(args) => caption::run(args).await,
+        Command::Models(args) => models::run(args).await,
     }
 }
