@@ -245,3 +245,40 @@ async fn the_notebook_preset_applies_its_settings() {
         assert!(c.token_ids.len() >= 11 || c.token_ids.len() as u32 >= 40, "{:?}", c.token_ids);
     }
 }
+
+#[tokio::test]
+async fn beam_search_returns_the_best_distinct_beams() {
+    let mut client = GeneratorClient::new(shared_channel().await);
+    let mut rng = StdRng::seed_from_u64(909);
+    let mut right = 0;
+    for _ in 0..10 {
+        let scene = draw_scene(&mut rng);
+        let req = pb::GenerateRequest {
+            image: png_image(scene.png()),
+            params: Some(pb::GenerationParams {
+                decoding: pb::Decoding::Beam as i32,
+                num_beams: Some(4),
+                num_candidates: Some(3),
+                ..Default::default()
+            }),
+        };
+        let resp = client.generate(req).await.unwrap().into_inner();
+        assert_eq!(resp.candidates.len(), 3);
+        let ids: Vec<&Vec<u32>> = resp.candidates.iter().map(|c| &c.token_ids).collect();
+        assert!(ids[0] != ids[1] && ids[1] != ids[2] && ids[0] != ids[2], "beams are distinct: {ids:?}");
+        right += usize::from(resp.candidates[0].text == scene.caption);
+    }
+    assert!(right >= 9, "best beam right on {right}/10 scenes");
+    let bad = pb::GenerateRequest {
+        image: png_image(draw_scene(&mut rng).png()),
+        params: Some(pb::GenerationParams {
+            decoding: pb::Decoding::Beam as i32,
+            num_beams: Some(2),
+            num_candidates: Some(3),
+            ..Default::default()
+        }),
+    };
+    let err = client.generate(bad).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().starts_with("num_candidates"), "{}", err.message());
+}

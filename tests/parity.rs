@@ -629,3 +629,50 @@ fn sampling_processors_match_reference() {
         eprintln!("{name}: processed scores worst finite |Δ| {worst_all:e}");
     }
 }
+
+/// Beam search (3 beams, length_penalty 1.0 / 0.6, early_stopping off / on): the reference's
+/// returned sequences, best first, token for token.
+#[test]
+fn blip_beam_search_matches_reference() {
+    for m in models("blip") {
+        let name = s(&m["name"]);
+        let arrays = Arrays::load(s(&m["fixture"]));
+        let blip = load_blip(m);
+        let embeds = blip.encode_image(arrays.get("pixel_values"));
+        let order: Vec<&str> = m["greedy"].as_array().unwrap().iter().map(|r| s(&r["image"])).collect();
+        let sp = special(m);
+        for run in m["beam"].as_array().unwrap() {
+            let img = s(&run["image"]);
+            let i = order.iter().position(|n| *n == img).expect("image of a greedy run") as i64;
+            let params = GenerationParams {
+                strategy: Strategy::Beam,
+                num_beams: run["num_beams"].as_u64().unwrap() as u32,
+                num_candidates: run["num_beams"].as_u64().unwrap() as u32,
+                length_penalty: run["length_penalty"].as_f64().unwrap() as f32,
+                early_stopping: run["early_stopping"].as_bool().unwrap(),
+                ..greedy_params(m["max_length"].as_u64().unwrap() as u32)
+            };
+            let req = DecodeRequest { id: 0, params: params.clone(), prefix: vec![sp.bos] };
+            let batch = DecodeBatch::new(&blip.text_decoder, sp, &embeds.narrow(0, i, 1), &[req]);
+            let (done, _) = batch.run_to_end();
+            // The reference pads finished beams to a common length; compare up to each end token.
+            let expected: Vec<Vec<i64>> = run["sequences"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|row| {
+                    let row = ids(row);
+                    match row.iter().position(|&t| t == sp.eos) {
+                        Some(end) => row[..=end].to_vec(),
+                        None => row,
+                    }
+                })
+                .collect();
+            assert_eq!(
+                done[0].candidates, expected,
+                "{name} {img}: beams (length_penalty {}, early_stopping {})",
+                params.length_penalty, params.early_stopping
+            );
+        }
+    }
+}

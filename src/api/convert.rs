@@ -48,6 +48,7 @@ pub fn generation_params(
         Ok(pb::Decoding::Unspecified) => defaults.strategy,
         Ok(pb::Decoding::Greedy) => Strategy::Greedy,
         Ok(pb::Decoding::Sample) => Strategy::Sample,
+        Ok(pb::Decoding::Beam) => Strategy::Beam,
         Err(_) => return Err(Status::invalid_argument(format!("decoding: unknown value {}", p.decoding))),
     };
     if let Some(v) = p.temperature {
@@ -70,6 +71,15 @@ pub fn generation_params(
     }
     if let Some(v) = p.strip_prompt {
         out.strip_prompt = v;
+    }
+    if let Some(v) = p.num_beams {
+        out.num_beams = v;
+    }
+    if let Some(v) = p.length_penalty {
+        out.length_penalty = v;
+    }
+    if let Some(v) = p.early_stopping {
+        out.early_stopping = v;
     }
     Ok(out)
 }

@@ -29,8 +29,11 @@ pub struct CaptionArgs {
     #[arg(long, short = 'k', default_value_t = 3)]
     pub top_k: u32,
     /// Decode greedily instead of sampling.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "beams")]
     pub greedy: bool,
+    /// Beam search with this many beams instead of sampling (candidates: the best beams).
+    #[arg(long)]
+    pub beams: Option<u32>,
     /// Start every caption from this text (e.g. "a picture of").
     #[arg(long)]
     pub prompt: Option<String>,
@@ -116,7 +119,8 @@ async fn caption_one(target: &mut Target, args: &CaptionArgs, name: &str) -> any
             };
             let params = GenerationParams {
                 num_candidates: args.num_candidates,
-                strategy: if args.greedy { Strategy::Greedy } else { Strategy::Sample },
+                strategy: strategy(args),
+                num_beams: args.beams.unwrap_or(base.num_beams),
                 seed: args.seed,
                 prompt: args.prompt.clone(),
                 strip_prompt: args.strip_prompt,
@@ -139,7 +143,12 @@ async fn caption_one(target: &mut Target, args: &CaptionArgs, name: &str) -> any
                 image: Some(pb::Image { source: Some(image) }),
                 params: Some(pb::GenerationParams {
                     num_candidates: Some(args.num_candidates),
-                    decoding: if args.greedy { pb::Decoding::Greedy } else { pb::Decoding::Sample } as i32,
+                    decoding: match strategy(args) {
+                        Strategy::Greedy => pb::Decoding::Greedy,
+                        Strategy::Sample => pb::Decoding::Sample,
+                        Strategy::Beam => pb::Decoding::Beam,
+                    } as i32,
+                    num_beams: args.beams,
                     seed: Some(args.seed),
                     prompt: args.prompt.clone(),
                     strip_prompt: Some(args.strip_prompt),
@@ -168,6 +177,14 @@ async fn caption_one(target: &mut Target, args: &CaptionArgs, name: &str) -> any
                 total_ms: out.timings.map_or(0.0, |t| t.total_ms),
             })
         }
+    }
+}
+
+fn strategy(args: &CaptionArgs) -> Strategy {
+    match (args.greedy, args.beams) {
+        (true, _) => Strategy::Greedy,
+        (false, Some(_)) => Strategy::Beam,
+        (false, None) => Strategy::Sample,
     }
 }
 

@@ -14,6 +14,7 @@ use rand::{rngs::StdRng, Rng, SeedableRng};
 use tch::{Device, Kind, Tensor};
 
 use super::{
+    beam::{BeamParams, BeamState},
     logits::{self, RowParams},
     params::{GenerationParams, Strategy},
 };
@@ -67,8 +68,10 @@ pub struct DecodeBatch<'m> {
     seen: Tensor,
     /// `[rows, past]`: cache positions that are padding for that row.
     padding: Option<Tensor>,
-    /// Finished candidates of requests still in flight.
+    /// Finished candidates of requests still in flight (greedy and sampled requests).
     results: HashMap<u64, Vec<Option<Vec<i64>>>>,
+    /// Beam search state of beam requests; their rows are their running beams.
+    beams: HashMap<u64, BeamState>,
     steps: u64,
     device: Device,
 }
@@ -91,8 +94,22 @@ impl<'m> DecodeBatch<'m> {
         let cross = decoder.cross_attn_cache(image_embeds);
         let mut rows = Vec::new();
         let mut row_image = Vec::new();
+        let mut beams = HashMap::new();
         for (i, req) in requests.iter().enumerate() {
-            for c in 0..req.params.num_candidates as usize {
+            let rows_needed = if req.params.strategy == Strategy::Beam {
+                let params = BeamParams {
+                    num_beams: req.params.num_beams as usize,
+                    length_penalty: req.params.length_penalty,
+                    early_stopping: req.params.early_stopping,
+                    max_length: req.params.max_length as usize,
+                    eos: special.eos,
+                };
+                beams.insert(req.id, BeamState::new(params, req.prefix.len()));
+                req.params.num_beams
+            } else {
+                req.params.num_candidates
+            };
+            for c in 0..rows_needed as usize {
                 rows.push(Row {
                     request: req.id,
                     candidate: c,
@@ -109,7 +126,11 @@ impl<'m> DecodeBatch<'m> {
             .to_device(device);
         let seen = Tensor::zeros([rows.len() as i64, vocab], (Kind::Bool, device)).scatter_value(1, &prefix_ids, 1);
         let row_params = row_params(&rows, vocab, device);
-        let results = requests.iter().map(|r| (r.id, vec![None; r.params.num_candidates as usize])).collect();
+        let results = requests
+            .iter()
+            .filter(|r| r.params.strategy != Strategy::Beam)
+            .map(|r| (r.id, vec![None; r.params.num_candidates as usize]))
+            .collect();
         Self {
             decoder,
             special,
@@ -121,6 +142,7 @@ impl<'m> DecodeBatch<'m> {
             seen,
             padding: None,
             results,
+            beams,
             steps: 0,
             device,
         }
@@ -137,7 +159,7 @@ impl<'m> DecodeBatch<'m> {
 
     /// Requests still decoding.
     pub fn active_requests(&self) -> usize {
-        self.results.len()
+        self.results.len() + self.beams.len()
     }
 
     /// Decoder forward passes run so far.
@@ -173,12 +195,34 @@ impl<'m> DecodeBatch<'m> {
         }
         let scores = self.decoder.next_token_logits(&hidden).to_kind(Kind::Float);
         self.steps += 1;
-        let next = self.choose_tokens(&scores);
+        let mut next = self.choose_tokens(&scores);
+        let mut done = Vec::new();
+        let mut beam_finished: Vec<u64> = Vec::new();
+        if !self.beams.is_empty() {
+            let (src, tokens, finished) = self.advance_beams(&scores);
+            self.reorder_rows(&src);
+            for (i, t) in tokens {
+                next[i] = t;
+            }
+            for (id, mut hyps) in finished {
+                let n =
+                    self.rows.iter().find(|r| r.request == id).map_or(hyps.len(), |r| r.params.num_candidates as usize);
+                hyps.truncate(n);
+                done.push(Decoded { id, candidates: hyps });
+                beam_finished.push(id);
+            }
+        }
         self.seen = self.seen.scatter_value(1, &Tensor::from_slice(&next).view([-1, 1]).to_device(self.device), 1);
 
         let mut keep = Vec::with_capacity(self.rows.len());
         for (i, (row, &token)) in self.rows.iter_mut().zip(&next).enumerate() {
             row.tokens.push(token);
+            if self.beams.contains_key(&row.request) {
+                if !beam_finished.contains(&row.request) {
+                    keep.push(i);
+                }
+                continue;
+            }
             let finished = token == self.special.eos || row.tokens.len() as u32 >= row.params.max_length;
             if finished {
                 if let Some(slots) = self.results.get_mut(&row.request) {
@@ -188,10 +232,70 @@ impl<'m> DecodeBatch<'m> {
                 keep.push(i);
             }
         }
+        for id in &beam_finished {
+            self.beams.remove(id);
+        }
         if keep.len() < self.rows.len() {
             self.retain_rows(&keep);
         }
-        self.collect_completed()
+        done.extend(self.collect_completed());
+        done
+    }
+
+    /// One beam-search step for every beam request: returns, for all rows, the row each new row
+    /// continues (`src`), the tokens beam rows take, and the requests whose search ended.
+    #[allow(clippy::type_complexity)]
+    fn advance_beams(&mut self, scores: &Tensor) -> (Vec<usize>, Vec<(usize, i64)>, Vec<(u64, Vec<Vec<i64>>)>) {
+        let vocab = scores.size()[1];
+        let log_probs = scores.log_softmax(-1, Kind::Float);
+        let log_probs = logits::repetition_penalty(&log_probs, &self.seen, &self.row_params.repetition_penalty);
+        let too_short: Vec<bool> = self.rows.iter().map(|r| (r.tokens.len() as u32) < r.params.min_length).collect();
+        let log_probs =
+            logits::suppress_eos(&log_probs, &Tensor::from_slice(&too_short).to_device(self.device), self.special.eos);
+        let mut src: Vec<usize> = (0..self.rows.len()).collect();
+        let mut tokens = Vec::new();
+        let mut finished = Vec::new();
+        let mut start = 0;
+        while start < self.rows.len() {
+            let id = self.rows[start].request;
+            let Some(state) = self.beams.get_mut(&id) else {
+                start += 1;
+                continue;
+            };
+            let k = state.num_beams();
+            let running = Tensor::from_slice(state.running_scores()).view([-1, 1]).to_device(self.device);
+            let total = (log_probs.narrow(0, start as i64, k as i64) + running).view([-1]);
+            let (values, indices) = total.topk((2 * k) as i64, -1, true, true);
+            let values = Vec::<f32>::try_from(values.to_device(Device::Cpu)).expect("f32 scores");
+            let indices = Vec::<i64>::try_from(indices.to_device(Device::Cpu)).expect("i64 indices");
+            let top: Vec<(f32, i64)> = values.into_iter().zip(indices).collect();
+            let beams_tokens: Vec<Vec<i64>> = self.rows[start..start + k].iter().map(|r| r.tokens.clone()).collect();
+            let step = state.step(&top, vocab, &beams_tokens);
+            for (j, (parent, token)) in step.next.into_iter().enumerate() {
+                src[start + j] = start + parent;
+                tokens.push((start + j, token));
+            }
+            if let Some(hyps) = step.done {
+                finished.push((id, hyps));
+            }
+            start += k;
+        }
+        (src, tokens, finished)
+    }
+
+    /// Rebuilds row `i` from row `src[i]` (beams continuing another beam's history).
+    fn reorder_rows(&mut self, src: &[usize]) {
+        if src.iter().enumerate().all(|(i, &s)| i == s) {
+            return;
+        }
+        let idx = Tensor::from_slice(&src.iter().map(|&i| i as i64).collect::<Vec<_>>()).to_device(self.device);
+        self.cache.select_rows(&idx);
+        self.seen = self.seen.index_select(0, &idx);
+        self.padding = self.padding.as_ref().map(|p| p.index_select(0, &idx));
+        let histories: Vec<Vec<i64>> = src.iter().map(|&s| self.rows[s].tokens.clone()).collect();
+        for (row, tokens) in self.rows.iter_mut().zip(histories) {
+            row.tokens = tokens;
+        }
     }
 
     /// Runs until every row has finished; returns every request's candidates in request order of
@@ -243,11 +347,12 @@ impl<'m> DecodeBatch<'m> {
             top_p: Tensor::cat(&[&p.top_p, &q.top_p], 0),
         };
         self.results.extend(other.results);
+        self.beams.extend(other.beams);
     }
 
     /// Drops every row of request `id` (its caller went away); true if it was decoding.
     pub fn cancel(&mut self, id: u64) -> bool {
-        if self.results.remove(&id).is_none() {
+        if self.results.remove(&id).is_none() && self.beams.remove(&id).is_none() {
             return false;
         }
         let keep: Vec<usize> = (0..self.rows.len()).filter(|&i| self.rows[i].request != id).collect();

@@ -1,5 +1,6 @@
 //! Caption generation: request parameters, logits processing and the batched decode loop.
 
+pub mod beam;
 pub mod decode;
 pub mod logits;
 pub mod params;

@@ -5,6 +5,8 @@
 pub enum Strategy {
     Greedy,
     Sample,
+    /// Beam search with `num_beams` beams; the candidates are the best finished beams.
+    Beam,
 }
 
 /// Everything that controls how one request's candidates are decoded.
@@ -26,6 +28,12 @@ pub struct GenerationParams {
     pub prompt: Option<String>,
     /// Remove the prompt from the returned text.
     pub strip_prompt: bool,
+    /// Beams of beam search (`Strategy::Beam`).
+    pub num_beams: u32,
+    /// Exponent of the generated length that divides a finished beam's score.
+    pub length_penalty: f32,
+    /// Stop beam search as soon as `num_beams` hypotheses are finished.
+    pub early_stopping: bool,
 }
 
 impl Default for GenerationParams {
@@ -42,6 +50,9 @@ impl Default for GenerationParams {
             seed: 0,
             prompt: None,
             strip_prompt: false,
+            num_beams: 3,
+            length_penalty: 1.0,
+            early_stopping: false,
         }
     }
 }
@@ -73,6 +84,9 @@ pub struct GenerationLimits {
     pub max_candidates: u32,
     pub max_length: u32,
 }
+
+/// Most beams one request may use.
+pub const MAX_BEAMS: u32 = 16;
 
 /// A rejected parameter, naming the request field.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -115,6 +129,23 @@ impl GenerationParams {
         if self.prompt.as_ref().is_some_and(|p| p.len() > MAX_PROMPT_BYTES) {
             return Err(invalid("prompt", format!("must be at most {MAX_PROMPT_BYTES} bytes")));
         }
+        if self.strategy == Strategy::Beam {
+            if self.num_beams == 0 || self.num_beams > MAX_BEAMS {
+                return Err(invalid("num_beams", format!("must be in 1..={MAX_BEAMS}, got {}", self.num_beams)));
+            }
+            if self.num_candidates > self.num_beams {
+                return Err(invalid(
+                    "num_candidates",
+                    format!(
+                        "beam search returns at most num_beams ({}) candidates, got {}",
+                        self.num_beams, self.num_candidates
+                    ),
+                ));
+            }
+            if !self.length_penalty.is_finite() {
+                return Err(invalid("length_penalty", format!("must be finite, got {}", self.length_penalty)));
+            }
+        }
         if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
             return Err(invalid(
                 "repetition_penalty",
@@ -134,7 +165,15 @@ mod tests {
     #[test]
     fn defaults_are_valid_and_each_bad_field_is_named() {
         assert_eq!(GenerationParams::default().validate(&LIMITS), Ok(()));
-        let cases: [(&str, fn(&mut GenerationParams)); 8] = [
+        let cases: [(&str, fn(&mut GenerationParams)); 10] = [
+            ("num_beams", |p| {
+                p.strategy = Strategy::Beam;
+                p.num_beams = 0
+            }),
+            ("num_candidates", |p| {
+                p.strategy = Strategy::Beam;
+                p.num_beams = 2
+            }),
             ("num_candidates", |p| p.num_candidates = 0),
             ("num_candidates", |p| p.num_candidates = 17),
             ("max_length", |p| p.max_length = 41),
