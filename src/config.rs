@@ -52,6 +52,9 @@ pub struct EngineArgs {
     /// Most captions one Rank request may carry.
     #[arg(long, env = "CAPTION_MAX_CAPTIONS", default_value_t = 64)]
     pub max_captions: usize,
+    /// Calls admitted at once (fetching, queued or computing); beyond it calls fail fast with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "CAPTION_MAX_INFLIGHT", default_value_t = 1024)]
+    pub max_inflight: usize,
     /// Largest encoded image accepted, inline or fetched, in bytes.
     #[arg(long, env = "CAPTION_MAX_IMAGE_BYTES", default_value_t = 20 * 1024 * 1024)]
     pub max_image_bytes: u64,
@@ -111,6 +114,7 @@ impl EngineArgs {
             generation: GenerationLimits { max_candidates: self.max_candidates, max_length: self.max_length },
             max_captions: self.max_captions,
             max_caption_bytes: 1024,
+            max_inflight: self.max_inflight,
         }
     }
 

@@ -44,6 +44,9 @@ pub struct RequestLimits {
     pub max_captions: usize,
     /// Longest caption accepted by Rank, in bytes.
     pub max_caption_bytes: usize,
+    /// Calls admitted at once (fetching, decoding, queued or computing); beyond it calls are
+    /// refused with RESOURCE_EXHAUSTED, so memory stays bounded under any load.
+    pub max_inflight: usize,
 }
 
 pub struct Cascade {
@@ -55,6 +58,8 @@ pub struct Cascade {
     limits: RequestLimits,
     /// Bounds CPU work (decode, resize) running at once on the blocking pool.
     cpu_slots: Semaphore,
+    /// Admission slots; see [`RequestLimits::max_inflight`].
+    inflight: Semaphore,
 }
 
 impl Cascade {
@@ -70,7 +75,8 @@ impl Cascade {
         // No request may outgrow the decoder's position table.
         limits.generation.max_length = limits.generation.max_length.min(blip.max_positions());
         let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
-        Self { scheduler, blip, clip, fetcher, cache, limits, cpu_slots: Semaphore::new(cpus) }
+        let inflight = Semaphore::new(limits.max_inflight.max(1));
+        Self { scheduler, blip, clip, fetcher, cache, limits, cpu_slots: Semaphore::new(cpus), inflight }
     }
 
     pub fn limits(&self) -> &RequestLimits {
@@ -92,6 +98,10 @@ impl Cascade {
         p
     }
 
+    fn admit(&self) -> Result<tokio::sync::SemaphorePermit<'_>, CascadeError> {
+        self.inflight.try_acquire().map_err(|_| EngineError::Overloaded("server").into())
+    }
+
     pub async fn generate(
         &self,
         source: ImageSource,
@@ -99,6 +109,7 @@ impl Cascade {
         admission: Admission,
     ) -> Result<Generated, CascadeError> {
         let start = Instant::now();
+        let _admitted = self.admit()?;
         params.validate(&self.limits.generation)?;
         let (key, image, fetch) = self.resolve(&source).await?;
         let (pixels, preprocess) = self.preprocess(image, self.blip.processor().clone()).await?;
@@ -119,6 +130,7 @@ impl Cascade {
         admission: Admission,
     ) -> Result<Ranked, CascadeError> {
         let start = Instant::now();
+        let _admitted = self.admit()?;
         self.check_captions(&captions)?;
         let (key, image, fetch) = self.resolve(&source).await?;
         let (pixels, preprocess) = self.preprocess(image, self.clip.processor().clone()).await?;
@@ -140,6 +152,7 @@ impl Cascade {
         admission: Admission,
     ) -> Result<Captioned, CascadeError> {
         let start = Instant::now();
+        let _admitted = self.admit()?;
         params.validate(&self.limits.generation)?;
         if top_k == 0 {
             return Err(InvalidParam { field: "top_k", reason: "must be at least 1".into() }.into());

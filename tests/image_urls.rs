@@ -1,0 +1,132 @@
+//! Images by URL over real HTTP: the URL is the key, a fetch failure or an oversize body has the
+//! right code, file:// obeys --allow-file-dir, and --max-inflight refuses calls beyond it at once.
+
+mod common;
+
+use std::{net::SocketAddr, time::Duration};
+
+use caption_cascade::api::pb::{self, cascade_client::CascadeClient, generator_client::GeneratorClient};
+use common::{channel, engine_args, scenes::draw_scene, start_server};
+use rand::{rngs::StdRng, SeedableRng};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpListener,
+};
+use tonic::Code;
+
+/// A tiny HTTP server: `/scene.png` answers a PNG, `/big` a body over the limit, `/hang` never
+/// answers, anything else 404.
+async fn http_server(png: Vec<u8>) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut sock, _) = listener.accept().await.unwrap();
+            let png = png.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let n = sock.read(&mut buf).await.unwrap_or(0);
+                let request = String::from_utf8_lossy(&buf[..n]);
+                let path = request.split_whitespace().nth(1).unwrap_or("/").to_string();
+                let (status, body) = match path.as_str() {
+                    "/scene.png" => ("200 OK", png),
+                    "/big" => ("200 OK", vec![0u8; 64 * 1024]),
+                    "/hang" => {
+                        tokio::time::sleep(Duration::from_secs(30)).await;
+                        return;
+                    }
+                    _ => ("404 Not Found", b"missing".to_vec()),
+                };
+                let head = format!("HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+                let _ = sock.write_all(head.as_bytes()).await;
+                let _ = sock.write_all(&body).await;
+            });
+        }
+    });
+    addr
+}
+
+fn url_image(url: String) -> Option<pb::Image> {
+    Some(pb::Image { source: Some(pb::image::Source::Url(url)) })
+}
+
+#[tokio::test]
+async fn urls_are_fetched_keyed_and_failures_have_their_codes() {
+    let scene = draw_scene(&mut StdRng::seed_from_u64(11));
+    let http = http_server(scene.png()).await;
+    let dir = std::env::temp_dir().join(format!("cc-files-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("scene.png"), scene.png()).unwrap();
+    let addr = start_server(engine_args(&["--max-image-bytes", "32768", "--allow-file-dir", dir.to_str().unwrap()]));
+    let mut client = CascadeClient::new(channel(addr).await);
+
+    let url = format!("http://{http}/scene.png");
+    let params = Some(pb::GenerationParams { seed: Some(5), ..Default::default() });
+    let by_url = pb::CaptionRequest { image: url_image(url.clone()), params: params.clone(), top_k: None };
+    let by_url = client.caption(by_url).await.unwrap().into_inner();
+    assert_eq!(by_url.key, url);
+    let by_bytes = pb::CaptionRequest { image: common::png_image(scene.png()), params, top_k: None };
+    let by_bytes = client.caption(by_bytes).await.unwrap().into_inner();
+    assert_eq!(by_url.candidates, by_bytes.candidates, "the same image by URL or by bytes");
+
+    let err = client
+        .caption(pb::CaptionRequest { image: url_image(format!("http://{http}/nope.png")), ..Default::default() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("404"), "{}", err.message());
+
+    let err = client
+        .caption(pb::CaptionRequest { image: url_image(format!("http://{http}/big")), ..Default::default() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("larger than the server's limit of 32768 bytes"), "{}", err.message());
+
+    let file = url::Url::from_file_path(dir.join("scene.png")).unwrap().to_string();
+    let resp = client.caption(pb::CaptionRequest { image: url_image(file.clone()), ..Default::default() }).await;
+    assert_eq!(resp.unwrap().into_inner().key, file);
+    let outside = url::Url::from_file_path(std::env::temp_dir()).unwrap().join("../etc/passwd").unwrap().to_string();
+    let err = client.caption(pb::CaptionRequest { image: url_image(outside), ..Default::default() }).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test]
+async fn calls_beyond_max_inflight_are_refused_at_once() {
+    let http = http_server(Vec::new()).await;
+    let addr = start_server(engine_args(&["--max-inflight", "1", "--fetch-timeout-s", "20"]));
+    let ch = channel(addr).await;
+    let hang = |ch: tonic::transport::Channel| {
+        tokio::spawn(async move {
+            let req = pb::GenerateRequest { image: url_image(format!("http://{http}/hang")), params: None };
+            GeneratorClient::new(ch).generate(req).await
+        })
+    };
+    // A call that holds the only slot while its image fetch hangs.
+    let mut holder = hang(ch.clone());
+    let mut client = GeneratorClient::new(ch.clone());
+    let scene = draw_scene(&mut StdRng::seed_from_u64(12));
+    let start = std::time::Instant::now();
+    let refused = loop {
+        // Admission comes before validation: an invalid probe is refused while the slot is held,
+        // and otherwise fails validation at once, releasing the slot.
+        let probe = pb::GenerateRequest {
+            image: common::png_image(scene.png()),
+            params: Some(pb::GenerationParams { top_p: Some(5.0), ..Default::default() }),
+        };
+        match client.generate(probe).await {
+            Err(e) if e.code() == Code::ResourceExhausted => break e,
+            Err(e) => assert_eq!(e.code(), Code::InvalidArgument),
+            Ok(_) => panic!("an invalid probe succeeded"),
+        }
+        if holder.is_finished() {
+            // The holder lost the race for the slot to a probe: send it again.
+            holder = hang(ch.clone());
+        }
+        tokio::task::yield_now().await;
+        assert!(start.elapsed() < std::time::Duration::from_secs(10), "never refused");
+    };
+    assert!(refused.message().contains("full"), "{}", refused.message());
+    holder.abort();
+}
