@@ -91,7 +91,7 @@ async fn cascade_ranks_sampled_candidates_and_returns_top_k() {
         assert!(!resp.captions.is_empty() && resp.captions.len() <= 3);
         assert_distribution(&resp.captions, false);
         let counted: u32 = resp.captions.iter().map(|c| c.count).sum();
-        assert!(counted >= 1 && counted <= 10);
+        assert!((1..=10).contains(&counted));
         let t = resp.timings.expect("timings");
         assert!(t.total_ms >= t.generate_ms && t.generate_ms > 0.0 && t.rank_ms > 0.0);
         right += usize::from(resp.captions[0].text == scene.caption);

@@ -267,6 +267,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::excessive_precision)] // the values as checkpoints write them
     fn normalises_per_channel_in_chw_order() {
         let blip = ImageProcessor::from_json(BLIP).unwrap();
         let img = image(384, 384, |_, _, c| [255, 0, 128][c]);

@@ -7,7 +7,7 @@
 use std::{
     collections::HashMap,
     path::{Path, PathBuf},
-    sync::Arc,
+    rc::Rc,
 };
 
 use tch::{Device, Kind, Tensor};
@@ -19,9 +19,9 @@ const WEIGHT_FILES: [&str; 2] = ["model.safetensors", "pytorch_model.bin"];
 
 #[derive(Clone)]
 pub struct Weights {
-    tensors: Arc<HashMap<String, Tensor>>,
+    tensors: Rc<HashMap<String, Tensor>>,
     prefix: String,
-    source: Arc<PathBuf>,
+    source: Rc<PathBuf>,
     random: Option<(Device, Kind)>,
 }
 
@@ -44,7 +44,7 @@ impl Weights {
                 (name, t.to_device(device))
             })
             .collect();
-        Ok(Self { tensors: Arc::new(tensors), prefix: String::new(), source: Arc::new(file), random: None })
+        Ok(Self { tensors: Rc::new(tensors), prefix: String::new(), source: Rc::new(file), random: None })
     }
 
     /// Freshly initialised weights of whatever shape the model asks for (benchmarks of full-size
@@ -52,16 +52,16 @@ impl Weights {
     /// No key is reported present, so tied weights stay tied.
     pub fn random(device: Device, kind: Kind) -> Self {
         Self {
-            tensors: Arc::new(HashMap::new()),
+            tensors: Rc::new(HashMap::new()),
             prefix: String::new(),
-            source: Arc::new(PathBuf::from("<random>")),
+            source: Rc::new(PathBuf::from("<random>")),
             random: Some((device, kind)),
         }
     }
 
     /// Builds a view over tensors already in memory (tests, fixtures).
     pub fn from_tensors(tensors: HashMap<String, Tensor>) -> Self {
-        Self { tensors: Arc::new(tensors), prefix: String::new(), source: Arc::new(PathBuf::new()), random: None }
+        Self { tensors: Rc::new(tensors), prefix: String::new(), source: Rc::new(PathBuf::new()), random: None }
     }
 
     /// A view one level down: `pp("encoder")` then `get("weight")` reads `<prefix>.encoder.weight`.

@@ -77,9 +77,9 @@ impl ClipEncoder {
             let k = split_heads(&l.k_proj.forward(&h), l.heads);
             let v = split_heads(&l.v_proj.forward(&h), l.heads);
             let ctx = attention(&q, &k, &v, mask, l.scale);
-            x = x + l.out_proj.forward(&merge_heads(&ctx));
+            x = &x + l.out_proj.forward(&merge_heads(&ctx));
             let h = l.fc2.forward(&l.act.forward(&l.fc1.forward(&l.layer_norm2.forward(&x))));
-            x = x + h;
+            x = &x + h;
         }
         x
     }

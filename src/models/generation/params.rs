@@ -165,7 +165,8 @@ mod tests {
     #[test]
     fn defaults_are_valid_and_each_bad_field_is_named() {
         assert_eq!(GenerationParams::default().validate(&LIMITS), Ok(()));
-        let cases: [(&str, fn(&mut GenerationParams)); 10] = [
+        type Breaker = fn(&mut GenerationParams);
+        let cases: [(&str, Breaker); 10] = [
             ("num_beams", |p| {
                 p.strategy = Strategy::Beam;
                 p.num_beams = 0
