@@ -6,6 +6,7 @@ VENV          := .venv
 PYTHON        ?= python3
 TORCH_VERSION := 2.11.0
 TORCH_STAMP   := $(VENV)/.torch-$(TORCH_VERSION)
+CLIENT_STAMP  := $(VENV)/.clients-$(shell cksum < tests/clients/requirements.txt | cut -d' ' -f1)
 # Resolved when a recipe runs, after the venv exists.
 LIBTORCH       = $(firstword $(wildcard $(CURDIR)/$(VENV)/lib/python3*/site-packages/torch))
 CARGO_ENV      = LIBTORCH="$(LIBTORCH)" LD_LIBRARY_PATH="$(LIBTORCH)/lib:$$LD_LIBRARY_PATH"
@@ -29,7 +30,11 @@ build: setup ## compile the server and CLI
 demo: build ## caption the sample scenes with the embedded models
 	$(CARGO_ENV) cargo run --locked --quiet -- caption $(DEMO_IMAGES)
 
-test: setup ## run every test
+$(CLIENT_STAMP): $(TORCH_STAMP)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r tests/clients/requirements.txt
+	touch $@
+
+test: setup $(CLIENT_STAMP) ## run every test (Rust, and a Python gRPC client)
 	$(CARGO_ENV) cargo test --locked
 
 lint: setup ## rustfmt and clippy, warnings are errors
