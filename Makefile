@@ -7,6 +7,7 @@ PYTHON        ?= python3
 TORCH_VERSION := 2.11.0
 TORCH_STAMP   := $(VENV)/.torch-$(TORCH_VERSION)
 CLIENT_STAMP  := $(VENV)/.clients-$(shell cksum < tests/clients/requirements.txt | cut -d' ' -f1)
+HELM_STAMP    := $(VENV)/.helm-$(shell cksum < tests/helm/requirements.txt | cut -d' ' -f1)
 # Resolved when a recipe runs, after the venv exists.
 LIBTORCH       = $(firstword $(wildcard $(CURDIR)/$(VENV)/lib/python3*/site-packages/torch))
 CARGO_ENV      = LIBTORCH="$(LIBTORCH)" LD_LIBRARY_PATH="$(LIBTORCH)/lib:$$LD_LIBRARY_PATH"
@@ -34,7 +35,12 @@ $(CLIENT_STAMP): $(TORCH_STAMP)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r tests/clients/requirements.txt
 	touch $@
 
-test: setup $(CLIENT_STAMP) ## run every test (Rust, and a Python gRPC client)
+# Helm's SDK and the Kubernetes schemas, for the chart check (no helm binary or cluster needed).
+$(HELM_STAMP): $(TORCH_STAMP)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r tests/helm/requirements.txt
+	touch $@
+
+test: setup $(CLIENT_STAMP) $(HELM_STAMP) ## run every test (Rust, a Python gRPC client, the Helm chart)
 	$(CARGO_ENV) cargo test --locked
 
 lint: setup ## rustfmt and clippy, warnings are errors

@@ -122,6 +122,19 @@ pub fn timings(t: &Timings) -> pb::Timings {
     }
 }
 
+impl From<pb::RankedCaption> for RankedCaption {
+    fn from(c: pb::RankedCaption) -> Self {
+        Self {
+            text: c.text,
+            probability: c.probability,
+            cosine: c.cosine,
+            logit: c.logit,
+            index: c.index,
+            count: c.count,
+        }
+    }
+}
+
 pub fn ranked(c: RankedCaption) -> pb::RankedCaption {
     pb::RankedCaption {
         text: c.text,

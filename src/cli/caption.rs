@@ -161,18 +161,7 @@ async fn caption_one(target: &mut Target, args: &CaptionArgs, name: &str) -> any
                 client.caption(req).await.map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?.into_inner();
             Ok(Outcome {
                 key: out.key,
-                captions: out
-                    .captions
-                    .into_iter()
-                    .map(|c| RankedCaption {
-                        text: c.text,
-                        probability: c.probability,
-                        cosine: c.cosine,
-                        logit: c.logit,
-                        index: c.index,
-                        count: c.count,
-                    })
-                    .collect(),
+                captions: out.captions.into_iter().map(RankedCaption::from).collect(),
                 candidates: out.candidates,
                 total_ms: out.timings.map_or(0.0, |t| t.total_ms),
             })

@@ -98,24 +98,21 @@ impl<G: Runner, R: Runner> Scheduler<G, R> {
     }
 
     pub async fn generate(&self, input: G::Input, admission: Admission) -> Result<G::Output, EngineError> {
-        let (reply, rx) = oneshot::channel();
-        let pending = self.pending(input, reply, admission);
-        {
-            let mut st = self.lock();
-            if st.shutting_down {
-                return Err(EngineError::ShuttingDown);
-            }
-            if st.generate.push(pending).is_err() {
-                counter!("caption_rejected_requests_total", "model" => G::NAME).increment(1);
-                return Err(EngineError::Overloaded(G::NAME));
-            }
-            gauge!("caption_queue_depth", "model" => G::NAME).set(st.generate.len() as f64);
-        }
-        self.shared.wake.notify_one();
-        rx.await.unwrap_or(Err(EngineError::ShuttingDown))
+        self.submit(input, admission, G::NAME, |st| &mut st.generate).await
     }
 
     pub async fn rank(&self, input: R::Input, admission: Admission) -> Result<R::Output, EngineError> {
+        self.submit(input, admission, R::NAME, |st| &mut st.rank).await
+    }
+
+    /// Queues one request (refusing at once when the queue is full) and waits for its answer.
+    async fn submit<I, O>(
+        &self,
+        input: I,
+        admission: Admission,
+        model: &'static str,
+        queue: impl FnOnce(&mut State<G, R>) -> &mut BatchQueue<I, O>,
+    ) -> Result<O, EngineError> {
         let (reply, rx) = oneshot::channel();
         let pending = self.pending(input, reply, admission);
         {
@@ -123,11 +120,12 @@ impl<G: Runner, R: Runner> Scheduler<G, R> {
             if st.shutting_down {
                 return Err(EngineError::ShuttingDown);
             }
-            if st.rank.push(pending).is_err() {
-                counter!("caption_rejected_requests_total", "model" => R::NAME).increment(1);
-                return Err(EngineError::Overloaded(R::NAME));
+            let q = queue(&mut st);
+            if q.push(pending).is_err() {
+                counter!("caption_rejected_requests_total", "model" => model).increment(1);
+                return Err(EngineError::Overloaded(model));
             }
-            gauge!("caption_queue_depth", "model" => R::NAME).set(st.rank.len() as f64);
+            gauge!("caption_queue_depth", "model" => model).set(q.len() as f64);
         }
         self.shared.wake.notify_one();
         rx.await.unwrap_or(Err(EngineError::ShuttingDown))
