@@ -122,3 +122,33 @@ fn the_vision_encoder_runs_once_per_image() {
     assert!(done.iter().all(|(_, r)| r.as_ref().unwrap().candidates.len() == 10));
     assert_eq!(runner.images_encoded(), 3, "3 images for 30 candidates");
 }
+
+#[test]
+fn requests_with_prompts_of_different_lengths_start_together() {
+    let runner = BlipRunner::load(Path::new(BLIP), Device::Cpu, Some(1)).unwrap();
+    let scene = draw_scene(&mut StdRng::seed_from_u64(7));
+    let px = runner.processor().pixels(&decode_image(&scene.png()).unwrap());
+    let params = |prompt: Option<&str>| GenerationParams {
+        num_candidates: 2,
+        seed: 9,
+        prompt: prompt.map(str::to_string),
+        ..Default::default()
+    };
+    let prompts = [None, Some("a large"), Some("a small red")];
+    let run = |ids: &[usize]| {
+        let inputs = ids
+            .iter()
+            .map(|&i| (i as u64, GenerateInput { pixels: px.clone(), params: params(prompts[i]) }))
+            .collect::<Vec<_>>();
+        let mut batch = runner.start(inputs);
+        let mut done = Vec::new();
+        while !batch.is_done() {
+            done.extend(batch.step());
+        }
+        done.sort_by_key(|(id, _)| *id);
+        done.into_iter().map(|(id, r)| (id, r.unwrap().candidates)).collect::<Vec<_>>()
+    };
+    let together = run(&[0, 1, 2]);
+    let alone: Vec<_> = (0..3).flat_map(|i| run(&[i])).collect();
+    assert_eq!(together, alone);
+}

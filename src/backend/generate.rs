@@ -194,19 +194,22 @@ impl Runner for BlipRunner {
         }
         let special = self.special_tokens();
         let mut decode: Option<DecodeBatch<'_>> = None;
+        // Batches only join after their first step (their caches exist); a lone group starts
+        // without stepping so the executor can pace it.
+        let several = groups.len() > 1;
         for (_, group) in groups {
             let pixels = stack_pixels(group.iter().map(|(_, i)| &i.pixels), self.device);
             let image_embeds = self.model.encode_image(&pixels);
             self.images_encoded.fetch_add(group.len() as u64, Ordering::Relaxed);
             let requests: Vec<DecodeRequest> = group.into_iter().map(|(r, _)| r).collect();
             let mut batch = DecodeBatch::new(&self.model.text_decoder, special, &image_embeds, &requests);
+            if several {
+                let done = batch.step();
+                early.extend(done.into_iter().map(|d| (d.id, self.finish(d, &strip, started))));
+            }
             match decode.as_mut() {
                 None => decode = Some(batch),
-                Some(running) => {
-                    let done = batch.step();
-                    early.extend(done.into_iter().map(|d| (d.id, self.finish(d, &strip, started))));
-                    running.join(batch);
-                }
+                Some(running) => running.join(batch),
             }
         }
         GenerateBatch { runner: self, decode, strip, early, started }

@@ -308,7 +308,8 @@ impl<'m> DecodeBatch<'m> {
         (done, self.steps)
     }
 
-    /// Moves every row of `other` (a batch that has run at least one step) into this batch.
+    /// Moves every row of `other` into this batch. Both must have run at least one step: a
+    /// batch's first step runs its whole prefix, later steps one token per row.
     pub fn join(&mut self, mut other: DecodeBatch<'m>) {
         if other.is_done() {
             return;
@@ -318,6 +319,7 @@ impl<'m> DecodeBatch<'m> {
             *self = other;
             return;
         }
+        assert!(self.steps > 0 && other.steps > 0, "decode batches join only after their first step");
         let (a, b) = (self.cache.past_len(), other.cache.past_len());
         let (na, nb) = (self.rows.len() as i64, other.rows.len() as i64);
         let pad_of = |p: &Option<Tensor>, rows: i64, len: i64, extra: i64, device| {
