@@ -35,15 +35,6 @@ pub fn generation_params(
         }
         Err(_) => return Err(Status::invalid_argument(format!("preset: unknown value {}", p.preset))),
     }
-    if let Some(v) = p.num_candidates {
-        out.num_candidates = v;
-    }
-    if let Some(v) = p.max_length {
-        out.max_length = v;
-    }
-    if let Some(v) = p.min_length {
-        out.min_length = v;
-    }
     out.strategy = match pb::Decoding::try_from(p.decoding) {
         Ok(pb::Decoding::Unspecified) => defaults.strategy,
         Ok(pb::Decoding::Greedy) => Strategy::Greedy,
@@ -51,36 +42,19 @@ pub fn generation_params(
         Ok(pb::Decoding::Beam) => Strategy::Beam,
         Err(_) => return Err(Status::invalid_argument(format!("decoding: unknown value {}", p.decoding))),
     };
-    if let Some(v) = p.temperature {
-        out.temperature = v;
-    }
-    if let Some(v) = p.top_k {
-        out.top_k = v;
-    }
-    if let Some(v) = p.top_p {
-        out.top_p = v;
-    }
-    if let Some(v) = p.repetition_penalty {
-        out.repetition_penalty = v;
-    }
-    if let Some(v) = p.seed {
-        out.seed = v;
-    }
-    if let Some(v) = p.prompt {
-        out.prompt = Some(v);
-    }
-    if let Some(v) = p.strip_prompt {
-        out.strip_prompt = v;
-    }
-    if let Some(v) = p.num_beams {
-        out.num_beams = v;
-    }
-    if let Some(v) = p.length_penalty {
-        out.length_penalty = v;
-    }
-    if let Some(v) = p.early_stopping {
-        out.early_stopping = v;
-    }
+    out.num_candidates = p.num_candidates.unwrap_or(out.num_candidates);
+    out.max_length = p.max_length.unwrap_or(out.max_length);
+    out.min_length = p.min_length.unwrap_or(out.min_length);
+    out.temperature = p.temperature.unwrap_or(out.temperature);
+    out.top_k = p.top_k.unwrap_or(out.top_k);
+    out.top_p = p.top_p.unwrap_or(out.top_p);
+    out.repetition_penalty = p.repetition_penalty.unwrap_or(out.repetition_penalty);
+    out.seed = p.seed.unwrap_or(out.seed);
+    out.prompt = p.prompt.or(out.prompt);
+    out.strip_prompt = p.strip_prompt.unwrap_or(out.strip_prompt);
+    out.num_beams = p.num_beams.unwrap_or(out.num_beams);
+    out.length_penalty = p.length_penalty.unwrap_or(out.length_penalty);
+    out.early_stopping = p.early_stopping.unwrap_or(out.early_stopping);
     Ok(out)
 }
 

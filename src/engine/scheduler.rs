@@ -45,6 +45,8 @@ struct Shared<G: Runner, R: Runner> {
     generate: Arc<G>,
     rank: Arc<R>,
     next_id: AtomicU64,
+    /// Requests a decode batch may hold; fixed at start, so read without the lock between steps.
+    generate_max_batch: usize,
 }
 
 /// Handle to the scheduler; clones share the same queues and executors.
@@ -84,6 +86,7 @@ impl<G: Runner, R: Runner> Scheduler<G, R> {
             generate,
             rank,
             next_id: AtomicU64::new(0),
+            generate_max_batch: config.generate.max_batch_size,
         });
         let threads = (0..config.executors.max(1))
             .map(|i| {
@@ -169,10 +172,8 @@ fn executor_loop<G: Runner, R: Runner>(shared: &Shared<G, R>) {
     let mut running: Option<G::Batch<'_>> = None;
     let mut inflight: HashMap<u64, InFlight<G::Output>> = HashMap::new();
     loop {
-        let join_room = running
-            .as_ref()
-            .filter(|b| b.joinable())
-            .map(|b| shared.generate_batch_limit().saturating_sub(b.requests()));
+        let join_room =
+            running.as_ref().filter(|b| b.joinable()).map(|b| shared.generate_max_batch.saturating_sub(b.requests()));
         let Some(work) = next_work(shared, running.is_some(), join_room.unwrap_or(0)) else {
             return;
         };
@@ -227,12 +228,6 @@ fn executor_loop<G: Runner, R: Runner>(shared: &Shared<G, R>) {
             let ids: Vec<u64> = inflight.keys().copied().collect();
             fail(&mut inflight, &ids, "the batch ended without a result for this request");
         }
-    }
-}
-
-impl<G: Runner, R: Runner> Shared<G, R> {
-    fn generate_batch_limit(&self) -> usize {
-        self.state.lock().expect("scheduler lock poisoned").generate.config.max_batch_size
     }
 }
 
