@@ -2,8 +2,9 @@
 //! sorted distribution; bad input gets INVALID_ARGUMENT and the server keeps serving.
 //!
 //! Accuracy bars are set below what the shipped shapes models measure (tools/README.md,
-//! models/shapes-eval.json: BLIP greedy exact match 52.6 %, CLIP top-1 vs 9 random captions
-//! 99.2 %): they catch a broken model or pipeline, not the models' remaining circle/square errors.
+//! models/shapes-eval.json: BLIP greedy exact match 72.0 %, CLIP top-1 vs 9 random captions
+//! 99.2 %; here greedy 41/60, cascade 29/40, best beam 12/20): they catch a broken model or
+//! pipeline, not the captioner's remaining circle/square errors.
 
 mod common;
 
@@ -50,7 +51,7 @@ async fn greedy_generate_writes_the_true_caption() {
         right += usize::from(resp.candidates[0].text == scene.caption);
     }
     let accuracy = right as f64 / total as f64;
-    assert!(accuracy >= 0.40, "greedy exact match {accuracy:.3} < 0.40");
+    assert!(accuracy >= 0.55, "greedy exact match {accuracy:.3} < 0.55");
 }
 
 #[tokio::test]
@@ -101,7 +102,7 @@ async fn cascade_ranks_sampled_candidates_and_returns_top_k() {
         right += usize::from(resp.captions[0].text == scene.caption);
     }
     let accuracy = right as f64 / total as f64;
-    assert!(accuracy >= 0.35, "cascade top-1 {accuracy:.3} < 0.35");
+    assert!(accuracy >= 0.55, "cascade top-1 {accuracy:.3} < 0.55");
 }
 
 #[tokio::test]
@@ -273,7 +274,7 @@ async fn beam_search_returns_the_best_distinct_beams() {
         assert!(ids[0] != ids[1] && ids[1] != ids[2] && ids[0] != ids[2], "beams are distinct: {ids:?}");
         right += usize::from(resp.candidates[0].text == scene.caption);
     }
-    assert!(right >= 5, "best beam right on {right}/20 scenes");
+    assert!(right >= 8, "best beam right on {right}/20 scenes");
     let bad = pb::GenerateRequest {
         image: png_image(draw_scene(&mut rng).png()),
         params: Some(pb::GenerationParams {
