@@ -1,13 +1,16 @@
 //! The shared scheduler with fake models: batches fill to max_batch_size, a lone request waits at
 //! most max_queue_delay, a full queue refuses at once, deadlines and cancellations drop work,
-//! joiners enter a running decode batch, and neither model starves the other.
+//! joiners enter a running decode batch, and neither model starves the other. Batching delays and
+//! deadlines run on a manual clock, so those checks do not race real time.
 
 use std::{
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
-use caption_cascade::engine::{Admission, Batch, EngineError, QueueConfig, Runner, Scheduler, SchedulerConfig};
+use caption_cascade::engine::{
+    Admission, Batch, Clock, EngineError, ManualClock, QueueConfig, Runner, Scheduler, SchedulerConfig,
+};
 
 /// What the fake models saw, for assertions.
 #[derive(Default)]
@@ -123,89 +126,133 @@ fn queue(max_batch_size: usize, delay_ms: u64, max_queue_size: usize) -> QueueCo
     QueueConfig { max_batch_size, max_queue_delay: Duration::from_millis(delay_ms), max_queue_size }
 }
 
+/// A scheduler with one executor whose batching delays and deadlines run on a manual clock: time
+/// stands still unless a test advances it, so a queue with delay 0 is ready at once and any other
+/// waits exactly until the test says so.
 fn scheduler(
     generate: QueueConfig,
     rank: QueueConfig,
     step_ms: u64,
-) -> (Scheduler<FakeGenerate, FakeRank>, Arc<Mutex<Log>>) {
+) -> (Scheduler<FakeGenerate, FakeRank>, Arc<Mutex<Log>>, Arc<ManualClock>) {
     let log = Arc::new(Mutex::new(Log::default()));
-    let s = Scheduler::start(
+    let clock = Arc::new(ManualClock::new());
+    let s = Scheduler::start_with_clock(
         SchedulerConfig { executors: 1, generate, rank },
         Arc::new(FakeGenerate { log: log.clone(), step_time: Duration::from_millis(step_ms) }),
         Arc::new(FakeRank { log: log.clone() }),
+        clock.clone(),
     );
-    (s, log)
+    (s, log, clock)
+}
+
+/// Polls (with a generous real-time bound) until `done` holds.
+async fn until(what: &str, mut done: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        assert!(start.elapsed() < Duration::from_secs(5), "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+fn advance(s: &Scheduler<FakeGenerate, FakeRank>, clock: &ManualClock, ms: u64) {
+    clock.advance(Duration::from_millis(ms));
+    s.wake();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rank_batches_fill_to_max_batch_size() {
-    let (s, log) = scheduler(queue(8, 1, 64), queue(4, 2_000, 64), 1);
-    let calls: Vec<_> = (0..8).map(|i| s.rank(i, Admission::default())).collect();
-    let start = Instant::now();
-    let results = futures::future::join_all(calls).await;
-    assert_eq!(results, (0..8).map(|i| Ok(2 * i)).collect::<Vec<_>>());
+    let (s, log, clock) = scheduler(queue(8, 0, 64), queue(4, 100, 64), 1);
+    let calls = tokio::spawn({
+        let s = s.clone();
+        async move { futures::future::join_all((0..10).map(|i| s.rank(i, Admission::default()))).await }
+    });
+    // Two full batches run at once; the two left over wait for the delay, which has not passed.
+    until("two batches ran and two requests wait", || {
+        log.lock().unwrap().rank_batches.len() == 2 && s.queue_depths().1 == 2
+    })
+    .await;
     assert_eq!(log.lock().unwrap().rank_batches, [4, 4]);
-    // Full batches run without waiting out the 2 s delay.
-    assert!(start.elapsed() < Duration::from_secs(1), "{:?}", start.elapsed());
+    advance(&s, &clock, 100);
+    assert_eq!(calls.await.unwrap(), (0..10).map(|i| Ok(2 * i)).collect::<Vec<_>>());
+    assert_eq!(log.lock().unwrap().rank_batches, [4, 4, 2]);
     s.shutdown();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lone_request_waits_at_most_the_queue_delay() {
-    let (s, log) = scheduler(queue(8, 1, 64), queue(32, 150, 64), 1);
-    let start = Instant::now();
-    assert_eq!(s.rank(21, Admission::default()).await, Ok(42));
-    let waited = start.elapsed();
-    assert!(waited >= Duration::from_millis(140), "ran before the delay: {waited:?}");
-    assert!(waited < Duration::from_millis(1_000), "waited far past the delay: {waited:?}");
+    let (s, log, clock) = scheduler(queue(8, 0, 64), queue(32, 150, 64), 1);
+    let call = tokio::spawn({
+        let s = s.clone();
+        async move { s.rank(21, Admission::default()).await }
+    });
+    until("the request is queued", || s.queue_depths().1 == 1).await;
+    advance(&s, &clock, 149);
+    // Give a wrongly eager executor real time to misbehave: 1 ms short of the delay, nothing runs.
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    assert!(log.lock().unwrap().rank_batches.is_empty(), "ran before the delay");
+    assert!(!call.is_finished());
+    advance(&s, &clock, 1);
+    assert_eq!(call.await.unwrap(), Ok(42));
     assert_eq!(log.lock().unwrap().rank_batches, [1]);
     s.shutdown();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_queue_refuses_at_once_and_accepted_work_still_completes() {
-    let (s, _log) = scheduler(queue(8, 1, 64), queue(32, 300, 2), 1);
-    let a = tokio::spawn({
-        let s = s.clone();
-        async move { s.rank(1, Admission::default()).await }
-    });
-    let b = tokio::spawn({
-        let s = s.clone();
-        async move { s.rank(2, Admission::default()).await }
-    });
-    // Wait until both sit in the queue.
-    while s.queue_depths().1 < 2 {
-        tokio::task::yield_now().await;
-    }
-    let start = Instant::now();
+    let (s, log, clock) = scheduler(queue(8, 0, 64), queue(32, 300, 2), 1);
+    let accepted: Vec<_> = (1..=2)
+        .map(|i| {
+            let s = s.clone();
+            tokio::spawn(async move { s.rank(i, Admission::default()).await })
+        })
+        .collect();
+    until("both requests are queued", || s.queue_depths().1 == 2).await;
+    // Refused without the clock moving: the answer does not wait for any batch.
     assert_eq!(s.rank(3, Admission::default()).await, Err(EngineError::Overloaded("rank")));
-    assert!(start.elapsed() < Duration::from_millis(100));
-    assert_eq!(a.await.unwrap(), Ok(2));
-    assert_eq!(b.await.unwrap(), Ok(4));
+    assert!(log.lock().unwrap().rank_batches.is_empty());
+    advance(&s, &clock, 300);
+    for (call, want) in accepted.into_iter().zip([2, 4]) {
+        assert_eq!(call.await.unwrap(), Ok(want));
+    }
     s.shutdown();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deadlines_drop_work_queued_or_between_steps() {
-    let (s, log) = scheduler(queue(8, 1, 64), queue(8, 1, 64), 2);
+    let (s, log, clock) = scheduler(queue(8, 0, 64), queue(8, 1_000, 64), 2);
     // Already expired when queued: never reaches the model.
-    let past = Admission { deadline: Some(Instant::now()) };
+    let past = Admission { deadline: Some(clock.now()) };
     assert_eq!(s.generate(5, past).await, Err(EngineError::DeadlineExceeded));
+    // Expires while waiting for its batch to fill: answered without reaching the model.
+    let queued = tokio::spawn({
+        let s = s.clone();
+        let admission = Admission { deadline: Some(clock.now() + Duration::from_millis(10)) };
+        async move { s.rank(7, admission).await }
+    });
+    until("the rank request is queued", || s.queue_depths().1 == 1).await;
+    advance(&s, &clock, 10);
+    assert_eq!(queued.await.unwrap(), Err(EngineError::DeadlineExceeded));
+    assert!(log.lock().unwrap().rank_batches.is_empty());
     // Expires while decoding a long request: leaves the batch between steps.
-    let soon = Admission { deadline: Some(Instant::now() + Duration::from_millis(60)) };
-    let start = Instant::now();
-    assert_eq!(s.generate(10_000, soon).await, Err(EngineError::DeadlineExceeded));
-    assert!(start.elapsed() < Duration::from_secs(2));
+    let decoding = tokio::spawn({
+        let s = s.clone();
+        let admission = Admission { deadline: Some(clock.now() + Duration::from_millis(60)) };
+        async move { s.generate(10_000, admission).await }
+    });
+    until("the long request started", || !log.lock().unwrap().started.is_empty()).await;
+    advance(&s, &clock, 60);
+    assert_eq!(decoding.await.unwrap(), Err(EngineError::DeadlineExceeded));
     let log = log.lock().unwrap();
-    assert_eq!(log.started.len(), 1, "only the second request started");
+    assert_eq!(log.started.len(), 1, "only the long request started");
     assert_eq!(log.cancelled.len(), 1, "and it was dropped from its batch");
+    assert!(log.generate_steps.len() < 10_000);
     drop(log);
     s.shutdown();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancelled_call_leaves_the_batch() {
-    let (s, log) = scheduler(queue(8, 1, 64), queue(8, 1, 64), 2);
+    let (s, log, _clock) = scheduler(queue(8, 0, 64), queue(8, 0, 64), 2);
     let call = tokio::spawn({
         let s = s.clone();
         async move { s.generate(10_000, Admission::default()).await }
@@ -226,7 +273,7 @@ async fn a_cancelled_call_leaves_the_batch() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_short_request_joins_a_running_batch_and_finishes_first() {
-    let (s, log) = scheduler(queue(8, 1, 64), queue(8, 1, 64), 3);
+    let (s, log, _clock) = scheduler(queue(8, 0, 64), queue(8, 0, 64), 3);
     let long = tokio::spawn({
         let s = s.clone();
         async move {
@@ -248,12 +295,12 @@ async fn a_short_request_joins_a_running_batch_and_finishes_first() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ranking_is_not_starved_by_running_generation() {
-    let (s, _log) = scheduler(queue(8, 1, 64), queue(8, 1, 64), 3);
+    let (s, log, _clock) = scheduler(queue(8, 0, 64), queue(8, 0, 64), 3);
     let long = tokio::spawn({
         let s = s.clone();
         async move { s.generate(500, Admission::default()).await }
     });
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    until("generation is decoding", || !log.lock().unwrap().started.is_empty()).await;
     let start = Instant::now();
     assert_eq!(s.rank(4, Admission::default()).await, Ok(8));
     assert!(start.elapsed() < Duration::from_millis(500), "rank waited {:?}", start.elapsed());
@@ -264,7 +311,7 @@ async fn ranking_is_not_starved_by_running_generation() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn generation_is_not_starved_by_ranking_traffic() {
-    let (s, _log) = scheduler(queue(8, 1, 64), queue(1, 1, 1024), 1);
+    let (s, _log, _clock) = scheduler(queue(8, 0, 64), queue(1, 0, 1024), 1);
     let flood: Vec<_> = (0..200)
         .map(|i| {
             let s = s.clone();

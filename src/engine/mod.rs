@@ -3,9 +3,11 @@
 //! arrive while a decode batch runs join it at the next step boundary. The engine knows models
 //! only through [`Runner`] and [`Batch`].
 
+mod clock;
 mod queue;
 mod scheduler;
 
+pub use clock::{Clock, ManualClock, SystemClock};
 pub use queue::QueueConfig;
 pub use scheduler::{Scheduler, SchedulerConfig};
 

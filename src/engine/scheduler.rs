@@ -21,6 +21,7 @@ use metrics::{counter, gauge, histogram};
 use tokio::sync::oneshot;
 
 use super::{
+    clock::{Clock, SystemClock},
     queue::{BatchQueue, Pending, QueueConfig},
     Admission, Batch, EngineError, Runner,
 };
@@ -44,6 +45,7 @@ struct Shared<G: Runner, R: Runner> {
     wake: Condvar,
     generate: Arc<G>,
     rank: Arc<R>,
+    clock: Arc<dyn Clock>,
     next_id: AtomicU64,
     /// Requests a decode batch may hold; fixed at start, so read without the lock between steps.
     generate_max_batch: usize,
@@ -76,6 +78,11 @@ struct InFlight<O> {
 
 impl<G: Runner, R: Runner> Scheduler<G, R> {
     pub fn start(config: SchedulerConfig, generate: Arc<G>, rank: Arc<R>) -> Self {
+        Self::start_with_clock(config, generate, rank, Arc::new(SystemClock))
+    }
+
+    /// As [`Scheduler::start`], with batching delays and deadlines measured on `clock`.
+    pub fn start_with_clock(config: SchedulerConfig, generate: Arc<G>, rank: Arc<R>, clock: Arc<dyn Clock>) -> Self {
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 generate: BatchQueue::new(config.generate),
@@ -85,6 +92,7 @@ impl<G: Runner, R: Runner> Scheduler<G, R> {
             wake: Condvar::new(),
             generate,
             rank,
+            clock,
             next_id: AtomicU64::new(0),
             generate_max_batch: config.generate.max_batch_size,
         });
@@ -141,13 +149,18 @@ impl<G: Runner, R: Runner> Scheduler<G, R> {
         admission: Admission,
     ) -> Pending<I, O> {
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
-        Pending { id, input, reply, enqueued: Instant::now(), admission }
+        Pending { id, input, reply, enqueued: self.shared.clock.now(), admission }
     }
 
     /// Requests waiting in the (generate, rank) queues.
     pub fn queue_depths(&self) -> (usize, usize) {
         let st = self.lock();
         (st.generate.len(), st.rank.len())
+    }
+
+    /// Makes idle executors look at the queues again (after moving a manual clock).
+    pub fn wake(&self) {
+        self.shared.wake.notify_all();
     }
 
     /// Stops accepting work, lets executors finish everything accepted, and joins them.
@@ -178,10 +191,10 @@ fn executor_loop<G: Runner, R: Runner>(shared: &Shared<G, R>) {
             return;
         };
         if !work.rank.is_empty() {
-            run_to_completion(&*shared.rank, work.rank);
+            run_to_completion(&*shared.rank, work.rank, &*shared.clock);
         }
         if !work.generate.is_empty() {
-            let inputs = admit(work.generate, &mut inflight, G::NAME);
+            let inputs = admit(work.generate, &mut inflight, G::NAME, shared.clock.now());
             let new_ids: Vec<u64> = inputs.iter().map(|(id, _)| *id).collect();
             if !inputs.is_empty() {
                 let joining = running.is_some();
@@ -193,7 +206,7 @@ fn executor_loop<G: Runner, R: Runner>(shared: &Shared<G, R>) {
                 });
                 match started {
                     Ok((batch, done)) => {
-                        deliver(done, &mut inflight, G::NAME);
+                        deliver(done, &mut inflight, G::NAME, shared.clock.now());
                         match running.as_mut() {
                             Some(r) => r.join(batch),
                             None => running = Some(batch),
@@ -205,14 +218,14 @@ fn executor_loop<G: Runner, R: Runner>(shared: &Shared<G, R>) {
         }
         let mut finished = false;
         if let Some(batch) = running.as_mut() {
-            drop_abandoned(batch, &mut inflight, G::NAME);
+            drop_abandoned(batch, &mut inflight, G::NAME, shared.clock.now());
             if !batch.is_done() {
                 let size = batch.requests();
                 match guarded(|| batch.step()) {
                     Ok(done) => {
                         histogram!("caption_batch_size", "model" => G::NAME).record(size as f64);
                         counter!("caption_decode_steps_total").increment(1);
-                        deliver(done, &mut inflight, G::NAME);
+                        deliver(done, &mut inflight, G::NAME, shared.clock.now());
                     }
                     Err(msg) => {
                         let ids: Vec<u64> = inflight.keys().copied().collect();
@@ -237,7 +250,7 @@ fn executor_loop<G: Runner, R: Runner>(shared: &Shared<G, R>) {
 fn next_work<G: Runner, R: Runner>(shared: &Shared<G, R>, busy: bool, join_room: usize) -> Option<Work<G, R>> {
     let mut st = shared.state.lock().expect("scheduler lock poisoned");
     loop {
-        let now = Instant::now();
+        let now = shared.clock.now();
         count_dropped(G::NAME, st.generate.prune(now));
         count_dropped(R::NAME, st.rank.prune(now));
         // While draining, run whatever is queued without waiting to fill batches.
@@ -265,7 +278,7 @@ fn next_work<G: Runner, R: Runner>(shared: &Shared<G, R>, busy: bool, join_room:
         }
         let wake_at = [st.generate.ready_at(), st.rank.ready_at()].into_iter().flatten().min();
         // With nothing queued, sleep until a submit notifies; the timeout only bounds a missed wake.
-        let wait = wake_at.map_or(Duration::from_secs(1), |at| at.saturating_duration_since(now));
+        let wait = wake_at.map_or(Duration::from_secs(1), |at| shared.clock.sleep_until(at));
         st = shared.wake.wait_timeout(st, wait).expect("scheduler lock poisoned").0;
     }
 }
@@ -285,8 +298,8 @@ fn admit<I, O>(
     batch: Vec<Pending<I, O>>,
     inflight: &mut HashMap<u64, InFlight<O>>,
     model: &'static str,
+    now: Instant,
 ) -> Vec<(u64, I)> {
-    let now = Instant::now();
     let mut inputs = Vec::with_capacity(batch.len());
     for p in batch {
         if p.abandoned() {
@@ -305,10 +318,16 @@ fn admit<I, O>(
     inputs
 }
 
-fn deliver<O>(done: Vec<(u64, Result<O, EngineError>)>, inflight: &mut HashMap<u64, InFlight<O>>, model: &'static str) {
+fn deliver<O>(
+    done: Vec<(u64, Result<O, EngineError>)>,
+    inflight: &mut HashMap<u64, InFlight<O>>,
+    model: &'static str,
+    now: Instant,
+) {
     for (id, result) in done {
         if let Some(f) = inflight.remove(&id) {
-            histogram!("caption_compute_duration_seconds", "model" => model).record(f.started.elapsed().as_secs_f64());
+            let compute = now.saturating_duration_since(f.started);
+            histogram!("caption_compute_duration_seconds", "model" => model).record(compute.as_secs_f64());
             let _ = f.reply.send(result);
         }
     }
@@ -323,8 +342,12 @@ fn fail<O>(inflight: &mut HashMap<u64, InFlight<O>>, ids: &[u64], msg: &str) {
 }
 
 /// Between steps: requests whose caller left or whose deadline passed leave the batch.
-fn drop_abandoned<B: Batch>(batch: &mut B, inflight: &mut HashMap<u64, InFlight<B::Output>>, model: &'static str) {
-    let now = Instant::now();
+fn drop_abandoned<B: Batch>(
+    batch: &mut B,
+    inflight: &mut HashMap<u64, InFlight<B::Output>>,
+    model: &'static str,
+    now: Instant,
+) {
     let gone: Vec<(u64, bool)> = inflight
         .iter()
         .filter_map(|(&id, f)| {
@@ -350,9 +373,9 @@ fn drop_abandoned<B: Batch>(batch: &mut B, inflight: &mut HashMap<u64, InFlight<
 }
 
 /// Runs a batch of a model without iteration-level joining (ranking) from start to end.
-fn run_to_completion<M: Runner>(runner: &M, batch: Vec<Pending<M::Input, M::Output>>) {
+fn run_to_completion<M: Runner>(runner: &M, batch: Vec<Pending<M::Input, M::Output>>, clock: &dyn Clock) {
     let mut inflight = HashMap::new();
-    let inputs = admit(batch, &mut inflight, M::NAME);
+    let inputs = admit(batch, &mut inflight, M::NAME, clock.now());
     if inputs.is_empty() {
         return;
     }
@@ -367,7 +390,7 @@ fn run_to_completion<M: Runner>(runner: &M, batch: Vec<Pending<M::Input, M::Outp
     });
     let ids: Vec<u64> = inflight.keys().copied().collect();
     match result {
-        Ok(done) => deliver(done, &mut inflight, M::NAME),
+        Ok(done) => deliver(done, &mut inflight, M::NAME, clock.now()),
         Err(msg) => fail(&mut inflight, &ids, &msg),
     }
     fail(&mut inflight, &ids, "the batch ended without a result for this request");
