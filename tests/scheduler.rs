@@ -257,9 +257,7 @@ async fn a_cancelled_call_leaves_the_batch() {
         let s = s.clone();
         async move { s.generate(10_000, Admission::default()).await }
     });
-    while log.lock().unwrap().started.is_empty() {
-        tokio::task::yield_now().await;
-    }
+    until("the long request started", || !log.lock().unwrap().started.is_empty()).await;
     call.abort();
     let start = Instant::now();
     while log.lock().unwrap().cancelled.is_empty() {
@@ -281,9 +279,7 @@ async fn a_short_request_joins_a_running_batch_and_finishes_first() {
             (r, Instant::now())
         }
     });
-    while log.lock().unwrap().started.is_empty() {
-        tokio::task::yield_now().await;
-    }
+    until("the long request started", || !log.lock().unwrap().started.is_empty()).await;
     let (short, short_done) = (s.generate(5, Admission::default()).await, Instant::now());
     let (long, long_done) = long.await.unwrap();
     assert_eq!((short, long), (Ok(5), Ok(200)));

@@ -545,7 +545,7 @@ def train_blip_vision(model: BlipForConditionalGeneration, probe: VisionProbe, p
     Telling a circle from a square is a sub-patch detail that a linear patch
     stem learns slowly; with the captioning loss alone the captioner stayed
     near chance on it. Per-patch targets teach it directly, and the vision
-    tower alone costs about 60 % of a captioner step.
+    tower alone costs about three quarters of a captioner step.
     """
     trainable = torch.nn.ModuleDict({"vision": model.vision_model, "probe": probe})
     opt = make_optimizer(trainable, BLIP_LR)
