@@ -1,10 +1,10 @@
 //! The three services over real gRPC, on fresh scenes: captions must be right, probabilities a
 //! sorted distribution; bad input gets INVALID_ARGUMENT and the server keeps serving.
 //!
-//! Accuracy bars are set below what the shipped shapes models measure (tools/README.md,
-//! models/shapes-eval.json: BLIP greedy exact match 72.0 %, CLIP top-1 vs 9 random captions
-//! 99.2 %; here greedy 41/60, cascade 29/40, best beam 12/20): they catch a broken model or
-//! pipeline, not the captioner's remaining circle/square errors.
+//! Accuracy bars: greedy captions must meet the embedded model's target of 95 % exact match; the
+//! others sit a few scenes below what the shipped shapes models measure (tools/README.md,
+//! models/shapes-eval.json: BLIP greedy 97.4 %, CLIP top-1 vs 9 random captions 99.2 %; here
+//! greedy 195/200, CLIP 98/100, cascade 38/40, best beam 19/20).
 
 mod common;
 
@@ -32,7 +32,7 @@ fn assert_distribution(captions: &[pb::RankedCaption], complete: bool) {
 async fn greedy_generate_writes_the_true_caption() {
     let mut client = GeneratorClient::new(shared_channel().await);
     let mut rng = StdRng::seed_from_u64(101);
-    let total = 60;
+    let total = 200;
     let mut right = 0;
     for _ in 0..total {
         let scene = draw_scene(&mut rng);
@@ -51,7 +51,8 @@ async fn greedy_generate_writes_the_true_caption() {
         right += usize::from(resp.candidates[0].text == scene.caption);
     }
     let accuracy = right as f64 / total as f64;
-    assert!(accuracy >= 0.55, "greedy exact match {accuracy:.3} < 0.55");
+    eprintln!("greedy exact match {right}/{total}");
+    assert!(accuracy >= 0.95, "greedy exact match {accuracy:.3} < 0.95");
 }
 
 #[tokio::test]
@@ -75,6 +76,7 @@ async fn rank_puts_the_true_caption_first_among_distractors() {
         right += usize::from(resp.captions[0].text == truth);
     }
     let accuracy = right as f64 / total as f64;
+    eprintln!("CLIP top-1 among 10: {right}/{total}");
     assert!(accuracy >= 0.95, "CLIP top-1 among 10 {accuracy:.3} < 0.95");
 }
 
@@ -102,7 +104,8 @@ async fn cascade_ranks_sampled_candidates_and_returns_top_k() {
         right += usize::from(resp.captions[0].text == scene.caption);
     }
     let accuracy = right as f64 / total as f64;
-    assert!(accuracy >= 0.55, "cascade top-1 {accuracy:.3} < 0.55");
+    eprintln!("cascade top-1 {right}/{total}");
+    assert!(accuracy >= 0.85, "cascade top-1 {accuracy:.3} < 0.85");
 }
 
 #[tokio::test]
@@ -274,7 +277,8 @@ async fn beam_search_returns_the_best_distinct_beams() {
         assert!(ids[0] != ids[1] && ids[1] != ids[2] && ids[0] != ids[2], "beams are distinct: {ids:?}");
         right += usize::from(resp.candidates[0].text == scene.caption);
     }
-    assert!(right >= 8, "best beam right on {right}/20 scenes");
+    eprintln!("best beam right on {right}/20 scenes");
+    assert!(right >= 16, "best beam right on {right}/20 scenes");
     let bad = pb::GenerateRequest {
         image: png_image(draw_scene(&mut rng).png()),
         params: Some(pb::GenerationParams {

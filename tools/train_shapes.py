@@ -58,6 +58,7 @@ SEED_CLIP_DATA = 2
 SEED_EXAMPLES = 3
 SEED_EVAL = 4
 SEED_TORCH = 5
+SEED_NOISE = 6
 
 IMAGE_SIZE = 64  # CLIP's input
 # BLIP's input. 128 px with 16 px patches (the same 64 tokens, full-resolution detail) was tried:
@@ -79,8 +80,9 @@ EVAL_DISTRACTORS = 9
 
 # Training schedule. Step counts, not wall time, bound training so that a run
 # is reproducible; they are sized to end well inside 15 minutes on 2 cores.
-BLIP_VISION_STEPS = 3600  # vision tower and probe alone, see train_blip_vision
-BLIP_VISION_BATCH = 32  # more, smaller steps: the dense targets give plenty of signal per image
+BLIP_VISION_STEPS = 2800  # vision tower and probe alone, see train_blip_vision
+BLIP_KIND_ONLY_STEPS = 1800  # of which the first learn the shape kind alone
+BLIP_VISION_BATCH = 64
 BLIP_STEPS = 400
 BLIP_BATCH = 64
 BLIP_LR = 1.5e-3
@@ -167,15 +169,27 @@ def perturbations(meta: dict, rng: np.random.Generator, k: int) -> list[str]:
 # Training data
 
 
-def jittered_palette(rng: np.random.Generator) -> dict[str, tuple[int, int, int]]:
+def jittered_palette(rng: np.random.Generator) -> dict[str, np.ndarray]:
     """The spec palette with each colour nudged a little, per image."""
-    return {
-        name: tuple(int(np.clip(v + rng.integers(-12, 13), 0, 255)) for v in rgb)
-        for name, rgb in scenes.PALETTE.items()
-    }
+    base = np.array(list(scenes.PALETTE.values()), dtype=np.int16)
+    jittered = np.clip(base + rng.integers(-12, 13, size=base.shape), 0, 255)
+    return dict(zip(scenes.PALETTE, jittered))
 
 
-def training_scene(rng: np.random.Generator) -> tuple[np.ndarray, dict]:
+NOISE_BANK_SIDE = 512  # larger than any augmented canvas
+
+
+def noise_bank() -> np.ndarray:
+    """Unit Gaussian noise that augmented scenes crop at a random offset.
+
+    Drawing fresh noise for every pixel was a third of the data cost per
+    scene; a random crop of a fixed field, at a random strength, is as good
+    an augmentation at almost no cost.
+    """
+    return np.random.default_rng(SEED_NOISE).standard_normal((NOISE_BANK_SIDE, NOISE_BANK_SIDE, 3), dtype=np.float32)
+
+
+def training_scene(rng: np.random.Generator, noise: np.ndarray) -> tuple[np.ndarray, dict]:
     """A spec scene with mild, caption-preserving augmentation.
 
     Half the scenes are the plain spec at 128 px; the rest are rendered at
@@ -192,13 +206,36 @@ def training_scene(rng: np.random.Generator) -> tuple[np.ndarray, dict]:
     for s in meta["shapes"]:
         img[scenes.shape_mask(s["kind"], s["cx"], s["cy"], s["r"], size)] = palette[s["colour"]]
     sigma = rng.uniform(0.0, 6.0)
-    img = img + np.rint(rng.normal(0.0, sigma, img.shape)).astype(np.int16)
+    y, x = rng.integers(0, NOISE_BANK_SIDE - size + 1, size=2)
+    img = img + np.rint(sigma * noise[y:y + size, x:x + size]).astype(np.int16)
     return np.clip(img, 0, 255).astype(np.uint8), meta
 
 
-def training_batch(rng: np.random.Generator, n: int) -> tuple[list[np.ndarray], list[dict]]:
-    pairs = [training_scene(rng) for _ in range(n)]
+def training_batch(rng: np.random.Generator, noise: np.ndarray, n: int) -> tuple[list[np.ndarray], list[dict]]:
+    pairs = [training_scene(rng, noise) for _ in range(n)]
     return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def pixel_values(images: list[np.ndarray], size: int) -> torch.Tensor:
+    """What both processors make of square RGB images, minus their per-call
+    overhead: a PIL bicubic resize to size x size, then rescale and normalise.
+
+    The processors stay the reference: check_pixel_values compares the two.
+    """
+    resized = np.stack(
+        [np.asarray(Image.fromarray(img).resize((size, size), resample=BICUBIC)) for img in images]
+    )
+    x = torch.from_numpy(resized).permute(0, 3, 1, 2).float() * (1 / 255)
+    mean = torch.tensor(IMAGE_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGE_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def check_pixel_values(processor, images: list[np.ndarray], size: int) -> None:
+    expected = processor(images=images, return_tensors="pt")["pixel_values"]
+    got = pixel_values(images, size)
+    if got.shape != expected.shape or not torch.allclose(got, expected, atol=1e-5):
+        raise SystemExit(f"fast preprocessing differs from {type(processor).__name__}")
 
 
 def lr_factor(step: int, total: int) -> float:
@@ -256,6 +293,7 @@ CLS_HEADS = {"count": 2, "bg": len(scenes.BACKGROUNDS)}
 # captions anyway. With equal weights the kind was 59 % right per shape after
 # 1,000 vision steps, with the kind alone 75 %.
 PROBE_WEIGHTS = {"colour": 0.25, "kind": 1.0, "size": 0.25, "slot": 0.25, "count": 0.25, "bg": 0.25}
+KIND_ONLY = {name: 1.0 if name == "kind" else 0.0 for name in PROBE_WEIGHTS}
 MIN_PATCH_PIXELS = 16  # of the 256 canvas pixels under one patch
 
 
@@ -289,7 +327,7 @@ class VisionProbe(torch.nn.Module):
         self.patch = torch.nn.Linear(hidden, sum(PATCH_HEADS.values()))
         self.cls = torch.nn.Linear(hidden, sum(CLS_HEADS.values()))
 
-    def loss(self, hidden_states: torch.Tensor, metas: list[dict]) -> torch.Tensor:
+    def loss(self, hidden_states: torch.Tensor, metas: list[dict], weights: dict[str, float] = PROBE_WEIGHTS) -> torch.Tensor:
         targets = [patch_targets(m) for m in metas]
         patch_t = torch.from_numpy(np.stack([t[0] for t in targets])).to(hidden_states.device)
         cls_t = torch.from_numpy(np.stack([t[1] for t in targets])).to(hidden_states.device)
@@ -300,7 +338,8 @@ class VisionProbe(torch.nn.Module):
             (self.cls(h[:, 0]).unsqueeze(1), CLS_HEADS, cls_t.unsqueeze(1)),
         ):
             for j, (name, part) in enumerate(zip(sizes, logits.split(list(sizes.values()), dim=-1))):
-                total = total + PROBE_WEIGHTS[name] * F.cross_entropy(part.flatten(0, 1), labels[..., j].flatten())
+                if weights[name]:
+                    total = total + weights[name] * F.cross_entropy(part.flatten(0, 1), labels[..., j].flatten())
         return total
 
 
@@ -539,7 +578,7 @@ def log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def train_blip_vision(model: BlipForConditionalGeneration, probe: VisionProbe, processor, rng, device: torch.device, steps: int) -> None:
+def train_blip_vision(model: BlipForConditionalGeneration, probe: VisionProbe, data, device: torch.device, steps: int, kind_only_steps: int) -> None:
     """Train the vision tower alone on the probe's dense targets.
 
     Telling a circle from a square is a sub-patch detail that a linear patch
@@ -552,11 +591,10 @@ def train_blip_vision(model: BlipForConditionalGeneration, probe: VisionProbe, p
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps))
     t0 = time.time()
     for step in range(steps):
-        images, metas = training_batch(rng, BLIP_VISION_BATCH)
-        pixel_values = processor(images=images, return_tensors="pt")["pixel_values"].to(device)
+        pixels, metas = data(BLIP_VISION_BATCH)
         with autocast(device):
-            hidden = model.vision_model(pixel_values=pixel_values).last_hidden_state
-            loss = probe.loss(hidden, metas)
+            hidden = model.vision_model(pixel_values=pixels.to(device)).last_hidden_state
+            loss = probe.loss(hidden, metas, KIND_ONLY if step < kind_only_steps else PROBE_WEIGHTS)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable.parameters(), 1.0)
@@ -566,8 +604,27 @@ def train_blip_vision(model: BlipForConditionalGeneration, probe: VisionProbe, p
             log(f"blip vision step {step:4d}/{steps} probe loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
 
 
+def scene_feed(rng: np.random.Generator, processor, size: int):
+    """n -> (pixel values, scene descriptions) of n fresh training scenes.
+
+    The first batch is also run through the processor, to prove the fast
+    preprocessing still matches it."""
+    noise = noise_bank()
+    checked = False
+
+    def next_batch(n: int) -> tuple[torch.Tensor, list[dict]]:
+        nonlocal checked
+        images, metas = training_batch(rng, noise, n)
+        if not checked:
+            check_pixel_values(processor, images, size)
+            checked = True
+        return pixel_values(images, size), metas
+
+    return next_batch
+
+
 def train_blip(
-    device: torch.device, vision_steps: int, steps: int
+    device: torch.device, vision_steps: int, kind_only_steps: int, steps: int
 ) -> tuple[BlipForConditionalGeneration, BertTokenizerFast, BlipImageProcessorPil]:
     tokenizer = build_blip_tokenizer()
     processor = blip_processor()
@@ -578,18 +635,17 @@ def train_blip(
     probe = VisionProbe(model.config.vision_config.hidden_size)
     model.to(device).train()
     probe.to(device).train()
-    rng = np.random.default_rng(SEED_BLIP_DATA)
-    train_blip_vision(model, probe, processor, rng, device, vision_steps)
+    data = scene_feed(np.random.default_rng(SEED_BLIP_DATA), processor, BLIP_IMAGE_SIZE)
+    train_blip_vision(model, probe, data, device, vision_steps, kind_only_steps)
     trainable = torch.nn.ModuleDict({"model": model, "probe": probe})
     opt = make_optimizer(trainable, BLIP_LR, slow="vision_model", slow_factor=BLIP_VISION_LR_FACTOR)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps))
     t0 = time.time()
     for step in range(steps):
-        images, metas = training_batch(rng, BLIP_BATCH)
-        pixel_values = processor(images=images, return_tensors="pt")["pixel_values"].to(device)
+        pixels, metas = data(BLIP_BATCH)
         text = {k: v.to(device) for k, v in blip_text_batch(tokenizer, [scenes.caption_of(m) for m in metas]).items()}
         with autocast(device):
-            out = model(pixel_values=pixel_values, **text)
+            out = model(pixel_values=pixels.to(device), **text)
             aux = probe.loss(out.last_hidden_state, metas)
             loss = out.loss + AUX_WEIGHT * aux
         opt.zero_grad(set_to_none=True)
@@ -639,11 +695,12 @@ def train_clip(device: torch.device, steps: int) -> tuple[CLIPModel, CLIPTokeniz
     opt = make_optimizer(trainable, CLIP_LR)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps))
     rng = np.random.default_rng(SEED_CLIP_DATA)
+    data = scene_feed(rng, processor, IMAGE_SIZE)
     max_logit_scale = math.log(100.0)  # CLIP's clamp, keeps the softmax from saturating
     t0 = time.time()
     for step in range(steps):
-        images, metas = training_batch(rng, CLIP_BATCH)
-        pixel_values = processor(images=images, return_tensors="pt")["pixel_values"].to(device)
+        pixels, metas = data(CLIP_BATCH)
+        pixel_values = pixels.to(device)
         captions = [scenes.caption_of(m) for m in metas]
         for m in metas:
             captions += perturbations(m, rng, CLIP_HARD_NEGATIVES)
@@ -817,6 +874,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="torch device (the shipped models are trained on cpu)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--blip-vision-steps", type=int, default=BLIP_VISION_STEPS, help="vision-only steps before captioning")
+    parser.add_argument("--blip-kind-only-steps", type=int, default=BLIP_KIND_ONLY_STEPS, help="of the vision-only steps, those that learn the shape kind alone")
     parser.add_argument("--blip-steps", type=int, default=BLIP_STEPS, help="captioning steps")
     parser.add_argument("--clip-steps", type=int, default=CLIP_STEPS)
     parser.add_argument("--only", choices=("blip", "clip"), help="train one model and keep the other's saved folder")
@@ -835,7 +893,7 @@ def main() -> None:
         previous = json.loads(EVAL_JSON.read_text()) if args.only and EVAL_JSON.exists() else {}
         if args.only != "clip":
             start = time.time()
-            model, tok, proc = train_blip(device, args.blip_vision_steps, args.blip_steps)
+            model, tok, proc = train_blip(device, args.blip_vision_steps, args.blip_kind_only_steps, args.blip_steps)
             save_blip(model, tok, proc)
             run_info["blip_train_seconds"] = round(time.time() - start, 1)
         elif "blip_train_seconds" in previous:
@@ -850,11 +908,11 @@ def main() -> None:
             run_info["clip_train_seconds"] = previous["clip_train_seconds"]
 
         write_examples()
-        run_info.update(blip_vision_steps=args.blip_vision_steps, blip_steps=args.blip_steps, clip_steps=args.clip_steps, threads=args.threads, device=args.device)
+        run_info.update(blip_vision_steps=args.blip_vision_steps, blip_kind_only_steps=args.blip_kind_only_steps, blip_steps=args.blip_steps, clip_steps=args.clip_steps, threads=args.threads, device=args.device)
     elif EVAL_JSON.exists():
         # Keep the figures of the training run that produced the folders.
         previous = json.loads(EVAL_JSON.read_text())
-        keep = ("blip_train_seconds", "clip_train_seconds", "total_seconds", "blip_vision_steps", "blip_steps", "clip_steps", "threads", "device")
+        keep = ("blip_train_seconds", "clip_train_seconds", "total_seconds", "blip_vision_steps", "blip_kind_only_steps", "blip_steps", "clip_steps", "threads", "device")
         run_info = {k: previous[k] for k in keep if k in previous}
 
     start = time.time()
