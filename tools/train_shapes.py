@@ -82,7 +82,7 @@ EVAL_DISTRACTORS = 9
 # is reproducible; they are sized to end well inside 15 minutes on 2 cores.
 BLIP_VISION_STEPS = 2800  # vision tower and probe alone, see train_blip_vision
 BLIP_KIND_ONLY_STEPS = 1800  # of which the first learn the shape kind alone
-BLIP_VISION_BATCH = 64
+BLIP_VISION_BATCH = 64  # the kind clicks after 32,000-64,000 scenes at batch 32, 48 or 64 alike
 BLIP_STEPS = 400
 BLIP_BATCH = 64
 BLIP_LR = 1.5e-3
@@ -277,9 +277,9 @@ def make_optimizer(model: torch.nn.Module, lr: float, slow: str | None = None, s
 # background gives the encoder dense targets. Together with the sine-cosine
 # positions below it took the captioner from 39 % exact match after 1,000
 # steps to 52 % after 800, with no order or colour mistakes left; circle versus
-# square stays hard (tools/README.md). Training the vision tower on these
-# targets alone first (train_blip_vision), with the kind weighted up, took it
-# to 72 %. The probe is not saved.
+# square stays hard. Training the vision tower on these targets alone first
+# (train_blip_vision), the kind alone at the start, took it to 97 %
+# (tools/README.md). The probe is not saved.
 
 GRID = BLIP_IMAGE_SIZE // BLIP_PATCH  # patches per side
 PATCH_HEADS = {
@@ -291,7 +291,9 @@ PATCH_HEADS = {
 CLS_HEADS = {"count": 2, "bg": len(scenes.BACKGROUNDS)}
 # The kind is what the encoder finds hard; the rest it learns from the
 # captions anyway. With equal weights the kind was 59 % right per shape after
-# 1,000 vision steps, with the kind alone 75 %.
+# 1,000 vision steps, with the kind alone 75 %. KIND_ONLY starts the vision
+# pretraining: any weight on the other targets delays the point where the
+# kind suddenly clicks (tools/README.md).
 PROBE_WEIGHTS = {"colour": 0.25, "kind": 1.0, "size": 0.25, "slot": 0.25, "count": 0.25, "bg": 0.25}
 KIND_ONLY = {name: 1.0 if name == "kind" else 0.0 for name in PROBE_WEIGHTS}
 MIN_PATCH_PIXELS = 16  # of the 256 canvas pixels under one patch
@@ -584,7 +586,9 @@ def train_blip_vision(model: BlipForConditionalGeneration, probe: VisionProbe, d
     Telling a circle from a square is a sub-patch detail that a linear patch
     stem learns slowly; with the captioning loss alone the captioner stayed
     near chance on it. Per-patch targets teach it directly, and the vision
-    tower alone costs about three quarters of a captioner step.
+    tower alone costs about three quarters of a captioner step. The first
+    `kind_only_steps` train the kind alone; the rest add the other targets
+    so that the captioner starts from an encoder that has them all.
     """
     trainable = torch.nn.ModuleDict({"vision": model.vision_model, "probe": probe})
     opt = make_optimizer(trainable, BLIP_LR)
