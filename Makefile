@@ -47,7 +47,7 @@ lint: setup ## rustfmt and clippy, warnings are errors
 	cargo fmt --check
 	$(CARGO_ENV) cargo clippy --locked --all-targets -- -D warnings
 
-models: setup ## retrain the embedded models (about 14 minutes on 2 cores)
+models: setup ## retrain the embedded models (13-14 minutes on 2 cores)
 	$(VENV)/bin/pip install --quiet -r tools/requirements-train.txt
 	$(VENV)/bin/python tools/train_shapes.py
 

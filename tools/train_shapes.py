@@ -79,7 +79,8 @@ EVAL_SCENES = 500
 EVAL_DISTRACTORS = 9
 
 # Training schedule. Step counts, not wall time, bound training so that a run
-# is reproducible; they are sized to end well inside 15 minutes on 2 cores.
+# is reproducible; they are sized to end inside 15 minutes on 2 cores (13 to
+# 14 on the machine of tools/README.md, so there is little slack).
 BLIP_VISION_STEPS = 2800  # vision tower and probe alone, see train_blip_vision
 BLIP_KIND_ONLY_STEPS = 1800  # of which the first learn the shape kind alone
 BLIP_VISION_BATCH = 64  # the kind clicks after 32,000-64,000 scenes at batch 32, 48 or 64 alike
@@ -580,6 +581,28 @@ def log(msg: str) -> None:
     print(msg, flush=True)
 
 
+def optimise(name: str, trainable: torch.nn.Module, opt: torch.optim.Optimizer, steps: int, step_loss, log_every: int, after_step=None) -> None:
+    """The loop all three trainings share: warm-up then cosine learning rate,
+    gradients clipped to norm 1, a log line every `log_every` steps.
+
+    `step_loss(step)` returns the loss and a function that describes it for
+    the log (called only when logging, since reading a value back waits for
+    the computation)."""
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps))
+    t0 = time.time()
+    for step in range(steps):
+        loss, describe = step_loss(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if after_step is not None:
+            after_step()
+        if step % log_every == 0 or step == steps - 1:
+            log(f"{name} step {step:4d}/{steps} {describe()} ({time.time() - t0:.0f}s)")
+
+
 def train_blip_vision(model: BlipForConditionalGeneration, probe: VisionProbe, data, device: torch.device, steps: int, kind_only_steps: int) -> None:
     """Train the vision tower alone on the probe's dense targets.
 
@@ -591,21 +614,15 @@ def train_blip_vision(model: BlipForConditionalGeneration, probe: VisionProbe, d
     so that the captioner starts from an encoder that has them all.
     """
     trainable = torch.nn.ModuleDict({"vision": model.vision_model, "probe": probe})
-    opt = make_optimizer(trainable, BLIP_LR)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps))
-    t0 = time.time()
-    for step in range(steps):
+
+    def step_loss(step: int):
         pixels, metas = data(BLIP_VISION_BATCH)
         with autocast(device):
             hidden = model.vision_model(pixel_values=pixels.to(device)).last_hidden_state
             loss = probe.loss(hidden, metas, KIND_ONLY if step < kind_only_steps else PROBE_WEIGHTS)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if step % 100 == 0 or step == steps - 1:
-            log(f"blip vision step {step:4d}/{steps} probe loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
+        return loss, lambda: f"probe loss {loss.item():.4f}"
+
+    optimise("blip vision", trainable, make_optimizer(trainable, BLIP_LR), steps, step_loss, log_every=100)
 
 
 def scene_feed(rng: np.random.Generator, processor, size: int):
@@ -642,23 +659,18 @@ def train_blip(
     data = scene_feed(np.random.default_rng(SEED_BLIP_DATA), processor, BLIP_IMAGE_SIZE)
     train_blip_vision(model, probe, data, device, vision_steps, kind_only_steps)
     trainable = torch.nn.ModuleDict({"model": model, "probe": probe})
-    opt = make_optimizer(trainable, BLIP_LR, slow="vision_model", slow_factor=BLIP_VISION_LR_FACTOR)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps))
-    t0 = time.time()
-    for step in range(steps):
+
+    def step_loss(step: int):
         pixels, metas = data(BLIP_BATCH)
         text = {k: v.to(device) for k, v in blip_text_batch(tokenizer, [scenes.caption_of(m) for m in metas]).items()}
         with autocast(device):
             out = model(pixel_values=pixels.to(device), **text)
             aux = probe.loss(out.last_hidden_state, metas)
             loss = out.loss + AUX_WEIGHT * aux
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if step % 50 == 0 or step == steps - 1:
-            log(f"blip step {step:4d}/{steps} caption loss {out.loss.item():.4f} probe loss {aux.item():.4f} ({time.time() - t0:.0f}s)")
+        return loss, lambda: f"caption loss {out.loss.item():.4f} probe loss {aux.item():.4f}"
+
+    opt = make_optimizer(trainable, BLIP_LR, slow="vision_model", slow_factor=BLIP_VISION_LR_FACTOR)
+    optimise("blip", trainable, opt, steps, step_loss, log_every=50)
     return model.eval(), tokenizer, processor
 
 
@@ -696,35 +708,33 @@ def train_clip(device: torch.device, steps: int) -> tuple[CLIPModel, CLIPTokeniz
     model.to(device).train()
     probe.to(device).train()
     trainable = torch.nn.ModuleDict({"model": model, "probe": probe})
-    opt = make_optimizer(trainable, CLIP_LR)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps))
     rng = np.random.default_rng(SEED_CLIP_DATA)
     data = scene_feed(rng, processor, IMAGE_SIZE)
-    max_logit_scale = math.log(100.0)  # CLIP's clamp, keeps the softmax from saturating
-    t0 = time.time()
-    for step in range(steps):
+
+    def step_loss(step: int):
         pixels, metas = data(CLIP_BATCH)
-        pixel_values = pixels.to(device)
         captions = [scenes.caption_of(m) for m in metas]
         for m in metas:
             captions += perturbations(m, rng, CLIP_HARD_NEGATIVES)
         text = tokenizer(captions, padding=True, return_tensors="pt").to(device)
         with autocast(device):
-            contrastive, vision_hidden = clip_loss(model, pixel_values, dict(text), captions)
+            contrastive, vision_hidden = clip_loss(model, pixels.to(device), dict(text), captions)
             aux = probe.loss(vision_hidden, metas)
             loss = contrastive + AUX_WEIGHT * aux
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0.0, max_logit_scale)
-        if step % 50 == 0 or step == steps - 1:
-            log(
-                f"clip step {step:4d}/{steps} contrastive loss {contrastive.item():.4f} probe loss {aux.item():.4f} "
-                f"scale {model.logit_scale.exp().item():.1f} ({time.time() - t0:.0f}s)"
-            )
+
+        def describe() -> str:
+            scale = model.logit_scale.exp().item()
+            return f"contrastive loss {contrastive.item():.4f} probe loss {aux.item():.4f} scale {scale:.1f}"
+
+        return loss, describe
+
+    max_logit_scale = math.log(100.0)  # CLIP's clamp, keeps the softmax from saturating
+
+    @torch.no_grad()
+    def clamp_scale() -> None:
+        model.logit_scale.clamp_(0.0, max_logit_scale)
+
+    optimise("clip", trainable, make_optimizer(trainable, CLIP_LR), steps, step_loss, log_every=50, after_step=clamp_scale)
     return model.eval(), tokenizer, processor
 
 
