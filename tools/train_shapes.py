@@ -239,6 +239,25 @@ def check_pixel_values(processor, images: list[np.ndarray], size: int) -> None:
         raise SystemExit(f"fast preprocessing differs from {type(processor).__name__}")
 
 
+def scene_feed(rng: np.random.Generator, processor, size: int):
+    """n -> (pixel values, scene descriptions) of n fresh training scenes.
+
+    The first batch is also run through the processor, to prove the fast
+    preprocessing still matches it."""
+    noise = noise_bank()
+    checked = False
+
+    def next_batch(n: int) -> tuple[torch.Tensor, list[dict]]:
+        nonlocal checked
+        images, metas = training_batch(rng, noise, n)
+        if not checked:
+            check_pixel_values(processor, images, size)
+            checked = True
+        return pixel_values(images, size), metas
+
+    return next_batch
+
+
 def lr_factor(step: int, total: int) -> float:
     """Linear warm-up, then cosine decay to zero."""
     warmup = max(1, int(total * WARMUP_FRACTION))
@@ -623,25 +642,6 @@ def train_blip_vision(model: BlipForConditionalGeneration, probe: VisionProbe, d
         return loss, lambda: f"probe loss {loss.item():.4f}"
 
     optimise("blip vision", trainable, make_optimizer(trainable, BLIP_LR), steps, step_loss, log_every=100)
-
-
-def scene_feed(rng: np.random.Generator, processor, size: int):
-    """n -> (pixel values, scene descriptions) of n fresh training scenes.
-
-    The first batch is also run through the processor, to prove the fast
-    preprocessing still matches it."""
-    noise = noise_bank()
-    checked = False
-
-    def next_batch(n: int) -> tuple[torch.Tensor, list[dict]]:
-        nonlocal checked
-        images, metas = training_batch(rng, noise, n)
-        if not checked:
-            check_pixel_values(processor, images, size)
-            checked = True
-        return pixel_values(images, size), metas
-
-    return next_batch
 
 
 def train_blip(
