@@ -195,7 +195,9 @@ fn print_outcome(args: &CaptionArgs, name: &str, out: &Outcome) {
         return;
     }
     println!("Image: {name}");
-    println!("\tTop {} captions ranked by CLIP:", out.captions.len());
+    // The origin job's header names the K asked for; identical candidates are merged into one
+    // ranked caption (their probabilities summed), so fewer lines may follow.
+    println!("\tTop {} captions ranked by CLIP:", args.top_k);
     for (i, c) in out.captions.iter().enumerate() {
         println!("\t\t{}: {}. (Caption probability: {:.2})", i + 1, c.text, c.probability);
     }
