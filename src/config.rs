@@ -9,7 +9,7 @@ use crate::{
     backend::{BlipRunner, ClipRunner, DeviceChoice},
     cascade::{Cascade, RequestLimits},
     engine::{QueueConfig, Scheduler, SchedulerConfig},
-    images::{FetchLimits, Fetcher, ImageCache},
+    images::{DecodeLimits, FetchLimits, Fetcher, ImageCache},
     models::generation::GenerationLimits,
 };
 
@@ -64,9 +64,20 @@ pub struct EngineArgs {
     /// Directory whose files may be named by file:// URLs; file:// is refused without it.
     #[arg(long, env = "CAPTION_ALLOW_FILE_DIR")]
     pub allow_file_dir: Option<PathBuf>,
-    /// Decoded images kept by key so repeated URLs are fetched once (0 disables).
-    #[arg(long, env = "CAPTION_IMAGE_CACHE", default_value_t = 256)]
-    pub image_cache: usize,
+    /// Most pixels an image may have; larger ones are refused before decoding.
+    #[arg(long, env = "CAPTION_MAX_IMAGE_PIXELS", default_value_t = DecodeLimits::default().max_pixels)]
+    pub max_image_pixels: u64,
+    /// Most pixels per encoded byte an image above 4 Mpx may declare (bounds the decode work a small
+    /// file can cause; even a blank RGB PNG uses under 300, only blank palette PNGs and GIFs go beyond).
+    #[arg(long, env = "CAPTION_MAX_IMAGE_PIXELS_PER_BYTE", default_value_t = DecodeLimits::default().max_pixels_per_byte)]
+    pub max_image_pixels_per_byte: u64,
+    /// Image decodes running at once, each holding up to --max-image-pixels × 11 bytes; default: the CPU count.
+    #[arg(long, env = "CAPTION_MAX_CONCURRENT_DECODES")]
+    pub max_concurrent_decodes: Option<usize>,
+    /// Bytes of model-ready images kept so repeated URLs are fetched once (0 disables);
+    /// default: 2% of the memory limit (cgroup, else physical memory), at least 16 MiB.
+    #[arg(long, env = "CAPTION_IMAGE_CACHE_BYTES")]
+    pub image_cache_bytes: Option<u64>,
 }
 
 /// Flags of the server alone.
@@ -115,7 +126,20 @@ impl EngineArgs {
             max_captions: self.max_captions,
             max_caption_bytes: 1024,
             max_inflight: self.max_inflight,
+            decode: DecodeLimits {
+                max_pixels: self.max_image_pixels,
+                max_pixels_per_byte: self.max_image_pixels_per_byte,
+                ..DecodeLimits::default()
+            },
+            max_concurrent_decodes: self
+                .max_concurrent_decodes
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()))
+                .max(1),
         }
+    }
+
+    pub fn image_cache_bytes(&self) -> u64 {
+        self.image_cache_bytes.unwrap_or_else(|| (memory_limit() / 50).max(16 << 20))
     }
 
     pub fn intra_op_threads(&self, device: tch::Device) -> Option<i32> {
@@ -148,8 +172,20 @@ impl EngineArgs {
             blip,
             clip,
             fetcher,
-            ImageCache::new(self.image_cache),
+            ImageCache::new(usize::try_from(self.image_cache_bytes()).unwrap_or(usize::MAX)),
             self.request_limits(),
         )))
     }
+}
+
+/// The memory this process may use: the cgroup v2 limit when one is set, else physical memory
+/// (4 GiB when neither can be read).
+fn memory_limit() -> u64 {
+    let cgroup = std::fs::read_to_string("/sys/fs/cgroup/memory.max").ok().and_then(|s| s.trim().parse::<u64>().ok());
+    let physical = || {
+        let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+        let kib = info.lines().find(|l| l.starts_with("MemTotal:"))?.split_whitespace().nth(1)?.parse::<u64>().ok()?;
+        Some(kib * 1024)
+    };
+    cgroup.or_else(physical).unwrap_or(4 << 30)
 }

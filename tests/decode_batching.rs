@@ -9,11 +9,11 @@ use std::path::Path;
 use caption_cascade::{
     backend::{BlipRunner, GenerateInput},
     engine::{Batch, Runner},
-    images::decode_image,
+    images::{decode_image, DecodeLimits},
     models::{
         blip::{Blip, SelfAttnCache},
         generation::{DecodeBatch, DecodeRequest, Decoded, GenerationParams, SpecialTokens, Strategy},
-        preprocess::ImageProcessor,
+        preprocess,
     },
 };
 use common::scenes::draw_scene;
@@ -24,8 +24,8 @@ const BLIP: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/shapes-blip");
 
 fn pixels(seed: u64) -> Tensor {
     let scene = draw_scene(&mut StdRng::seed_from_u64(seed));
-    let img = decode_image(&scene.png()).unwrap();
-    let p = ImageProcessor::load(Path::new(BLIP)).unwrap().pixels(&img);
+    let img = decode_image(&scene.png(), &DecodeLimits::default()).unwrap();
+    let p = preprocess::load(Path::new(BLIP)).unwrap().pixels(&img).unwrap();
     Tensor::from_slice(&p.data).view([1, 3, i64::from(p.height), i64::from(p.width)])
 }
 
@@ -108,8 +108,8 @@ fn cross_attention_shared_per_image_equals_the_repeated_computation() {
 fn the_vision_encoder_runs_once_per_image() {
     let runner = BlipRunner::load(Path::new(BLIP), Device::Cpu, Some(1)).unwrap();
     let scene = draw_scene(&mut StdRng::seed_from_u64(6));
-    let img = decode_image(&scene.png()).unwrap();
-    let px = runner.processor().pixels(&img);
+    let img = decode_image(&scene.png(), &DecodeLimits::default()).unwrap();
+    let px = runner.processor().pixels(&img).unwrap();
     let params = GenerationParams { num_candidates: 10, seed: 1, ..Default::default() };
     let inputs =
         (0..3).map(|id| (id, GenerateInput { pixels: px.clone(), params: params.clone() })).collect::<Vec<_>>();
@@ -127,7 +127,7 @@ fn the_vision_encoder_runs_once_per_image() {
 fn requests_with_prompts_of_different_lengths_start_together() {
     let runner = BlipRunner::load(Path::new(BLIP), Device::Cpu, Some(1)).unwrap();
     let scene = draw_scene(&mut StdRng::seed_from_u64(7));
-    let px = runner.processor().pixels(&decode_image(&scene.png()).unwrap());
+    let px = runner.processor().pixels(&decode_image(&scene.png(), &DecodeLimits::default()).unwrap()).unwrap();
     let params = |prompt: Option<&str>| GenerationParams {
         num_candidates: 2,
         seed: 9,

@@ -19,9 +19,7 @@ fn image_status(e: ImageError) -> Status {
         // The remote side failed, not the request's form: the caller may fix the URL's target.
         ImageError::Fetch { .. } => Code::FailedPrecondition,
         ImageError::FileNotAllowed(_) => Code::PermissionDenied,
-        ImageError::InvalidUrl { .. } | ImageError::TooLarge { .. } | ImageError::Empty | ImageError::Decode(_) => {
-            Code::InvalidArgument
-        }
+        ImageError::InvalidUrl { .. } | ImageError::TooLarge { .. } | ImageError::Decode(_) => Code::InvalidArgument,
     };
     Status::new(code, e.to_string())
 }
@@ -42,13 +40,13 @@ fn engine_status(e: EngineError) -> Status {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::models::generation::InvalidParam;
+    use crate::{images::DecodeError, models::generation::InvalidParam};
 
     #[test]
     fn each_error_kind_has_its_code() {
         let code = |e: CascadeError| Status::from(e).code();
         assert_eq!(code(InvalidParam { field: "top_p", reason: "x".into() }.into()), Code::InvalidArgument);
-        assert_eq!(code(ImageError::Decode("x".into()).into()), Code::InvalidArgument);
+        assert_eq!(code(ImageError::Decode(DecodeError::Empty).into()), Code::InvalidArgument);
         assert_eq!(code(ImageError::Fetch { url: "u".into(), reason: "r".into() }.into()), Code::FailedPrecondition);
         assert_eq!(code(EngineError::Overloaded("generate").into()), Code::ResourceExhausted);
         assert_eq!(code(EngineError::DeadlineExceeded.into()), Code::DeadlineExceeded);

@@ -16,7 +16,7 @@ use crate::{
     models::{
         blip::Blip,
         generation::{DecodeBatch, DecodeRequest, Decoded, GenerationParams, SpecialTokens},
-        preprocess::{ImageProcessor, Pixels},
+        preprocess::{self, ImageProcessor, Pixels},
         tokenizer::CaptionTokenizer,
         ModelError, Shared,
     },
@@ -53,7 +53,7 @@ pub struct BlipRunner {
 impl BlipRunner {
     pub fn load(folder: &Path, device: Device, intra_op_threads: Option<i32>) -> Result<Self, ModelError> {
         let model = Blip::load(folder, device)?;
-        Self::new(model, CaptionTokenizer::load(folder)?, ImageProcessor::load(folder)?, device, intra_op_threads)
+        Self::new(model, CaptionTokenizer::load(folder)?, preprocess::load(folder)?, device, intra_op_threads)
     }
 
     pub fn new(

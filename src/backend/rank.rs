@@ -13,7 +13,7 @@ use crate::{
     engine::{Batch, EngineError, Runner},
     models::{
         clip::Clip,
-        preprocess::{ImageProcessor, Pixels},
+        preprocess::{self, ImageProcessor, Pixels},
         tokenizer::RankTokenizer,
         ModelError, Shared,
     },
@@ -51,7 +51,7 @@ impl ClipRunner {
     pub fn load(folder: &Path, device: Device, intra_op_threads: Option<i32>) -> Result<Self, ModelError> {
         let model = Clip::load(folder, device)?;
         let tokenizer = RankTokenizer::load(folder, model.config.text_config.max_position_embeddings as usize)?;
-        Ok(Self::new(model, tokenizer, ImageProcessor::load(folder)?, device, intra_op_threads))
+        Ok(Self::new(model, tokenizer, preprocess::load(folder)?, device, intra_op_threads))
     }
 
     pub fn new(

@@ -17,10 +17,10 @@ use tokio::sync::Semaphore;
 use crate::{
     backend::{BlipRunner, ClipRunner, GenerateInput, RankInput},
     engine::{Admission, EngineError, Scheduler},
-    images::{cache::Lookup, decode_image, Fetcher, ImageCache, ImageError, RgbImage},
+    images::{cache::Lookup, decode_image, CacheKey, DecodeError, DecodeLimits, Fetcher, ImageCache, ImageError},
     models::{
         generation::{GenerationLimits, GenerationParams, InvalidParam},
-        preprocess::{ImageProcessor, Pixels},
+        preprocess::Pixels,
     },
 };
 
@@ -47,6 +47,10 @@ pub struct RequestLimits {
     /// Calls admitted at once (fetching, decoding, queued or computing); beyond it calls are
     /// refused with RESOURCE_EXHAUSTED, so memory stays bounded under any load.
     pub max_inflight: usize,
+    /// Bounds on each image decode.
+    pub decode: DecodeLimits,
+    /// Decodes (and resizes) running at once; each may hold a full-resolution image.
+    pub max_concurrent_decodes: usize,
 }
 
 pub struct Cascade {
@@ -54,10 +58,11 @@ pub struct Cascade {
     blip: Arc<BlipRunner>,
     clip: Arc<ClipRunner>,
     fetcher: Fetcher,
-    cache: ImageCache,
+    cache: ImageCache<PreparedImage>,
     limits: RequestLimits,
-    /// Bounds CPU work (decode, resize) running at once on the blocking pool.
-    cpu_slots: Semaphore,
+    /// Bounds decodes (with their resizes) running at once on the blocking pool, and so the
+    /// full-resolution images alive at once.
+    decode_slots: Semaphore,
     /// Admission slots; see [`RequestLimits::max_inflight`].
     inflight: Semaphore,
 }
@@ -68,15 +73,15 @@ impl Cascade {
         blip: Arc<BlipRunner>,
         clip: Arc<ClipRunner>,
         fetcher: Fetcher,
-        cache: ImageCache,
+        cache: ImageCache<PreparedImage>,
         limits: RequestLimits,
     ) -> Self {
         let mut limits = limits;
         // No request may outgrow the decoder's position table.
         limits.generation.max_length = limits.generation.max_length.min(blip.max_positions());
-        let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
         let inflight = Semaphore::new(limits.max_inflight.max(1));
-        Self { scheduler, blip, clip, fetcher, cache, limits, cpu_slots: Semaphore::new(cpus), inflight }
+        let decode_slots = Semaphore::new(limits.max_concurrent_decodes.max(1));
+        Self { scheduler, blip, clip, fetcher, cache, limits, decode_slots, inflight }
     }
 
     pub fn limits(&self) -> &RequestLimits {
@@ -112,7 +117,9 @@ impl Cascade {
         let _admitted = self.admit()?;
         params.validate(&self.limits.generation)?;
         let (key, image, fetch) = self.resolve(&source).await?;
-        let (pixels, preprocess) = self.preprocess(image, self.blip.processor().clone()).await?;
+        let t = Instant::now();
+        let pixels = self.blip.processor().normalize(&image.blip);
+        let preprocess = t.elapsed();
         let t = Instant::now();
         let out = self.scheduler.generate(GenerateInput { pixels, params }, admission).await?;
         let generate = t.elapsed();
@@ -133,7 +140,9 @@ impl Cascade {
         let _admitted = self.admit()?;
         self.check_captions(&captions)?;
         let (key, image, fetch) = self.resolve(&source).await?;
-        let (pixels, preprocess) = self.preprocess(image, self.clip.processor().clone()).await?;
+        let t = Instant::now();
+        let pixels = self.clip.processor().normalize(&image.clip);
+        let preprocess = t.elapsed();
         let t = Instant::now();
         let captions = self.rank_pixels(pixels, captions, &[], admission).await?;
         Ok(Ranked {
@@ -159,19 +168,16 @@ impl Cascade {
         }
         let (key, image, fetch) = self.resolve(&source).await?;
         let t = Instant::now();
-        // Both models' preprocessing from the one decoded image, concurrently.
-        let (blip_px, clip_px) = tokio::try_join!(
-            self.preprocess(image.clone(), self.blip.processor().clone()),
-            self.preprocess(image, self.clip.processor().clone()),
-        )?;
+        let (blip_px, clip_px) =
+            (self.blip.processor().normalize(&image.blip), self.clip.processor().normalize(&image.clip));
         let preprocess = t.elapsed();
         let t = Instant::now();
-        let generated = self.scheduler.generate(GenerateInput { pixels: blip_px.0, params }, admission).await?;
+        let generated = self.scheduler.generate(GenerateInput { pixels: blip_px, params }, admission).await?;
         let generate = t.elapsed();
         let candidates: Vec<String> = generated.candidates.into_iter().map(|c| c.text).collect();
         let (distinct, counts) = distinct_with_counts(&candidates);
         let t = Instant::now();
-        let mut ranked = self.rank_pixels(clip_px.0, distinct, &counts, admission).await?;
+        let mut ranked = self.rank_pixels(clip_px, distinct, &counts, admission).await?;
         ranked.truncate(top_k);
         Ok(Captioned {
             key,
@@ -228,24 +234,28 @@ impl Cascade {
         Ok(())
     }
 
-    /// The image's key and decoded pixels; the same key is fetched and decoded once.
-    async fn resolve(&self, source: &ImageSource) -> Result<(String, Arc<RgbImage>, Duration), CascadeError> {
+    /// The image's correlation key and what each model sees of it; the same image is fetched,
+    /// decoded and resized once. The URL is checked before any lookup, so a string that is not
+    /// a fetchable URL never reaches the cache.
+    async fn resolve(&self, source: &ImageSource) -> Result<(String, Arc<PreparedImage>, Duration), CascadeError> {
         let start = Instant::now();
-        let key = match source {
+        let (key, cache_key) = match source {
             ImageSource::Url(url) => {
                 if url.is_empty() {
                     return Err(InvalidParam { field: "image.url", reason: "is empty".into() }.into());
                 }
-                url.clone()
+                self.fetcher.check_url(url)?;
+                (url.clone(), CacheKey::Url(url.clone()))
             }
             ImageSource::Bytes(data) => {
                 self.fetcher.check_inline(data)?;
-                format!("sha256:{:x}", Sha256::digest(data))
+                let digest: [u8; 32] = Sha256::digest(data).into();
+                (format!("sha256:{}", hex(&digest)), CacheKey::Inline(digest))
             }
         };
         let (image, lookup) = self
             .cache
-            .get_or_load(&key, || async {
+            .get_or_load(&cache_key, || async {
                 let bytes = match source {
                     ImageSource::Url(url) => {
                         let fetched = self.fetcher.fetch(url).await;
@@ -255,10 +265,17 @@ impl Cascade {
                     }
                     ImageSource::Bytes(data) => data.clone(),
                 };
-                let _slot = self.cpu_slots.acquire().await.expect("semaphore never closed");
-                tokio::task::spawn_blocking(move || decode_image(&bytes))
-                    .await
-                    .map_err(|e| ImageError::Decode(format!("decoder task failed: {e}")))?
+                let _slot = self.decode_slots.acquire().await.expect("semaphore never closed");
+                let limits = self.limits.decode;
+                let (blip, clip) = (self.blip.processor().clone(), self.clip.processor().clone());
+                tokio::task::spawn_blocking(move || {
+                    let decoded = decode_image(&bytes, &limits)?;
+                    drop(bytes);
+                    Ok(PreparedImage { blip: blip.prepare(&decoded)?, clip: clip.prepare(&decoded)? })
+                })
+                .await
+                // Only the input can have made the decoder fail this way.
+                .map_err(|e| ImageError::Decode(DecodeError::Corrupt(format!("the decoder failed: {e}"))))?
             })
             .await?;
         if lookup == Lookup::Hit {
@@ -266,19 +283,10 @@ impl Cascade {
         }
         Ok((key, image, start.elapsed()))
     }
+}
 
-    async fn preprocess(
-        &self,
-        image: Arc<RgbImage>,
-        processor: ImageProcessor,
-    ) -> Result<(Pixels, Duration), CascadeError> {
-        let start = Instant::now();
-        let _slot = self.cpu_slots.acquire().await.expect("semaphore never closed");
-        let pixels = tokio::task::spawn_blocking(move || processor.pixels(&image))
-            .await
-            .map_err(|e| EngineError::Internal(format!("preprocessing task failed: {e}")))?;
-        Ok((pixels, start.elapsed()))
-    }
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Distinct captions in first-seen order, with how often each occurred.

@@ -2,7 +2,24 @@
 
 use std::time::Duration;
 
-use crate::backend::GeneratedCaption;
+use crate::{
+    backend::GeneratedCaption,
+    images::{cache::Weighed, RgbImage},
+};
+
+/// What each model sees of one image: its processor's resized and cropped uint8 pixels. This,
+/// not the full-resolution decode, is what the image cache keeps.
+#[derive(Debug)]
+pub struct PreparedImage {
+    pub blip: RgbImage,
+    pub clip: RgbImage,
+}
+
+impl Weighed for PreparedImage {
+    fn bytes(&self) -> usize {
+        self.blip.pixels.len() + self.clip.pixels.len() + std::mem::size_of::<Self>()
+    }
+}
 
 /// Where an image comes from.
 #[derive(Debug, Clone)]

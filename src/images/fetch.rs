@@ -60,16 +60,28 @@ impl Fetcher {
         Ok(())
     }
 
-    pub async fn fetch(&self, raw: &str) -> Result<Vec<u8>, ImageError> {
+    /// Parses `raw` and checks it names something this server may fetch: http(s), or file://
+    /// when `--allow-file-dir` is set. Called before any cache lookup, so a string that is not
+    /// such a URL (say `sha256:…`) can never find a cached image.
+    pub fn check_url(&self, raw: &str) -> Result<Url, ImageError> {
         let url =
             Url::parse(raw).map_err(|e| ImageError::InvalidUrl { url: raw.to_string(), reason: e.to_string() })?;
         match url.scheme() {
-            "http" | "https" => self.fetch_http(url).await,
-            "file" => self.read_file(raw, &url).await,
+            "http" | "https" => Ok(url),
+            "file" if self.allowed_dir.is_some() => Ok(url),
+            "file" => Err(ImageError::FileNotAllowed(raw.to_string())),
             other => Err(ImageError::InvalidUrl {
                 url: raw.to_string(),
                 reason: format!("scheme {other:?} is not supported (use http, https or file)"),
             }),
+        }
+    }
+
+    pub async fn fetch(&self, raw: &str) -> Result<Vec<u8>, ImageError> {
+        let url = self.check_url(raw)?;
+        match url.scheme() {
+            "file" => self.read_file(raw, &url).await,
+            _ => self.fetch_http(url).await,
         }
     }
 
@@ -170,5 +182,7 @@ mod tests {
         let err = f.fetch("ftp://example.com/a.png").await.unwrap_err();
         assert!(err.to_string().contains("\"ftp\" is not supported"), "{err}");
         assert!(f.check_inline(&[0u8; 17]).is_err());
+        let hash = format!("sha256:{}", "ab".repeat(32));
+        assert!(matches!(f.check_url(&hash), Err(ImageError::InvalidUrl { .. })), "a digest is not a URL");
     }
 }

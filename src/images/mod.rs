@@ -1,22 +1,13 @@
-//! Images from the outside world: fetching by URL (with limits), decoding with EXIF orientation,
-//! the per-key cache that lets concurrent calls share one fetch, and Pillow-exact resizing.
+//! Images from the outside world: fetching by URL (with limits) and the byte-bounded cache of
+//! model-ready pixels that lets concurrent calls share one fetch and decode. Decoding and
+//! preprocessing live in the `caption-images` crate.
 
 pub mod cache;
-pub mod decode;
 pub mod fetch;
-pub mod resize;
 
-pub use cache::ImageCache;
-pub use decode::decode_image;
+pub use cache::{CacheKey, ImageCache};
+pub use caption_images::{decode_image, resize, DecodeError, DecodeLimits, RgbImage};
 pub use fetch::{FetchLimits, Fetcher};
-
-/// A decoded, upright 8-bit RGB image, row-major, 3 bytes per pixel.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RgbImage {
-    pub width: u32,
-    pub height: u32,
-    pub pixels: Vec<u8>,
-}
 
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum ImageError {
@@ -26,10 +17,17 @@ pub enum ImageError {
     FileNotAllowed(String),
     #[error("image url {url:?}: {reason}")]
     Fetch { url: String, reason: String },
-    #[error("image is larger than the server's limit of {limit} bytes")]
+    #[error("image is larger than the server's limit of {limit} bytes (--max-image-bytes)")]
     TooLarge { limit: u64 },
-    #[error("image data is empty")]
-    Empty,
-    #[error("image data cannot be decoded: {0}")]
-    Decode(String),
+    #[error("{}", with_flag(.0))]
+    Decode(#[from] DecodeError),
+}
+
+/// The decode error's text, naming the server flag that sets the limit it hit.
+fn with_flag(e: &DecodeError) -> String {
+    match e {
+        DecodeError::TooManyPixels { .. } => format!("{e} (--max-image-pixels)"),
+        DecodeError::TooDense { .. } => format!("{e} (--max-image-pixels-per-byte)"),
+        _ => e.to_string(),
+    }
 }

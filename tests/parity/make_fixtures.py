@@ -4,7 +4,8 @@
 Writes, under tests/parity/:
     images/    encoded test inputs: photographs from scikit-image's data folder, hard cases derived
                from them (grey, RGBA, palette, CMYK, EXIF-rotated, progressive, extreme aspect
-               ratios, tiny) and two procedural shapes scenes.
+               ratios, tiny) and two procedural shapes scenes; and a decode-only corpus (JPEG
+               subsamplings, restart markers, progressive, YCCK, all EXIF orientations, 16-bit PNG).
     models/    small randomly initialised BLIP and CLIP checkpoints, one per loading/config path the
                Rust side must handle (see MODELS_SPEC below).
     fixtures/  manifest.json (ids, texts, parameters, margins) and safetensors files (pixels, embeds,
@@ -18,18 +19,24 @@ whenever the embedded models in models/ change (see README.md for the command).
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import hashlib
 import importlib.util
+import io
 import json
+import os
 import shutil
+import struct
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
 import PIL
 import torch
 import transformers
-from PIL import Image
+from PIL import Image, features
 from safetensors.numpy import save_file
 from safetensors.torch import save_file as save_torch_file
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
@@ -103,10 +110,220 @@ def exif_with_orientation(orientation: int) -> Image.Exif:
     return exif
 
 
-def make_images() -> list[dict]:
-    """Writes the encoded inputs; returns [{name, file, format, decode}] where `decode` says how
-    the Rust decoder is expected to compare with Pillow's: "exact", or "jpeg" (libjpeg-turbo's
-    rounding is not reproduced). Lossy WebP decodes identically, so it is "exact"."""
+# TurboJPEG API constants (turbojpeg.h, stable since libjpeg-turbo 1.3).
+TJPF_RGB, TJPF_CMYK = 0, 11
+TJSAMP = {"4:4:4": 0, "4:2:2": 1, "4:2:0": 2, "4:4:0": 4, "4:1:1": 5}
+
+
+def turbojpeg_compress(pixels: np.ndarray, pixel_format: int, subsampling: str, quality: int) -> bytes:
+    """Baseline JPEG from libjpeg-turbo's TurboJPEG API (system libturbojpeg, loaded with ctypes):
+    it writes what Pillow cannot, YCCK (from CMYK input) and 4:4:0 / 4:1:1 chroma subsampling."""
+    path = ctypes.util.find_library("turbojpeg")
+    if path is None:
+        raise SystemExit("libturbojpeg not found: the YCCK, 4:4:0 and 4:1:1 JPEG inputs are written with "
+                         "libjpeg-turbo's TurboJPEG API (Debian/Ubuntu: apt-get install libturbojpeg0)")
+    tj = ctypes.CDLL(path)
+    tj.tjInitCompress.restype = ctypes.c_void_p
+    tj.tjCompress2.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                               ctypes.c_int, ctypes.POINTER(ctypes.POINTER(ctypes.c_ubyte)),
+                               ctypes.POINTER(ctypes.c_ulong), ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    tj.tjGetErrorStr2.argtypes = [ctypes.c_void_p]
+    tj.tjGetErrorStr2.restype = ctypes.c_char_p
+    tj.tjFree.argtypes = [ctypes.POINTER(ctypes.c_ubyte)]
+    tj.tjDestroy.argtypes = [ctypes.c_void_p]
+    # tjCompress2 reads these from the environment; they must not change the output.
+    for var in ("TJ_OPTIMIZE", "TJ_ARITHMETIC", "TJ_RESTART", "TJ_PROGRESSIVE"):
+        os.environ.pop(var, None)
+    h, w, channels = pixels.shape
+    src = np.ascontiguousarray(pixels, dtype=np.uint8).tobytes()
+    handle = tj.tjInitCompress()
+    assert handle, "tjInitCompress failed"
+    buf, size = ctypes.POINTER(ctypes.c_ubyte)(), ctypes.c_ulong(0)
+    try:
+        if tj.tjCompress2(handle, src, w, w * channels, h, pixel_format, ctypes.byref(buf), ctypes.byref(size),
+                          TJSAMP[subsampling], quality, 0) != 0:
+            raise SystemExit(f"tjCompress2: {tj.tjGetErrorStr2(handle).decode()}")
+        return ctypes.string_at(buf, size.value)
+    finally:
+        if buf:
+            tj.tjFree(buf)
+        tj.tjDestroy(handle)
+
+
+def png16(samples: np.ndarray) -> bytes:
+    """A 16-bit PNG (grey, grey+alpha, RGB or RGBA by channel count), written directly: Pillow
+    cannot write 16-bit colour. Rows cycle through the five filter types (None, Sub, Up, Average,
+    Paeth) so that each is undone on 16-bit samples."""
+    grid = samples if samples.ndim == 3 else samples[..., None]
+    h, w, channels = grid.shape
+    color_type = {1: 0, 2: 4, 3: 2, 4: 6}[channels]
+    bpp = 2 * channels
+    raw = grid.astype(">u2").view(np.uint8).reshape(h, w * bpp).astype(np.int32)
+    lines, prior = [], np.zeros(w * bpp, dtype=np.int32)
+    for y in range(h):
+        cur = raw[y]
+        left = np.concatenate([np.zeros(bpp, np.int32), cur[:-bpp]])
+        up_left = np.concatenate([np.zeros(bpp, np.int32), prior[:-bpp]])
+        kind = y % 5
+        if kind == 0:
+            pred = np.zeros_like(cur)
+        elif kind == 1:
+            pred = left
+        elif kind == 2:
+            pred = prior
+        elif kind == 3:
+            pred = (left + prior) // 2
+        else:
+            p = left + prior - up_left
+            pa, pb, pc = abs(p - left), abs(p - prior), abs(p - up_left)
+            pred = np.where((pa <= pb) & (pa <= pc), left, np.where(pb <= pc, prior, up_left))
+        lines.append(bytes([kind]) + ((cur - pred) & 0xFF).astype(np.uint8).tobytes())
+        prior = cur
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", w, h, 16, color_type, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"".join(lines), 9))
+            + chunk(b"IEND", b""))
+
+
+def jpeg_layout(data: bytes) -> dict:
+    """What the decoder is given, read from the markers: frame type, per-component sampling
+    factors (h×v), Adobe transform (0 RGB/CMYK, 1 YCbCr, 2 YCCK), restart interval, scan and
+    restart marker counts. Recorded in the manifest and used to check each input is what it claims."""
+    sof = {0xC0: "baseline", 0xC1: "extended", 0xC2: "progressive"}
+    out = {"frame": None, "sampling": [], "adobe_transform": None, "restart_interval": 0, "scans": 0,
+           "restart_markers": 0}
+    i = 2
+    assert data[:2] == b"\xff\xd8"
+    while i < len(data):
+        assert data[i] == 0xFF, i
+        marker = data[i + 1]
+        if marker == 0xD9:
+            break
+        length = struct.unpack(">H", data[i + 2 : i + 4])[0]
+        seg = data[i + 4 : i + 2 + length]
+        if marker in sof:
+            out["frame"] = sof[marker]
+            out["sampling"] = [f"{seg[7 + 3 * c] >> 4}x{seg[7 + 3 * c] & 15}" for c in range(seg[5])]
+        elif marker == 0xDD:
+            out["restart_interval"] = struct.unpack(">H", seg[:2])[0]
+        elif marker == 0xEE and seg.startswith(b"Adobe"):
+            out["adobe_transform"] = seg[11]
+        i += 2 + length
+        if marker == 0xDA:
+            out["scans"] += 1
+            while not (data[i] == 0xFF and data[i + 1] not in (0x00, *range(0xD0, 0xD8))):
+                if data[i] == 0xFF and 0xD0 <= data[i + 1] <= 0xD7:
+                    out["restart_markers"] += 1
+                    i += 1
+                i += 1
+    return out
+
+
+def decode_corpus(data: Path, photo) -> list[tuple]:
+    """Inputs that are only decoded (no model, no processor): the JPEG variants libjpeg-turbo
+    handles differently (chroma subsampling and its edge upsampling, restart markers, progressive
+    and optimised Huffman coding, quality extremes, CMYK and YCCK, RGB without colour transform,
+    every EXIF orientation, full-size photographs) and 16-bit PNG. Each is
+    (name, format, (Pillow image, save options) or encoded bytes, what it covers, expected markers)."""
+    full = lambda name: Image.open(data / name).convert("RGB")  # noqa: E731
+    chelsea = photo("chelsea.png", (120, 80))
+    coffee = photo("coffee.png", (90, 60))
+    astronaut = photo("astronaut.png", (96, 96))
+    # 37×29 at full resolution: partial blocks and MCUs in both directions, for every subsampling.
+    odd = full("chelsea.png").crop((190, 80, 227, 109))
+    camera_odd = Image.open(data / "camera.png").convert("L").resize((61, 47), Image.LANCZOS)
+    oriented = full("astronaut.png").crop((0, 0, 512, 384)).resize((40, 30), Image.LANCZOS)
+
+    # CMYK with a real black channel (Pillow's RGB -> CMYK leaves K at 0).
+    rgb = np.asarray(coffee, dtype=np.int32)
+    k = 255 - rgb.max(axis=2)
+    cmy = (255 - k[..., None] - rgb) * 255 // np.maximum(255 - k, 1)[..., None]
+    cmyk = np.concatenate([cmy, k[..., None]], axis=2).astype(np.uint8)
+    cmyk_img = Image.frombytes("CMYK", coffee.size, cmyk.tobytes())
+
+    rng = np.random.default_rng(20250301)
+    # 16-bit grey: bands scaled ×257 (nearly all above 255), ×1 (all at most 255) and ×2 (straddling
+    # 255), and a row of edge values; Pillow's convert("RGB") clips each sample to 255.
+    cam = np.asarray(Image.open(data / "camera.png").convert("L").resize((64, 47), Image.LANCZOS), dtype=np.uint32)
+    scale = np.repeat([257, 1, 2], [16, 16, 15])[:, None]
+    edges = np.array([0, 1, 127, 254, 255, 256, 257, 383, 511, 512, 1024, 4095, 32768, 65280, 65534, 65535])
+    grey16 = np.concatenate([cam * scale, np.tile(edges, 4)[None]]).astype(np.uint16)
+    # 16-bit colour: random low bytes, so keeping the high byte and rounding v / 257 differ often.
+    astro16 = np.asarray(photo("astronaut.png", (48, 48)), dtype=np.uint16) << 8
+    rgb16 = astro16 | rng.integers(0, 256, astro16.shape, dtype=np.uint16)
+    ramp = (np.add.outer(np.arange(48), np.arange(48)) * 65535 // 94).astype(np.uint16)
+    ramp[:4, :4] = 0
+    rgba16 = np.dstack([astro16 | rng.integers(0, 256, astro16.shape, dtype=np.uint16), ramp])
+    cam48 = np.asarray(Image.open(data / "camera.png").convert("L").resize((48, 48), Image.LANCZOS), dtype=np.uint16)
+    la16 = np.dstack([(cam48 << 8) | rng.integers(0, 256, cam48.shape, dtype=np.uint16), ramp[::-1]])
+    for samples, mode, pillow in ((grey16, "I;16", grey16), (rgb16, "RGB", rgb16 >> 8),
+                                  (rgba16, "RGBA", rgba16 >> 8),
+                                  (la16, "RGBA", (la16 >> 8)[..., [0, 0, 0, 1]])):
+        with Image.open(io.BytesIO(png16(samples))) as im:
+            assert im.mode == mode and np.array_equal(np.asarray(im), pillow), f"png16 {mode} does not read back"
+
+    S = lambda sub: {"sampling": {"4:4:4": ["1x1"] * 3, "4:2:2": ["2x1", "1x1", "1x1"],  # noqa: E731
+                                  "4:2:0": ["2x2", "1x1", "1x1"], "4:4:0": ["1x2", "1x1", "1x1"],
+                                  "4:1:1": ["4x1", "1x1", "1x1"]}[sub]}
+    specs = [
+        ("chelsea_444_jpg", "jpeg", (chelsea, {"quality": 90, "subsampling": 0}), "baseline 4:4:4", S("4:4:4")),
+        ("chelsea_422_jpg", "jpeg", (chelsea, {"quality": 90, "subsampling": 1}), "baseline 4:2:2", S("4:2:2")),
+        ("chelsea_odd_444_jpg", "jpeg", (odd, {"quality": 90, "subsampling": 0}), "37×29, 4:4:4", S("4:4:4")),
+        ("chelsea_odd_422_jpg", "jpeg", (odd, {"quality": 90, "subsampling": 1}),
+         "37×29, 4:2:2: chroma upsampling at a partial right edge", S("4:2:2")),
+        ("chelsea_odd_420_jpg", "jpeg", (odd, {"quality": 90, "subsampling": 2}),
+         "37×29, 4:2:0: chroma upsampling at partial right and bottom edges", S("4:2:0")),
+        ("chelsea_odd_440_jpg", "jpeg", turbojpeg_compress(np.asarray(odd), TJPF_RGB, "4:4:0", 90),
+         "37×29, 4:4:0 (chroma halved vertically only)", S("4:4:0")),
+        ("chelsea_odd_411_jpg", "jpeg", turbojpeg_compress(np.asarray(odd), TJPF_RGB, "4:1:1", 90),
+         "37×29, 4:1:1 (chroma quartered horizontally)", S("4:1:1")),
+        ("chelsea_restart_blocks_jpg", "jpeg", (chelsea, {"quality": 90, "restart_marker_blocks": 3}),
+         "4:2:0 with a restart marker every 3 MCUs (not a whole MCU row)", {"restart_interval": 3}),
+        ("coffee_restart_rows_jpg", "jpeg", (coffee, {"quality": 90, "subsampling": 1, "restart_marker_rows": 1}),
+         "4:2:2 with a restart marker every MCU row", {"restart_interval": 6}),
+        ("coffee_progressive_444_jpg", "jpeg", (coffee, {"quality": 90, "progressive": True, "subsampling": 0}),
+         "progressive 4:4:4", {"frame": "progressive", **S("4:4:4")}),
+        ("coffee_progressive_420_jpg", "jpeg", (coffee, {"quality": 90, "progressive": True, "subsampling": 2}),
+         "progressive 4:2:0", {"frame": "progressive", **S("4:2:0")}),
+        ("astronaut_optimized_jpg", "jpeg", (astronaut, {"quality": 90, "optimize": True}),
+         "optimised Huffman tables", {}),
+        ("astronaut_q10_jpg", "jpeg", (astronaut, {"quality": 10}), "quality 10: coarse quantisation, "
+         "large coefficients and heavy clamping", {}),
+        ("astronaut_q100_jpg", "jpeg", (astronaut, {"quality": 100}), "quality 100: all quantisers 1", {}),
+        ("camera_grey_progressive_jpg", "jpeg", (camera_odd, {"quality": 90, "progressive": True}),
+         "greyscale progressive, 61×47", {"frame": "progressive", "sampling": ["1x1"]}),
+        ("coffee_cmyk_k_jpg", "jpeg", (cmyk_img, {"quality": 90}),
+         "CMYK (Adobe marker, inverted) with a real K channel", {"adobe_transform": 0, "sampling": ["1x1"] * 4}),
+        ("coffee_ycck_jpg", "jpeg", turbojpeg_compress(255 - cmyk, TJPF_CMYK, "4:2:0", 90),
+         "YCCK (Adobe transform 2, inverted CMYK), chroma 4:2:0, K at full resolution",
+         {"adobe_transform": 2, "sampling": ["2x2", "1x1", "1x1", "2x2"]}),
+        ("chelsea_rgb_jpg", "jpeg", (chelsea, {"quality": 90, "keep_rgb": True}),
+         "RGB components without colour transform (Adobe transform 0)",
+         {"adobe_transform": 0, **S("4:4:4")}),
+        *[(f"astronaut_exif{o}_jpg", "jpeg", (oriented, {"quality": 90, "exif": exif_with_orientation(o)}),
+           f"40×30 with EXIF orientation {o}", {}) for o in range(1, 9)],
+        ("astronaut_full_jpg", "jpeg", (full("astronaut.png"), {"quality": 90}), "512×512 photograph, 4:2:0", {}),
+        ("coffee_full_progressive_jpg", "jpeg", (full("coffee.png"), {"quality": 85, "progressive": True}),
+         "600×400 photograph, progressive 4:2:0", {"frame": "progressive"}),
+        ("camera_grey16_png", "png", png16(grey16),
+         "16-bit grey (Pillow: I;16; convert(\"RGB\") clips each sample to 255)", {}),
+        ("astronaut_rgb16_png", "png", png16(rgb16), "16-bit RGB (Pillow keeps the high byte)", {}),
+        ("astronaut_rgba16_png", "png", png16(rgba16), "16-bit RGBA (high byte; alpha dropped)", {}),
+        ("camera_grey_alpha16_png", "png", png16(la16),
+         "16-bit grey+alpha (Pillow: RGBA from the high bytes; alpha dropped)", {}),
+    ]
+    return specs
+
+
+def make_images() -> tuple[list[dict], list[dict]]:
+    """Writes the encoded inputs; returns the model inputs [{name, file, format, decode}], where
+    `decode` says how the Rust decoder is expected to compare with Pillow's: "exact", or "jpeg"
+    (libjpeg-turbo's rounding is not reproduced; lossy WebP decodes identically, so it is "exact"),
+    and the decode-only inputs, which also carry `covers`, `pillow_mode` (Image.open's mode before
+    convert("RGB")), `exif_orientation` and, for JPEG, `jpeg` (jpeg_layout of the file)."""
     data = skimage_data()
     photo = lambda name, size: Image.open(data / name).convert("RGB").resize(size, Image.LANCZOS)  # noqa: E731
     astronaut = photo("astronaut.png", (96, 96))
@@ -161,7 +378,28 @@ def make_images() -> list[dict]:
         img.save(file, fmt.upper(), **opts)
         out.append({"name": name, "file": str(file.relative_to(ROOT)), "format": fmt,
                     "decode": "jpeg" if fmt == "jpeg" else "exact"})
-    return out
+
+    decode_only = []
+    for name, fmt, payload, covers, expect in decode_corpus(data, photo):
+        file = IMAGES / f"{name.rsplit('_', 1)[0]}.{ext[fmt]}"
+        assert not file.exists(), file
+        if isinstance(payload, bytes):
+            file.write_bytes(payload)
+        else:
+            img, opts = payload
+            img.save(file, fmt.upper(), **opts)
+        encoded = file.read_bytes()
+        with Image.open(file) as im:
+            entry = {"name": name, "file": str(file.relative_to(ROOT)), "format": fmt,
+                     "decode": "jpeg" if fmt == "jpeg" else "exact", "covers": covers, "pillow_mode": im.mode,
+                     "exif_orientation": im.getexif().get(0x0112)}
+        if fmt == "jpeg":
+            entry["jpeg"] = layout = jpeg_layout(encoded)
+            for key, want in expect.items():
+                assert layout[key] == want, f"{name}: {key} {layout[key]} != {want}"
+            assert bool(layout["restart_interval"]) == bool(layout["restart_markers"]), name
+        decode_only.append(entry)
+    return out, decode_only
 
 
 # --------------------------------------------------------------------------------------------
@@ -596,8 +834,8 @@ def record_clip(name: str, folder: Path, images: list[dict], loaded: dict, model
 
 def main() -> None:
     check_environment()
-    images = make_images()
-    loaded = {im["name"]: load_image(str(ROOT / im["file"])) for im in images}
+    images, decode_images = make_images()
+    loaded = {im["name"]: load_image(str(ROOT / im["file"])) for im in images + decode_images}
 
     FIXTURES.mkdir(parents=True, exist_ok=True)
     for f in FIXTURES.glob("*.safetensors"):
@@ -639,9 +877,9 @@ def main() -> None:
     entries.append(record_clip("shapes-clip", shapes / "shapes-clip", images, loaded,
                                ["scene_a_png", "scene_b_png", "chelsea_jpg"], CLIP_CAPTIONS["shapes"]))
 
-    # Pixels: one table per distinct processor.
+    # Pixels: every input's decoded RGB; one table per distinct processor (model inputs only).
     pixel_store = Store()
-    for im in images:
+    for im in images + decode_images:
         pixel_store.put(f"decoded.{im['name']}", np.asarray(loaded[im["name"]]))
     processors_json = {}
     for entry, _ in entries:
@@ -664,15 +902,18 @@ def main() -> None:
     manifest = {
         "generated_by": "tests/parity/make_fixtures.py",
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "Pillow": PIL.__version__,
-                     "numpy": np.__version__},
+                     "libjpeg_turbo": features.version_feature("libjpeg_turbo"), "numpy": np.__version__},
         "images": images,
+        # Only decoded (`decoded.<name>` in pixels.safetensors); no model or processor sees them.
+        "decode_images": decode_images,
         "pixels": "tests/parity/fixtures/pixels.safetensors",
         "processors": processors_json,
         "models": [e for e, _ in entries],
     }
     (FIXTURES / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     total = sum(f.stat().st_size for d in (IMAGES, MODELS, FIXTURES) for f in d.rglob("*") if f.is_file())
-    print(f"wrote {len(images)} images, {len(entries)} model cases; {total / 1e6:.2f} MB under tests/parity")
+    print(f"wrote {len(images)} model and {len(decode_images)} decode-only images, {len(entries)} model cases; "
+          f"{total / 1e6:.2f} MB under tests/parity")
 
 
 if __name__ == "__main__":

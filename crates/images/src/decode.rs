@@ -1,0 +1,168 @@
+//! Decoding encoded bytes into an upright RGB image, as the reference's `load_image` +
+//! `convert("RGB")` does: EXIF orientation applied, alpha dropped (not composited), grey
+//! expanded, 16-bit samples reduced the way Pillow reduces them. JPEG goes through libjpeg-turbo
+//! (the decoder Pillow bundles); the rest through the `image` crate. The dimensions are checked
+//! against the limits before any pixel is decoded.
+
+use std::io::Cursor;
+
+use image::{DynamicImage, ImageDecoder, ImageReader, Limits};
+
+use crate::{jpeg, DecodeError, RgbImage};
+
+/// Bounds on the work and memory one decode may take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecodeLimits {
+    /// Most pixels a decoded image may have.
+    pub max_pixels: u64,
+    /// Most pixels per encoded byte above `dense_floor` pixels: a few kilobytes that declare
+    /// millions of pixels cost seconds of CPU to decode (a timer cannot stop a decode part-way),
+    /// so the size of the input bounds the work it may cause. Blank 4000 × 3000 images use 64
+    /// (JPEG), 284 (RGB PNG) and 1024 (greyscale PNG); only blank palette PNGs and GIFs go beyond.
+    pub max_pixels_per_byte: u64,
+    /// Images up to this many pixels are never refused for their density.
+    pub dense_floor: u64,
+}
+
+impl Default for DecodeLimits {
+    fn default() -> Self {
+        Self { max_pixels: 64 * 1024 * 1024, max_pixels_per_byte: 1024, dense_floor: 4 * 1024 * 1024 }
+    }
+}
+
+impl DecodeLimits {
+    /// Whether `width` × `height` may be decoded from `bytes` encoded bytes.
+    pub fn check(&self, width: u32, height: u32, bytes: usize) -> Result<(), DecodeError> {
+        if width == 0 || height == 0 {
+            return Err(DecodeError::ZeroSized { width, height });
+        }
+        let pixels = u64::from(width) * u64::from(height);
+        if pixels > self.max_pixels {
+            return Err(DecodeError::TooManyPixels { width, height, limit: self.max_pixels });
+        }
+        if pixels > self.dense_floor && pixels > (bytes as u64).saturating_mul(self.max_pixels_per_byte) {
+            return Err(DecodeError::TooDense {
+                width,
+                height,
+                bytes,
+                per_byte: self.max_pixels_per_byte,
+                floor: self.dense_floor,
+            });
+        }
+        Ok(())
+    }
+}
+
+pub fn decode_image(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage, DecodeError> {
+    if bytes.is_empty() {
+        return Err(DecodeError::Empty);
+    }
+    if jpeg::is_jpeg(bytes) {
+        return jpeg::decode(bytes, limits);
+    }
+    let mut reader =
+        ImageReader::new(Cursor::new(bytes)).with_guessed_format().map_err(|e| DecodeError::Corrupt(e.to_string()))?;
+    if reader.format().is_none() {
+        return Err(DecodeError::UnknownFormat);
+    }
+    let mut decoder_limits = Limits::default();
+    // The widest decoded form is 16-bit RGBA: 8 bytes per pixel.
+    decoder_limits.max_alloc = Some(limits.max_pixels.saturating_mul(8));
+    reader.limits(decoder_limits);
+    let mut decoder = reader.into_decoder().map_err(corrupt)?;
+    let (w, h) = decoder.dimensions();
+    limits.check(w, h, bytes.len())?;
+    // A broken EXIF block should not reject an otherwise good image: fall back to no rotation.
+    let orientation = decoder.orientation().unwrap_or(image::metadata::Orientation::NoTransforms);
+    let mut img = DynamicImage::from_decoder(decoder).map_err(corrupt)?;
+    img.apply_orientation(orientation);
+    Ok(to_rgb_as_pillow(img))
+}
+
+fn corrupt(e: image::ImageError) -> DecodeError {
+    match e {
+        image::ImageError::Limits(_) => DecodeError::Corrupt(format!("decoding needs too much memory ({e})")),
+        e => DecodeError::Corrupt(e.to_string()),
+    }
+}
+
+/// `convert("RGB")` of what Pillow opens. Pillow reads a 16-bit greyscale PNG as mode `I;16`,
+/// whose conversion clips each value to 255; every other 16-bit layout it reads as 8 bits per
+/// sample by keeping the high byte. The `image` crate would scale both (`v / 257`).
+fn to_rgb_as_pillow(img: DynamicImage) -> RgbImage {
+    let (width, height) = (img.width(), img.height());
+    let pixels = match img {
+        DynamicImage::ImageLuma16(grey) => grey.into_raw().into_iter().flat_map(|v| [v.min(255) as u8; 3]).collect(),
+        DynamicImage::ImageLumaA16(la) => la.into_raw().chunks_exact(2).flat_map(|p| [(p[0] >> 8) as u8; 3]).collect(),
+        DynamicImage::ImageRgb16(rgb) => rgb.into_raw().into_iter().map(|v| (v >> 8) as u8).collect(),
+        DynamicImage::ImageRgba16(rgba) => rgba
+            .into_raw()
+            .chunks_exact(4)
+            .flat_map(|p| [(p[0] >> 8) as u8, (p[1] >> 8) as u8, (p[2] >> 8) as u8])
+            .collect(),
+        DynamicImage::ImageRgb8(rgb) => rgb.into_raw(),
+        other => other.to_rgb8().into_raw(),
+    };
+    RgbImage { width, height, pixels }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn png(img: DynamicImage) -> Vec<u8> {
+        let mut out = Cursor::new(Vec::new());
+        img.write_to(&mut out, image::ImageFormat::Png).unwrap();
+        out.into_inner()
+    }
+
+    fn decode(bytes: &[u8]) -> Result<RgbImage, DecodeError> {
+        decode_image(bytes, &DecodeLimits::default())
+    }
+
+    #[test]
+    fn rgba_drops_alpha_and_grey_expands() {
+        let rgba = image::RgbaImage::from_pixel(3, 2, image::Rgba([10, 20, 30, 0]));
+        let img = decode(&png(rgba.into())).unwrap();
+        assert_eq!((img.width, img.height), (3, 2));
+        assert_eq!(&img.pixels[..3], &[10, 20, 30]);
+        let grey = image::GrayImage::from_pixel(2, 2, image::Luma([77]));
+        assert_eq!(&decode(&png(grey.into())).unwrap().pixels[..3], &[77, 77, 77]);
+    }
+
+    #[test]
+    fn sixteen_bit_pngs_reduce_as_pillow() {
+        let grey = image::ImageBuffer::<image::Luma<u16>, _>::from_raw(3, 1, vec![7u16, 255, 40000]).unwrap();
+        assert_eq!(
+            decode(&png(DynamicImage::ImageLuma16(grey))).unwrap().pixels,
+            [7, 7, 7, 255, 255, 255, 255, 255, 255]
+        );
+        let rgb = image::ImageBuffer::<image::Rgb<u16>, _>::from_raw(1, 1, vec![0x12ff, 0x0080, 0xfe01]).unwrap();
+        assert_eq!(decode(&png(DynamicImage::ImageRgb16(rgb))).unwrap().pixels, [0x12, 0x00, 0xfe]);
+    }
+
+    #[test]
+    fn garbage_and_empty_are_errors_not_panics() {
+        assert_eq!(decode(b""), Err(DecodeError::Empty));
+        assert_eq!(decode(b"not an image at all"), Err(DecodeError::UnknownFormat));
+        // A valid PNG signature with a truncated body.
+        let mut bytes = png(image::GrayImage::new(8, 8).into());
+        bytes.truncate(30);
+        assert!(matches!(decode(&bytes), Err(DecodeError::Corrupt(_))));
+    }
+
+    #[test]
+    fn limits_apply_before_decoding() {
+        let limits = DecodeLimits { max_pixels: 100, max_pixels_per_byte: 1024, dense_floor: 0 };
+        assert!(matches!(limits.check(11, 10, 1 << 20), Err(DecodeError::TooManyPixels { limit: 100, .. })));
+        assert!(limits.check(10, 10, 1).is_ok());
+        let dense = DecodeLimits { max_pixels: 1 << 40, max_pixels_per_byte: 10, dense_floor: 50 };
+        assert!(matches!(dense.check(100, 100, 999), Err(DecodeError::TooDense { .. })));
+        assert!(dense.check(100, 100, 1000).is_ok());
+        assert!(dense.check(5, 10, 1).is_ok(), "under the floor");
+        assert!(matches!(dense.check(0, 10, 1), Err(DecodeError::ZeroSized { .. })));
+        // A GIF whose logical screen is 0 x 0.
+        let gif = b"GIF89a\x00\x00\x00\x00\x00\x00\x00,\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;";
+        assert!(decode(gif).is_err());
+    }
+}
