@@ -78,6 +78,10 @@ pub fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage, DecodeErr
     }
     let (width, height) = (d.get(tj::TJPARAM_TJPARAM_JPEGWIDTH), d.get(tj::TJPARAM_TJPARAM_JPEGHEIGHT));
     let (width, height) = (u32::try_from(width).unwrap_or(0), u32::try_from(height).unwrap_or(0));
+    if width == 0 || height == 0 {
+        // libjpeg-turbo accepts a header cut off before its frame and reports no size.
+        return Err(DecodeError::Corrupt("the JPEG ends before its frame header".into()));
+    }
     limits.check(width, height, bytes.len())?;
     // Pillow refuses anything but 8-bit samples ("cannot handle N-bit layers").
     let precision = d.get(tj::TJPARAM_TJPARAM_PRECISION);
