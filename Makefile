@@ -49,11 +49,11 @@ $(HELM_STAMP): $(TORCH_STAMP)
 	touch $@
 
 test: setup $(CLIENT_STAMP) $(HELM_STAMP) ## run every test (Rust, a Python gRPC client, the Helm chart)
-	$(CARGO_ENV) cargo test --locked
+	$(CARGO_ENV) cargo test --locked --workspace
 
 lint: setup ## rustfmt and clippy, warnings are errors
-	cargo fmt --check
-	$(CARGO_ENV) cargo clippy --locked --all-targets -- -D warnings
+	cargo fmt --all --check
+	$(CARGO_ENV) cargo clippy --locked --workspace --all-targets -- -D warnings
 
 FUZZ_SECONDS ?= 60
 # No single allocation may exceed this: the fuzz target's limits allow about 32 MB per decode.

@@ -25,6 +25,9 @@ const DECODES: u64 = 2;
 const MAX_PIXELS: u64 = 64 * 1024 * 1024;
 const CACHE_BYTES: u64 = 200_000;
 
+/// A GIF whose logical screen is 0 x 0 pixels.
+const ZERO_GIF: &[u8] = b"GIF89a\x00\x00\x00\x00\x00\x00\x00,\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;";
+
 struct Server {
     child: Child,
     addr: SocketAddr,
@@ -211,8 +214,7 @@ async fn hostile_images_get_clear_errors_and_the_server_stays_up_inside_its_memo
     assert_eq!(rank.unwrap_err().code(), inv);
 
     // 4. Degenerate and broken files.
-    let gif = b"GIF89a\x00\x00\x00\x00\x00\x00\x00,\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;".to_vec();
-    expect(&ch, "0 x 0 GIF", png_image(gif), inv, "", quick).await;
+    expect(&ch, "0 x 0 GIF", png_image(ZERO_GIF.to_vec()), inv, "", quick).await;
     let real_jpeg = jpeg(64, 48);
     expect(&ch, "truncated JPEG", png_image(real_jpeg[..real_jpeg.len() / 2].to_vec()), inv, "", quick).await;
     let real_png = png_rgb(64, 48, |x, y| [x as u8, y as u8, 3]);
@@ -252,6 +254,15 @@ async fn hostile_images_get_clear_errors_and_the_server_stays_up_inside_its_memo
     assert!(peak_kb <= bound_kb, "peak RSS {peak_kb} kB over the bound {bound_kb} kB");
 }
 
+/// One kind of soak call: its image (`None`: a fresh scene each time), the code it must get and
+/// how often it is drawn.
+struct SoakCase {
+    what: &'static str,
+    image: Option<Option<pb::Image>>,
+    code: Code,
+    weight: u32,
+}
+
 /// Mixed hostile and normal traffic for `SOAK_SECONDS` (default 600) from 8 concurrent callers,
 /// sampling the server's RSS every 200 ms: it never crashes, every normal call succeeds, every
 /// hostile one gets its expected code, and RSS stays under the same bound as above.
@@ -269,13 +280,12 @@ async fn soak_mixed_hostile_and_normal_traffic() {
     let base_kb = server.status_kb("VmRSS:");
     let bound_kb = base_kb + (DECODES * MAX_PIXELS * 11 + CACHE_BYTES) / 1024;
 
-    // (what, payload, expected code); a payload of None draws a fresh scene each time.
     let sliver = png_rgb(1, 60_000_000, |_, _| [30, 90, 200]);
     let big = png_rgb(3000, 2000, |x, y| [(x / 8) as u8, (y / 6) as u8, 40]);
     let private = draw_scene(&mut StdRng::seed_from_u64(5)).png();
     let digest = format!("sha256:{:x}", Sha256::digest(&private));
     let real_jpeg = jpeg(64, 48);
-    let cases: Arc<Vec<(&str, Option<Option<pb::Image>>, Code, u32)>> = Arc::new(vec![
+    let cases: Vec<(&str, _, _, _)> = vec![
         ("normal scene", None, Code::Ok, 40),
         ("1 x 60,000,000 PNG", Some(png_image(sliver)), Code::Ok, 2),
         ("3000 x 2000 PNG", Some(png_image(big)), Code::Ok, 6),
@@ -283,18 +293,13 @@ async fn soak_mixed_hostile_and_normal_traffic() {
         ("JPEG claiming 8000 x 8000", Some(png_image(jpeg_claiming(8000, 8000, 1))), Code::InvalidArgument, 10),
         ("PNG claiming 100000 x 100000", Some(png_image(png_claiming(100_000, 100_000))), Code::InvalidArgument, 6),
         ("truncated JPEG", Some(png_image(real_jpeg[..real_jpeg.len() / 2].to_vec())), Code::InvalidArgument, 6),
-        (
-            "0 x 0 GIF",
-            Some(png_image(
-                b"GIF89a\x00\x00\x00\x00\x00\x00\x00,\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;".to_vec(),
-            )),
-            Code::InvalidArgument,
-            6,
-        ),
+        ("0 x 0 GIF", Some(png_image(ZERO_GIF.to_vec())), Code::InvalidArgument, 6),
         ("digest as url", Some(url_image(digest)), Code::InvalidArgument, 6),
         ("garbage", Some(png_image(b"garbage".to_vec())), Code::InvalidArgument, 6),
-    ]);
-    let total_weight: u32 = cases.iter().map(|c| c.3).sum();
+    ];
+    let cases: Arc<Vec<SoakCase>> =
+        Arc::new(cases.into_iter().map(|(what, image, code, weight)| SoakCase { what, image, code, weight }).collect());
+    let total_weight: u32 = cases.iter().map(|c| c.weight).sum();
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let peak = Arc::new(AtomicU64::new(0));
     let done = Arc::new(AtomicBool::new(false));
@@ -327,17 +332,17 @@ async fn soak_mixed_hostile_and_normal_traffic() {
                 let case = cases
                     .iter()
                     .find(|c| {
-                        if pick < c.3 {
+                        if pick < c.weight {
                             return true;
                         }
-                        pick -= c.3;
+                        pick -= c.weight;
                         false
                     })
                     .unwrap();
-                let image = case.1.clone().unwrap_or_else(|| png_image(draw_scene(&mut rng).png()));
+                let image = case.image.clone().unwrap_or_else(|| png_image(draw_scene(&mut rng).png()));
                 let (code, message, _) = caption(&ch, image).await;
-                assert_eq!(code, case.2, "{}: {message}", case.0);
-                *counts.entry((case.0, format!("{code:?}"))).or_default() += 1;
+                assert_eq!(code, case.code, "{}: {message}", case.what);
+                *counts.entry((case.what, format!("{code:?}"))).or_default() += 1;
             }
             counts
         }));

@@ -319,10 +319,9 @@ def decode_corpus(data: Path, photo) -> list[tuple]:
 
 
 def make_images() -> tuple[list[dict], list[dict]]:
-    """Writes the encoded inputs; returns the model inputs [{name, file, format, decode}], where
-    `decode` says how the Rust decoder is expected to compare with Pillow's: "exact", or "jpeg"
-    (libjpeg-turbo's rounding is not reproduced; lossy WebP decodes identically, so it is "exact"),
-    and the decode-only inputs, which also carry `covers`, `pillow_mode` (Image.open's mode before
+    """Writes the encoded inputs; returns the model inputs [{name, file, format}] (the Rust decoder
+    must give Pillow's pixels exactly for every one), and the decode-only inputs, which also carry
+    `covers`, `pillow_mode` (Image.open's mode before
     convert("RGB")), `exif_orientation` and, for JPEG, `jpeg` (jpeg_layout of the file)."""
     data = skimage_data()
     photo = lambda name, size: Image.open(data / name).convert("RGB").resize(size, Image.LANCZOS)  # noqa: E731
@@ -376,8 +375,7 @@ def make_images() -> tuple[list[dict], list[dict]]:
     for name, fmt, img, opts in specs:
         file = IMAGES / f"{name.rsplit('_', 1)[0]}.{ext[fmt]}"
         img.save(file, fmt.upper(), **opts)
-        out.append({"name": name, "file": str(file.relative_to(ROOT)), "format": fmt,
-                    "decode": "jpeg" if fmt == "jpeg" else "exact"})
+        out.append({"name": name, "file": str(file.relative_to(ROOT)), "format": fmt})
 
     decode_only = []
     for name, fmt, payload, covers, expect in decode_corpus(data, photo):
@@ -391,7 +389,7 @@ def make_images() -> tuple[list[dict], list[dict]]:
         encoded = file.read_bytes()
         with Image.open(file) as im:
             entry = {"name": name, "file": str(file.relative_to(ROOT)), "format": fmt,
-                     "decode": "jpeg" if fmt == "jpeg" else "exact", "covers": covers, "pillow_mode": im.mode,
+                     "covers": covers, "pillow_mode": im.mode,
                      "exif_orientation": im.getexif().get(0x0112)}
         if fmt == "jpeg":
             entry["jpeg"] = layout = jpeg_layout(encoded)

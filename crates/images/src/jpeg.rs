@@ -95,9 +95,7 @@ pub fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage, DecodeErr
     let mut out = vec![0u8; row * height as usize];
     // SAFETY: `out` holds height rows of `row` bytes, the size tj3Decompress8 writes for this
     // pixel format and pitch at the header's dimensions (no scaling or cropping is set).
-    let rc = unsafe {
-        tj::tj3Decompress8(d.0, bytes.as_ptr(), bytes.len() as _, out.as_mut_ptr(), row as i32, format as i32)
-    };
+    let rc = unsafe { tj::tj3Decompress8(d.0, bytes.as_ptr(), bytes.len() as _, out.as_mut_ptr(), row as i32, format) };
     if rc != 0 {
         let message = d.message();
         // libjpeg-turbo pads a file that ends early with grey and warns; Pillow refuses it.
