@@ -71,7 +71,8 @@ pub struct EngineArgs {
     /// file can cause; even a blank RGB PNG uses under 300, only blank palette PNGs and GIFs go beyond).
     #[arg(long, env = "CAPTION_MAX_IMAGE_PIXELS_PER_BYTE", default_value_t = DecodeLimits::default().max_pixels_per_byte)]
     pub max_image_pixels_per_byte: u64,
-    /// Image decodes running at once, each holding up to --max-image-pixels × 11 bytes; default: the CPU count.
+    /// Image decodes running at once in each of two lanes (images up to 4 Mpx, larger ones); a
+    /// large one holds up to --max-image-pixels × 11 bytes. Default: the CPU count.
     #[arg(long, env = "CAPTION_MAX_CONCURRENT_DECODES")]
     pub max_concurrent_decodes: Option<usize>,
     /// Bytes of model-ready images kept so repeated URLs are fetched once (0 disables);

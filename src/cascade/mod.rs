@@ -17,7 +17,9 @@ use tokio::sync::Semaphore;
 use crate::{
     backend::{BlipRunner, ClipRunner, GenerateInput, RankInput},
     engine::{Admission, EngineError, Scheduler},
-    images::{cache::Lookup, decode_image, CacheKey, DecodeError, DecodeLimits, Fetcher, ImageCache, ImageError},
+    images::{
+        cache::Lookup, decode_image, dimensions, CacheKey, DecodeError, DecodeLimits, Fetcher, ImageCache, ImageError,
+    },
     models::{
         generation::{GenerationLimits, GenerationParams, InvalidParam},
         preprocess::Pixels,
@@ -25,6 +27,9 @@ use crate::{
 };
 
 pub type ModelScheduler = Scheduler<BlipRunner, ClipRunner>;
+
+/// Images up to this many pixels (a 2560 × 1600 photo) decode in their own lane.
+pub const SMALL_IMAGE_PIXELS: u64 = 4 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CascadeError {
@@ -49,7 +54,8 @@ pub struct RequestLimits {
     pub max_inflight: usize,
     /// Bounds on each image decode.
     pub decode: DecodeLimits,
-    /// Decodes (and resizes) running at once; each may hold a full-resolution image.
+    /// Decodes (and resizes) running at once in each of two lanes, images up to
+    /// [`SMALL_IMAGE_PIXELS`] and larger ones; each may hold a full-resolution image.
     pub max_concurrent_decodes: usize,
 }
 
@@ -60,9 +66,11 @@ pub struct Cascade {
     fetcher: Fetcher,
     cache: ImageCache<PreparedImage>,
     limits: RequestLimits,
-    /// Bounds decodes (with their resizes) running at once on the blocking pool, and so the
-    /// full-resolution images alive at once.
+    /// Bounds decodes (with their resizes) of images over [`SMALL_IMAGE_PIXELS`] running at once
+    /// on the blocking pool, and so the full-resolution images alive at once.
     decode_slots: Semaphore,
+    /// The same for smaller images (as many slots).
+    small_decode_slots: Semaphore,
     /// Admission slots; see [`RequestLimits::max_inflight`].
     inflight: Semaphore,
 }
@@ -81,7 +89,8 @@ impl Cascade {
         limits.generation.max_length = limits.generation.max_length.min(blip.max_positions());
         let inflight = Semaphore::new(limits.max_inflight.max(1));
         let decode_slots = Semaphore::new(limits.max_concurrent_decodes.max(1));
-        Self { scheduler, blip, clip, fetcher, cache, limits, decode_slots, inflight }
+        let small_decode_slots = Semaphore::new(limits.max_concurrent_decodes.max(1));
+        Self { scheduler, blip, clip, fetcher, cache, limits, decode_slots, small_decode_slots, inflight }
     }
 
     pub fn limits(&self) -> &RequestLimits {
@@ -265,7 +274,11 @@ impl Cascade {
                     }
                     ImageSource::Bytes(data) => data.clone(),
                 };
-                let _slot = self.decode_slots.acquire().await.expect("semaphore never closed");
+                // Small images decode in a lane of their own, so a few huge ones cannot hold up
+                // normal traffic. Reading the header costs microseconds.
+                let small = dimensions(&bytes).is_ok_and(|(w, h)| u64::from(w) * u64::from(h) <= SMALL_IMAGE_PIXELS);
+                let lane = if small { &self.small_decode_slots } else { &self.decode_slots };
+                let _slot = lane.acquire().await.expect("semaphore never closed");
                 let limits = self.limits.decode;
                 let (blip, clip) = (self.blip.processor().clone(), self.clip.processor().clone());
                 tokio::task::spawn_blocking(move || {

@@ -6,7 +6,7 @@ pub mod cache;
 pub mod fetch;
 
 pub use cache::{CacheKey, ImageCache};
-pub use caption_images::{decode_image, resize, DecodeError, DecodeLimits, RgbImage};
+pub use caption_images::{decode_image, dimensions, resize, DecodeError, DecodeLimits, RgbImage};
 pub use fetch::{FetchLimits, Fetcher};
 
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]

@@ -53,6 +53,23 @@ impl DecodeLimits {
     }
 }
 
+/// Width and height as the file's header declares them, without decoding any pixel: what a
+/// caller needs to decide how to schedule the decode.
+pub fn dimensions(bytes: &[u8]) -> Result<(u32, u32), DecodeError> {
+    if bytes.is_empty() {
+        return Err(DecodeError::Empty);
+    }
+    if jpeg::is_jpeg(bytes) {
+        return jpeg::dimensions(bytes);
+    }
+    let reader =
+        ImageReader::new(Cursor::new(bytes)).with_guessed_format().map_err(|e| DecodeError::Corrupt(e.to_string()))?;
+    if reader.format().is_none() {
+        return Err(DecodeError::UnknownFormat);
+    }
+    reader.into_dimensions().map_err(corrupt)
+}
+
 pub fn decode_image(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage, DecodeError> {
     if bytes.is_empty() {
         return Err(DecodeError::Empty);
@@ -149,6 +166,14 @@ mod tests {
         let mut bytes = png(image::GrayImage::new(8, 8).into());
         bytes.truncate(30);
         assert!(matches!(decode(&bytes), Err(DecodeError::Corrupt(_))));
+    }
+
+    #[test]
+    fn dimensions_come_from_the_header() {
+        let bytes = png(image::RgbImage::new(7, 3).into());
+        assert_eq!(dimensions(&bytes), Ok((7, 3)));
+        assert_eq!(dimensions(b""), Err(DecodeError::Empty));
+        assert_eq!(dimensions(b"nothing"), Err(DecodeError::UnknownFormat));
     }
 
     #[test]

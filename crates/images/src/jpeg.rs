@@ -66,7 +66,8 @@ impl Drop for Decompressor {
     }
 }
 
-pub fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage, DecodeError> {
+/// A decompressor that has read the file's header.
+fn open(bytes: &[u8]) -> Result<Decompressor, DecodeError> {
     let d = Decompressor::new()?;
     // Warnings (extraneous bytes, a bad restart marker) do not stop Pillow; a truncated file does,
     // and is caught below.
@@ -76,12 +77,26 @@ pub fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage, DecodeErr
     if unsafe { tj::tj3DecompressHeader(d.0, bytes.as_ptr(), bytes.len() as _) } != 0 {
         return Err(d.error());
     }
+    Ok(d)
+}
+
+fn size(d: &Decompressor) -> Result<(u32, u32), DecodeError> {
     let (width, height) = (d.get(tj::TJPARAM_TJPARAM_JPEGWIDTH), d.get(tj::TJPARAM_TJPARAM_JPEGHEIGHT));
     let (width, height) = (u32::try_from(width).unwrap_or(0), u32::try_from(height).unwrap_or(0));
     if width == 0 || height == 0 {
         // libjpeg-turbo accepts a header cut off before its frame and reports no size.
         return Err(DecodeError::Corrupt("the JPEG ends before its frame header".into()));
     }
+    Ok((width, height))
+}
+
+pub fn dimensions(bytes: &[u8]) -> Result<(u32, u32), DecodeError> {
+    size(&open(bytes)?)
+}
+
+pub fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage, DecodeError> {
+    let d = open(bytes)?;
+    let (width, height) = size(&d)?;
     limits.check(width, height, bytes.len())?;
     // Pillow refuses anything but 8-bit samples ("cannot handle N-bit layers").
     let precision = d.get(tj::TJPARAM_TJPARAM_PRECISION);

@@ -8,7 +8,7 @@ mod jpeg;
 pub mod preprocess;
 pub mod resize;
 
-pub use decode::{decode_image, DecodeLimits};
+pub use decode::{decode_image, dimensions, DecodeLimits};
 pub use preprocess::{ImageProcessor, Pixels, ResizeTo};
 
 /// A decoded, upright 8-bit RGB image, row-major, 3 bytes per pixel.
