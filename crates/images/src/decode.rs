@@ -86,6 +86,9 @@ pub fn decode_image(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage, Dec
     // The widest decoded form is 16-bit RGBA: 8 bytes per pixel.
     decoder_limits.max_alloc = Some(limits.max_pixels.saturating_mul(8));
     reader.limits(decoder_limits);
+    if reader.format() == Some(image::ImageFormat::WebP) {
+        check_riff_chunks(bytes)?;
+    }
     let mut decoder = reader.into_decoder().map_err(corrupt)?;
     let (w, h) = decoder.dimensions();
     limits.check(w, h, bytes.len())?;
@@ -94,6 +97,23 @@ pub fn decode_image(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage, Dec
     let mut img = DynamicImage::from_decoder(decoder).map_err(corrupt)?;
     img.apply_orientation(orientation);
     Ok(to_rgb_as_pillow(img))
+}
+
+/// Refuses a WebP file whose chunks claim more bytes than it holds. The WebP decoder allocates a
+/// metadata chunk's declared size before reading it (outside the decoder's memory limits), so a
+/// 2 KB file could otherwise ask for a gigabyte.
+fn check_riff_chunks(bytes: &[u8]) -> Result<(), DecodeError> {
+    let mut at = 12; // "RIFF", file size, "WEBP"
+    while at + 8 <= bytes.len() {
+        let size = u32::from_le_bytes([bytes[at + 4], bytes[at + 5], bytes[at + 6], bytes[at + 7]]) as usize;
+        let left = bytes.len() - at - 8;
+        if size > left {
+            let name = String::from_utf8_lossy(&bytes[at..at + 4]).into_owned();
+            return Err(DecodeError::Corrupt(format!("WebP chunk {name:?} claims {size} bytes, only {left} follow")));
+        }
+        at += 8 + size + (size & 1);
+    }
+    Ok(())
 }
 
 fn corrupt(e: image::ImageError) -> DecodeError {
@@ -166,6 +186,19 @@ mod tests {
         let mut bytes = png(image::GrayImage::new(8, 8).into());
         bytes.truncate(30);
         assert!(matches!(decode(&bytes), Err(DecodeError::Corrupt(_))));
+    }
+
+    #[test]
+    fn a_webp_chunk_longer_than_the_file_is_refused_before_allocating() {
+        // An extended WebP whose EXIF chunk claims 1 GB in a 60-byte file.
+        let mut riff = b"RIFF\0\0\0\0WEBPVP8X\x0a\0\0\0\x08\0\0\0\x0f\0\0\x0f\0\0".to_vec();
+        riff.extend_from_slice(b"EXIF");
+        riff.extend_from_slice(&1_000_000_000u32.to_le_bytes());
+        riff.extend_from_slice(b"MM\0*\0\0\0\x08");
+        let len = (riff.len() - 8) as u32;
+        riff[4..8].copy_from_slice(&len.to_le_bytes());
+        let err = decode(&riff).unwrap_err();
+        assert!(matches!(&err, DecodeError::Corrupt(m) if m.contains("EXIF")), "{err}");
     }
 
     #[test]
