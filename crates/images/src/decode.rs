@@ -87,7 +87,7 @@ pub fn decode_image(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage, Dec
     decoder_limits.max_alloc = Some(limits.max_pixels.saturating_mul(8));
     reader.limits(decoder_limits);
     if reader.format() == Some(image::ImageFormat::WebP) {
-        check_riff_chunks(bytes)?;
+        check_webp(bytes, limits)?;
     }
     let mut decoder = reader.into_decoder().map_err(corrupt)?;
     let (w, h) = decoder.dimensions();
@@ -99,17 +99,41 @@ pub fn decode_image(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage, Dec
     Ok(to_rgb_as_pillow(img))
 }
 
-/// Refuses a WebP file whose chunks claim more bytes than it holds. The WebP decoder allocates a
-/// metadata chunk's declared size before reading it (outside the decoder's memory limits), so a
-/// 2 KB file could otherwise ask for a gigabyte.
-fn check_riff_chunks(bytes: &[u8]) -> Result<(), DecodeError> {
-    let mut at = 12; // "RIFF", file size, "WEBP"
-    while at + 8 <= bytes.len() {
-        let size = u32::from_le_bytes([bytes[at + 4], bytes[at + 5], bytes[at + 6], bytes[at + 7]]) as usize;
-        let left = bytes.len() - at - 8;
+/// Checks a WebP file's chunks before the decoder sees them: a chunk may not claim more bytes
+/// than the file holds, and every VP8/VP8L frame (animation frames included) must fit the
+/// limits as the canvas does. The WebP decoder allocates a metadata chunk's declared size before
+/// reading it, and a frame's buffers from the frame's own header, outside the decoder's memory
+/// limits: a 2 KB file could otherwise ask for a gigabyte.
+fn check_webp(bytes: &[u8], limits: &DecodeLimits) -> Result<(), DecodeError> {
+    // "RIFF", file size, "WEBP", then chunks.
+    check_riff_chunks(bytes.get(12..).unwrap_or_default(), bytes.len(), limits)
+}
+
+fn check_riff_chunks(chunks: &[u8], file_len: usize, limits: &DecodeLimits) -> Result<(), DecodeError> {
+    let mut at = 0;
+    while at + 8 <= chunks.len() {
+        let name = &chunks[at..at + 4];
+        let size = u32::from_le_bytes([chunks[at + 4], chunks[at + 5], chunks[at + 6], chunks[at + 7]]) as usize;
+        let left = chunks.len() - at - 8;
         if size > left {
-            let name = String::from_utf8_lossy(&bytes[at..at + 4]).into_owned();
+            let name = String::from_utf8_lossy(name);
             return Err(DecodeError::Corrupt(format!("WebP chunk {name:?} claims {size} bytes, only {left} follow")));
+        }
+        let data = &chunks[at + 8..at + 8 + size];
+        let u16le = |i: usize| u32::from(u16::from_le_bytes([data[i], data[i + 1]]));
+        match name {
+            // Frame tag (3 bytes), start code 9d 01 2a, then 14-bit width and height.
+            b"VP8 " if data.len() >= 10 && data[3..6] == [0x9d, 0x01, 0x2a] => {
+                limits.check(u16le(6) & 0x3fff, u16le(8) & 0x3fff, file_len)?;
+            }
+            // Signature 0x2f, then width - 1 and height - 1 in 14 bits each.
+            b"VP8L" if data.len() >= 5 && data[0] == 0x2f => {
+                let bits = u32::from_le_bytes([data[1], data[2], data[3], data[4]]);
+                limits.check((bits & 0x3fff) + 1, ((bits >> 14) & 0x3fff) + 1, file_len)?;
+            }
+            // An animation frame: a 16-byte header, then the frame's own chunks.
+            b"ANMF" if data.len() >= 16 => check_riff_chunks(&data[16..], file_len, limits)?,
+            _ => {}
         }
         at += 8 + size + (size & 1);
     }
@@ -199,6 +223,18 @@ mod tests {
         riff[4..8].copy_from_slice(&len.to_le_bytes());
         let err = decode(&riff).unwrap_err();
         assert!(matches!(&err, DecodeError::Corrupt(m) if m.contains("EXIF")), "{err}");
+    }
+
+    #[test]
+    fn a_webp_frame_larger_than_the_limits_is_refused_whatever_the_canvas_says() {
+        // A 16 x 16 canvas whose VP8 frame header claims 16383 x 16383.
+        let mut riff = b"RIFF\0\0\0\0WEBPVP8X\x0a\0\0\0\0\0\0\0\x0f\0\0\x0f\0\0".to_vec();
+        riff.extend_from_slice(b"VP8 \x0a\0\0\0\x50\x02\0\x9d\x01\x2a\xff\x3f\xff\x3f");
+        let len = (riff.len() - 8) as u32;
+        riff[4..8].copy_from_slice(&len.to_le_bytes());
+        let limits = DecodeLimits { max_pixels: 1 << 22, ..DecodeLimits::default() };
+        let err = decode_image(&riff, &limits).unwrap_err();
+        assert!(matches!(err, DecodeError::TooManyPixels { width: 16383, height: 16383, .. }), "{err}");
     }
 
     #[test]
