@@ -1,6 +1,9 @@
 //! Proto messages ⇄ domain types, with field-level validation of what the proto cannot express.
 
-use std::time::{Duration, Instant};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use tonic::{metadata::MetadataMap, Status};
 
@@ -14,7 +17,7 @@ use crate::{
 pub fn image_source(image: Option<pb::Image>) -> Result<ImageSource, Status> {
     match image.and_then(|i| i.source) {
         Some(pb::image::Source::Url(url)) => Ok(ImageSource::Url(url)),
-        Some(pb::image::Source::Data(data)) => Ok(ImageSource::Bytes(data)),
+        Some(pb::image::Source::Data(data)) => Ok(ImageSource::Bytes(Arc::new(data))),
         None => Err(Status::invalid_argument("image: set either image.url or image.data")),
     }
 }

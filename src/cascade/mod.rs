@@ -258,7 +258,11 @@ impl Cascade {
             }
             ImageSource::Bytes(data) => {
                 self.fetcher.check_inline(data)?;
-                let digest: [u8; 32] = Sha256::digest(data).into();
+                // Hashing 20 MB takes tens of milliseconds: not on an async worker thread.
+                let bytes = data.clone();
+                let digest: [u8; 32] = tokio::task::spawn_blocking(move || Sha256::digest(bytes.as_slice()).into())
+                    .await
+                    .map_err(|e| EngineError::Internal(format!("hashing task failed: {e}")))?;
                 (format!("sha256:{}", hex(&digest)), CacheKey::Inline(digest))
             }
         };
@@ -270,7 +274,7 @@ impl Cascade {
                         let fetched = self.fetcher.fetch(url).await;
                         let outcome = if fetched.is_ok() { "ok" } else { "error" };
                         metrics::counter!("caption_images_fetched_total", "outcome" => outcome).increment(1);
-                        fetched?
+                        Arc::new(fetched?)
                     }
                     ImageSource::Bytes(data) => data.clone(),
                 };
@@ -282,7 +286,7 @@ impl Cascade {
                 let limits = self.limits.decode;
                 let (blip, clip) = (self.blip.processor().clone(), self.clip.processor().clone());
                 tokio::task::spawn_blocking(move || {
-                    let decoded = decode_image(&bytes, &limits)?;
+                    let decoded = decode_image(bytes.as_slice(), &limits)?;
                     drop(bytes);
                     Ok(PreparedImage { blip: blip.prepare(&decoded)?, clip: clip.prepare(&decoded)? })
                 })

@@ -1,6 +1,6 @@
 //! Plain result types of the use cases.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use crate::{
     backend::GeneratedCaption,
@@ -21,11 +21,11 @@ impl Weighed for PreparedImage {
     }
 }
 
-/// Where an image comes from.
+/// Where an image comes from. Inline bytes are shared, not copied, on their way to the decoder.
 #[derive(Debug, Clone)]
 pub enum ImageSource {
     Url(String),
-    Bytes(Vec<u8>),
+    Bytes(Arc<Vec<u8>>),
 }
 
 #[derive(Debug, Clone, Copy, Default)]

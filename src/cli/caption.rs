@@ -105,7 +105,7 @@ fn source_of(name: &str) -> anyhow::Result<ImageSource> {
     }
     let path = PathBuf::from(name);
     let bytes = std::fs::read(&path).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
-    Ok(ImageSource::Bytes(bytes))
+    Ok(ImageSource::Bytes(bytes.into()))
 }
 
 async fn caption_one(target: &mut Target, args: &CaptionArgs, name: &str) -> anyhow::Result<Outcome> {
@@ -137,7 +137,7 @@ async fn caption_one(target: &mut Target, args: &CaptionArgs, name: &str) -> any
         Target::Remote(client) => {
             let image = match source {
                 ImageSource::Url(url) => pb::image::Source::Url(url),
-                ImageSource::Bytes(data) => pb::image::Source::Data(data),
+                ImageSource::Bytes(data) => pb::image::Source::Data(Arc::unwrap_or_clone(data)),
             };
             let req = pb::CaptionRequest {
                 image: Some(pb::Image { source: Some(image) }),

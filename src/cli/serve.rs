@@ -44,7 +44,7 @@ pub async fn warm_up(cascade: &Cascade) -> anyhow::Result<()> {
     params.num_candidates = 2;
     params.max_length = params.max_length.min(4);
     cascade
-        .caption(ImageSource::Bytes(png.into_inner()), params, 1, Admission::default())
+        .caption(ImageSource::Bytes(png.into_inner().into()), params, 1, Admission::default())
         .await
         .map_err(|e| anyhow::anyhow!("warm-up failed: {e}"))?;
     Ok(())

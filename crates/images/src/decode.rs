@@ -86,8 +86,10 @@ pub fn decode_image(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage, Dec
     // The widest decoded form is 16-bit RGBA: 8 bytes per pixel.
     decoder_limits.max_alloc = Some(limits.max_pixels.saturating_mul(8));
     reader.limits(decoder_limits);
-    if reader.format() == Some(image::ImageFormat::WebP) {
-        check_webp(bytes, limits)?;
+    match reader.format() {
+        Some(image::ImageFormat::WebP) => check_webp(bytes, limits)?,
+        Some(image::ImageFormat::Tiff) => check_tiff(bytes)?,
+        _ => {}
     }
     let mut decoder = reader.into_decoder().map_err(corrupt)?;
     let (w, h) = decoder.dimensions();
@@ -136,6 +138,51 @@ fn check_riff_chunks(chunks: &[u8], file_len: usize, limits: &DecodeLimits) -> R
             _ => {}
         }
         at += 8 + size + (size & 1);
+    }
+    Ok(())
+}
+
+/// Refuses a TIFF file any of whose directory entries claims more bytes than the file holds: the
+/// TIFF decoder reserves an entry's declared size before reading it, so a few hundred bytes could
+/// otherwise ask for hundreds of megabytes. Walks every directory of the chain (classic and
+/// BigTIFF), at most 64 of them.
+fn check_tiff(bytes: &[u8]) -> Result<(), DecodeError> {
+    let big_endian = bytes.starts_with(b"MM");
+    let read = |at: usize, n: usize| -> Option<u64> {
+        let b = bytes.get(at..at.checked_add(n)?)?;
+        Some(if big_endian {
+            b.iter().fold(0u64, |v, &x| v << 8 | u64::from(x))
+        } else {
+            b.iter().rev().fold(0u64, |v, &x| v << 8 | u64::from(x))
+        })
+    };
+    let bad = |what: String| DecodeError::Corrupt(format!("TIFF {what}"));
+    let big = read(2, 2) == Some(43);
+    // Offsets and counts are 4 bytes in classic TIFF, 8 in BigTIFF.
+    let (word, entry_len, count_len) = if big { (8, 20, 8) } else { (4, 12, 2) };
+    let mut ifd = read(if big { 8 } else { 4 }, word).ok_or_else(|| bad("header is cut short".into()))?;
+    for _ in 0..64 {
+        if ifd == 0 {
+            return Ok(());
+        }
+        let at = usize::try_from(ifd).map_err(|_| bad(format!("directory offset {ifd} is out of range")))?;
+        let entries = read(at, count_len).ok_or_else(|| bad(format!("directory at {ifd} is past the end")))?;
+        for e in 0..entries as usize {
+            let entry = at + count_len + e * entry_len;
+            let (Some(kind), Some(count)) = (read(entry + 2, 2), read(entry + 4, word)) else {
+                return Err(bad(format!("directory at {ifd} is cut short")));
+            };
+            let size = match kind {
+                1 | 2 | 6 | 7 => 1,
+                3 | 8 => 2,
+                4 | 9 | 11 | 13 => 4,
+                _ => 8,
+            };
+            if count.saturating_mul(size) > bytes.len() as u64 {
+                return Err(bad(format!("entry claims {count} values, more than the file holds")));
+            }
+        }
+        ifd = read(at + count_len + entries as usize * entry_len, word).unwrap_or(0);
     }
     Ok(())
 }
@@ -235,6 +282,21 @@ mod tests {
         let limits = DecodeLimits { max_pixels: 1 << 22, ..DecodeLimits::default() };
         let err = decode_image(&riff, &limits).unwrap_err();
         assert!(matches!(err, DecodeError::TooManyPixels { width: 16383, height: 16383, .. }), "{err}");
+    }
+
+    #[test]
+    fn a_tiff_entry_longer_than_the_file_is_refused_before_allocating() {
+        // Little-endian TIFF, one directory with one entry: 60 million LONGs.
+        let mut tiff = b"II*\0\x08\0\0\0\x01\0".to_vec();
+        tiff.extend_from_slice(&[0x11, 0x01, 4, 0]);
+        tiff.extend_from_slice(&60_000_000u32.to_le_bytes());
+        tiff.extend_from_slice(&[0; 8]);
+        let err = decode(&tiff).unwrap_err();
+        assert!(matches!(&err, DecodeError::Corrupt(m) if m.contains("TIFF entry")), "{err}");
+        // A valid TIFF still decodes.
+        let mut ok = Cursor::new(Vec::new());
+        DynamicImage::ImageRgb8(image::RgbImage::new(5, 4)).write_to(&mut ok, image::ImageFormat::Tiff).unwrap();
+        assert_eq!(decode(ok.get_ref()).map(|i| (i.width, i.height)), Ok((5, 4)));
     }
 
     #[test]
