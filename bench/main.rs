@@ -97,9 +97,7 @@ fn build_runners(e: &EngineArgs, models: Models) -> anyhow::Result<(BlipRunner, 
     let device = e.device.resolve().map_err(anyhow::Error::msg)?;
     let threads = e.intra_op_threads(device);
     match models {
-        Models::Embedded => {
-            Ok((BlipRunner::load(&e.blip_model, device, threads)?, ClipRunner::load(&e.clip_model, device, threads)?))
-        }
+        Models::Embedded => caption_cascade::app::load_runners(e),
         Models::Base => {
             let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/configs");
             let read =
@@ -137,7 +135,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let engine = engine.clone();
         tokio::task::spawn_blocking(move || build_runners(&engine, models)).await??
     };
-    let cascade = engine.assemble(blip, clip)?;
+    let cascade = caption_cascade::app::assemble(&engine, blip, clip)?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     tokio::spawn(caption_cascade::api::serve(listener, cascade, 32 << 20, std::future::pending()));

@@ -1,15 +1,15 @@
 //! Command-line and environment configuration of the engine and server, turned once into the
-//! typed settings the layers below receive.
+//! typed settings the layers below receive. Building the application from them is [`crate::app`]'s.
 
-use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::Args;
 
 use crate::{
-    backend::{BlipRunner, ClipRunner, DeviceChoice},
-    cascade::{Cascade, RequestLimits},
-    engine::{QueueConfig, Scheduler, SchedulerConfig},
-    images::{DecodeLimits, FetchLimits, Fetcher, ImageCache},
+    backend::DeviceChoice,
+    cascade::RequestLimits,
+    engine::{QueueConfig, SchedulerConfig},
+    images::{DecodeLimits, FetchLimits},
     models::generation::GenerationLimits,
 };
 
@@ -52,6 +52,9 @@ pub struct EngineArgs {
     /// Most captions one Rank request may carry.
     #[arg(long, env = "CAPTION_MAX_CAPTIONS", default_value_t = 64)]
     pub max_captions: usize,
+    /// Longest caption a Rank request may carry, in bytes.
+    #[arg(long, env = "CAPTION_MAX_CAPTION_BYTES", default_value_t = 1024)]
+    pub max_caption_bytes: usize,
     /// Calls admitted at once (fetching, queued or computing); beyond it calls fail fast with RESOURCE_EXHAUSTED.
     #[arg(long, env = "CAPTION_MAX_INFLIGHT", default_value_t = 1024)]
     pub max_inflight: usize,
@@ -125,7 +128,7 @@ impl EngineArgs {
         RequestLimits {
             generation: GenerationLimits { max_candidates: self.max_candidates, max_length: self.max_length },
             max_captions: self.max_captions,
-            max_caption_bytes: 1024,
+            max_caption_bytes: self.max_caption_bytes,
             max_inflight: self.max_inflight,
             decode: DecodeLimits {
                 max_pixels: self.max_image_pixels,
@@ -149,33 +152,6 @@ impl EngineArgs {
         }
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         Some(self.intra_op_threads.unwrap_or_else(|| (cores / self.executors.max(1)).max(1) as i32))
-    }
-
-    /// Loads both models, warms them up and starts the scheduler.
-    pub fn build_cascade(&self) -> anyhow::Result<Arc<Cascade>> {
-        let device = self.device.resolve().map_err(anyhow::Error::msg)?;
-        let threads = self.intra_op_threads(device);
-        tracing::info!(?device, "loading models");
-        let blip = BlipRunner::load(&self.blip_model, device, threads)
-            .map_err(|e| anyhow::anyhow!("cannot load the BLIP model from {}: {e}", self.blip_model.display()))?;
-        let clip = ClipRunner::load(&self.clip_model, device, threads)
-            .map_err(|e| anyhow::anyhow!("cannot load the CLIP model from {}: {e}", self.clip_model.display()))?;
-        self.assemble(blip, clip)
-    }
-
-    /// Starts the scheduler over loaded runners and builds the cascade around it.
-    pub fn assemble(&self, blip: BlipRunner, clip: ClipRunner) -> anyhow::Result<Arc<Cascade>> {
-        let (blip, clip) = (Arc::new(blip), Arc::new(clip));
-        let scheduler = Scheduler::start(self.scheduler_config(), blip.clone(), clip.clone());
-        let fetcher = Fetcher::new(self.fetch_limits()).map_err(anyhow::Error::msg)?;
-        Ok(Arc::new(Cascade::new(
-            scheduler,
-            blip,
-            clip,
-            fetcher,
-            ImageCache::new(usize::try_from(self.image_cache_bytes()).unwrap_or(usize::MAX)),
-            self.request_limits(),
-        )))
     }
 }
 

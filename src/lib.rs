@@ -3,9 +3,11 @@
 //!
 //! Layers, top to bottom: [`cli`] → [`api`] (gRPC adapters) → [`cascade`] (use cases) →
 //! [`engine`] (shared batching scheduler) → [`backend`] (model runners) → [`models`] (BLIP, CLIP,
-//! generation) and [`images`] (fetch, decode, resize).
+//! generation) and [`images`] (fetch, cache; decoding and resizing in the `caption-images`
+//! crate). [`app`] assembles them from [`config`]'s settings.
 
 pub mod api;
+pub mod app;
 pub mod backend;
 pub mod cascade;
 pub mod cli;

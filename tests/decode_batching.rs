@@ -11,8 +11,8 @@ use caption_cascade::{
     engine::{Batch, Runner},
     images::{decode_image, DecodeLimits},
     models::{
-        blip::{Blip, SelfAttnCache},
-        generation::{DecodeBatch, DecodeRequest, Decoded, GenerationParams, SpecialTokens, Strategy},
+        blip::{Blip, DecodeBatch, DecodeRequest, Decoded, SelfAttnCache, SpecialTokens},
+        generation::{GenerationParams, Strategy},
         preprocess,
     },
 };
@@ -111,8 +111,10 @@ fn the_vision_encoder_runs_once_per_image() {
     let img = decode_image(&scene.png(), &DecodeLimits::default()).unwrap();
     let px = runner.processor().pixels(&img).unwrap();
     let params = GenerationParams { num_candidates: 10, seed: 1, ..Default::default() };
-    let inputs =
-        (0..3).map(|id| (id, GenerateInput { pixels: px.clone(), params: params.clone() })).collect::<Vec<_>>();
+    let prompt = runner.prompt(&params).unwrap();
+    let inputs = (0..3)
+        .map(|id| (id, GenerateInput { pixels: px.clone(), params: params.clone(), prompt: prompt.clone() }))
+        .collect::<Vec<_>>();
     let mut batch = runner.start(inputs);
     let mut done = Vec::new();
     while !batch.is_done() {
@@ -138,7 +140,11 @@ fn requests_with_prompts_of_different_lengths_start_together() {
     let run = |ids: &[usize]| {
         let inputs = ids
             .iter()
-            .map(|&i| (i as u64, GenerateInput { pixels: px.clone(), params: params(prompts[i]) }))
+            .map(|&i| {
+                let params = params(prompts[i]);
+                let prompt = runner.prompt(&params).unwrap();
+                (i as u64, GenerateInput { pixels: px.clone(), params, prompt })
+            })
             .collect::<Vec<_>>();
         let mut batch = runner.start(inputs);
         let mut done = Vec::new();

@@ -359,9 +359,12 @@ async fn soak_mixed_hostile_and_normal_traffic() {
                     })
                     .unwrap();
                 let mut image = case.image.clone().unwrap_or_else(|| png_image(draw_scene(&mut rng).png()));
-                // Bytes after the end of a PNG or JPEG are ignored by decoders but change the
-                // digest, so every call decodes afresh instead of hitting the image cache.
-                if let Some(pb::Image { source: Some(pb::image::Source::Data(bytes)) }) = &mut image {
+                // Bytes after the end of a good PNG or JPEG are ignored by decoders but change the
+                // digest, so every call decodes afresh instead of hitting the image cache. (Not
+                // on broken files: after a truncated JPEG they would be read as its data.)
+                if let (Code::Ok, Some(pb::Image { source: Some(pb::image::Source::Data(bytes)) })) =
+                    (case.code, &mut image)
+                {
                     bytes.extend_from_slice(&rand::Rng::random::<u64>(&mut rng).to_le_bytes());
                 }
                 let (code, message, _) = caption(&ch, image).await;

@@ -16,11 +16,11 @@ use std::{
 use caption_cascade::{
     images::{decode_image, resize::resize_bicubic_rgb8, DecodeLimits, RgbImage},
     models::{
-        blip::{Blip, SelfAttnCache},
+        blip::{Blip, DecodeBatch, DecodeRequest, SelfAttnCache, SpecialTokens},
         clip::Clip,
         generation::{
             logits::{repetition_penalty, suppress_eos, top_k, top_p, warp, RowParams},
-            DecodeBatch, DecodeRequest, GenerationParams, SpecialTokens, Strategy,
+            GenerationParams, Strategy,
         },
         preprocess::{ImageProcessor, ResizeTo},
         tokenizer::{CaptionTokenizer, RankTokenizer},

@@ -29,7 +29,6 @@ fn engine_status(e: EngineError) -> Status {
         EngineError::Overloaded(_) => Status::resource_exhausted(e.to_string()),
         EngineError::DeadlineExceeded => Status::deadline_exceeded(e.to_string()),
         EngineError::ShuttingDown => Status::unavailable(e.to_string()),
-        EngineError::Invalid(msg) => Status::invalid_argument(msg),
         EngineError::Internal(msg) => {
             tracing::error!(%msg, "internal error");
             Status::internal(msg)

@@ -5,7 +5,6 @@ use std::{
     collections::{BTreeMap, HashMap},
     path::Path,
     sync::atomic::{AtomicU64, Ordering},
-    time::{Duration, Instant},
 };
 
 use tch::Device;
@@ -14,8 +13,8 @@ use super::stack_pixels;
 use crate::{
     engine::{Batch, EngineError, Runner},
     models::{
-        blip::Blip,
-        generation::{DecodeBatch, DecodeRequest, Decoded, GenerationParams, SpecialTokens},
+        blip::{Blip, DecodeBatch, DecodeRequest, Decoded, SpecialTokens},
+        generation::{GenerationParams, InvalidParam},
         preprocess::{self, ImageProcessor, Pixels},
         tokenizer::CaptionTokenizer,
         ModelError, Shared,
@@ -25,6 +24,17 @@ use crate::{
 pub struct GenerateInput {
     pub pixels: Pixels,
     pub params: GenerationParams,
+    /// The decoder's input ids and what to strip, from [`BlipRunner::prompt`].
+    pub prompt: Prompt,
+}
+
+/// A request's prompt, validated and tokenized before it is queued.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Prompt {
+    /// Decoder input ids: `[bos]`, or bos followed by the prompt's tokens.
+    pub prefix: Vec<i64>,
+    /// Text to remove from the front of every caption (`strip_prompt`).
+    pub strip: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -36,8 +46,6 @@ pub struct GeneratedCaption {
 #[derive(Debug)]
 pub struct GenerateOutput {
     pub candidates: Vec<GeneratedCaption>,
-    /// Time from the start of this request's decode batch to its completion.
-    pub compute: Duration,
 }
 
 pub struct BlipRunner {
@@ -47,7 +55,6 @@ pub struct BlipRunner {
     device: Device,
     intra_op_threads: Option<i32>,
     images_encoded: AtomicU64,
-    decode_steps: AtomicU64,
 }
 
 impl BlipRunner {
@@ -78,7 +85,6 @@ impl BlipRunner {
             device,
             intra_op_threads,
             images_encoded: AtomicU64::new(0),
-            decode_steps: AtomicU64::new(0),
         })
     }
 
@@ -94,11 +100,6 @@ impl BlipRunner {
     /// Images run through the vision encoder since start.
     pub fn images_encoded(&self) -> u64 {
         self.images_encoded.load(Ordering::Relaxed)
-    }
-
-    /// Decoder forward passes since start.
-    pub fn decode_steps(&self) -> u64 {
-        self.decode_steps.load(Ordering::Relaxed)
     }
 
     fn special_tokens(&self) -> SpecialTokens {
@@ -119,20 +120,30 @@ pub struct GenerateBatch<'a> {
     decode: Option<DecodeBatch<'a>>,
     /// Per request: the prompt text to strip from its captions.
     strip: HashMap<u64, String>,
-    /// Results known before decoding (invalid prompts, requests done by their first token).
+    /// Results known before decoding (requests done by their first token).
     early: Vec<(u64, Result<GenerateOutput, EngineError>)>,
-    started: Instant,
 }
 
 impl BlipRunner {
-    /// The decoder input of a request: `[bos]`, or with a prompt the tokenizer's `[CLS] prompt [SEP]`
-    /// with CLS replaced by bos and the trailing SEP dropped, as the reference does.
-    fn prefix(&self, params: &GenerationParams) -> Result<Vec<i64>, EngineError> {
+    /// Validates and tokenizes a request's prompt, before it is queued. The decoder input is
+    /// `[bos]`, or with a prompt the tokenizer's `[CLS] prompt [SEP]` with CLS replaced by bos and
+    /// the trailing SEP dropped, as the reference does.
+    pub fn prompt(&self, params: &GenerationParams) -> Result<Prompt, InvalidParam> {
+        let prefix = self.prefix(params)?;
+        let strip = (params.strip_prompt && prefix.len() > 1).then(|| {
+            let ids: Vec<u32> = prefix[1..].iter().map(|&t| t as u32).collect();
+            self.tokenizer.decode(&ids).unwrap_or_default()
+        });
+        Ok(Prompt { prefix, strip })
+    }
+
+    fn prefix(&self, params: &GenerationParams) -> Result<Vec<i64>, InvalidParam> {
         let bos = self.special_tokens().bos;
         let Some(prompt) = params.prompt.as_deref().filter(|p| !p.trim().is_empty()) else {
             return Ok(vec![bos]);
         };
-        let ids = self.tokenizer.encode(prompt).map_err(|e| EngineError::Invalid(format!("prompt: {e}")))?;
+        let invalid = |reason: String| InvalidParam { field: "prompt", reason };
+        let ids = self.tokenizer.encode(prompt).map_err(|e| invalid(e.to_string()))?;
         let mut prefix: Vec<i64> = ids.iter().map(|&t| i64::from(t)).collect();
         if prefix.len() >= 2 {
             prefix.pop();
@@ -142,8 +153,8 @@ impl BlipRunner {
             None => prefix.push(bos),
         }
         if prefix.len() as u32 >= params.max_length {
-            return Err(EngineError::Invalid(format!(
-                "prompt: {} tokens leave no room under max_length {}",
+            return Err(invalid(format!(
+                "{} tokens leave no room under max_length {}",
                 prefix.len(),
                 params.max_length
             )));
@@ -175,22 +186,16 @@ impl Runner for BlipRunner {
     /// batches that join after their first step.
     fn start(&self, inputs: Vec<(u64, GenerateInput)>) -> GenerateBatch<'_> {
         let _no_grad = tch::no_grad_guard();
-        let started = Instant::now();
         let mut early = Vec::new();
         let mut strip = HashMap::new();
         let mut groups: BTreeMap<usize, Vec<(DecodeRequest, GenerateInput)>> = BTreeMap::new();
-        for (id, input) in inputs {
-            match self.prefix(&input.params) {
-                Ok(prefix) => {
-                    if input.params.strip_prompt && prefix.len() > 1 {
-                        let ids: Vec<u32> = prefix[1..].iter().map(|&t| t as u32).collect();
-                        strip.insert(id, self.tokenizer.decode(&ids).unwrap_or_default());
-                    }
-                    let req = DecodeRequest { id, params: input.params.clone(), prefix };
-                    groups.entry(req.prefix.len()).or_default().push((req, input));
-                }
-                Err(e) => early.push((id, Err(e))),
+        for (id, mut input) in inputs {
+            if let Some(text) = input.prompt.strip.take() {
+                strip.insert(id, text);
             }
+            let prefix = std::mem::take(&mut input.prompt.prefix);
+            let req = DecodeRequest { id, params: input.params.clone(), prefix };
+            groups.entry(req.prefix.len()).or_default().push((req, input));
         }
         let special = self.special_tokens();
         let mut decode: Option<DecodeBatch<'_>> = None;
@@ -205,24 +210,19 @@ impl Runner for BlipRunner {
             let mut batch = DecodeBatch::new(&self.model.text_decoder, special, &image_embeds, &requests);
             if several {
                 let done = batch.step();
-                early.extend(done.into_iter().map(|d| (d.id, self.finish(d, &strip, started))));
+                early.extend(done.into_iter().map(|d| (d.id, self.finish(d, &strip))));
             }
             match decode.as_mut() {
                 None => decode = Some(batch),
                 Some(running) => running.join(batch),
             }
         }
-        GenerateBatch { runner: self, decode, strip, early, started }
+        GenerateBatch { runner: self, decode, strip, early }
     }
 }
 
 impl BlipRunner {
-    fn finish(
-        &self,
-        d: Decoded,
-        strip: &HashMap<u64, String>,
-        started: Instant,
-    ) -> Result<GenerateOutput, EngineError> {
+    fn finish(&self, d: Decoded, strip: &HashMap<u64, String>) -> Result<GenerateOutput, EngineError> {
         let prompt = strip.get(&d.id);
         let candidates = d
             .candidates
@@ -237,7 +237,7 @@ impl BlipRunner {
                 Ok(c)
             })
             .collect::<Result<Vec<_>, EngineError>>()?;
-        Ok(GenerateOutput { candidates, compute: started.elapsed() })
+        Ok(GenerateOutput { candidates })
     }
 }
 
@@ -249,8 +249,7 @@ impl Batch for GenerateBatch<'_> {
         if let Some(decode) = self.decode.as_mut().filter(|d| !d.is_done()) {
             let _no_grad = tch::no_grad_guard();
             let done = decode.step();
-            self.runner.decode_steps.fetch_add(1, Ordering::Relaxed);
-            out.extend(done.into_iter().map(|d| (d.id, self.runner.finish(d, &self.strip, self.started))));
+            out.extend(done.into_iter().map(|d| (d.id, self.runner.finish(d, &self.strip))));
         }
         out
     }

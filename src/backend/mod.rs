@@ -6,7 +6,7 @@ pub mod generate;
 pub mod rank;
 
 pub use device::DeviceChoice;
-pub use generate::{BlipRunner, GenerateInput, GenerateOutput, GeneratedCaption};
+pub use generate::{BlipRunner, GenerateInput, GenerateOutput, GeneratedCaption, Prompt};
 pub use rank::{ClipRunner, RankInput, RankOutput, RankScore};
 
 use tch::{Device, Kind, Tensor};

@@ -1,10 +1,7 @@
 //! CLIP runner: embeds a batch of images and all their captions in two forward passes, then
 //! scores each request's captions against its own image.
 
-use std::{
-    path::Path,
-    time::{Duration, Instant},
-};
+use std::path::Path;
 
 use tch::{Device, Kind, Tensor};
 
@@ -13,15 +10,17 @@ use crate::{
     engine::{Batch, EngineError, Runner},
     models::{
         clip::Clip,
+        generation::InvalidParam,
         preprocess::{self, ImageProcessor, Pixels},
-        tokenizer::RankTokenizer,
+        tokenizer::{pad_batch, RankTokenizer},
         ModelError, Shared,
     },
 };
 
 pub struct RankInput {
     pub pixels: Pixels,
-    pub captions: Vec<String>,
+    /// Each caption's token ids, from [`ClipRunner::tokenize`].
+    pub captions: Vec<Vec<i64>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -36,7 +35,6 @@ pub struct RankScore {
 pub struct RankOutput {
     /// One score per caption, in request order.
     pub scores: Vec<RankScore>,
-    pub compute: Duration,
 }
 
 pub struct ClipRunner {
@@ -69,12 +67,16 @@ impl ClipRunner {
         &self.processor
     }
 
+    /// Validates and tokenizes a request's captions, before it is queued.
+    pub fn tokenize(&self, captions: &[String]) -> Result<Vec<Vec<i64>>, InvalidParam> {
+        self.tokenizer.encode_each(captions).map_err(|e| InvalidParam { field: "captions", reason: e.to_string() })
+    }
+
     fn run_batch(&self, inputs: &[RankInput]) -> Result<Vec<Vec<RankScore>>, EngineError> {
         let images =
             l2_normalize(&self.model.image_features(&stack_pixels(inputs.iter().map(|i| &i.pixels), self.device)));
-        let texts: Vec<String> = inputs.iter().flat_map(|i| i.captions.iter().cloned()).collect();
-        let pad = self.model.config.text_config.pad_token_id;
-        let enc = self.tokenizer.encode_batch(&texts, pad).map_err(|e| EngineError::Invalid(e.to_string()))?;
+        let rows: Vec<&[i64]> = inputs.iter().flat_map(|i| i.captions.iter().map(Vec::as_slice)).collect();
+        let enc = pad_batch(&rows, self.model.config.text_config.pad_token_id);
         let shape = [enc.rows as i64, enc.len as i64];
         let ids = Tensor::from_slice(&enc.ids).view(shape).to_device(self.device);
         let mask = Tensor::from_slice(&enc.mask).view(shape).to_device(self.device);
@@ -140,15 +142,11 @@ impl Batch for RankBatch<'_> {
     type Output = RankOutput;
 
     fn step(&mut self) -> Vec<(u64, Result<RankOutput, EngineError>)> {
-        let start = Instant::now();
         let _no_grad = tch::no_grad_guard();
         let inputs = std::mem::take(&mut self.inputs);
         let (ids, inputs): (Vec<u64>, Vec<RankInput>) = inputs.into_iter().unzip();
         match self.runner.run_batch(&inputs) {
-            Ok(all) => {
-                let compute = start.elapsed();
-                ids.into_iter().zip(all).map(|(id, scores)| (id, Ok(RankOutput { scores, compute }))).collect()
-            }
+            Ok(all) => ids.into_iter().zip(all).map(|(id, scores)| (id, Ok(RankOutput { scores }))).collect(),
             Err(e) => ids.into_iter().map(|id| (id, Err(e.clone()))).collect(),
         }
     }

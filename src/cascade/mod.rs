@@ -125,12 +125,13 @@ impl Cascade {
         let start = Instant::now();
         let _admitted = self.admit()?;
         params.validate(&self.limits.generation)?;
+        let prompt = self.blip.prompt(&params)?;
         let (key, image, fetch) = self.resolve(&source).await?;
         let t = Instant::now();
         let pixels = self.blip.processor().normalize(&image.blip);
         let preprocess = t.elapsed();
         let t = Instant::now();
-        let out = self.scheduler.generate(GenerateInput { pixels, params }, admission).await?;
+        let out = self.scheduler.generate(GenerateInput { pixels, params, prompt }, admission).await?;
         let generate = t.elapsed();
         Ok(Generated {
             key,
@@ -148,12 +149,13 @@ impl Cascade {
         let start = Instant::now();
         let _admitted = self.admit()?;
         self.check_captions(&captions)?;
+        let tokens = self.clip.tokenize(&captions)?;
         let (key, image, fetch) = self.resolve(&source).await?;
         let t = Instant::now();
         let pixels = self.clip.processor().normalize(&image.clip);
         let preprocess = t.elapsed();
         let t = Instant::now();
-        let captions = self.rank_pixels(pixels, captions, &[], admission).await?;
+        let captions = self.rank_pixels(pixels, captions, tokens, &[], admission).await?;
         Ok(Ranked {
             key,
             captions,
@@ -175,18 +177,21 @@ impl Cascade {
         if top_k == 0 {
             return Err(InvalidParam { field: "top_k", reason: "must be at least 1".into() }.into());
         }
+        let prompt = self.blip.prompt(&params)?;
         let (key, image, fetch) = self.resolve(&source).await?;
         let t = Instant::now();
         let (blip_px, clip_px) =
             (self.blip.processor().normalize(&image.blip), self.clip.processor().normalize(&image.clip));
         let preprocess = t.elapsed();
         let t = Instant::now();
-        let generated = self.scheduler.generate(GenerateInput { pixels: blip_px, params }, admission).await?;
+        let generated = self.scheduler.generate(GenerateInput { pixels: blip_px, params, prompt }, admission).await?;
         let generate = t.elapsed();
         let candidates: Vec<String> = generated.candidates.into_iter().map(|c| c.text).collect();
         let (distinct, counts) = distinct_with_counts(&candidates);
+        // Generated text always tokenizes; a failure here is the server's, not the caller's.
+        let tokens = self.clip.tokenize(&distinct).map_err(|e| EngineError::Internal(e.to_string()))?;
         let t = Instant::now();
-        let mut ranked = self.rank_pixels(clip_px, distinct, &counts, admission).await?;
+        let mut ranked = self.rank_pixels(clip_px, distinct, tokens, &counts, admission).await?;
         ranked.truncate(top_k);
         Ok(Captioned {
             key,
@@ -200,10 +205,11 @@ impl Cascade {
         &self,
         pixels: Pixels,
         captions: Vec<String>,
+        tokens: Vec<Vec<i64>>,
         counts: &[u32],
         admission: Admission,
     ) -> Result<Vec<RankedCaption>, CascadeError> {
-        let out = self.scheduler.rank(RankInput { pixels, captions: captions.clone() }, admission).await?;
+        let out = self.scheduler.rank(RankInput { pixels, captions: tokens }, admission).await?;
         let mut ranked: Vec<RankedCaption> = captions
             .into_iter()
             .zip(out.scores)

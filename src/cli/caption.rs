@@ -72,7 +72,7 @@ pub async fn run(args: CaptionArgs) -> anyhow::Result<()> {
         ),
         None => {
             let engine = args.engine.clone();
-            Target::Local(tokio::task::spawn_blocking(move || engine.build_cascade()).await??)
+            Target::Local(tokio::task::spawn_blocking(move || crate::app::build_cascade(&engine)).await??)
         }
     };
     for name in &args.images {

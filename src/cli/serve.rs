@@ -23,7 +23,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         tracing::info!(%addr, "serving Prometheus metrics");
     }
     let engine = args.engine.clone();
-    let cascade = tokio::task::spawn_blocking(move || engine.build_cascade()).await??;
+    let cascade = tokio::task::spawn_blocking(move || crate::app::build_cascade(&engine)).await??;
     warm_up(&cascade).await?;
     let listener = TcpListener::bind(args.server.listen)
         .await

@@ -70,8 +70,6 @@ pub enum EngineError {
     DeadlineExceeded,
     #[error("the server is shutting down")]
     ShuttingDown,
-    #[error("{0}")]
-    Invalid(String),
     #[error("inference failed: {0}")]
     Internal(String),
 }

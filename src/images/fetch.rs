@@ -48,10 +48,6 @@ impl Fetcher {
         Ok(Self { client, limits, allowed_dir })
     }
 
-    pub fn limits(&self) -> &FetchLimits {
-        &self.limits
-    }
-
     /// Rejects inline bytes above the size limit.
     pub fn check_inline(&self, data: &[u8]) -> Result<(), ImageError> {
         if data.len() as u64 > self.limits.max_bytes {

@@ -57,19 +57,29 @@ impl RankTokenizer {
         Ok(Self { inner })
     }
 
-    pub fn encode_batch(&self, texts: &[String], pad_id: i64) -> Result<EncodedBatch, ModelError> {
+    /// Each text's ids, truncated to the text tower's positions.
+    pub fn encode_each(&self, texts: &[String]) -> Result<Vec<Vec<i64>>, ModelError> {
         let encs = self.inner.encode_batch(texts.to_vec(), true).map_err(|e| ModelError::Tokenizer(e.to_string()))?;
-        let len = encs.iter().map(|e| e.get_ids().len()).max().unwrap_or(0);
-        let mut ids = vec![pad_id; texts.len() * len];
-        let mut mask = vec![0; texts.len() * len];
-        for (row, e) in encs.iter().enumerate() {
-            for (i, &id) in e.get_ids().iter().enumerate() {
-                ids[row * len + i] = i64::from(id);
-                mask[row * len + i] = 1;
-            }
-        }
-        Ok(EncodedBatch { ids, mask, rows: texts.len(), len })
+        Ok(encs.iter().map(|e| e.get_ids().iter().map(|&id| i64::from(id)).collect()).collect())
     }
+
+    /// The texts' ids as one right-padded batch.
+    pub fn encode_batch(&self, texts: &[String], pad_id: i64) -> Result<EncodedBatch, ModelError> {
+        let rows = self.encode_each(texts)?;
+        Ok(pad_batch(&rows.iter().map(Vec::as_slice).collect::<Vec<_>>(), pad_id))
+    }
+}
+
+/// Token id rows right-padded with `pad_id` to the longest, with their attention mask.
+pub fn pad_batch(rows: &[&[i64]], pad_id: i64) -> EncodedBatch {
+    let len = rows.iter().map(|r| r.len()).max().unwrap_or(0);
+    let mut ids = vec![pad_id; rows.len() * len];
+    let mut mask = vec![0; rows.len() * len];
+    for (row, r) in rows.iter().enumerate() {
+        ids[row * len..row * len + r.len()].copy_from_slice(r);
+        mask[row * len..row * len + r.len()].fill(1);
+    }
+    EncodedBatch { ids, mask, rows: rows.len(), len }
 }
 
 fn load(folder: &Path) -> Result<Tokenizer, ModelError> {

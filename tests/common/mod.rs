@@ -48,7 +48,7 @@ pub fn start_server_with_metrics(engine: EngineArgs, metrics: Option<SocketAddr>
             if let Some(addr) = metrics {
                 caption_cascade::telemetry::install_exporter(addr).expect("metrics exporter");
             }
-            let cascade = engine.build_cascade().expect("models load");
+            let cascade = caption_cascade::app::build_cascade(&engine).expect("models load");
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
             tx.send(listener.local_addr().expect("addr")).expect("send addr");
             caption_cascade::api::serve(listener, cascade, 32 << 20, std::future::pending()).await.expect("serve");

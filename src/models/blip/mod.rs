@@ -2,6 +2,7 @@
 //! Hugging Face checkpoint folder (`config.json` + weights) with the checkpoint's key names.
 
 pub mod config;
+pub mod decode;
 pub mod text;
 pub mod vision;
 
@@ -10,6 +11,7 @@ use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
 pub use config::BlipConfig;
+pub use decode::{DecodeBatch, DecodeRequest, Decoded, SpecialTokens};
 pub use text::{BlipTextDecoder, CrossAttnCache, SelfAttnCache};
 pub use vision::BlipVisionModel;
 

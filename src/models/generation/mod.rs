@@ -1,9 +1,9 @@
-//! Caption generation: request parameters, logits processing and the batched decode loop.
+//! What caption generation means whatever the model: request parameters, logits processing and
+//! beam bookkeeping. The decode loop that drives a model with them is the model's own
+//! (`models::blip::decode`).
 
 pub mod beam;
-pub mod decode;
 pub mod logits;
 pub mod params;
 
-pub use decode::{DecodeBatch, DecodeRequest, Decoded, SpecialTokens};
 pub use params::{GenerationLimits, GenerationParams, InvalidParam, Strategy};

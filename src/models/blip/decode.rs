@@ -13,12 +13,12 @@ use std::collections::HashMap;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use tch::{Device, Kind, Tensor};
 
-use super::{
+use super::{BlipTextDecoder, CrossAttnCache, SelfAttnCache};
+use crate::models::generation::{
     beam::{BeamParams, BeamState},
     logits::{self, RowParams},
     params::{GenerationParams, Strategy},
 };
-use crate::models::blip::{BlipTextDecoder, CrossAttnCache, SelfAttnCache};
 
 /// The decoder's special token ids, read from the checkpoint's config.
 #[derive(Debug, Clone, Copy)]
@@ -152,19 +152,9 @@ impl<'m> DecodeBatch<'m> {
         self.rows.is_empty()
     }
 
-    /// Rows still decoding.
-    pub fn active_rows(&self) -> usize {
-        self.rows.len()
-    }
-
     /// Requests still decoding.
     pub fn active_requests(&self) -> usize {
         self.results.len() + self.beams.len()
-    }
-
-    /// Decoder forward passes run so far.
-    pub fn steps(&self) -> u64 {
-        self.steps
     }
 
     /// Decodes one token for every active row; returns the requests that completed.

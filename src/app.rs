@@ -1,0 +1,41 @@
+//! Assembling the application from its settings, in one place for the server, the CLI, the
+//! benchmark and the tests: models loaded on their device, the scheduler started over them, and
+//! the cascade built around it.
+
+use std::sync::Arc;
+
+use crate::{
+    backend::{BlipRunner, ClipRunner},
+    cascade::Cascade,
+    config::EngineArgs,
+    engine::Scheduler,
+    images::{Fetcher, ImageCache},
+};
+
+/// Loads both models from their folders and builds the cascade. Blocking: call it off the async
+/// runtime.
+pub fn build_cascade(args: &EngineArgs) -> anyhow::Result<Arc<Cascade>> {
+    let (blip, clip) = load_runners(args)?;
+    assemble(args, blip, clip)
+}
+
+/// Both models' runners, loaded from the folders `args` names onto its device.
+pub fn load_runners(args: &EngineArgs) -> anyhow::Result<(BlipRunner, ClipRunner)> {
+    let device = args.device.resolve().map_err(anyhow::Error::msg)?;
+    let threads = args.intra_op_threads(device);
+    tracing::info!(?device, "loading models");
+    let blip = BlipRunner::load(&args.blip_model, device, threads)
+        .map_err(|e| anyhow::anyhow!("cannot load the BLIP model from {}: {e}", args.blip_model.display()))?;
+    let clip = ClipRunner::load(&args.clip_model, device, threads)
+        .map_err(|e| anyhow::anyhow!("cannot load the CLIP model from {}: {e}", args.clip_model.display()))?;
+    Ok((blip, clip))
+}
+
+/// Starts the scheduler over loaded runners and builds the cascade around it.
+pub fn assemble(args: &EngineArgs, blip: BlipRunner, clip: ClipRunner) -> anyhow::Result<Arc<Cascade>> {
+    let (blip, clip) = (Arc::new(blip), Arc::new(clip));
+    let scheduler = Scheduler::start(args.scheduler_config(), blip.clone(), clip.clone());
+    let fetcher = Fetcher::new(args.fetch_limits()).map_err(anyhow::Error::msg)?;
+    let cache = ImageCache::new(usize::try_from(args.image_cache_bytes()).unwrap_or(usize::MAX));
+    Ok(Arc::new(Cascade::new(scheduler, blip, clip, fetcher, cache, args.request_limits())))
+}
