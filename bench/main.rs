@@ -95,7 +95,6 @@ fn main() -> anyhow::Result<()> {
 
 fn build_runners(e: &EngineArgs, models: Models) -> anyhow::Result<(BlipRunner, ClipRunner)> {
     let device = e.device.resolve().map_err(anyhow::Error::msg)?;
-    let threads = e.intra_op_threads(device);
     match models {
         Models::Embedded => caption_cascade::app::load_runners(e),
         Models::Base => {
@@ -114,14 +113,12 @@ fn build_runners(e: &EngineArgs, models: Models) -> anyhow::Result<(BlipRunner, 
                     CaptionTokenizer::load(&e.blip_model)?,
                     preprocess::load(&root.join("blip-base"))?,
                     device,
-                    threads,
                 )?,
                 ClipRunner::new(
                     clip,
                     RankTokenizer::load(&e.clip_model, clip_positions)?,
                     preprocess::load(&root.join("clip-vit-base-patch32"))?,
                     device,
-                    threads,
                 ),
             ))
         }

@@ -5,10 +5,10 @@
 use std::sync::Arc;
 
 use crate::{
-    backend::{BlipRunner, ClipRunner},
+    backend::{device, BlipRunner, ClipRunner},
     cascade::Cascade,
     config::EngineArgs,
-    engine::Scheduler,
+    engine::{Scheduler, SystemClock},
     images::{Fetcher, ImageCache},
 };
 
@@ -22,19 +22,21 @@ pub fn build_cascade(args: &EngineArgs) -> anyhow::Result<Arc<Cascade>> {
 /// Both models' runners, loaded from the folders `args` names onto its device.
 pub fn load_runners(args: &EngineArgs) -> anyhow::Result<(BlipRunner, ClipRunner)> {
     let device = args.device.resolve().map_err(anyhow::Error::msg)?;
-    let threads = args.intra_op_threads(device);
     tracing::info!(?device, "loading models");
-    let blip = BlipRunner::load(&args.blip_model, device, threads)
+    let blip = BlipRunner::load(&args.blip_model, device)
         .map_err(|e| anyhow::anyhow!("cannot load the BLIP model from {}: {e}", args.blip_model.display()))?;
-    let clip = ClipRunner::load(&args.clip_model, device, threads)
+    let clip = ClipRunner::load(&args.clip_model, device)
         .map_err(|e| anyhow::anyhow!("cannot load the CLIP model from {}: {e}", args.clip_model.display()))?;
     Ok((blip, clip))
 }
 
 /// Starts the scheduler over loaded runners and builds the cascade around it.
 pub fn assemble(args: &EngineArgs, blip: BlipRunner, clip: ClipRunner) -> anyhow::Result<Arc<Cascade>> {
+    let device = args.device.resolve().map_err(anyhow::Error::msg)?;
+    let init = Arc::new(device::executor_init(device, args.intra_op_threads(device)));
     let (blip, clip) = (Arc::new(blip), Arc::new(clip));
-    let scheduler = Scheduler::start(args.scheduler_config(), blip.clone(), clip.clone());
+    let scheduler =
+        Scheduler::start_with(args.scheduler_config(), blip.clone(), clip.clone(), Arc::new(SystemClock), init);
     let fetcher = Fetcher::new(args.fetch_limits()).map_err(anyhow::Error::msg)?;
     let cache = ImageCache::new(usize::try_from(args.image_cache_bytes()).unwrap_or(usize::MAX));
     Ok(Arc::new(Cascade::new(scheduler, blip, clip, fetcher, cache, args.request_limits())))

@@ -106,7 +106,7 @@ fn cross_attention_shared_per_image_equals_the_repeated_computation() {
 
 #[test]
 fn the_vision_encoder_runs_once_per_image() {
-    let runner = BlipRunner::load(Path::new(BLIP), Device::Cpu, Some(1)).unwrap();
+    let runner = BlipRunner::load(Path::new(BLIP), Device::Cpu).unwrap();
     let scene = draw_scene(&mut StdRng::seed_from_u64(6));
     let img = decode_image(&scene.png(), &DecodeLimits::default()).unwrap();
     let px = runner.processor().pixels(&img).unwrap();
@@ -127,7 +127,7 @@ fn the_vision_encoder_runs_once_per_image() {
 
 #[test]
 fn requests_with_prompts_of_different_lengths_start_together() {
-    let runner = BlipRunner::load(Path::new(BLIP), Device::Cpu, Some(1)).unwrap();
+    let runner = BlipRunner::load(Path::new(BLIP), Device::Cpu).unwrap();
     let scene = draw_scene(&mut StdRng::seed_from_u64(7));
     let px = runner.processor().pixels(&decode_image(&scene.png(), &DecodeLimits::default()).unwrap()).unwrap();
     let params = |prompt: Option<&str>| GenerationParams {

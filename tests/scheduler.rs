@@ -77,7 +77,10 @@ impl Batch for FakeGenerateBatch<'_> {
     }
 }
 
-/// A "ranker" that answers each input doubled, one batch per step.
+/// An input on which the fake ranker panics.
+const PANICS: u32 = 999;
+
+/// A "ranker" that answers each input doubled, one batch per step (and panics on [`PANICS`]).
 struct FakeRank {
     log: Arc<Mutex<Log>>,
 }
@@ -103,6 +106,8 @@ impl Batch for FakeRankBatch<'_> {
 
     fn step(&mut self) -> Vec<(u64, Result<u32, EngineError>)> {
         self.log.lock().unwrap().rank_batches.push(self.inputs.len());
+        // As libtorch errors surface through tch.
+        assert!(self.inputs.iter().all(|(_, x)| *x != PANICS), "fake libtorch error");
         self.inputs.drain(..).map(|(id, x)| (id, Ok(2 * x))).collect()
     }
     fn join(&mut self, other: Self) {
@@ -322,4 +327,32 @@ async fn generation_is_not_starved_by_ranking_traffic() {
     }
     assert!(waited < Duration::from_secs(2), "generate waited {waited:?} behind ranking");
     s.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_last_handle_stops_the_executors() {
+    let log = Arc::new(Mutex::new(Log::default()));
+    let generate = Arc::new(FakeGenerate { log: log.clone(), step_time: Duration::ZERO });
+    let s = Scheduler::start_with_clock(
+        SchedulerConfig { executors: 2, generate: queue(4, 0, 8), rank: queue(4, 0, 8) },
+        generate.clone(),
+        Arc::new(FakeRank { log }),
+        Arc::new(ManualClock::new()),
+    );
+    assert_eq!(s.generate(3, Admission::default()).await, Ok(3));
+    assert!(Arc::strong_count(&generate) > 1, "the executors hold the model");
+    // Not shutdown(): a handle dropped on an async worker must not block it, and must not leave
+    // the executor threads (and the models they hold) behind.
+    drop(s);
+    until("both executor threads exited", || Arc::strong_count(&generate) == 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_batch_fails_its_own_requests_only() {
+    let (s, _log, _clock) = scheduler(queue(4, 0, 64), queue(4, 0, 64), 1);
+    let err = s.rank(PANICS, Admission::default()).await.unwrap_err();
+    assert!(matches!(&err, EngineError::Internal(m) if m.contains("fake libtorch error")), "{err:?}");
+    // The executor survived: later batches of both models are served.
+    assert_eq!(s.rank(5, Admission::default()).await, Ok(10));
+    assert_eq!(s.generate(2, Admission::default()).await, Ok(2));
 }

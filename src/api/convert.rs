@@ -112,14 +112,16 @@ impl From<pb::RankedCaption> for RankedCaption {
     }
 }
 
-pub fn ranked(c: RankedCaption) -> pb::RankedCaption {
-    pb::RankedCaption {
-        text: c.text,
-        probability: c.probability,
-        cosine: c.cosine,
-        logit: c.logit,
-        index: c.index,
-        count: c.count,
+impl From<RankedCaption> for pb::RankedCaption {
+    fn from(c: RankedCaption) -> Self {
+        Self {
+            text: c.text,
+            probability: c.probability,
+            cosine: c.cosine,
+            logit: c.logit,
+            index: c.index,
+            count: c.count,
+        }
     }
 }
 

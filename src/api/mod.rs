@@ -1,7 +1,7 @@
 //! gRPC adapters: proto ⇄ domain conversion, field validation, the one error → status mapping,
 //! and the server with health checking and reflection. No tensors here.
 
-mod convert;
+pub mod convert;
 pub mod error;
 pub mod pb;
 pub mod server;

@@ -16,6 +16,13 @@ pub const MAX_MESSAGE_BYTES: usize = 32 * 1024 * 1024;
 
 const SERVICE_NAMES: [&str; 3] = ["caption.v1.Generator", "caption.v1.Ranker", "caption.v1.Cascade"];
 
+/// Reflection over our services and health, for either protocol version.
+fn reflection() -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+}
+
 /// Serves on `listener` until `shutdown` resolves, then drains in-flight calls.
 pub async fn serve(
     listener: TcpListener,
@@ -28,16 +35,8 @@ pub async fn serve(
     for name in SERVICE_NAMES.into_iter().chain([""]) {
         health.set_service_status(name, ServingStatus::Serving).await;
     }
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .expect("embedded descriptor set is valid");
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()
-        .expect("embedded descriptor set is valid");
+    let reflection_v1 = reflection().build_v1().expect("embedded descriptor set is valid");
+    let reflection_v1alpha = reflection().build_v1alpha().expect("embedded descriptor set is valid");
     let drain_health = health.clone();
     let shutdown = async move {
         shutdown.await;

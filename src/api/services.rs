@@ -6,7 +6,7 @@ use metrics::{counter, gauge, histogram};
 use tonic::{Code, Request, Response, Status};
 
 use super::{convert, pb};
-use crate::cascade::Cascade;
+use crate::{cascade::Cascade, models::generation::GenerationParams};
 
 #[derive(Clone)]
 pub struct Services {
@@ -56,6 +56,11 @@ impl pb::generator_server::Generator for Services {
 }
 
 impl Services {
+    /// A request's generation parameters over this server's defaults.
+    fn params(&self, p: Option<pb::GenerationParams>) -> Result<GenerationParams, Status> {
+        convert::generation_params(p, &self.cascade.default_params(), self.cascade.limits().generation.max_length)
+    }
+
     async fn generate_call(
         &self,
         request: Request<pb::GenerateRequest>,
@@ -63,11 +68,7 @@ impl Services {
         let admission = convert::admission(request.metadata());
         let req = request.into_inner();
         let source = convert::image_source(req.image)?;
-        let params = convert::generation_params(
-            req.params,
-            &self.cascade.default_params(),
-            self.cascade.limits().generation.max_length,
-        )?;
+        let params = self.params(req.params)?;
         let out = self.cascade.generate(source, params, admission).await?;
         Ok(Response::new(pb::GenerateResponse {
             key: out.key,
@@ -96,7 +97,7 @@ impl Services {
         let out = self.cascade.rank(source, req.captions, admission).await?;
         Ok(Response::new(pb::RankResponse {
             key: out.key,
-            captions: out.captions.into_iter().map(convert::ranked).collect(),
+            captions: out.captions.into_iter().map(pb::RankedCaption::from).collect(),
             timings: Some(convert::timings(&out.timings)),
         }))
     }
@@ -120,16 +121,12 @@ impl Services {
         let admission = convert::admission(request.metadata());
         let req = request.into_inner();
         let source = convert::image_source(req.image)?;
-        let params = convert::generation_params(
-            req.params,
-            &self.cascade.default_params(),
-            self.cascade.limits().generation.max_length,
-        )?;
+        let params = self.params(req.params)?;
         let top_k = req.top_k.unwrap_or(DEFAULT_TOP_K) as usize;
         let out = self.cascade.caption(source, params, top_k, admission).await?;
         Ok(Response::new(pb::CaptionResponse {
             key: out.key,
-            captions: out.captions.into_iter().map(convert::ranked).collect(),
+            captions: out.captions.into_iter().map(pb::RankedCaption::from).collect(),
             candidates: out.candidates,
             timings: Some(convert::timings(&out.timings)),
         }))

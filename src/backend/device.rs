@@ -40,6 +40,19 @@ pub fn use_own_stream(device: Device) -> bool {
     false
 }
 
+/// What each executor thread does before it takes work: takes its share of libtorch's CPU
+/// threads and, on CUDA, binds its own stream, once for both models.
+pub fn executor_init(device: Device, intra_op_threads: Option<i32>) -> impl Fn() + Send + Sync + 'static {
+    move || {
+        if let Some(n) = intra_op_threads {
+            tch::set_num_threads(n);
+        }
+        if use_own_stream(device) {
+            tracing::debug!(thread = ?std::thread::current().name(), "executor runs on its own CUDA stream");
+        }
+    }
+}
+
 /// Waits until weights copied to the GPU have landed, before executors on other streams read them.
 pub fn settle(device: Device) {
     if let Device::Cuda(index) = device {

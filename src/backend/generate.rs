@@ -53,14 +53,13 @@ pub struct BlipRunner {
     tokenizer: CaptionTokenizer,
     processor: ImageProcessor,
     device: Device,
-    intra_op_threads: Option<i32>,
     images_encoded: AtomicU64,
 }
 
 impl BlipRunner {
-    pub fn load(folder: &Path, device: Device, intra_op_threads: Option<i32>) -> Result<Self, ModelError> {
+    pub fn load(folder: &Path, device: Device) -> Result<Self, ModelError> {
         let model = Blip::load(folder, device)?;
-        Self::new(model, CaptionTokenizer::load(folder)?, preprocess::load(folder)?, device, intra_op_threads)
+        Self::new(model, CaptionTokenizer::load(folder)?, preprocess::load(folder)?, device)
     }
 
     pub fn new(
@@ -68,7 +67,6 @@ impl BlipRunner {
         tokenizer: CaptionTokenizer,
         processor: ImageProcessor,
         device: Device,
-        intra_op_threads: Option<i32>,
     ) -> Result<Self, ModelError> {
         super::device::settle(device);
         let vocab = model.config.text_config.vocab_size as usize;
@@ -78,14 +76,7 @@ impl BlipRunner {
                 tokenizer.vocab_size()
             )));
         }
-        Ok(Self {
-            model: Shared::new(model),
-            tokenizer,
-            processor,
-            device,
-            intra_op_threads,
-            images_encoded: AtomicU64::new(0),
-        })
+        Ok(Self { model: Shared::new(model), tokenizer, processor, device, images_encoded: AtomicU64::new(0) })
     }
 
     pub fn processor(&self) -> &ImageProcessor {
@@ -170,17 +161,6 @@ impl Runner for BlipRunner {
 
     const NAME: &'static str = "generate";
 
-    /// Sets this executor's libtorch threads and, on CUDA, its own stream. The rank runner shares
-    /// the device, so this is the one place per executor that binds the stream.
-    fn init_thread(&self) {
-        if let Some(n) = self.intra_op_threads {
-            tch::set_num_threads(n);
-        }
-        if super::device::use_own_stream(self.device) {
-            tracing::debug!(thread = ?std::thread::current().name(), "executor runs on its own CUDA stream");
-        }
-    }
-
     /// Encodes every image once and computes its cross-attention keys and values once; the
     /// request's candidates all read them. Prefixes of different lengths start as separate decode
     /// batches that join after their first step.
@@ -210,7 +190,7 @@ impl Runner for BlipRunner {
             let mut batch = DecodeBatch::new(&self.model.text_decoder, special, &image_embeds, &requests);
             if several {
                 let done = batch.step();
-                early.extend(done.into_iter().map(|d| (d.id, self.finish(d, &strip))));
+                early.extend(done.into_iter().map(|d| (d.id, self.finish(d, &mut strip))));
             }
             match decode.as_mut() {
                 None => decode = Some(batch),
@@ -222,14 +202,16 @@ impl Runner for BlipRunner {
 }
 
 impl BlipRunner {
-    fn finish(&self, d: Decoded, strip: &HashMap<u64, String>) -> Result<GenerateOutput, EngineError> {
-        let prompt = strip.get(&d.id);
+    /// Detokenizes a finished request, removing its prompt when it asked; its entry in `strip`
+    /// goes with it, so a batch that keeps taking joiners does not keep every prompt it saw.
+    fn finish(&self, d: Decoded, strip: &mut HashMap<u64, String>) -> Result<GenerateOutput, EngineError> {
+        let prompt = strip.remove(&d.id);
         let candidates = d
             .candidates
             .into_iter()
             .map(|ids| {
                 let mut c = self.detokenize(ids)?;
-                if let Some(p) = prompt {
+                if let Some(p) = &prompt {
                     if let Some(rest) = c.text.strip_prefix(p.as_str()) {
                         c.text = rest.trim_start().to_string();
                     }
@@ -249,7 +231,7 @@ impl Batch for GenerateBatch<'_> {
         if let Some(decode) = self.decode.as_mut().filter(|d| !d.is_done()) {
             let _no_grad = tch::no_grad_guard();
             let done = decode.step();
-            out.extend(done.into_iter().map(|d| (d.id, self.runner.finish(d, &self.strip))));
+            out.extend(done.into_iter().map(|d| (d.id, self.runner.finish(d, &mut self.strip))));
         }
         out
     }
@@ -266,6 +248,7 @@ impl Batch for GenerateBatch<'_> {
 
     fn cancel(&mut self, id: u64) {
         self.early.retain(|(i, _)| *i != id);
+        self.strip.remove(&id);
         if let Some(d) = self.decode.as_mut() {
             d.cancel(id);
         }

@@ -42,25 +42,18 @@ pub struct ClipRunner {
     tokenizer: RankTokenizer,
     processor: ImageProcessor,
     device: Device,
-    intra_op_threads: Option<i32>,
 }
 
 impl ClipRunner {
-    pub fn load(folder: &Path, device: Device, intra_op_threads: Option<i32>) -> Result<Self, ModelError> {
+    pub fn load(folder: &Path, device: Device) -> Result<Self, ModelError> {
         let model = Clip::load(folder, device)?;
         let tokenizer = RankTokenizer::load(folder, model.config.text_config.max_position_embeddings as usize)?;
-        Ok(Self::new(model, tokenizer, preprocess::load(folder)?, device, intra_op_threads))
+        Ok(Self::new(model, tokenizer, preprocess::load(folder)?, device))
     }
 
-    pub fn new(
-        model: Clip,
-        tokenizer: RankTokenizer,
-        processor: ImageProcessor,
-        device: Device,
-        intra_op_threads: Option<i32>,
-    ) -> Self {
+    pub fn new(model: Clip, tokenizer: RankTokenizer, processor: ImageProcessor, device: Device) -> Self {
         super::device::settle(device);
-        Self { model: Shared::new(model), tokenizer, processor, device, intra_op_threads }
+        Self { model: Shared::new(model), tokenizer, processor, device }
     }
 
     pub fn processor(&self) -> &ImageProcessor {
@@ -126,12 +119,6 @@ impl Runner for ClipRunner {
     type Batch<'a> = RankBatch<'a>;
 
     const NAME: &'static str = "rank";
-
-    fn init_thread(&self) {
-        if let Some(n) = self.intra_op_threads {
-            tch::set_num_threads(n);
-        }
-    }
 
     fn start(&self, inputs: Vec<(u64, RankInput)>) -> RankBatch<'_> {
         RankBatch { runner: self, inputs }

@@ -7,11 +7,11 @@ use clap::Args;
 use serde_json::json;
 
 use crate::{
-    api::pb,
+    api::{convert, pb},
     cascade::{Cascade, ImageSource, RankedCaption},
     config::EngineArgs,
     engine::Admission,
-    models::generation::{GenerationParams, Strategy},
+    models::generation::Strategy,
 };
 
 #[derive(Debug, Args)]
@@ -110,22 +110,17 @@ fn source_of(name: &str) -> anyhow::Result<ImageSource> {
 
 async fn caption_one(target: &mut Target, args: &CaptionArgs, name: &str) -> anyhow::Result<Outcome> {
     let source = source_of(name)?;
+    // One set of request parameters for both paths, converted in-process exactly as the server
+    // converts them, so the two cannot drift.
+    let params = request_params(args);
     match target {
         Target::Local(cascade) => {
-            let base = if args.notebook {
-                GenerationParams::notebook(cascade.limits().generation.max_length)
-            } else {
-                cascade.default_params()
-            };
-            let params = GenerationParams {
-                num_candidates: args.num_candidates,
-                strategy: strategy(args),
-                num_beams: args.beams.unwrap_or(base.num_beams),
-                seed: args.seed,
-                prompt: args.prompt.clone(),
-                strip_prompt: args.strip_prompt,
-                ..base
-            };
+            let params = convert::generation_params(
+                Some(params),
+                &cascade.default_params(),
+                cascade.limits().generation.max_length,
+            )
+            .map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?;
             let out = cascade.caption(source, params, args.top_k as usize, Admission::default()).await?;
             Ok(Outcome {
                 key: out.key,
@@ -141,20 +136,7 @@ async fn caption_one(target: &mut Target, args: &CaptionArgs, name: &str) -> any
             };
             let req = pb::CaptionRequest {
                 image: Some(pb::Image { source: Some(image) }),
-                params: Some(pb::GenerationParams {
-                    num_candidates: Some(args.num_candidates),
-                    decoding: match strategy(args) {
-                        Strategy::Greedy => pb::Decoding::Greedy,
-                        Strategy::Sample => pb::Decoding::Sample,
-                        Strategy::Beam => pb::Decoding::Beam,
-                    } as i32,
-                    num_beams: args.beams,
-                    seed: Some(args.seed),
-                    prompt: args.prompt.clone(),
-                    strip_prompt: Some(args.strip_prompt),
-                    preset: if args.notebook { pb::Preset::Notebook } else { pb::Preset::Unspecified } as i32,
-                    ..Default::default()
-                }),
+                params: Some(params),
                 top_k: Some(args.top_k),
             };
             let out =
@@ -166,6 +148,24 @@ async fn caption_one(target: &mut Target, args: &CaptionArgs, name: &str) -> any
                 total_ms: out.timings.map_or(0.0, |t| t.total_ms),
             })
         }
+    }
+}
+
+/// The request's generation parameters as the command line sets them.
+fn request_params(args: &CaptionArgs) -> pb::GenerationParams {
+    pb::GenerationParams {
+        num_candidates: Some(args.num_candidates),
+        decoding: match strategy(args) {
+            Strategy::Greedy => pb::Decoding::Greedy,
+            Strategy::Sample => pb::Decoding::Sample,
+            Strategy::Beam => pb::Decoding::Beam,
+        } as i32,
+        num_beams: args.beams,
+        seed: Some(args.seed),
+        prompt: args.prompt.clone(),
+        strip_prompt: Some(args.strip_prompt),
+        preset: if args.notebook { pb::Preset::Notebook } else { pb::Preset::Unspecified } as i32,
+        ..Default::default()
     }
 }
 

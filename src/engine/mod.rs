@@ -9,7 +9,7 @@ mod scheduler;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use queue::QueueConfig;
-pub use scheduler::{Scheduler, SchedulerConfig};
+pub use scheduler::{ExecutorInit, Scheduler, SchedulerConfig};
 
 use std::time::Instant;
 
@@ -24,9 +24,6 @@ pub trait Runner: Send + Sync + 'static {
 
     /// Short model name for logs and metrics.
     const NAME: &'static str;
-
-    /// Called once on each executor thread before it takes work (thread-local libtorch settings).
-    fn init_thread(&self) {}
 
     /// Starts work on `inputs`, each tagged with the engine's request id.
     fn start(&self, inputs: Vec<(u64, Self::Input)>) -> Self::Batch<'_>;

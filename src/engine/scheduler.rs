@@ -26,6 +26,9 @@ use super::{
     Admission, Batch, EngineError, Runner,
 };
 
+/// Run on each executor thread before it takes work.
+pub type ExecutorInit = Arc<dyn Fn() + Send + Sync>;
+
 #[derive(Debug, Clone, Copy)]
 pub struct SchedulerConfig {
     /// Executor threads; each runs one batch at a time (on CUDA, each on its own stream).
@@ -46,20 +49,36 @@ struct Shared<G: Runner, R: Runner> {
     generate: Arc<G>,
     rank: Arc<R>,
     clock: Arc<dyn Clock>,
+    executor_init: ExecutorInit,
     next_id: AtomicU64,
     /// Requests a decode batch may hold; fixed at start, so read without the lock between steps.
     generate_max_batch: usize,
 }
 
-/// Handle to the scheduler; clones share the same queues and executors.
+/// Handle to the scheduler; clones share the same queues and executors. When the last handle
+/// goes, the executors finish what was accepted and exit.
 pub struct Scheduler<G: Runner, R: Runner> {
     shared: Arc<Shared<G, R>>,
     threads: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    _stop: Arc<StopOnDrop<G, R>>,
 }
 
 impl<G: Runner, R: Runner> Clone for Scheduler<G, R> {
     fn clone(&self) -> Self {
-        Self { shared: self.shared.clone(), threads: self.threads.clone() }
+        Self { shared: self.shared.clone(), threads: self.threads.clone(), _stop: self._stop.clone() }
+    }
+}
+
+/// Owned by the handles alone (executors hold `Shared`): its drop tells the executors to stop
+/// once the queues are empty. It does not join them, since it may run on an async worker thread.
+struct StopOnDrop<G: Runner, R: Runner>(Arc<Shared<G, R>>);
+
+impl<G: Runner, R: Runner> Drop for StopOnDrop<G, R> {
+    fn drop(&mut self) {
+        if let Ok(mut st) = self.0.state.lock() {
+            st.shutting_down = true;
+        }
+        self.0.wake.notify_all();
     }
 }
 
@@ -83,6 +102,18 @@ impl<G: Runner, R: Runner> Scheduler<G, R> {
 
     /// As [`Scheduler::start`], with batching delays and deadlines measured on `clock`.
     pub fn start_with_clock(config: SchedulerConfig, generate: Arc<G>, rank: Arc<R>, clock: Arc<dyn Clock>) -> Self {
+        Self::start_with(config, generate, rank, clock, Arc::new(|| {}))
+    }
+
+    /// As [`Scheduler::start_with_clock`], running `executor_init` first on each executor thread
+    /// (its device settings: thread counts, its own CUDA stream), once for both models.
+    pub fn start_with(
+        config: SchedulerConfig,
+        generate: Arc<G>,
+        rank: Arc<R>,
+        clock: Arc<dyn Clock>,
+        executor_init: ExecutorInit,
+    ) -> Self {
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 generate: BatchQueue::new(config.generate),
@@ -93,6 +124,7 @@ impl<G: Runner, R: Runner> Scheduler<G, R> {
             generate,
             rank,
             clock,
+            executor_init,
             next_id: AtomicU64::new(0),
             generate_max_batch: config.generate.max_batch_size,
         });
@@ -105,7 +137,8 @@ impl<G: Runner, R: Runner> Scheduler<G, R> {
                     .expect("spawn executor thread")
             })
             .collect();
-        Self { shared, threads: Arc::new(Mutex::new(threads)) }
+        let stop = Arc::new(StopOnDrop(shared.clone()));
+        Self { shared, threads: Arc::new(Mutex::new(threads)), _stop: stop }
     }
 
     pub async fn generate(&self, input: G::Input, admission: Admission) -> Result<G::Output, EngineError> {
@@ -179,8 +212,7 @@ impl<G: Runner, R: Runner> Scheduler<G, R> {
 }
 
 fn executor_loop<G: Runner, R: Runner>(shared: &Shared<G, R>) {
-    shared.generate.init_thread();
-    shared.rank.init_thread();
+    (shared.executor_init)();
     let generate = &*shared.generate;
     let mut running: Option<G::Batch<'_>> = None;
     let mut inflight: HashMap<u64, InFlight<G::Output>> = HashMap::new();

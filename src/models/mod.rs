@@ -30,10 +30,26 @@ pub enum ModelError {
 ///
 /// libtorch tensors are safe to read from several threads at once; after construction the models
 /// only ever read their weights, so sharing them is sound even though `tch::Tensor` is not `Sync`.
+/// Only types that promise this ([`ReadOnly`]) become `Sync` inside it: `Shared<Cell<_>>` builds
+/// but cannot be shared.
 pub struct Shared<T>(T);
 
-// SAFETY: see the type's documentation; `Shared` only hands out shared references.
-unsafe impl<T: Send> Sync for Shared<T> {}
+/// A model whose state after construction is tensors that are only ever read.
+///
+/// # Safety
+/// No method reachable through `&self` may write to the value, through interior mutability or
+/// through a tensor's in-place operations.
+pub unsafe trait ReadOnly {}
+
+// SAFETY: both models hold weights and configuration only; their forward passes allocate new
+// tensors and never modify a weight.
+unsafe impl ReadOnly for blip::Blip {}
+// SAFETY: as above.
+unsafe impl ReadOnly for clip::Clip {}
+
+// SAFETY: `Shared` only hands out shared references, and `ReadOnly` types are never written
+// through them.
+unsafe impl<T: ReadOnly + Send> Sync for Shared<T> {}
 
 impl<T> Shared<T> {
     pub fn new(inner: T) -> Self {

@@ -1,6 +1,6 @@
 //! The few layers both models are built from, as plain structs over checkpoint tensors.
 
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
 use super::{weights::Weights, ModelError};
 
@@ -111,4 +111,12 @@ pub fn split_heads(x: &Tensor, heads: i64) -> Tensor {
 pub fn merge_heads(x: &Tensor) -> Tensor {
     let (b, h, l, hd) = x.size4().expect("attention output is 4-d");
     x.transpose(1, 2).contiguous().view([b, l, h * hd])
+}
+
+/// `[len, past + len]`, true where a new token at position `past + i` may not attend (keys after
+/// it): the causal pattern both text towers use.
+pub fn causal_blocked(len: i64, past: i64, device: tch::Device) -> Tensor {
+    let q = Tensor::arange_start(past, past + len, (Kind::Int64, device)).unsqueeze(1);
+    let k = Tensor::arange(past + len, (Kind::Int64, device)).unsqueeze(0);
+    k.gt_tensor(&q)
 }

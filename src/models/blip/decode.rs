@@ -331,13 +331,7 @@ impl<'m> DecodeBatch<'m> {
         self.row_image.extend(other.row_image.iter().map(|i| i + images));
         self.rows.append(&mut other.rows);
         self.seen = Tensor::cat(&[&self.seen, &other.seen], 0);
-        let (p, q) = (&self.row_params, &other.row_params);
-        self.row_params = RowParams {
-            repetition_penalty: Tensor::cat(&[&p.repetition_penalty, &q.repetition_penalty], 0),
-            temperature: Tensor::cat(&[&p.temperature, &q.temperature], 0),
-            top_k: Tensor::cat(&[&p.top_k, &q.top_k], 0),
-            top_p: Tensor::cat(&[&p.top_p, &q.top_p], 0),
-        };
+        self.row_params = self.row_params.concat(&other.row_params);
         self.results.extend(other.results);
         self.beams.extend(other.beams);
     }
@@ -404,13 +398,7 @@ impl<'m> DecodeBatch<'m> {
         self.cache.select_rows(&idx);
         self.seen = self.seen.index_select(0, &idx);
         self.padding = self.padding.as_ref().map(|p| p.index_select(0, &idx));
-        let p = &self.row_params;
-        self.row_params = RowParams {
-            repetition_penalty: p.repetition_penalty.index_select(0, &idx),
-            temperature: p.temperature.index_select(0, &idx),
-            top_k: p.top_k.index_select(0, &idx),
-            top_p: p.top_p.index_select(0, &idx),
-        };
+        self.row_params = self.row_params.select(&idx);
         let mut old_rows: Vec<Option<Row>> = std::mem::take(&mut self.rows).into_iter().map(Some).collect();
         let old_images = std::mem::take(&mut self.row_image);
         // Images that still have rows, renumbered densely in their existing order.

@@ -11,7 +11,7 @@ use tch::{Kind, Tensor};
 
 use super::config::BlipTextConfig;
 use crate::models::{
-    nn::{attention, merge_heads, split_heads, Activation, Embedding, LayerNorm, Linear},
+    nn::{attention, causal_blocked, merge_heads, split_heads, Activation, Embedding, LayerNorm, Linear},
     weights::Weights,
     ModelError,
 };
@@ -354,9 +354,7 @@ fn grouped_cross_attention(q: &Tensor, k: &Tensor, v: &Tensor, rows_per_image: &
 
 /// Additive causal mask `[1, 1, len, past + len]` for new tokens that follow `past` cached ones.
 fn causal_mask(len: i64, past: i64, kind: Kind, device: tch::Device) -> Tensor {
-    let q = Tensor::arange_start(past, past + len, (Kind::Int64, device)).unsqueeze(1);
-    let k = Tensor::arange(past + len, (Kind::Int64, device)).unsqueeze(0);
-    let blocked = k.gt_tensor(&q);
+    let blocked = causal_blocked(len, past, device);
     Tensor::zeros([len, past + len], (kind, device)).masked_fill(&blocked, f64::NEG_INFINITY).view([
         1,
         1,

@@ -12,7 +12,7 @@ pub use config::ClipConfig;
 use encoder::{ClipEncoder, EncoderDims};
 
 use super::{
-    nn::{Activation, Embedding, LayerNorm, Linear},
+    nn::{causal_blocked, Activation, Embedding, LayerNorm, Linear},
     read_config,
     weights::Weights,
     ModelError,
@@ -146,10 +146,7 @@ impl Clip {
         let device = input_ids.device();
         let positions = Tensor::arange(len, (Kind::Int64, device));
         let x = t.token_embedding.forward(input_ids) + t.position_embedding.forward(&positions);
-        let q = Tensor::arange(len, (Kind::Int64, device)).unsqueeze(1);
-        let k = Tensor::arange(len, (Kind::Int64, device)).unsqueeze(0);
-        let blocked = k
-            .gt_tensor(&q)
+        let blocked = causal_blocked(len, 0, device)
             .view([1, 1, len, len]) // causal
             .logical_or(&attention_mask.eq(0).view([n, 1, 1, len])); // padding
         let mask = Tensor::zeros([n, 1, len, len], (x.kind(), device)).masked_fill(&blocked, f64::from(f32::MIN));

@@ -15,6 +15,27 @@ pub struct RowParams {
     pub top_p: Tensor,
 }
 
+impl RowParams {
+    /// These rows followed by `other`'s.
+    pub fn concat(&self, other: &Self) -> Self {
+        self.zip(other, |a, b| Tensor::cat(&[a, b], 0))
+    }
+
+    /// The rows at `idx`, in that order.
+    pub fn select(&self, idx: &Tensor) -> Self {
+        self.zip(self, |a, _| a.index_select(0, idx))
+    }
+
+    fn zip(&self, other: &Self, f: impl Fn(&Tensor, &Tensor) -> Tensor) -> Self {
+        Self {
+            repetition_penalty: f(&self.repetition_penalty, &other.repetition_penalty),
+            temperature: f(&self.temperature, &other.temperature),
+            top_k: f(&self.top_k, &other.top_k),
+            top_p: f(&self.top_p, &other.top_p),
+        }
+    }
+}
+
 /// Divides positive (multiplies negative) scores of tokens already in each row by its penalty.
 /// `seen` is a `[rows, vocab]` boolean mask of tokens present in the row's sequence.
 pub fn repetition_penalty(scores: &Tensor, seen: &Tensor, penalty: &Tensor) -> Tensor {
