@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use crate::{
     backend::{device, BlipRunner, ClipRunner},
-    cascade::Cascade,
+    cascade::{Cascade, LocalModels},
     config::EngineArgs,
     engine::{Scheduler, SystemClock},
     images::{Fetcher, ImageCache},
@@ -39,5 +39,6 @@ pub fn assemble(args: &EngineArgs, blip: BlipRunner, clip: ClipRunner) -> anyhow
         Scheduler::start_with(args.scheduler_config(), blip.clone(), clip.clone(), Arc::new(SystemClock), init);
     let fetcher = Fetcher::new(args.fetch_limits()).map_err(anyhow::Error::msg)?;
     let cache = ImageCache::new(usize::try_from(args.image_cache_bytes()).unwrap_or(usize::MAX));
-    Ok(Arc::new(Cascade::new(scheduler, blip, clip, fetcher, cache, args.request_limits())))
+    let models = LocalModels { scheduler, blip, clip };
+    Ok(Arc::new(Cascade::new(models, fetcher, cache, args.request_limits())))
 }

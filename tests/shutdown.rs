@@ -13,11 +13,20 @@ use common::{channel, free_port, png_image, scenes::draw_scene};
 use rand::{rngs::StdRng, SeedableRng};
 use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest};
 
+/// Caption calls the server is serving now, from its metrics endpoint (0 before it answers).
+async fn inflight(metrics: &str) -> f64 {
+    let Ok(resp) = reqwest::get(format!("http://{metrics}/metrics")).await else { return 0.0 };
+    let text = resp.text().await.unwrap_or_default();
+    let line = text.lines().find(|l| l.starts_with(r#"caption_inflight_requests{service="Caption"}"#));
+    line.and_then(|l| l.rsplit(' ').next()?.parse().ok()).unwrap_or(0.0)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_accepted_calls_then_exits_cleanly() {
     let addr = format!("127.0.0.1:{}", free_port());
+    let metrics = format!("127.0.0.1:{}", free_port());
     let mut child = Command::new(env!("CARGO_BIN_EXE_caption-cascade"))
-        .args(["serve", "--device", "cpu", "--listen", &addr])
+        .args(["serve", "--device", "cpu", "--listen", &addr, "--metrics-listen", &metrics])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -39,26 +48,37 @@ async fn sigterm_drains_accepted_calls_then_exits_cleanly() {
             })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(30)).await;
+    // Signal once the server has accepted all of them, so every one must be drained.
+    let start = Instant::now();
+    while inflight(&metrics).await < calls.len() as f64 {
+        assert!(start.elapsed() < Duration::from_secs(10), "the calls were never all in flight");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
     let kill = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
     assert!(kill.success());
     let signalled = Instant::now();
 
-    // Health says NOT_SERVING while the server drains (or the server is already gone).
+    // Health turns NOT_SERVING once the signal is handled (or the server is already gone).
     let mut health = HealthClient::new(ch.clone());
-    let status = health.check(HealthCheckRequest { service: "caption.v1.Cascade".into() }).await;
-    if let Ok(resp) = status {
-        assert_eq!(resp.into_inner().status, ServingStatus::NotServing as i32, "health during the drain");
+    loop {
+        let req = HealthCheckRequest { service: "caption.v1.Cascade".into() };
+        match health.check(req).await {
+            Ok(resp) if resp.get_ref().status == ServingStatus::Serving as i32 => {}
+            Ok(resp) => {
+                assert_eq!(resp.into_inner().status, ServingStatus::NotServing as i32, "health during the drain");
+                break;
+            }
+            Err(_) => break,
+        }
+        assert!(signalled.elapsed() < Duration::from_secs(5), "health still SERVING 5 s after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let mut after_signal = 0;
     for call in calls {
         let (resp, at) = call.await.unwrap();
         let resp = resp.expect("an accepted call finishes during the drain");
         assert_eq!(resp.into_inner().captions.len(), 1);
-        after_signal += usize::from(at > signalled);
+        assert!(at > signalled, "a call ended before the signal: it was not drained");
     }
-    eprintln!("{after_signal} of the calls finished after the signal");
-    assert!(after_signal > 0, "every call ended before the signal: nothing was drained");
     let start = Instant::now();
     let code = loop {
         if let Some(code) = child.try_wait().unwrap() {

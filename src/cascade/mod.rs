@@ -1,9 +1,12 @@
 //! The captioning use cases behind the three services, usable in-process by the CLI too:
-//! resolve the image once per key, preprocess it for each model off the async runtime, queue the
-//! model work on the shared scheduler, and assemble ranked results with timings.
+//! validate the request, resolve the image once per key, preprocess it for each model off the
+//! async runtime, call the models through [`Models`] (in-process: the shared scheduler), and
+//! assemble ranked results with timings.
 
+mod models;
 mod types;
 
+pub use models::{LocalModels, ModelScheduler, Models};
 pub use types::*;
 
 use std::{
@@ -15,8 +18,8 @@ use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 
 use crate::{
-    backend::{BlipRunner, ClipRunner, GenerateInput, RankInput},
-    engine::{Admission, EngineError, Scheduler},
+    backend::{GenerateInput, RankInput},
+    engine::{Admission, EngineError},
     images::{
         cache::Lookup, decode_image, dimensions, CacheKey, DecodeError, DecodeLimits, Fetcher, ImageCache, ImageError,
     },
@@ -25,8 +28,6 @@ use crate::{
         preprocess::Pixels,
     },
 };
-
-pub type ModelScheduler = Scheduler<BlipRunner, ClipRunner>;
 
 /// Images up to this many pixels (a 2560 × 1600 photo) decode in their own lane.
 pub const SMALL_IMAGE_PIXELS: u64 = 4 * 1024 * 1024;
@@ -59,10 +60,8 @@ pub struct RequestLimits {
     pub max_concurrent_decodes: usize,
 }
 
-pub struct Cascade {
-    scheduler: ModelScheduler,
-    blip: Arc<BlipRunner>,
-    clip: Arc<ClipRunner>,
+pub struct Cascade<M: Models = LocalModels> {
+    models: M,
     fetcher: Fetcher,
     cache: ImageCache<PreparedImage>,
     limits: RequestLimits,
@@ -75,34 +74,23 @@ pub struct Cascade {
     inflight: Semaphore,
 }
 
-impl Cascade {
-    pub fn new(
-        scheduler: ModelScheduler,
-        blip: Arc<BlipRunner>,
-        clip: Arc<ClipRunner>,
-        fetcher: Fetcher,
-        cache: ImageCache<PreparedImage>,
-        limits: RequestLimits,
-    ) -> Self {
+impl<M: Models> Cascade<M> {
+    pub fn new(models: M, fetcher: Fetcher, cache: ImageCache<PreparedImage>, limits: RequestLimits) -> Self {
         let mut limits = limits;
         // No request may outgrow the decoder's position table.
-        limits.generation.max_length = limits.generation.max_length.min(blip.max_positions());
+        limits.generation.max_length = limits.generation.max_length.min(models.max_positions());
         let inflight = Semaphore::new(limits.max_inflight.max(1));
         let decode_slots = Semaphore::new(limits.max_concurrent_decodes.max(1));
         let small_decode_slots = Semaphore::new(limits.max_concurrent_decodes.max(1));
-        Self { scheduler, blip, clip, fetcher, cache, limits, decode_slots, small_decode_slots, inflight }
+        Self { models, fetcher, cache, limits, decode_slots, small_decode_slots, inflight }
     }
 
     pub fn limits(&self) -> &RequestLimits {
         &self.limits
     }
 
-    pub fn scheduler(&self) -> &ModelScheduler {
-        &self.scheduler
-    }
-
-    pub fn blip(&self) -> &BlipRunner {
-        &self.blip
+    pub fn models(&self) -> &M {
+        &self.models
     }
 
     /// Generation defaults with `max_length` fitted to the loaded model.
@@ -125,13 +113,13 @@ impl Cascade {
         let start = Instant::now();
         let _admitted = self.admit()?;
         params.validate(&self.limits.generation)?;
-        let prompt = self.blip.prompt(&params)?;
+        let prompt = self.models.prompt(&params)?;
         let (key, image, fetch) = self.resolve(&source).await?;
         let t = Instant::now();
-        let pixels = self.blip.processor().normalize(&image.blip);
+        let pixels = self.models.generator_processor().normalize(&image.blip);
         let preprocess = t.elapsed();
         let t = Instant::now();
-        let out = self.scheduler.generate(GenerateInput { pixels, params, prompt }, admission).await?;
+        let out = self.models.generate(GenerateInput { pixels, params, prompt }, admission).await?;
         let generate = t.elapsed();
         Ok(Generated {
             key,
@@ -149,10 +137,10 @@ impl Cascade {
         let start = Instant::now();
         let _admitted = self.admit()?;
         self.check_captions(&captions)?;
-        let tokens = self.clip.tokenize(&captions)?;
+        let tokens = self.models.tokenize(&captions)?;
         let (key, image, fetch) = self.resolve(&source).await?;
         let t = Instant::now();
-        let pixels = self.clip.processor().normalize(&image.clip);
+        let pixels = self.models.ranker_processor().normalize(&image.clip);
         let preprocess = t.elapsed();
         let t = Instant::now();
         let captions = self.rank_pixels(pixels, captions, tokens, &[], admission).await?;
@@ -177,19 +165,21 @@ impl Cascade {
         if top_k == 0 {
             return Err(InvalidParam { field: "top_k", reason: "must be at least 1".into() }.into());
         }
-        let prompt = self.blip.prompt(&params)?;
+        let prompt = self.models.prompt(&params)?;
         let (key, image, fetch) = self.resolve(&source).await?;
         let t = Instant::now();
-        let (blip_px, clip_px) =
-            (self.blip.processor().normalize(&image.blip), self.clip.processor().normalize(&image.clip));
+        let (blip_px, clip_px) = (
+            self.models.generator_processor().normalize(&image.blip),
+            self.models.ranker_processor().normalize(&image.clip),
+        );
         let preprocess = t.elapsed();
         let t = Instant::now();
-        let generated = self.scheduler.generate(GenerateInput { pixels: blip_px, params, prompt }, admission).await?;
+        let generated = self.models.generate(GenerateInput { pixels: blip_px, params, prompt }, admission).await?;
         let generate = t.elapsed();
         let candidates: Vec<String> = generated.candidates.into_iter().map(|c| c.text).collect();
         let (distinct, counts) = distinct_with_counts(&candidates);
         // Generated text always tokenizes; a failure here is the server's, not the caller's.
-        let tokens = self.clip.tokenize(&distinct).map_err(|e| EngineError::Internal(e.to_string()))?;
+        let tokens = self.models.tokenize(&distinct).map_err(|e| EngineError::Internal(e.to_string()))?;
         let t = Instant::now();
         let mut ranked = self.rank_pixels(clip_px, distinct, tokens, &counts, admission).await?;
         ranked.truncate(top_k);
@@ -209,7 +199,7 @@ impl Cascade {
         counts: &[u32],
         admission: Admission,
     ) -> Result<Vec<RankedCaption>, CascadeError> {
-        let out = self.scheduler.rank(RankInput { pixels, captions: tokens }, admission).await?;
+        let out = self.models.rank(RankInput { pixels, captions: tokens }, admission).await?;
         let mut ranked: Vec<RankedCaption> = captions
             .into_iter()
             .zip(out.scores)
@@ -290,7 +280,7 @@ impl Cascade {
                 let lane = if small { &self.small_decode_slots } else { &self.decode_slots };
                 let _slot = lane.acquire().await.expect("semaphore never closed");
                 let limits = self.limits.decode;
-                let (blip, clip) = (self.blip.processor().clone(), self.clip.processor().clone());
+                let (blip, clip) = (self.models.generator_processor().clone(), self.models.ranker_processor().clone());
                 tokio::task::spawn_blocking(move || {
                     let decoded = decode_image(bytes.as_slice(), &limits)?;
                     drop(bytes);
@@ -330,7 +320,100 @@ pub fn distinct_with_counts(candidates: &[String]) -> (Vec<String>, Vec<u32>) {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
     use super::*;
+    use crate::{
+        backend::{GenerateOutput, GeneratedCaption, Prompt, RankOutput, RankScore},
+        images::FetchLimits,
+        models::{generation::GenerationLimits, preprocess::ImageProcessor},
+    };
+
+    /// Models that generate fixed candidates and score a caption by its length, counting calls.
+    struct FakeModels {
+        processor: ImageProcessor,
+        candidates: Vec<&'static str>,
+        calls: AtomicUsize,
+    }
+
+    impl Models for FakeModels {
+        fn generator_processor(&self) -> &ImageProcessor {
+            &self.processor
+        }
+        fn ranker_processor(&self) -> &ImageProcessor {
+            &self.processor
+        }
+        fn max_positions(&self) -> u32 {
+            20
+        }
+        fn prompt(&self, params: &GenerationParams) -> Result<Prompt, InvalidParam> {
+            match params.prompt.as_deref() {
+                Some("bad") => Err(InvalidParam { field: "prompt", reason: "refused".into() }),
+                _ => Ok(Prompt { prefix: vec![1], strip: None }),
+            }
+        }
+        fn tokenize(&self, captions: &[String]) -> Result<Vec<Vec<i64>>, InvalidParam> {
+            Ok(captions.iter().map(|c| vec![c.len() as i64]).collect())
+        }
+        async fn generate(&self, _: GenerateInput, _: Admission) -> Result<GenerateOutput, EngineError> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            let caption = |t: &&str| GeneratedCaption { text: t.to_string(), token_ids: vec![] };
+            Ok(GenerateOutput { candidates: self.candidates.iter().map(caption).collect() })
+        }
+        async fn rank(&self, input: RankInput, _: Admission) -> Result<RankOutput, EngineError> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            let total: i64 = input.captions.iter().map(|t| t[0]).sum();
+            let score = |t: &Vec<i64>| RankScore { probability: t[0] as f32 / total as f32, cosine: 0.0, logit: 0.0 };
+            Ok(RankOutput { scores: input.captions.iter().map(score).collect() })
+        }
+    }
+
+    fn cascade(candidates: Vec<&'static str>) -> Cascade<FakeModels> {
+        let processor = ImageProcessor::from_json(
+            r#"{"size": {"height": 8, "width": 8}, "image_mean": [0.5,0.5,0.5], "image_std": [0.5,0.5,0.5]}"#,
+        )
+        .unwrap();
+        let limits = RequestLimits {
+            generation: GenerationLimits { max_candidates: 16, max_length: 40 },
+            max_captions: 8,
+            max_caption_bytes: 64,
+            max_inflight: 4,
+            decode: DecodeLimits::default(),
+            max_concurrent_decodes: 1,
+        };
+        let models = FakeModels { processor, candidates, calls: AtomicUsize::new(0) };
+        Cascade::new(models, Fetcher::new(FetchLimits::default()).unwrap(), ImageCache::new(1 << 20), limits)
+    }
+
+    fn png() -> ImageSource {
+        let mut out = std::io::Cursor::new(Vec::new());
+        image::RgbImage::new(5, 4).write_to(&mut out, image::ImageFormat::Png).unwrap();
+        ImageSource::Bytes(Arc::new(out.into_inner()))
+    }
+
+    #[tokio::test]
+    async fn caption_merges_duplicates_ranks_them_and_keeps_the_top_k() {
+        let c = cascade(vec!["a cat", "a dog sits", "a cat", "a"]);
+        // The position limit of the models caps the request limit.
+        assert_eq!(c.limits().generation.max_length, 20);
+        let out = c.caption(png(), c.default_params(), 2, Admission::default()).await.unwrap();
+        assert_eq!(out.candidates, ["a cat", "a dog sits", "a cat", "a"]);
+        let got: Vec<_> = out.captions.iter().map(|r| (r.text.as_str(), r.count, r.index)).collect();
+        assert_eq!(got, [("a dog sits", 1, 1), ("a cat", 2, 0)]);
+        assert!(out.key.starts_with("sha256:"));
+    }
+
+    #[tokio::test]
+    async fn invalid_requests_never_reach_the_models() {
+        let c = cascade(vec!["x"]);
+        let bad = GenerationParams { prompt: Some("bad".into()), ..c.default_params() };
+        assert!(matches!(c.generate(png(), bad, Admission::default()).await, Err(CascadeError::Invalid(_))));
+        let long = vec!["y".repeat(65)];
+        assert!(matches!(c.rank(png(), long, Admission::default()).await, Err(CascadeError::Invalid(_))));
+        let none = c.caption(png(), c.default_params(), 0, Admission::default()).await;
+        assert!(matches!(none, Err(CascadeError::Invalid(_))));
+        assert_eq!(c.models().calls.load(Ordering::SeqCst), 0);
+    }
 
     #[test]
     fn distinct_keeps_first_seen_order_and_counts() {

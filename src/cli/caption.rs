@@ -85,7 +85,7 @@ pub async fn run(args: CaptionArgs) -> anyhow::Result<()> {
         }
     }
     if let Target::Local(cascade) = target {
-        let scheduler = cascade.scheduler().clone();
+        let scheduler = cascade.models().scheduler.clone();
         tokio::task::spawn_blocking(move || scheduler.shutdown()).await?;
     }
     if failures > 0 {

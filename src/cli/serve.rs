@@ -30,7 +30,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.server.listen))?;
     tracing::info!(addr = %listener.local_addr()?, "serving caption.v1 (Generator, Ranker, Cascade), health and reflection");
     crate::api::serve(listener, cascade.clone(), args.server.max_message_bytes, shutdown_signal()).await?;
-    let scheduler = cascade.scheduler().clone();
+    let scheduler = cascade.models().scheduler.clone();
     tokio::task::spawn_blocking(move || scheduler.shutdown()).await?;
     Ok(())
 }
