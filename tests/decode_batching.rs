@@ -8,7 +8,7 @@ use std::path::Path;
 
 use caption_cascade::{
     backend::{BlipRunner, GenerateInput},
-    engine::{Batch, Runner},
+    engine::{RunningBatch, StepWise},
     images::{decode_image, DecodeLimits},
     models::{
         blip::{Blip, DecodeBatch, DecodeRequest, Decoded, SelfAttnCache, SpecialTokens},
@@ -115,10 +115,9 @@ fn the_vision_encoder_runs_once_per_image() {
     let inputs = (0..3)
         .map(|id| (id, GenerateInput { pixels: px.clone(), params: params.clone(), prompt: prompt.clone() }))
         .collect::<Vec<_>>();
-    let mut batch = runner.start(inputs);
-    let mut done = Vec::new();
-    while !batch.is_done() {
-        done.extend(batch.step());
+    let (mut batch, mut done) = runner.prefill(inputs);
+    while batch.requests() > 0 {
+        done.extend(batch.decode());
     }
     assert_eq!(done.len(), 3);
     assert!(done.iter().all(|(_, r)| r.as_ref().unwrap().candidates.len() == 10));
@@ -146,10 +145,9 @@ fn requests_with_prompts_of_different_lengths_start_together() {
                 (i as u64, GenerateInput { pixels: px.clone(), params, prompt })
             })
             .collect::<Vec<_>>();
-        let mut batch = runner.start(inputs);
-        let mut done = Vec::new();
-        while !batch.is_done() {
-            done.extend(batch.step());
+        let (mut batch, mut done) = runner.prefill(inputs);
+        while batch.requests() > 0 {
+            done.extend(batch.decode());
         }
         done.sort_by_key(|(id, _)| *id);
         done.into_iter().map(|(id, r)| (id, r.unwrap().candidates)).collect::<Vec<_>>()

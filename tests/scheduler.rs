@@ -9,7 +9,8 @@ use std::{
 };
 
 use caption_cascade::engine::{
-    Admission, Batch, Clock, EngineError, ManualClock, QueueConfig, Runner, Scheduler, SchedulerConfig,
+    Admission, Clock, EngineError, ManualClock, OneShot, QueueConfig, RunningBatch, Scheduler, SchedulerConfig,
+    StepWise,
 };
 
 /// What the fake models saw, for assertions.
@@ -34,22 +35,25 @@ struct FakeGenerateBatch<'a> {
     rows: Vec<(u64, u32, u32)>,
 }
 
-impl Runner for FakeGenerate {
+impl StepWise for FakeGenerate {
     type Input = u32;
     type Output = u32;
     type Batch<'a> = FakeGenerateBatch<'a>;
     const NAME: &'static str = "generate";
 
-    fn start(&self, inputs: Vec<(u64, u32)>) -> FakeGenerateBatch<'_> {
+    fn prefill(&self, inputs: Vec<(u64, u32)>) -> (FakeGenerateBatch<'_>, Vec<(u64, Result<u32, EngineError>)>) {
         self.log.lock().unwrap().started.extend(inputs.iter().map(|(id, _)| *id));
-        FakeGenerateBatch { runner: self, rows: inputs.into_iter().map(|(id, n)| (id, n, n)).collect() }
+        let mut batch =
+            FakeGenerateBatch { runner: self, rows: inputs.into_iter().map(|(id, n)| (id, n, n)).collect() };
+        let done = batch.decode();
+        (batch, done)
     }
 }
 
-impl Batch for FakeGenerateBatch<'_> {
+impl RunningBatch for FakeGenerateBatch<'_> {
     type Output = u32;
 
-    fn step(&mut self) -> Vec<(u64, Result<u32, EngineError>)> {
+    fn decode(&mut self) -> Vec<(u64, Result<u32, EngineError>)> {
         std::thread::sleep(self.runner.step_time);
         self.runner.log.lock().unwrap().generate_steps.push(self.rows.len());
         for row in &mut self.rows {
@@ -59,18 +63,12 @@ impl Batch for FakeGenerateBatch<'_> {
         self.rows.retain(|r| r.1 > 0);
         done
     }
-    fn join(&mut self, other: Self) {
+    fn concatenate(&mut self, other: Self) {
         self.rows.extend(other.rows);
     }
-    fn cancel(&mut self, id: u64) {
+    fn filter(&mut self, id: u64) {
         self.runner.log.lock().unwrap().cancelled.push(id);
         self.rows.retain(|r| r.0 != id);
-    }
-    fn is_done(&self) -> bool {
-        self.rows.is_empty()
-    }
-    fn joinable(&self) -> bool {
-        true
     }
     fn requests(&self) -> usize {
         self.rows.len()
@@ -85,45 +83,16 @@ struct FakeRank {
     log: Arc<Mutex<Log>>,
 }
 
-struct FakeRankBatch<'a> {
-    log: &'a Mutex<Log>,
-    inputs: Vec<(u64, u32)>,
-}
-
-impl Runner for FakeRank {
+impl OneShot for FakeRank {
     type Input = u32;
     type Output = u32;
-    type Batch<'a> = FakeRankBatch<'a>;
     const NAME: &'static str = "rank";
 
-    fn start(&self, inputs: Vec<(u64, u32)>) -> FakeRankBatch<'_> {
-        FakeRankBatch { log: &self.log, inputs }
-    }
-}
-
-impl Batch for FakeRankBatch<'_> {
-    type Output = u32;
-
-    fn step(&mut self) -> Vec<(u64, Result<u32, EngineError>)> {
-        self.log.lock().unwrap().rank_batches.push(self.inputs.len());
+    fn run(&self, inputs: Vec<(u64, u32)>) -> Vec<(u64, Result<u32, EngineError>)> {
+        self.log.lock().unwrap().rank_batches.push(inputs.len());
         // As libtorch errors surface through tch.
-        assert!(self.inputs.iter().all(|(_, x)| *x != PANICS), "fake libtorch error");
-        self.inputs.drain(..).map(|(id, x)| (id, Ok(2 * x))).collect()
-    }
-    fn join(&mut self, other: Self) {
-        self.inputs.extend(other.inputs);
-    }
-    fn cancel(&mut self, id: u64) {
-        self.inputs.retain(|r| r.0 != id);
-    }
-    fn is_done(&self) -> bool {
-        self.inputs.is_empty()
-    }
-    fn joinable(&self) -> bool {
-        false
-    }
-    fn requests(&self) -> usize {
-        self.inputs.len()
+        assert!(inputs.iter().all(|(_, x)| *x != PANICS), "fake libtorch error");
+        inputs.into_iter().map(|(id, x)| (id, Ok(2 * x))).collect()
     }
 }
 

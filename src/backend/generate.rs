@@ -11,7 +11,7 @@ use tch::Device;
 
 use super::stack_pixels;
 use crate::{
-    engine::{Batch, EngineError, Runner},
+    engine::{EngineError, RunningBatch, StepWise},
     models::{
         blip::{Blip, DecodeBatch, DecodeRequest, Decoded, SpecialTokens},
         generation::{GenerationParams, InvalidParam},
@@ -111,8 +111,6 @@ pub struct GenerateBatch<'a> {
     decode: Option<DecodeBatch<'a>>,
     /// Per request: the prompt text to strip from its captions.
     strip: HashMap<u64, String>,
-    /// Results known before decoding (requests done by their first token).
-    early: Vec<(u64, Result<GenerateOutput, EngineError>)>,
 }
 
 impl BlipRunner {
@@ -154,7 +152,7 @@ impl BlipRunner {
     }
 }
 
-impl Runner for BlipRunner {
+impl StepWise for BlipRunner {
     type Input = GenerateInput;
     type Output = GenerateOutput;
     type Batch<'a> = GenerateBatch<'a>;
@@ -163,10 +161,13 @@ impl Runner for BlipRunner {
 
     /// Encodes every image once and computes its cross-attention keys and values once; the
     /// request's candidates all read them. Prefixes of different lengths start as separate decode
-    /// batches that join after their first step.
-    fn start(&self, inputs: Vec<(u64, GenerateInput)>) -> GenerateBatch<'_> {
+    /// batches, each takes its first step, and they continue as one.
+    fn prefill(
+        &self,
+        inputs: Vec<(u64, GenerateInput)>,
+    ) -> (GenerateBatch<'_>, Vec<(u64, Result<GenerateOutput, EngineError>)>) {
         let _no_grad = tch::no_grad_guard();
-        let mut early = Vec::new();
+        let mut finished = Vec::new();
         let mut strip = HashMap::new();
         let mut groups: BTreeMap<usize, Vec<(DecodeRequest, GenerateInput)>> = BTreeMap::new();
         for (id, mut input) in inputs {
@@ -179,25 +180,20 @@ impl Runner for BlipRunner {
         }
         let special = self.special_tokens();
         let mut decode: Option<DecodeBatch<'_>> = None;
-        // Batches only join after their first step (their caches exist); a lone group starts
-        // without stepping so the executor can pace it.
-        let several = groups.len() > 1;
         for (_, group) in groups {
             let pixels = stack_pixels(group.iter().map(|(_, i)| &i.pixels), self.device);
             let image_embeds = self.model.encode_image(&pixels);
             self.images_encoded.fetch_add(group.len() as u64, Ordering::Relaxed);
             let requests: Vec<DecodeRequest> = group.into_iter().map(|(r, _)| r).collect();
             let mut batch = DecodeBatch::new(&self.model.text_decoder, special, &image_embeds, &requests);
-            if several {
-                let done = batch.step();
-                early.extend(done.into_iter().map(|d| (d.id, self.finish(d, &mut strip))));
-            }
+            let done = batch.step();
+            finished.extend(done.into_iter().map(|d| (d.id, self.finish(d, &mut strip))));
             match decode.as_mut() {
                 None => decode = Some(batch),
                 Some(running) => running.join(batch),
             }
         }
-        GenerateBatch { runner: self, decode, strip, early }
+        (GenerateBatch { runner: self, decode, strip }, finished)
     }
 }
 
@@ -223,21 +219,17 @@ impl BlipRunner {
     }
 }
 
-impl Batch for GenerateBatch<'_> {
+impl RunningBatch for GenerateBatch<'_> {
     type Output = GenerateOutput;
 
-    fn step(&mut self) -> Vec<(u64, Result<GenerateOutput, EngineError>)> {
-        let mut out = std::mem::take(&mut self.early);
-        if let Some(decode) = self.decode.as_mut().filter(|d| !d.is_done()) {
-            let _no_grad = tch::no_grad_guard();
-            let done = decode.step();
-            out.extend(done.into_iter().map(|d| (d.id, self.runner.finish(d, &mut self.strip))));
-        }
-        out
+    fn decode(&mut self) -> Vec<(u64, Result<GenerateOutput, EngineError>)> {
+        let Some(decode) = self.decode.as_mut().filter(|d| !d.is_done()) else { return Vec::new() };
+        let _no_grad = tch::no_grad_guard();
+        let done = decode.step();
+        done.into_iter().map(|d| (d.id, self.runner.finish(d, &mut self.strip))).collect()
     }
 
-    fn join(&mut self, mut other: Self) {
-        self.early.append(&mut other.early);
+    fn concatenate(&mut self, other: Self) {
         self.strip.extend(other.strip);
         match (self.decode.as_mut(), other.decode) {
             (Some(d), Some(o)) => d.join(o),
@@ -246,23 +238,14 @@ impl Batch for GenerateBatch<'_> {
         }
     }
 
-    fn cancel(&mut self, id: u64) {
-        self.early.retain(|(i, _)| *i != id);
+    fn filter(&mut self, id: u64) {
         self.strip.remove(&id);
         if let Some(d) = self.decode.as_mut() {
             d.cancel(id);
         }
     }
 
-    fn is_done(&self) -> bool {
-        self.early.is_empty() && self.decode.as_ref().is_none_or(DecodeBatch::is_done)
-    }
-
-    fn joinable(&self) -> bool {
-        true
-    }
-
     fn requests(&self) -> usize {
-        self.early.len() + self.decode.as_ref().map_or(0, DecodeBatch::active_requests)
+        self.decode.as_ref().map_or(0, DecodeBatch::active_requests)
     }
 }

@@ -7,7 +7,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::stack_pixels;
 use crate::{
-    engine::{Batch, EngineError, Runner},
+    engine::{EngineError, OneShot},
     models::{
         clip::Clip,
         generation::InvalidParam,
@@ -108,53 +108,18 @@ fn l2_normalize(x: &Tensor) -> Tensor {
 }
 
 /// Ranking requests run together in one pass of each tower.
-pub struct RankBatch<'a> {
-    runner: &'a ClipRunner,
-    inputs: Vec<(u64, RankInput)>,
-}
-
-impl Runner for ClipRunner {
+impl OneShot for ClipRunner {
     type Input = RankInput;
     type Output = RankOutput;
-    type Batch<'a> = RankBatch<'a>;
 
     const NAME: &'static str = "rank";
 
-    fn start(&self, inputs: Vec<(u64, RankInput)>) -> RankBatch<'_> {
-        RankBatch { runner: self, inputs }
-    }
-}
-
-impl Batch for RankBatch<'_> {
-    type Output = RankOutput;
-
-    fn step(&mut self) -> Vec<(u64, Result<RankOutput, EngineError>)> {
+    fn run(&self, inputs: Vec<(u64, RankInput)>) -> Vec<(u64, Result<RankOutput, EngineError>)> {
         let _no_grad = tch::no_grad_guard();
-        let inputs = std::mem::take(&mut self.inputs);
         let (ids, inputs): (Vec<u64>, Vec<RankInput>) = inputs.into_iter().unzip();
-        match self.runner.run_batch(&inputs) {
+        match self.run_batch(&inputs) {
             Ok(all) => ids.into_iter().zip(all).map(|(id, scores)| (id, Ok(RankOutput { scores }))).collect(),
             Err(e) => ids.into_iter().map(|id| (id, Err(e.clone()))).collect(),
         }
-    }
-
-    fn join(&mut self, other: Self) {
-        self.inputs.extend(other.inputs);
-    }
-
-    fn cancel(&mut self, id: u64) {
-        self.inputs.retain(|(i, _)| *i != id);
-    }
-
-    fn is_done(&self) -> bool {
-        self.inputs.is_empty()
-    }
-
-    fn joinable(&self) -> bool {
-        false
-    }
-
-    fn requests(&self) -> usize {
-        self.inputs.len()
     }
 }

@@ -1,7 +1,7 @@
 //! The shared scheduler: one queue per model, dynamic batching, and executor threads that take
 //! the next ready batch from either queue. Generation runs at iteration level: requests that
 //! arrive while a decode batch runs join it at the next step boundary. The engine knows models
-//! only through [`Runner`] and [`Batch`].
+//! only through [`OneShot`] (ranking) and [`StepWise`] with its [`RunningBatch`] (generation).
 
 mod clock;
 mod queue;
@@ -13,42 +13,58 @@ pub use scheduler::{ExecutorInit, Scheduler, SchedulerConfig};
 
 use std::time::Instant;
 
-/// Runs one model. Implementations own (a share of) the model and run on executor threads,
-/// never on the async runtime.
-pub trait Runner: Send + Sync + 'static {
+/// A model run once per batch (ranking). Implementations own (a share of) the model and run on
+/// executor threads, never on the async runtime.
+pub trait OneShot: Send + Sync + 'static {
     type Input: Send + 'static;
     type Output: Send + 'static;
-    type Batch<'a>: Batch<Output = Self::Output>
+
+    /// Short model name for logs and metrics.
+    const NAME: &'static str;
+
+    /// Computes every request of the batch, each tagged with the engine's request id.
+    fn run(&self, inputs: Vec<(u64, Self::Input)>) -> Vec<(u64, Result<Self::Output, EngineError>)>;
+}
+
+/// A model run step by step (generation), so requests can enter and leave a running batch
+/// between steps. The scheduler drives it with the verbs of iteration-level batching: prefill
+/// new requests, decode the running batch a step at a time, concatenate prefilled requests into
+/// it, filter out requests whose caller left.
+pub trait StepWise: Send + Sync + 'static {
+    type Input: Send + 'static;
+    type Output: Send + 'static;
+    type Batch<'a>: RunningBatch<Output = Self::Output>
     where
         Self: 'a;
 
     /// Short model name for logs and metrics.
     const NAME: &'static str;
 
-    /// Starts work on `inputs`, each tagged with the engine's request id.
-    fn start(&self, inputs: Vec<(u64, Self::Input)>) -> Self::Batch<'_>;
+    /// Starts `inputs` (each tagged with the engine's request id): encodes what they bring and
+    /// runs their first decoding step, after which the batch may be concatenated into a running
+    /// one at once. Returns the batch and the requests that already finished.
+    #[allow(clippy::type_complexity)]
+    fn prefill(
+        &self,
+        inputs: Vec<(u64, Self::Input)>,
+    ) -> (Self::Batch<'_>, Vec<(u64, Result<Self::Output, EngineError>)>);
 }
 
-/// Work in progress on an executor: advanced one step at a time so that new requests can join
-/// and abandoned ones can leave between steps.
-pub trait Batch {
+/// Requests being decoded together. A verb need not copy: an implementation may keep its rows in
+/// fixed slots and move only indices.
+pub trait RunningBatch {
     type Output;
 
-    /// Runs one step; returns the requests that completed.
-    fn step(&mut self) -> Vec<(u64, Result<Self::Output, EngineError>)>;
+    /// Runs one step for every request; returns those that finished.
+    fn decode(&mut self) -> Vec<(u64, Result<Self::Output, EngineError>)>;
 
-    /// Takes `other`'s requests into this batch; both continue as one from the next step.
-    fn join(&mut self, other: Self);
+    /// Takes a prefilled batch's requests into this one; both continue as one from the next step.
+    fn concatenate(&mut self, other: Self);
 
-    /// Drops a request whose caller went away.
-    fn cancel(&mut self, id: u64);
+    /// Removes a request whose caller went away.
+    fn filter(&mut self, id: u64);
 
-    fn is_done(&self) -> bool;
-
-    /// Whether requests arriving now should join this batch instead of waiting for it to end.
-    fn joinable(&self) -> bool;
-
-    /// Requests in the batch.
+    /// Requests still decoding (0: the batch is done).
     fn requests(&self) -> usize;
 }
 

@@ -23,7 +23,7 @@ use tokio::sync::oneshot;
 use super::{
     clock::{Clock, SystemClock},
     queue::{BatchQueue, Pending, QueueConfig},
-    Admission, Batch, EngineError, Runner,
+    Admission, EngineError, OneShot, RunningBatch, StepWise,
 };
 
 /// Run on each executor thread before it takes work.
@@ -37,13 +37,13 @@ pub struct SchedulerConfig {
     pub rank: QueueConfig,
 }
 
-struct State<G: Runner, R: Runner> {
+struct State<G: StepWise, R: OneShot> {
     generate: BatchQueue<G::Input, G::Output>,
     rank: BatchQueue<R::Input, R::Output>,
     shutting_down: bool,
 }
 
-struct Shared<G: Runner, R: Runner> {
+struct Shared<G: StepWise, R: OneShot> {
     state: Mutex<State<G, R>>,
     wake: Condvar,
     generate: Arc<G>,
@@ -57,13 +57,13 @@ struct Shared<G: Runner, R: Runner> {
 
 /// Handle to the scheduler; clones share the same queues and executors. When the last handle
 /// goes, the executors finish what was accepted and exit.
-pub struct Scheduler<G: Runner, R: Runner> {
+pub struct Scheduler<G: StepWise, R: OneShot> {
     shared: Arc<Shared<G, R>>,
     threads: Arc<Mutex<Vec<JoinHandle<()>>>>,
     _stop: Arc<StopOnDrop<G, R>>,
 }
 
-impl<G: Runner, R: Runner> Clone for Scheduler<G, R> {
+impl<G: StepWise, R: OneShot> Clone for Scheduler<G, R> {
     fn clone(&self) -> Self {
         Self { shared: self.shared.clone(), threads: self.threads.clone(), _stop: self._stop.clone() }
     }
@@ -71,9 +71,9 @@ impl<G: Runner, R: Runner> Clone for Scheduler<G, R> {
 
 /// Owned by the handles alone (executors hold `Shared`): its drop tells the executors to stop
 /// once the queues are empty. It does not join them, since it may run on an async worker thread.
-struct StopOnDrop<G: Runner, R: Runner>(Arc<Shared<G, R>>);
+struct StopOnDrop<G: StepWise, R: OneShot>(Arc<Shared<G, R>>);
 
-impl<G: Runner, R: Runner> Drop for StopOnDrop<G, R> {
+impl<G: StepWise, R: OneShot> Drop for StopOnDrop<G, R> {
     fn drop(&mut self) {
         if let Ok(mut st) = self.0.state.lock() {
             st.shutting_down = true;
@@ -83,7 +83,7 @@ impl<G: Runner, R: Runner> Drop for StopOnDrop<G, R> {
 }
 
 /// What an executor took from the queues in one visit.
-struct Work<G: Runner, R: Runner> {
+struct Work<G: StepWise, R: OneShot> {
     generate: Vec<Pending<G::Input, G::Output>>,
     rank: Vec<Pending<R::Input, R::Output>>,
 }
@@ -95,7 +95,7 @@ struct InFlight<O> {
     started: Instant,
 }
 
-impl<G: Runner, R: Runner> Scheduler<G, R> {
+impl<G: StepWise, R: OneShot> Scheduler<G, R> {
     pub fn start(config: SchedulerConfig, generate: Arc<G>, rank: Arc<R>) -> Self {
         Self::start_with_clock(config, generate, rank, Arc::new(SystemClock))
     }
@@ -211,37 +211,34 @@ impl<G: Runner, R: Runner> Scheduler<G, R> {
     }
 }
 
-fn executor_loop<G: Runner, R: Runner>(shared: &Shared<G, R>) {
+fn executor_loop<G: StepWise, R: OneShot>(shared: &Shared<G, R>) {
     (shared.executor_init)();
     let generate = &*shared.generate;
     let mut running: Option<G::Batch<'_>> = None;
     let mut inflight: HashMap<u64, InFlight<G::Output>> = HashMap::new();
     loop {
-        let join_room =
-            running.as_ref().filter(|b| b.joinable()).map(|b| shared.generate_max_batch.saturating_sub(b.requests()));
+        let join_room = running.as_ref().map(|b| shared.generate_max_batch.saturating_sub(b.requests()));
         let Some(work) = next_work(shared, running.is_some(), join_room.unwrap_or(0)) else {
             return;
         };
         if !work.rank.is_empty() {
             run_to_completion(&*shared.rank, work.rank, &*shared.clock);
         }
+        // A batch prefilled in this visit has had its step; the running batch steps below.
+        let mut prefilled_alone = false;
         if !work.generate.is_empty() {
             let inputs = admit(work.generate, &mut inflight, G::NAME, shared.clock.now());
             let new_ids: Vec<u64> = inputs.iter().map(|(id, _)| *id).collect();
             if !inputs.is_empty() {
-                let joining = running.is_some();
-                let started = guarded(|| {
-                    let mut batch = generate.start(inputs);
-                    // Joiners run their prefix first, then continue in step with the running batch.
-                    let done = if joining { batch.step() } else { Vec::new() };
-                    (batch, done)
-                });
-                match started {
+                match guarded(|| generate.prefill(inputs)) {
                     Ok((batch, done)) => {
                         deliver(done, &mut inflight, G::NAME, shared.clock.now());
                         match running.as_mut() {
-                            Some(r) => r.join(batch),
-                            None => running = Some(batch),
+                            Some(r) => r.concatenate(batch),
+                            None => {
+                                running = Some(batch);
+                                prefilled_alone = true;
+                            }
                         }
                     }
                     Err(msg) => fail(&mut inflight, &new_ids, &msg),
@@ -251,9 +248,9 @@ fn executor_loop<G: Runner, R: Runner>(shared: &Shared<G, R>) {
         let mut finished = false;
         if let Some(batch) = running.as_mut() {
             drop_abandoned(batch, &mut inflight, G::NAME, shared.clock.now());
-            if !batch.is_done() {
+            if batch.requests() > 0 && !prefilled_alone {
                 let size = batch.requests();
-                match guarded(|| batch.step()) {
+                match guarded(|| batch.decode()) {
                     Ok(done) => {
                         histogram!("caption_batch_size", "model" => G::NAME).record(size as f64);
                         counter!("caption_decode_steps_total").increment(1);
@@ -265,7 +262,7 @@ fn executor_loop<G: Runner, R: Runner>(shared: &Shared<G, R>) {
                     }
                 }
             }
-            finished = batch.is_done() || inflight.is_empty();
+            finished = batch.requests() == 0 || inflight.is_empty();
         }
         if finished {
             running = None;
@@ -279,7 +276,7 @@ fn executor_loop<G: Runner, R: Runner>(shared: &Shared<G, R>) {
 /// Blocks until there is something to do. With a batch already running it never blocks: it takes
 /// joiners (up to `join_room`) and a ready rank batch, possibly nothing. `None` once shutting
 /// down with nothing left.
-fn next_work<G: Runner, R: Runner>(shared: &Shared<G, R>, busy: bool, join_room: usize) -> Option<Work<G, R>> {
+fn next_work<G: StepWise, R: OneShot>(shared: &Shared<G, R>, busy: bool, join_room: usize) -> Option<Work<G, R>> {
     let mut st = shared.state.lock().expect("scheduler lock poisoned");
     loop {
         let now = shared.clock.now();
@@ -374,7 +371,7 @@ fn fail<O>(inflight: &mut HashMap<u64, InFlight<O>>, ids: &[u64], msg: &str) {
 }
 
 /// Between steps: requests whose caller left or whose deadline passed leave the batch.
-fn drop_abandoned<B: Batch>(
+fn drop_abandoned<B: RunningBatch>(
     batch: &mut B,
     inflight: &mut HashMap<u64, InFlight<B::Output>>,
     model: &'static str,
@@ -393,7 +390,7 @@ fn drop_abandoned<B: Batch>(
         })
         .collect();
     for (id, expired) in gone {
-        batch.cancel(id);
+        batch.filter(id);
         let f = inflight.remove(&id).expect("listed");
         if expired {
             let _ = f.reply.send(Err(EngineError::DeadlineExceeded));
@@ -404,22 +401,15 @@ fn drop_abandoned<B: Batch>(
     }
 }
 
-/// Runs a batch of a model without iteration-level joining (ranking) from start to end.
-fn run_to_completion<M: Runner>(runner: &M, batch: Vec<Pending<M::Input, M::Output>>, clock: &dyn Clock) {
+/// Runs a batch of a one-shot model.
+fn run_to_completion<M: OneShot>(runner: &M, batch: Vec<Pending<M::Input, M::Output>>, clock: &dyn Clock) {
     let mut inflight = HashMap::new();
     let inputs = admit(batch, &mut inflight, M::NAME, clock.now());
     if inputs.is_empty() {
         return;
     }
     histogram!("caption_batch_size", "model" => M::NAME).record(inputs.len() as f64);
-    let result = guarded(|| {
-        let mut batch = runner.start(inputs);
-        let mut done = Vec::new();
-        while !batch.is_done() {
-            done.extend(batch.step());
-        }
-        done
-    });
+    let result = guarded(|| runner.run(inputs));
     let ids: Vec<u64> = inflight.keys().copied().collect();
     match result {
         Ok(done) => deliver(done, &mut inflight, M::NAME, clock.now()),
