@@ -1,13 +1,14 @@
-//! The model side of the engine: runners that own BLIP and CLIP (plus tokenizers and
-//! preprocessing) and turn a batch of requests into tensors, results and back.
+//! The model side of the engine: one runner per model (`blip`: step-wise generation, `clip`:
+//! one-shot ranking) that owns it (plus tokenizers and preprocessing) and turns a batch of
+//! requests into tensors, results and back.
 
+pub mod blip;
+pub mod clip;
 pub mod device;
-pub mod generate;
-pub mod rank;
 
+pub use blip::{BlipRunner, GenerateInput, GenerateOutput, GeneratedCaption, Prompt};
+pub use clip::{ClipRunner, RankInput, RankOutput, RankScore};
 pub use device::DeviceChoice;
-pub use generate::{BlipRunner, GenerateInput, GenerateOutput, GeneratedCaption, Prompt};
-pub use rank::{ClipRunner, RankInput, RankOutput, RankScore};
 
 use tch::{Device, Kind, Tensor};
 
