@@ -99,19 +99,6 @@ pub fn timings(t: &Timings) -> pb::Timings {
     }
 }
 
-impl From<pb::RankedCaption> for RankedCaption {
-    fn from(c: pb::RankedCaption) -> Self {
-        Self {
-            text: c.text,
-            probability: c.probability,
-            cosine: c.cosine,
-            logit: c.logit,
-            index: c.index,
-            count: c.count,
-        }
-    }
-}
-
 impl From<RankedCaption> for pb::RankedCaption {
     fn from(c: RankedCaption) -> Self {
         Self {

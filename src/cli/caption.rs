@@ -8,7 +8,7 @@ use serde_json::json;
 
 use crate::{
     api::{convert, pb},
-    cascade::{Cascade, ImageSource, RankedCaption},
+    cascade::{Cascade, ImageSource},
     config::EngineArgs,
     engine::Admission,
     models::generation::Strategy,
@@ -56,7 +56,8 @@ pub struct CaptionArgs {
 /// One image's result, whichever way it was computed.
 struct Outcome {
     key: String,
-    captions: Vec<RankedCaption>,
+    /// As the server sends them, so both paths print from the same form.
+    captions: Vec<pb::RankedCaption>,
     candidates: Vec<String>,
     total_ms: f64,
 }
@@ -124,7 +125,7 @@ async fn caption_one(target: &mut Target, args: &CaptionArgs, name: &str) -> any
             let out = cascade.caption(source, params, args.top_k as usize, Admission::default()).await?;
             Ok(Outcome {
                 key: out.key,
-                captions: out.captions,
+                captions: out.captions.into_iter().map(pb::RankedCaption::from).collect(),
                 candidates: out.candidates,
                 total_ms: out.timings.total.as_secs_f64() * 1e3,
             })
@@ -143,7 +144,7 @@ async fn caption_one(target: &mut Target, args: &CaptionArgs, name: &str) -> any
                 client.caption(req).await.map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?.into_inner();
             Ok(Outcome {
                 key: out.key,
-                captions: out.captions.into_iter().map(RankedCaption::from).collect(),
+                captions: out.captions,
                 candidates: out.candidates,
                 total_ms: out.timings.map_or(0.0, |t| t.total_ms),
             })
