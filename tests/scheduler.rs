@@ -138,7 +138,7 @@ async fn rank_batches_fill_to_max_batch_size() {
     let (s, log, clock) = scheduler(queue(8, 0, 64), queue(4, 100, 64), 1);
     let calls = tokio::spawn({
         let s = s.clone();
-        async move { futures::future::join_all((0..10).map(|i| s.rank(i, Admission::default()))).await }
+        async move { futures::future::join_all((0..10).map(|i| s.submit_one_shot(i, Admission::default()))).await }
     });
     // Two full batches run at once; the two left over wait for the delay, which has not passed.
     until("two batches ran and two requests wait", || {
@@ -157,7 +157,7 @@ async fn a_lone_request_waits_at_most_the_queue_delay() {
     let (s, log, clock) = scheduler(queue(8, 0, 64), queue(32, 150, 64), 1);
     let call = tokio::spawn({
         let s = s.clone();
-        async move { s.rank(21, Admission::default()).await }
+        async move { s.submit_one_shot(21, Admission::default()).await }
     });
     until("the request is queued", || s.queue_depths().1 == 1).await;
     advance(&s, &clock, 149);
@@ -177,12 +177,12 @@ async fn a_full_queue_refuses_at_once_and_accepted_work_still_completes() {
     let accepted: Vec<_> = (1..=2)
         .map(|i| {
             let s = s.clone();
-            tokio::spawn(async move { s.rank(i, Admission::default()).await })
+            tokio::spawn(async move { s.submit_one_shot(i, Admission::default()).await })
         })
         .collect();
     until("both requests are queued", || s.queue_depths().1 == 2).await;
     // Refused without the clock moving: the answer does not wait for any batch.
-    assert_eq!(s.rank(3, Admission::default()).await, Err(EngineError::Overloaded("rank")));
+    assert_eq!(s.submit_one_shot(3, Admission::default()).await, Err(EngineError::Overloaded("rank")));
     assert!(log.lock().unwrap().rank_batches.is_empty());
     advance(&s, &clock, 300);
     for (call, want) in accepted.into_iter().zip([2, 4]) {
@@ -196,12 +196,12 @@ async fn deadlines_drop_work_queued_or_between_steps() {
     let (s, log, clock) = scheduler(queue(8, 0, 64), queue(8, 1_000, 64), 2);
     // Already expired when queued: never reaches the model.
     let past = Admission { deadline: Some(clock.now()) };
-    assert_eq!(s.generate(5, past).await, Err(EngineError::DeadlineExceeded));
+    assert_eq!(s.submit_step_wise(5, past).await, Err(EngineError::DeadlineExceeded));
     // Expires while waiting for its batch to fill: answered without reaching the model.
     let queued = tokio::spawn({
         let s = s.clone();
         let admission = Admission { deadline: Some(clock.now() + Duration::from_millis(10)) };
-        async move { s.rank(7, admission).await }
+        async move { s.submit_one_shot(7, admission).await }
     });
     until("the rank request is queued", || s.queue_depths().1 == 1).await;
     advance(&s, &clock, 10);
@@ -211,7 +211,7 @@ async fn deadlines_drop_work_queued_or_between_steps() {
     let decoding = tokio::spawn({
         let s = s.clone();
         let admission = Admission { deadline: Some(clock.now() + Duration::from_millis(60)) };
-        async move { s.generate(10_000, admission).await }
+        async move { s.submit_step_wise(10_000, admission).await }
     });
     until("the long request started", || !log.lock().unwrap().started.is_empty()).await;
     advance(&s, &clock, 60);
@@ -229,7 +229,7 @@ async fn a_cancelled_call_leaves_the_batch() {
     let (s, log, _clock) = scheduler(queue(8, 0, 64), queue(8, 0, 64), 2);
     let call = tokio::spawn({
         let s = s.clone();
-        async move { s.generate(10_000, Admission::default()).await }
+        async move { s.submit_step_wise(10_000, Admission::default()).await }
     });
     until("the long request started", || !log.lock().unwrap().started.is_empty()).await;
     call.abort();
@@ -239,7 +239,7 @@ async fn a_cancelled_call_leaves_the_batch() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     // The executor is free again.
-    assert_eq!(s.generate(2, Admission::default()).await, Ok(2));
+    assert_eq!(s.submit_step_wise(2, Admission::default()).await, Ok(2));
     s.shutdown();
 }
 
@@ -249,12 +249,12 @@ async fn a_short_request_joins_a_running_batch_and_finishes_first() {
     let long = tokio::spawn({
         let s = s.clone();
         async move {
-            let r = s.generate(200, Admission::default()).await;
+            let r = s.submit_step_wise(200, Admission::default()).await;
             (r, Instant::now())
         }
     });
     until("the long request started", || !log.lock().unwrap().started.is_empty()).await;
-    let (short, short_done) = (s.generate(5, Admission::default()).await, Instant::now());
+    let (short, short_done) = (s.submit_step_wise(5, Admission::default()).await, Instant::now());
     let (long, long_done) = long.await.unwrap();
     assert_eq!((short, long), (Ok(5), Ok(200)));
     assert!(short_done < long_done);
@@ -268,11 +268,11 @@ async fn ranking_is_not_starved_by_running_generation() {
     let (s, log, _clock) = scheduler(queue(8, 0, 64), queue(8, 0, 64), 3);
     let long = tokio::spawn({
         let s = s.clone();
-        async move { s.generate(500, Admission::default()).await }
+        async move { s.submit_step_wise(500, Admission::default()).await }
     });
     until("generation is decoding", || !log.lock().unwrap().started.is_empty()).await;
     let start = Instant::now();
-    assert_eq!(s.rank(4, Admission::default()).await, Ok(8));
+    assert_eq!(s.submit_one_shot(4, Admission::default()).await, Ok(8));
     assert!(start.elapsed() < Duration::from_millis(500), "rank waited {:?}", start.elapsed());
     assert!(!long.is_finished(), "rank ran while generation was still decoding");
     assert_eq!(long.await.unwrap(), Ok(500));
@@ -285,11 +285,11 @@ async fn generation_is_not_starved_by_ranking_traffic() {
     let flood: Vec<_> = (0..200)
         .map(|i| {
             let s = s.clone();
-            tokio::spawn(async move { s.rank(i, Admission::default()).await })
+            tokio::spawn(async move { s.submit_one_shot(i, Admission::default()).await })
         })
         .collect();
     let start = Instant::now();
-    assert_eq!(s.generate(3, Admission::default()).await, Ok(3));
+    assert_eq!(s.submit_step_wise(3, Admission::default()).await, Ok(3));
     let waited = start.elapsed();
     for f in flood {
         assert!(f.await.unwrap().is_ok());
@@ -308,7 +308,7 @@ async fn dropping_the_last_handle_stops_the_executors() {
         Arc::new(FakeRank { log }),
         Arc::new(ManualClock::new()),
     );
-    assert_eq!(s.generate(3, Admission::default()).await, Ok(3));
+    assert_eq!(s.submit_step_wise(3, Admission::default()).await, Ok(3));
     assert!(Arc::strong_count(&generate) > 1, "the executors hold the model");
     // Not shutdown(): a handle dropped on an async worker must not block it, and must not leave
     // the executor threads (and the models they hold) behind.
@@ -319,9 +319,9 @@ async fn dropping_the_last_handle_stops_the_executors() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panicking_batch_fails_its_own_requests_only() {
     let (s, _log, _clock) = scheduler(queue(4, 0, 64), queue(4, 0, 64), 1);
-    let err = s.rank(PANICS, Admission::default()).await.unwrap_err();
+    let err = s.submit_one_shot(PANICS, Admission::default()).await.unwrap_err();
     assert!(matches!(&err, EngineError::Internal(m) if m.contains("fake libtorch error")), "{err:?}");
     // The executor survived: later batches of both models are served.
-    assert_eq!(s.rank(5, Admission::default()).await, Ok(10));
-    assert_eq!(s.generate(2, Admission::default()).await, Ok(2));
+    assert_eq!(s.submit_one_shot(5, Admission::default()).await, Ok(10));
+    assert_eq!(s.submit_step_wise(2, Admission::default()).await, Ok(2));
 }

@@ -119,7 +119,7 @@ impl<M: Models> Cascade<M> {
         let pixels = self.models.generator_processor().normalize(&image.blip);
         let preprocess = t.elapsed();
         let t = Instant::now();
-        let out = self.models.generate(GenerateInput { pixels, params, prompt }, admission).await?;
+        let out = self.models.generate_candidates(GenerateInput { pixels, params, prompt }, admission).await?;
         let generate = t.elapsed();
         Ok(Generated {
             key,
@@ -174,7 +174,8 @@ impl<M: Models> Cascade<M> {
         );
         let preprocess = t.elapsed();
         let t = Instant::now();
-        let generated = self.models.generate(GenerateInput { pixels: blip_px, params, prompt }, admission).await?;
+        let generated =
+            self.models.generate_candidates(GenerateInput { pixels: blip_px, params, prompt }, admission).await?;
         let generate = t.elapsed();
         let candidates: Vec<String> = generated.candidates.into_iter().map(|c| c.text).collect();
         let (distinct, counts) = distinct_with_counts(&candidates);
@@ -199,7 +200,7 @@ impl<M: Models> Cascade<M> {
         counts: &[u32],
         admission: Admission,
     ) -> Result<Vec<RankedCaption>, CascadeError> {
-        let out = self.models.rank(RankInput { pixels, captions: tokens }, admission).await?;
+        let out = self.models.score_captions(RankInput { pixels, captions: tokens }, admission).await?;
         let mut ranked: Vec<RankedCaption> = captions
             .into_iter()
             .zip(out.scores)
@@ -355,12 +356,12 @@ mod tests {
         fn tokenize(&self, captions: &[String]) -> Result<Vec<Vec<i64>>, InvalidParam> {
             Ok(captions.iter().map(|c| vec![c.len() as i64]).collect())
         }
-        async fn generate(&self, _: GenerateInput, _: Admission) -> Result<GenerateOutput, EngineError> {
+        async fn generate_candidates(&self, _: GenerateInput, _: Admission) -> Result<GenerateOutput, EngineError> {
             self.calls.fetch_add(1, Ordering::SeqCst);
             let caption = |t: &&str| GeneratedCaption { text: t.to_string(), token_ids: vec![] };
             Ok(GenerateOutput { candidates: self.candidates.iter().map(caption).collect() })
         }
-        async fn rank(&self, input: RankInput, _: Admission) -> Result<RankOutput, EngineError> {
+        async fn score_captions(&self, input: RankInput, _: Admission) -> Result<RankOutput, EngineError> {
             self.calls.fetch_add(1, Ordering::SeqCst);
             let total: i64 = input.captions.iter().map(|t| t[0]).sum();
             let score = |t: &Vec<i64>| RankScore { probability: t[0] as f32 / total as f32, cosine: 0.0, logit: 0.0 };

@@ -1,6 +1,11 @@
 //! What the use cases need from the two models, behind one seam: each model's preprocessing, the
 //! decoder's position limit, request validation (prompts, captions) and the model calls. The
 //! in-process implementation queues on the shared scheduler; tests put fakes behind it.
+//!
+//! Words by layer: the RPCs and use cases are `generate`/`rank`/`caption`; here the roles are
+//! the generator and the ranker (`generate_candidates`, `score_captions`); the engine knows a
+//! step-wise and a one-shot model; the backend names the models, BLIP and CLIP. The metric label
+//! values stay `generate` and `rank`.
 
 use std::{future::Future, sync::Arc};
 
@@ -24,12 +29,14 @@ pub trait Models: Send + Sync + 'static {
     fn prompt(&self, params: &GenerationParams) -> Result<Prompt, InvalidParam>;
     /// Captions, validated and tokenized for ranking.
     fn tokenize(&self, captions: &[String]) -> Result<Vec<Vec<i64>>, InvalidParam>;
-    fn generate(
+    /// Candidate captions for one image (the generator's call).
+    fn generate_candidates(
         &self,
         input: GenerateInput,
         admission: Admission,
     ) -> impl Future<Output = Result<GenerateOutput, EngineError>> + Send;
-    fn rank(
+    /// Each caption's score against one image (the ranker's call).
+    fn score_captions(
         &self,
         input: RankInput,
         admission: Admission,
@@ -66,19 +73,19 @@ impl Models for LocalModels {
         self.clip.tokenize(captions)
     }
 
-    fn generate(
+    fn generate_candidates(
         &self,
         input: GenerateInput,
         admission: Admission,
     ) -> impl Future<Output = Result<GenerateOutput, EngineError>> + Send {
-        self.scheduler.generate(input, admission)
+        self.scheduler.submit_step_wise(input, admission)
     }
 
-    fn rank(
+    fn score_captions(
         &self,
         input: RankInput,
         admission: Admission,
     ) -> impl Future<Output = Result<RankOutput, EngineError>> + Send {
-        self.scheduler.rank(input, admission)
+        self.scheduler.submit_one_shot(input, admission)
     }
 }

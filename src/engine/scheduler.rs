@@ -141,11 +141,13 @@ impl<G: StepWise, R: OneShot> Scheduler<G, R> {
         Self { shared, threads: Arc::new(Mutex::new(threads)), _stop: stop }
     }
 
-    pub async fn generate(&self, input: G::Input, admission: Admission) -> Result<G::Output, EngineError> {
+    /// Queues a request for the step-wise model and waits for its answer.
+    pub async fn submit_step_wise(&self, input: G::Input, admission: Admission) -> Result<G::Output, EngineError> {
         self.submit(input, admission, G::NAME, |st| &mut st.generate).await
     }
 
-    pub async fn rank(&self, input: R::Input, admission: Admission) -> Result<R::Output, EngineError> {
+    /// Queues a request for the one-shot model and waits for its answer.
+    pub async fn submit_one_shot(&self, input: R::Input, admission: Admission) -> Result<R::Output, EngineError> {
         self.submit(input, admission, R::NAME, |st| &mut st.rank).await
     }
 
