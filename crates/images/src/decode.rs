@@ -6,7 +6,7 @@
 
 use std::io::Cursor;
 
-use image::{DynamicImage, ImageDecoder, ImageReader, Limits};
+use image::{metadata::Orientation, DynamicImage, ImageDecoder, ImageReader, Limits};
 
 use crate::{jpeg, DecodeError, RgbImage};
 
@@ -95,10 +95,11 @@ pub fn decode_image(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage, Dec
     let (w, h) = decoder.dimensions();
     limits.check(w, h, bytes.len())?;
     // A broken EXIF block should not reject an otherwise good image: fall back to no rotation.
-    let orientation = decoder.orientation().unwrap_or(image::metadata::Orientation::NoTransforms);
-    let mut img = DynamicImage::from_decoder(decoder).map_err(corrupt)?;
-    img.apply_orientation(orientation);
-    Ok(to_rgb_as_pillow(img))
+    let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
+    let img = DynamicImage::from_decoder(decoder).map_err(corrupt)?;
+    // To RGB first, then rotate: the rotation copies the image, and an RGB copy is the smallest
+    // (the memory bound counts the decoded form plus one RGB image). The two steps commute.
+    Ok(orient(to_rgb_as_pillow(img), orientation))
 }
 
 /// Checks a WebP file's chunks before the decoder sees them: a chunk may not claim more bytes
@@ -185,6 +186,20 @@ fn check_tiff(bytes: &[u8]) -> Result<(), DecodeError> {
         ifd = read(at + count_len + entries as usize * entry_len, word).unwrap_or(0);
     }
     Ok(())
+}
+
+/// `img` turned upright as its EXIF orientation says.
+pub(crate) fn orient(img: RgbImage, orientation: Orientation) -> RgbImage {
+    if orientation == Orientation::NoTransforms {
+        return img;
+    }
+    let Some(buffer) = image::RgbImage::from_raw(img.width, img.height, img.pixels) else {
+        unreachable!("an RgbImage holds width * height * 3 bytes")
+    };
+    let mut dynamic = DynamicImage::ImageRgb8(buffer);
+    dynamic.apply_orientation(orientation);
+    let rgb = dynamic.into_rgb8();
+    RgbImage { width: rgb.width(), height: rgb.height(), pixels: rgb.into_raw() }
 }
 
 fn corrupt(e: image::ImageError) -> DecodeError {

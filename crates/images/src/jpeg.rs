@@ -7,7 +7,10 @@ use std::ffi::CStr;
 use image::metadata::Orientation;
 use turbojpeg_sys as tj;
 
-use crate::{decode::DecodeLimits, DecodeError, RgbImage};
+use crate::{
+    decode::{orient, DecodeLimits},
+    DecodeError, RgbImage,
+};
 
 /// Progressive scans after which a file is refused; real encoders write about ten. libjpeg-turbo
 /// advises a limit against files that make the decoder repeat its work per scan.
@@ -120,10 +123,7 @@ pub fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage, DecodeErr
     }
     let pixels = if cmyk { cmyk_to_rgb(&out) } else { out };
     let img = RgbImage { width, height, pixels };
-    Ok(match exif_orientation(bytes) {
-        Some(o) if o != Orientation::NoTransforms => orient(img, o),
-        _ => img,
-    })
+    Ok(orient(img, exif_orientation(bytes).unwrap_or(Orientation::NoTransforms)))
 }
 
 /// Pillow's `cmyk2rgb` applied to Adobe-inverted samples (Pillow reads every CMYK JPEG with
@@ -172,14 +172,6 @@ fn exif_orientation(bytes: &[u8]) -> Option<Orientation> {
         at += 2 + len.max(2);
     }
     None
-}
-
-fn orient(img: RgbImage, orientation: Orientation) -> RgbImage {
-    let buffer = image::RgbImage::from_raw(img.width, img.height, img.pixels).expect("buffer of width*height*3");
-    let mut dynamic = image::DynamicImage::ImageRgb8(buffer);
-    dynamic.apply_orientation(orientation);
-    let rgb = dynamic.into_rgb8();
-    RgbImage { width: rgb.width(), height: rgb.height(), pixels: rgb.into_raw() }
 }
 
 #[cfg(test)]
