@@ -67,7 +67,8 @@ pub fn admission(metadata: &MetadataMap) -> Admission {
         .get("grpc-timeout")
         .and_then(|v| v.to_str().ok())
         .and_then(parse_grpc_timeout)
-        .map(|d| Instant::now() + d);
+        // A timeout too far ahead to represent is no deadline at all.
+        .and_then(|d| Instant::now().checked_add(d));
     Admission { deadline }
 }
 
@@ -76,6 +77,10 @@ fn parse_grpc_timeout(v: &str) -> Option<Duration> {
         return None;
     }
     let (digits, unit) = v.split_at(v.len() - 1);
+    // The gRPC spec allows at most 8 digits.
+    if digits.len() > 8 {
+        return None;
+    }
     let n: u64 = digits.parse().ok()?;
     Some(match unit {
         "H" => Duration::from_secs(n.saturating_mul(3600)),
@@ -123,6 +128,17 @@ mod tests {
         assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
         assert_eq!(parse_grpc_timeout("5x"), None);
         assert_eq!(parse_grpc_timeout("m"), None);
+        assert_eq!(parse_grpc_timeout("123456789S"), None, "over 8 digits");
+        assert_eq!(parse_grpc_timeout("99999999H"), Some(Duration::from_secs(99_999_999 * 3600)));
+    }
+
+    #[test]
+    fn absurd_timeouts_never_panic() {
+        for v in ["18446744073709551615S", "99999999H", "99999999n", "0S"] {
+            let mut metadata = MetadataMap::new();
+            metadata.insert("grpc-timeout", v.parse().unwrap());
+            let _ = admission(&metadata);
+        }
     }
 
     #[test]
