@@ -60,14 +60,19 @@ impl Fetcher {
     /// when `--allow-file-dir` is set. Called before any cache lookup, so a string that is not
     /// such a URL (say `sha256:…`) can never find a cached image.
     pub fn check_url(&self, raw: &str) -> Result<Url, ImageError> {
-        let url =
-            Url::parse(raw).map_err(|e| ImageError::InvalidUrl { url: raw.to_string(), reason: e.to_string() })?;
+        if raw.len() > MAX_URL_BYTES {
+            return Err(ImageError::InvalidUrl {
+                url: shown(raw),
+                reason: format!("{} bytes, over the limit of {MAX_URL_BYTES}", raw.len()),
+            });
+        }
+        let url = Url::parse(raw).map_err(|e| ImageError::InvalidUrl { url: shown(raw), reason: e.to_string() })?;
         match url.scheme() {
             "http" | "https" => Ok(url),
             "file" if self.allowed_dir.is_some() => Ok(url),
-            "file" => Err(ImageError::FileNotAllowed(raw.to_string())),
+            "file" => Err(ImageError::FileNotAllowed(shown(raw))),
             other => Err(ImageError::InvalidUrl {
-                url: raw.to_string(),
+                url: shown(raw),
                 reason: format!("scheme {other:?} is not supported (use http, https or file)"),
             }),
         }
@@ -82,9 +87,10 @@ impl Fetcher {
     }
 
     async fn fetch_http(&self, url: Url) -> Result<Vec<u8>, ImageError> {
-        let shown = url.to_string();
-        let fail = |reason: String| ImageError::Fetch { url: shown.clone(), reason };
-        let mut resp = self.client.get(url.clone()).send().await.map_err(|e| fail(describe(&e)))?;
+        let display = shown(url.as_str());
+        let fail = |reason: String| ImageError::Fetch { url: display.clone(), reason };
+        // Without the URL: the error already names it once.
+        let mut resp = self.client.get(url.clone()).send().await.map_err(|e| fail(describe(&e.without_url())))?;
         if !resp.status().is_success() {
             return Err(fail(format!("server answered {}", resp.status())));
         }
@@ -93,7 +99,7 @@ impl Fetcher {
             return Err(ImageError::TooLarge { limit });
         }
         let mut body = Vec::new();
-        while let Some(chunk) = resp.chunk().await.map_err(|e| fail(describe(&e)))? {
+        while let Some(chunk) = resp.chunk().await.map_err(|e| fail(describe(&e.without_url())))? {
             if (body.len() + chunk.len()) as u64 > limit {
                 return Err(ImageError::TooLarge { limit });
             }
@@ -104,23 +110,48 @@ impl Fetcher {
 
     async fn read_file(&self, raw: &str, url: &Url) -> Result<Vec<u8>, ImageError> {
         let Some(dir) = &self.allowed_dir else {
-            return Err(ImageError::FileNotAllowed(raw.to_string()));
+            return Err(ImageError::FileNotAllowed(shown(raw)));
         };
         let path = url
             .to_file_path()
-            .map_err(|_| ImageError::InvalidUrl { url: raw.to_string(), reason: "not a local file path".into() })?;
-        let fail = |reason: String| ImageError::Fetch { url: raw.to_string(), reason };
+            .map_err(|_| ImageError::InvalidUrl { url: shown(raw), reason: "not a local file path".into() })?;
+        // One answer for missing, outside the directory, not a regular file and unreadable, and
+        // no server path in it: the error must not tell a caller what exists on the disk.
+        let unavailable = || ImageError::Fetch {
+            url: shown(raw),
+            reason: "no readable file there under the allowed directory".into(),
+        };
         // Canonicalising resolves `..` and symlinks, so the containment check cannot be escaped.
-        let real = tokio::fs::canonicalize(&path).await.map_err(|e| fail(e.to_string()))?;
+        let real = tokio::fs::canonicalize(&path).await.map_err(|_| unavailable())?;
         if !real.starts_with(dir) {
-            return Err(fail(format!("outside the allowed directory {}", dir.display())));
+            return Err(unavailable());
         }
-        let meta = tokio::fs::metadata(&real).await.map_err(|e| fail(e.to_string()))?;
+        let meta = tokio::fs::metadata(&real).await.map_err(|_| unavailable())?;
+        // A FIFO or device would block a reading thread forever; a directory cannot be read.
+        if !meta.is_file() {
+            return Err(unavailable());
+        }
         if meta.len() > self.limits.max_bytes {
             return Err(ImageError::TooLarge { limit: self.limits.max_bytes });
         }
-        tokio::fs::read(&real).await.map_err(|e| fail(e.to_string()))
+        tokio::fs::read(&real).await.map_err(|_| unavailable())
     }
+}
+
+/// Longest URL accepted (RFC 9110 recommends supporting at least 8000 octets).
+pub const MAX_URL_BYTES: usize = 8192;
+
+/// A URL as error messages show it: cut to 200 bytes, so an error about a huge URL stays small.
+fn shown(raw: &str) -> String {
+    const SHOWN: usize = 200;
+    if raw.len() <= SHOWN {
+        return raw.to_string();
+    }
+    let mut end = SHOWN;
+    while !raw.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} bytes)", &raw[..end], raw.len())
 }
 
 /// reqwest's Display hides the cause ("error sending request"); the chain says what went wrong.
@@ -168,6 +199,18 @@ mod tests {
         assert!(matches!(on.fetch(&escape).await, Err(ImageError::Fetch { .. })));
         assert!(matches!(on.fetch(&url(&inner.join("big.bin"))).await, Err(ImageError::TooLarge { limit: 16 })));
         assert!(matches!(on.fetch(&url(&inner.join("missing.bin"))).await, Err(ImageError::Fetch { .. })));
+        // Missing, outside, a directory and a FIFO (which would block a reader forever) all get
+        // the same answer, which names no server path.
+        let fifo = inner.join("pipe");
+        assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+        let mut answers = Vec::new();
+        for u in [url(&inner.join("missing.bin")), escape.clone(), url(&inner), url(&fifo)] {
+            let err = tokio::time::timeout(Duration::from_secs(5), on.fetch(&u)).await.expect("no blocking read");
+            let text = err.unwrap_err().to_string();
+            answers.push(text.split_once(": ").map(|(_, reason)| reason.to_string()).unwrap_or(text));
+        }
+        assert!(answers.iter().all(|a| a == &answers[0]), "{answers:?}");
+        assert!(!answers[0].contains(dir.to_str().unwrap()), "{}", answers[0]);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -178,6 +221,9 @@ mod tests {
         let err = f.fetch("ftp://example.com/a.png").await.unwrap_err();
         assert!(err.to_string().contains("\"ftp\" is not supported"), "{err}");
         assert!(f.check_inline(&[0u8; 17]).is_err());
+        let huge = format!("http://example.com/{}", "a".repeat(100_000));
+        let err = f.check_url(&huge).unwrap_err().to_string();
+        assert!(err.len() < 400 && err.contains("over the limit of 8192"), "{err}");
         let hash = format!("sha256:{}", "ab".repeat(32));
         assert!(matches!(f.check_url(&hash), Err(ImageError::InvalidUrl { .. })), "a digest is not a URL");
     }
