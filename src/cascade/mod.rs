@@ -116,7 +116,7 @@ impl<M: Models> Cascade<M> {
         let prompt = self.models.prompt(&params)?;
         let (key, image, fetch) = self.resolve(&source).await?;
         let t = Instant::now();
-        let pixels = self.models.generator_processor().normalize(&image.blip);
+        let pixels = self.models.generator_processor().normalize(&image.generator);
         let preprocess = t.elapsed();
         let t = Instant::now();
         let out = self.models.generate_candidates(GenerateInput { pixels, params, prompt }, admission).await?;
@@ -140,7 +140,7 @@ impl<M: Models> Cascade<M> {
         let tokens = self.models.tokenize(&captions)?;
         let (key, image, fetch) = self.resolve(&source).await?;
         let t = Instant::now();
-        let pixels = self.models.ranker_processor().normalize(&image.clip);
+        let pixels = self.models.ranker_processor().normalize(&image.ranker);
         let preprocess = t.elapsed();
         let t = Instant::now();
         let captions = self.rank_pixels(pixels, captions, tokens, &[], admission).await?;
@@ -169,8 +169,8 @@ impl<M: Models> Cascade<M> {
         let (key, image, fetch) = self.resolve(&source).await?;
         let t = Instant::now();
         let (blip_px, clip_px) = (
-            self.models.generator_processor().normalize(&image.blip),
-            self.models.ranker_processor().normalize(&image.clip),
+            self.models.generator_processor().normalize(&image.generator),
+            self.models.ranker_processor().normalize(&image.ranker),
         );
         let preprocess = t.elapsed();
         let t = Instant::now();
@@ -257,10 +257,10 @@ impl<M: Models> Cascade<M> {
                 self.fetcher.check_inline(data)?;
                 // Hashing 20 MB takes tens of milliseconds: not on an async worker thread.
                 let bytes = data.clone();
-                let digest: [u8; 32] = tokio::task::spawn_blocking(move || Sha256::digest(bytes.as_slice()).into())
+                let digest = tokio::task::spawn_blocking(move || Sha256::digest(bytes.as_slice()))
                     .await
                     .map_err(|e| EngineError::Internal(format!("hashing task failed: {e}")))?;
-                (format!("sha256:{}", hex(&digest)), CacheKey::Inline(digest))
+                (format!("sha256:{digest:x}"), CacheKey::Inline(digest.into()))
             }
         };
         let (image, lookup) = self
@@ -277,15 +277,17 @@ impl<M: Models> Cascade<M> {
                 };
                 // Small images decode in a lane of their own, so a few huge ones cannot hold up
                 // normal traffic. Reading the header costs microseconds.
-                let small = dimensions(&bytes).is_ok_and(|(w, h)| u64::from(w) * u64::from(h) <= SMALL_IMAGE_PIXELS);
+                let small = dimensions(&bytes, &self.limits.decode)
+                    .is_ok_and(|(w, h)| u64::from(w) * u64::from(h) <= SMALL_IMAGE_PIXELS);
                 let lane = if small { &self.small_decode_slots } else { &self.decode_slots };
                 let _slot = lane.acquire().await.expect("semaphore never closed");
                 let limits = self.limits.decode;
-                let (blip, clip) = (self.models.generator_processor().clone(), self.models.ranker_processor().clone());
+                let (generator, ranker) =
+                    (self.models.generator_processor().clone(), self.models.ranker_processor().clone());
                 tokio::task::spawn_blocking(move || {
                     let decoded = decode_image(bytes.as_slice(), &limits)?;
                     drop(bytes);
-                    Ok(PreparedImage { blip: blip.prepare(&decoded)?, clip: clip.prepare(&decoded)? })
+                    Ok(PreparedImage { generator: generator.prepare(&decoded)?, ranker: ranker.prepare(&decoded)? })
                 })
                 .await
                 // Only the input can have made the decoder fail this way.
@@ -297,10 +299,6 @@ impl<M: Models> Cascade<M> {
         }
         Ok((key, image, start.elapsed()))
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Distinct captions in first-seen order, with how often each occurred.

@@ -11,13 +11,13 @@ use crate::{
 /// not the full-resolution decode, is what the image cache keeps.
 #[derive(Debug)]
 pub struct PreparedImage {
-    pub blip: RgbImage,
-    pub clip: RgbImage,
+    pub generator: RgbImage,
+    pub ranker: RgbImage,
 }
 
 impl Weighed for PreparedImage {
     fn bytes(&self) -> usize {
-        self.blip.pixels.len() + self.clip.pixels.len() + std::mem::size_of::<Self>()
+        self.generator.pixels.len() + self.ranker.pixels.len() + std::mem::size_of::<Self>()
     }
 }
 

@@ -21,7 +21,7 @@ use metrics::{counter, gauge, histogram};
 use tokio::sync::oneshot;
 
 use super::{
-    clock::{Clock, SystemClock},
+    clock::Clock,
     queue::{BatchQueue, Pending, QueueConfig},
     Admission, EngineError, OneShot, RunningBatch, StepWise,
 };
@@ -96,11 +96,7 @@ struct InFlight<O> {
 }
 
 impl<G: StepWise, R: OneShot> Scheduler<G, R> {
-    pub fn start(config: SchedulerConfig, generate: Arc<G>, rank: Arc<R>) -> Self {
-        Self::start_with_clock(config, generate, rank, Arc::new(SystemClock))
-    }
-
-    /// As [`Scheduler::start`], with batching delays and deadlines measured on `clock`.
+    /// Starts the executors, with batching delays and deadlines measured on `clock`.
     pub fn start_with_clock(config: SchedulerConfig, generate: Arc<G>, rank: Arc<R>, clock: Arc<dyn Clock>) -> Self {
         Self::start_with(config, generate, rank, clock, Arc::new(|| {}))
     }

@@ -3,15 +3,20 @@
 //! checkpoints' kinds of preprocessing (exact-size resize, shortest edge plus centre crop).
 //! Any panic, or an allocation above what the limits allow, is a finding.
 
-use caption_images::{decode_image, DecodeLimits, ImageProcessor, ResizeTo};
+use caption_images::{decode_image, dimensions, DecodeLimits, ImageProcessor, ResizeTo};
 
 /// Small limits, so that libFuzzer's -malloc_limit_mb (see `make fuzz`) catches any allocation
 /// that does not follow from them.
 pub const LIMITS: DecodeLimits = DecodeLimits { max_pixels: 1 << 22, max_pixels_per_byte: 1024, dense_floor: 1 << 20 };
 
-/// Decodes and preprocesses `data`; returns whether it decoded.
+/// Reads the header, decodes and preprocesses `data`; returns whether it decoded.
 pub fn exercise(data: &[u8]) -> bool {
+    // The header alone, as the server reads it to choose a decode lane.
+    let declared = dimensions(data, &LIMITS);
     let Ok(img) = decode_image(data, &LIMITS) else { return false };
+    // What decodes has a header that reads; EXIF may swap the sides.
+    let (w, h) = declared.expect("a decodable image has readable dimensions");
+    assert!((img.width, img.height) == (w, h) || (img.width, img.height) == (h, w));
     assert_eq!(img.pixels.len(), img.width as usize * img.height as usize * 3);
     assert!(u64::from(img.width) * u64::from(img.height) <= LIMITS.max_pixels);
     let blip = ImageProcessor {

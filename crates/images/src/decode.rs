@@ -54,20 +54,15 @@ impl DecodeLimits {
 }
 
 /// Width and height as the file's header declares them, without decoding any pixel: what a
-/// caller needs to decide how to schedule the decode.
-pub fn dimensions(bytes: &[u8]) -> Result<(u32, u32), DecodeError> {
+/// caller needs to decide how to schedule the decode. The same checks guard it as the decode.
+pub fn dimensions(bytes: &[u8], limits: &DecodeLimits) -> Result<(u32, u32), DecodeError> {
     if bytes.is_empty() {
         return Err(DecodeError::Empty);
     }
     if jpeg::is_jpeg(bytes) {
         return jpeg::dimensions(bytes);
     }
-    let reader =
-        ImageReader::new(Cursor::new(bytes)).with_guessed_format().map_err(|e| DecodeError::Corrupt(e.to_string()))?;
-    if reader.format().is_none() {
-        return Err(DecodeError::UnknownFormat);
-    }
-    reader.into_dimensions().map_err(corrupt)
+    reader(bytes, limits)?.into_dimensions().map_err(corrupt)
 }
 
 pub fn decode_image(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage, DecodeError> {
@@ -77,21 +72,7 @@ pub fn decode_image(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage, Dec
     if jpeg::is_jpeg(bytes) {
         return jpeg::decode(bytes, limits);
     }
-    let mut reader =
-        ImageReader::new(Cursor::new(bytes)).with_guessed_format().map_err(|e| DecodeError::Corrupt(e.to_string()))?;
-    if reader.format().is_none() {
-        return Err(DecodeError::UnknownFormat);
-    }
-    let mut decoder_limits = Limits::default();
-    // The widest decoded form is 16-bit RGBA: 8 bytes per pixel.
-    decoder_limits.max_alloc = Some(limits.max_pixels.saturating_mul(8));
-    reader.limits(decoder_limits);
-    match reader.format() {
-        Some(image::ImageFormat::WebP) => check_webp(bytes, limits)?,
-        Some(image::ImageFormat::Tiff) => check_tiff(bytes)?,
-        _ => {}
-    }
-    let mut decoder = reader.into_decoder().map_err(corrupt)?;
+    let mut decoder = reader(bytes, limits)?.into_decoder().map_err(corrupt)?;
     let (w, h) = decoder.dimensions();
     limits.check(w, h, bytes.len())?;
     // A broken EXIF block should not reject an otherwise good image: fall back to no rotation.
@@ -100,6 +81,25 @@ pub fn decode_image(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage, Dec
     // To RGB first, then rotate: the rotation copies the image, and an RGB copy is the smallest
     // (the memory bound counts the decoded form plus one RGB image). The two steps commute.
     Ok(orient(to_rgb_as_pillow(img), orientation))
+}
+
+/// The `image` crate's reader for a file that is not a JPEG, with its memory limit set, once the
+/// bytes passed the checks that some of its decoders need before they may see them (their
+/// constructors already allocate what a header declares).
+fn reader<'a>(bytes: &'a [u8], limits: &DecodeLimits) -> Result<ImageReader<Cursor<&'a [u8]>>, DecodeError> {
+    let mut reader =
+        ImageReader::new(Cursor::new(bytes)).with_guessed_format().map_err(|e| DecodeError::Corrupt(e.to_string()))?;
+    match reader.format() {
+        None => return Err(DecodeError::UnknownFormat),
+        Some(image::ImageFormat::WebP) => check_webp(bytes, limits)?,
+        Some(image::ImageFormat::Tiff) => check_tiff(bytes)?,
+        Some(_) => {}
+    }
+    let mut decoder_limits = Limits::default();
+    // The widest decoded form is 16-bit RGBA: 8 bytes per pixel.
+    decoder_limits.max_alloc = Some(limits.max_pixels.saturating_mul(8));
+    reader.limits(decoder_limits);
+    Ok(reader)
 }
 
 /// Checks a WebP file's chunks before the decoder sees them: a chunk may not claim more bytes
@@ -308,6 +308,10 @@ mod tests {
         tiff.extend_from_slice(&[0; 8]);
         let err = decode(&tiff).unwrap_err();
         assert!(matches!(&err, DecodeError::Corrupt(m) if m.contains("TIFF entry")), "{err}");
+        // Reading the header alone goes through the same check (the decoder's constructor is
+        // what reserves the entry).
+        let err = dimensions(&tiff, &DecodeLimits::default()).unwrap_err();
+        assert!(matches!(&err, DecodeError::Corrupt(m) if m.contains("TIFF entry")), "{err}");
         // A valid TIFF still decodes.
         let mut ok = Cursor::new(Vec::new());
         DynamicImage::ImageRgb8(image::RgbImage::new(5, 4)).write_to(&mut ok, image::ImageFormat::Tiff).unwrap();
@@ -316,10 +320,11 @@ mod tests {
 
     #[test]
     fn dimensions_come_from_the_header() {
+        let limits = DecodeLimits::default();
         let bytes = png(image::RgbImage::new(7, 3).into());
-        assert_eq!(dimensions(&bytes), Ok((7, 3)));
-        assert_eq!(dimensions(b""), Err(DecodeError::Empty));
-        assert_eq!(dimensions(b"nothing"), Err(DecodeError::UnknownFormat));
+        assert_eq!(dimensions(&bytes, &limits), Ok((7, 3)));
+        assert_eq!(dimensions(b"", &limits), Err(DecodeError::Empty));
+        assert_eq!(dimensions(b"nothing", &limits), Err(DecodeError::UnknownFormat));
     }
 
     #[test]
