@@ -8,15 +8,28 @@ TORCH_VERSION := 2.11.0
 TORCH_STAMP   := $(VENV)/.torch-$(TORCH_VERSION)
 CLIENT_STAMP  := $(VENV)/.clients-$(shell cksum < tests/clients/requirements.txt | cut -d' ' -f1)
 HELM_STAMP    := $(VENV)/.helm-$(shell cksum < tests/helm/requirements.txt | cut -d' ' -f1)
-# Resolved when a recipe runs, after the venv exists.
-LIBTORCH       = $(firstword $(wildcard $(CURDIR)/$(VENV)/lib/python3*/site-packages/torch))
+# The Node.js client test's pinned npm packages; inside node_modules, so `npm ci` (which empties it) resets it.
+NODE_DIR      := tests/clients/node
+NODE_STAMP    := $(NODE_DIR)/node_modules/.installed-$(shell cksum < $(NODE_DIR)/package-lock.json | cut -d' ' -f1)
+# apache-beam needs protobuf < 7 and .venv's grpcio-tools protobuf >= 7: the Beam test has its own venv.
+BEAM_VENV     := .venv-beam
+BEAM_STAMP    := $(BEAM_VENV)/.beam-$(shell cksum < tests/beam/requirements.txt | cut -d' ' -f1)
+# Reinstalled whenever the package's sources or the proto change (tests/beam_pipeline.rs checks it).
+BEAM_CLIENT   := $(BEAM_VENV)/.client-installed
+# transformers and its pinned companions, for the benchmark's baseline (the fixture generator's pins).
+BENCH_STAMP   := $(VENV)/.bench-$(shell cksum < tools/requirements-train.txt | cut -d' ' -f1)
+CLIENT_SOURCES = $(shell find clients/python -type f \( -name '*.py' -o -name '*.toml' -o -name '*.in' -o -name '*.md' \) \
+                   -not -path '*/build/*' -not -path '*/_pb/*' -not -path '*.egg-info/*') $(wildcard proto/*/*/*.proto)
+# Resolved when a recipe runs, after the venv exists: through the shell, because make's own
+# `wildcard` may answer from a directory listing it read before pip filled the venv.
+LIBTORCH       = $(shell ls -d $(CURDIR)/$(VENV)/lib/python3*/site-packages/torch 2>/dev/null | head -n 1)
 CARGO_ENV      = LIBTORCH="$(LIBTORCH)" LD_LIBRARY_PATH="$(LIBTORCH)/lib:$$LD_LIBRARY_PATH"
 DEMO_IMAGES    = $(sort $(wildcard examples/images/*.png examples/images/*.jpg))
 
-.PHONY: help setup build-tools build demo test lint fmt models clean fuzz soak
+.PHONY: help setup build-tools build demo test lint fmt models clean fuzz soak beam-env image-tools image-base image test-image bench
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-8s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
 
 setup: $(TORCH_STAMP) build-tools ## install libtorch (torch==$(TORCH_VERSION) from PyPI) into .venv, and cmake + nasm, once
 
@@ -48,12 +61,46 @@ $(HELM_STAMP): $(TORCH_STAMP)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r tests/helm/requirements.txt
 	touch $@
 
-test: setup $(CLIENT_STAMP) $(HELM_STAMP) ## run every test (Rust, a Python gRPC client, the Helm chart)
+# @grpc/grpc-js and @grpc/proto-loader for tests/node_client.rs, exactly as package-lock.json pins them.
+$(NODE_STAMP): $(NODE_DIR)/package.json $(NODE_DIR)/package-lock.json
+	@command -v npm >/dev/null || { \
+		echo "installing nodejs and npm (Debian packages) for the Node.js client test"; \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get install -y -q nodejs npm >/dev/null || \
+		{ $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q nodejs npm >/dev/null; }; }
+	cd $(NODE_DIR) && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error
+	touch $@
+
+$(BEAM_STAMP):
+	$(PYTHON) -m venv $(BEAM_VENV)
+	$(BEAM_VENV)/bin/pip install --quiet --disable-pip-version-check -r tests/beam/requirements.txt
+	touch $@
+
+# The client package, built as a user would install it: its build generates the gRPC stubs with
+# this venv's grpcio-tools, and pip checks the requirements it derives from them.
+$(BEAM_CLIENT): $(BEAM_STAMP) $(CLIENT_SOURCES)
+	rm -rf clients/python/build
+	$(BEAM_VENV)/bin/pip install --quiet --disable-pip-version-check --no-build-isolation ./clients/python
+	touch $@
+
+beam-env: $(BEAM_CLIENT) ## .venv-beam: apache-beam and the Python client package (clients/python), for the Beam test
+
+test: setup $(CLIENT_STAMP) $(HELM_STAMP) $(BEAM_CLIENT) $(NODE_STAMP) ## run every test (Rust, Python and Node.js gRPC clients, Beam, the Helm chart)
 	$(CARGO_ENV) cargo test --locked --workspace
 
 lint: setup ## rustfmt and clippy, warnings are errors
 	cargo fmt --all --check
 	$(CARGO_ENV) cargo clippy --locked --workspace --all-targets -- -D warnings
+
+$(BENCH_STAMP): $(TORCH_STAMP)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r tools/requirements-train.txt
+	touch $@
+
+BENCH_DTYPE ?= fp32
+BENCH_ARGS  ?=
+bench: setup $(BENCH_STAMP) ## caption-bench (release) against transformers on the same weights, side by side (BENCH_DTYPE=fp32|bf16|fp16; 4–6 minutes on 2 cores)
+	$(CARGO_ENV) cargo build --locked --release --bin caption-bench
+	$(CARGO_ENV) $(VENV)/bin/python bench/compare.py --dtype $(BENCH_DTYPE) --out bench/out/cpu-$(BENCH_DTYPE).json $(BENCH_ARGS)
 
 FUZZ_SECONDS ?= 60
 # No single allocation may exceed this: the fuzz target's limits allow about 32 MB per decode.
@@ -72,6 +119,41 @@ soak: setup ## mixed hostile and normal traffic against the server for SOAK_SECO
 models: setup ## retrain the embedded models (13-14 minutes on 2 cores)
 	$(VENV)/bin/pip install --quiet -r tools/requirements-train.txt
 	$(VENV)/bin/python tools/train_shapes.py
+
+# The container image (Dockerfile), built here from a release build on the host: no registry is
+# needed. The base is Debian bookworm made with debootstrap (tools/image/make_base.sh, once); the
+# binary, the libtorch libraries it loads and the models go to target/image/$(IMAGE_VARIANT)/
+# (tools/image/bundle.sh), which the Dockerfile's `host` target copies. Needs root (debootstrap,
+# podman mount). With a registry, `docker build .` builds it all from source instead.
+IMAGE_VARIANT ?= cpu
+IMAGE_NAME    ?= caption-cascade
+APP_VERSION   := $(shell sed -n 's/^appVersion: *"*\([^"]*\)"*/\1/p' helm/caption-cascade/Chart.yaml)
+IMAGE_TAG     ?= $(APP_VERSION)$(if $(filter cuda,$(IMAGE_VARIANT)),-cuda)
+IMAGE         := $(IMAGE_NAME):$(IMAGE_TAG)
+IMAGE_BASE    ?= caption-base:bookworm
+# The cpu binary must not link libtorch_cuda (build.rs reads CAPTION_CPU_ONLY; a change rebuilds the crate).
+IMAGE_CARGO_ENV = $(if $(filter cpu,$(IMAGE_VARIANT)),CAPTION_CPU_ONLY=1,env -u CAPTION_CPU_ONLY)
+
+# runc: crun (podman's default runtime) cannot start containers in sandboxes with hybrid cgroups.
+image-tools:
+	@command -v podman >/dev/null && command -v debootstrap >/dev/null && command -v runc >/dev/null || { \
+		echo "installing podman, runc and debootstrap (Debian packages) to build and run the container image"; \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get install -y -q podman runc debootstrap >/dev/null || \
+		{ $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q podman runc debootstrap >/dev/null; }; }
+
+image-base: image-tools ## the image's Debian bookworm base, caption-base:bookworm (debootstrap), once
+	tools/image/make_base.sh $(IMAGE_BASE)
+
+image: setup image-base ## build the container image caption-cascade:<appVersion> (IMAGE_VARIANT=cpu|cuda) with podman
+	$(IMAGE_CARGO_ENV) $(CARGO_ENV) cargo build --release --locked --bin caption-cascade
+	LIBTORCH="$(LIBTORCH)" tools/image/bundle.sh $(IMAGE_VARIANT) target/release/caption-cascade target/image/$(IMAGE_VARIANT)
+	podman build --isolation chroot --build-arg BASE=$(IMAGE_BASE) --build-arg VARIANT=$(IMAGE_VARIANT) \
+		--target host -t $(IMAGE) .
+	@podman image inspect --format '{{.Size}}' $(IMAGE) | numfmt --to=si --suffix=B | sed 's|^|$(IMAGE): |'
+
+test-image: image $(CLIENT_STAMP) ## build the image, check its config and contents, caption the sample scenes inside it
+	$(VENV)/bin/python tests/image/test_image.py --image $(IMAGE) --variant $(IMAGE_VARIANT)
 
 clean:
 	cargo clean

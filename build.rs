@@ -1,5 +1,7 @@
 //! Build script: generates the gRPC code and reflection descriptor from `proto/`, and makes sure a
 //! CUDA-enabled libtorch stays linked so the same binary finds the GPU when one is present.
+//! `CAPTION_CPU_ONLY=1` opts out of the CUDA linking: the binary then needs only libtorch_cpu,
+//! libc10 (and what they load), which is how the CPU container image is built (see `Dockerfile`).
 
 use std::{
     env,
@@ -10,9 +12,13 @@ use std::{
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     compile_protos()?;
     println!("cargo::rustc-check-cfg=cfg(cuda_streams)");
+    let cpu_only = cpu_only();
     if let Some(lib_dir) = libtorch_lib_dir() {
-        link_libtorch_cuda(&lib_dir);
-        compile_stream_shim(&lib_dir);
+        link_rpath(&lib_dir);
+        if !cpu_only {
+            link_libtorch_cuda(&lib_dir);
+            compile_stream_shim(&lib_dir);
+        }
     }
     Ok(())
 }
@@ -31,12 +37,23 @@ fn compile_protos() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
+/// `CAPTION_CPU_ONLY` set and neither empty nor `0`: link no CUDA library even when this libtorch
+/// has them. torch-sys still passes `-ltorch_cuda`, but the linker's default `--as-needed` drops it
+/// (no symbol of it is used), so the binary needs neither libtorch_cuda nor libc10_cuda.
+fn cpu_only() -> bool {
+    println!("cargo:rerun-if-env-changed=CAPTION_CPU_ONLY");
+    env::var_os("CAPTION_CPU_ONLY").is_some_and(|v| !v.is_empty() && v != "0")
+}
+
+/// Lets binaries and test executables start without LD_LIBRARY_PATH; LD_LIBRARY_PATH still
+/// overrides it (RUNPATH), which is how a deployment points at another libtorch of the same version.
+fn link_rpath(lib_dir: &Path) {
+    println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib_dir.display());
+}
+
 /// The default `--as-needed` linker mode drops libtorch_cuda because no Rust symbol references it,
 /// and then libtorch never registers its CUDA backend. Force it in when this libtorch ships it.
 fn link_libtorch_cuda(lib_dir: &Path) {
-    // Lets binaries and test executables start without LD_LIBRARY_PATH; LD_LIBRARY_PATH still
-    // overrides it (RUNPATH), which is how a deployment points at another libtorch of the same version.
-    println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib_dir.display());
     if lib_dir.join("libtorch_cuda.so").exists() {
         println!("cargo:rustc-link-search=native={}", lib_dir.display());
         println!("cargo:rustc-link-arg=-Wl,--push-state,--no-as-needed,-ltorch_cuda,--pop-state");

@@ -5,10 +5,11 @@
 //! max_length) so every level does the same work per image. Prints a table and, with --json,
 //! writes one JSON object per level.
 //!
-//! `--models embedded` uses the shipped shapes models; `--models base` builds full-size
-//! BLIP-base and CLIP ViT-B/32 from `bench/configs/` with random weights made in memory (their
-//! tokenizers are the shapes ones: token ids beyond them decode to nothing, which only shortens
-//! the texts CLIP embeds).
+//! `--models checkpoints` serves the folders `--blip-model` / `--clip-model` name (by default the
+//! shipped shapes models; `make bench` points them at full-size weights it saved once for both
+//! sides); `--models base` builds full-size BLIP-base and CLIP ViT-B/32 from `bench/configs/` with
+//! random weights made in memory (their tokenizers are the shapes ones: token ids beyond them
+//! decode to nothing, which only shortens the texts CLIP embeds).
 
 use std::{
     net::SocketAddr,
@@ -30,12 +31,12 @@ use caption_cascade::{
     },
 };
 use clap::{Parser, ValueEnum};
-use tch::Kind;
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum Models {
-    /// The shipped shapes models.
-    Embedded,
+    /// The checkpoint folders --blip-model and --clip-model name (default: the shipped shapes models).
+    #[value(alias = "embedded")]
+    Checkpoints,
     /// Full-size BLIP-base and CLIP ViT-B/32 shapes with random weights.
     Base,
 }
@@ -44,7 +45,7 @@ enum Models {
 #[derive(Debug, Parser)]
 struct Args {
     /// Which models to serve.
-    #[arg(long, value_enum, default_value_t = Models::Embedded)]
+    #[arg(long, value_enum, default_value_t = Models::Checkpoints)]
     models: Models,
     /// Concurrency levels to measure, comma separated.
     #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16,32")]
@@ -61,6 +62,10 @@ struct Args {
     /// Write one JSON object per level to this file.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Load a running server at this address (HOST:PORT, e.g. a split deployment's cascade)
+    /// instead of serving the models in this process.
+    #[arg(long)]
+    endpoint: Option<SocketAddr>,
     #[command(flatten)]
     engine: EngineArgs,
 }
@@ -72,6 +77,8 @@ struct Level {
     errors: usize,
     seconds: f64,
     latencies_ms: Vec<f64>,
+    /// The process's peak resident memory by the end of this level (server and clients).
+    peak_rss_mb: f64,
 }
 
 impl Level {
@@ -96,17 +103,18 @@ fn main() -> anyhow::Result<()> {
 fn build_runners(e: &EngineArgs, models: Models) -> anyhow::Result<(BlipRunner, ClipRunner)> {
     let device = e.device.resolve().map_err(anyhow::Error::msg)?;
     match models {
-        Models::Embedded => caption_cascade::app::load_runners(e),
+        Models::Checkpoints => caption_cascade::app::load_runners(e),
         Models::Base => {
             let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/configs");
             let read =
                 |p: PathBuf| std::fs::read_to_string(&p).map_err(|err| anyhow::anyhow!("{}: {err}", p.display()));
             let _g = tch::no_grad_guard();
             let blip_cfg = BlipConfig::from_json(&read(root.join("blip-base/config.json"))?)?;
-            let blip = Blip::new(blip_cfg, &Weights::random(device, Kind::Float))?;
+            let kind = e.dtype.resolve(device);
+            let blip = Blip::new(blip_cfg, &Weights::random(device, kind))?;
             let clip_cfg = ClipConfig::from_json(&read(root.join("clip-vit-base-patch32/config.json"))?)?;
             let clip_positions = clip_cfg.text_config.max_position_embeddings as usize;
-            let clip = Clip::new(clip_cfg, &Weights::random(device, Kind::Float))?;
+            let clip = Clip::new(clip_cfg, &Weights::random(device, kind))?;
             Ok((
                 BlipRunner::new(
                     blip,
@@ -128,38 +136,45 @@ fn build_runners(e: &EngineArgs, models: Models) -> anyhow::Result<(BlipRunner, 
 async fn run(args: Args) -> anyhow::Result<()> {
     let engine = args.engine.clone();
     let models = args.models;
-    let (blip, clip) = {
-        let engine = engine.clone();
-        tokio::task::spawn_blocking(move || build_runners(&engine, models)).await??
+    let addr = match args.endpoint {
+        Some(addr) => addr,
+        None => {
+            let (blip, clip) = {
+                let engine = engine.clone();
+                tokio::task::spawn_blocking(move || build_runners(&engine, models)).await??
+            };
+            let cascade = caption_cascade::app::assemble(&engine, blip, clip)?;
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            let addr = listener.local_addr()?;
+            tokio::spawn(caption_cascade::api::serve(listener, cascade, Default::default(), std::future::pending()));
+            addr
+        }
     };
-    let cascade = caption_cascade::app::assemble(&engine, blip, clip)?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    tokio::spawn(caption_cascade::api::serve(listener, cascade, 32 << 20, std::future::pending()));
     let images = sample_images()?;
     let device = engine.device.resolve().map_err(anyhow::Error::msg)?;
     println!(
-        "# models={:?} device={device:?} executors={} generate_max_batch={} candidates={} decode_len={} seconds/level={}",
-        args.models, engine.executors, engine.generate_max_batch, args.candidates, args.decode_len, args.seconds
+        "# models={:?} device={device:?} dtype={:?} executors={} generate_max_batch={} candidates={} decode_len={} seconds/level={}",
+        args.models, engine.dtype, engine.executors, engine.generate_max_batch, args.candidates, args.decode_len, args.seconds
     );
     // Warm-up: first calls pay for lazy initialisation (allocator, kernels).
     drive(addr, &images, 2, Duration::from_secs_f64(args.seconds.min(3.0)), &args).await?;
     println!(
-        "{:>11} {:>9} {:>8} {:>11} {:>9} {:>9} {:>9}",
-        "concurrency", "requests", "errors", "images/s", "p50 ms", "p90 ms", "p99 ms"
+        "{:>11} {:>9} {:>8} {:>11} {:>9} {:>9} {:>9} {:>9}",
+        "concurrency", "requests", "errors", "images/s", "p50 ms", "p90 ms", "p99 ms", "peak MB"
     );
     let mut levels = Vec::new();
     for &c in &args.concurrency {
         let level = drive(addr, &images, c, Duration::from_secs_f64(args.seconds), &args).await?;
         println!(
-            "{:>11} {:>9} {:>8} {:>11.2} {:>9.1} {:>9.1} {:>9.1}",
+            "{:>11} {:>9} {:>8} {:>11.2} {:>9.1} {:>9.1} {:>9.1} {:>9.0}",
             c,
             level.requests,
             level.errors,
             level.throughput(),
             level.percentile(0.5),
             level.percentile(0.9),
-            level.percentile(0.99)
+            level.percentile(0.99),
+            level.peak_rss_mb
         );
         levels.push(level);
     }
@@ -184,6 +199,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     "concurrency": l.concurrency, "requests": l.requests, "errors": l.errors,
                     "images_per_s": l.throughput(), "p50_ms": l.percentile(0.5), "p90_ms": l.percentile(0.9),
                     "p99_ms": l.percentile(0.99), "candidates": args.candidates, "decode_len": args.decode_len,
+                    "peak_rss_mb": l.peak_rss_mb, "dtype": format!("{:?}", engine.dtype),
                 })
                 .to_string()
             })
@@ -236,6 +252,7 @@ async fn drive(
                         }),
                         params: Some(pb::GenerationParams { seed: Some(n as u64), ..params.clone() }),
                         top_k: Some(3),
+                        ..Default::default()
                     };
                     n += concurrency;
                     let t = Instant::now();
@@ -257,5 +274,16 @@ async fn drive(
     }
     let seconds = start.elapsed().as_secs_f64();
     latencies_ms.sort_by(f64::total_cmp);
-    Ok(Level { concurrency, requests: latencies_ms.len(), errors, seconds, latencies_ms })
+    Ok(Level { concurrency, requests: latencies_ms.len(), errors, seconds, latencies_ms, peak_rss_mb: peak_rss_mb() })
+}
+
+/// Peak resident set size of this process so far, in MB (`VmHWM`).
+fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+            line.split_whitespace().nth(1)?.parse::<f64>().ok()
+        })
+        .map_or(f64::NAN, |kb| kb / 1024.0)
 }

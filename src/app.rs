@@ -9,35 +9,71 @@ use crate::{
     cascade::{Cascade, LocalModels},
     config::EngineArgs,
     engine::{Scheduler, SystemClock},
-    images::{Fetcher, ImageCache},
+    images::{FetchLimits, Fetcher, ImageCache},
 };
 
-/// Loads both models from their folders and builds the cascade. Blocking: call it off the async
-/// runtime.
+/// Which models a process runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModelSet {
+    pub generator: bool,
+    pub ranker: bool,
+}
+
+impl ModelSet {
+    pub const BOTH: Self = Self { generator: true, ranker: true };
+}
+
+/// Loads both models from their folders and builds the cascade, fetching under the egress
+/// policy `args` sets (the server's). Blocking: call it off the async runtime.
 pub fn build_cascade(args: &EngineArgs) -> anyhow::Result<Arc<Cascade>> {
-    let (blip, clip) = load_runners(args)?;
-    assemble(args, blip, clip)
+    build_cascade_with(args, args.fetch_limits(), ModelSet::BOTH)
+}
+
+/// As [`build_cascade`], loading only the models in `models` and fetching with `fetch`.
+pub fn build_cascade_with(args: &EngineArgs, fetch: FetchLimits, models: ModelSet) -> anyhow::Result<Arc<Cascade>> {
+    let device = args.device.resolve().map_err(anyhow::Error::msg)?;
+    tracing::info!(?device, generator = models.generator, ranker = models.ranker, "loading models");
+    let kind = args.dtype.resolve(device);
+    let blip = models.generator.then(|| load_blip(args, device, kind)).transpose()?;
+    let clip = models.ranker.then(|| load_clip(args, device, kind)).transpose()?;
+    assemble_with(args, fetch, blip, clip)
+}
+
+fn load_blip(args: &EngineArgs, device: tch::Device, kind: tch::Kind) -> anyhow::Result<BlipRunner> {
+    BlipRunner::load_as(&args.blip_model, device, kind)
+        .map_err(|e| anyhow::anyhow!("cannot load the BLIP model from {}: {e}", args.blip_model.display()))
+}
+
+fn load_clip(args: &EngineArgs, device: tch::Device, kind: tch::Kind) -> anyhow::Result<ClipRunner> {
+    ClipRunner::load_as(&args.clip_model, device, kind)
+        .map_err(|e| anyhow::anyhow!("cannot load the CLIP model from {}: {e}", args.clip_model.display()))
 }
 
 /// Both models' runners, loaded from the folders `args` names onto its device.
 pub fn load_runners(args: &EngineArgs) -> anyhow::Result<(BlipRunner, ClipRunner)> {
     let device = args.device.resolve().map_err(anyhow::Error::msg)?;
     tracing::info!(?device, "loading models");
-    let blip = BlipRunner::load(&args.blip_model, device)
-        .map_err(|e| anyhow::anyhow!("cannot load the BLIP model from {}: {e}", args.blip_model.display()))?;
-    let clip = ClipRunner::load(&args.clip_model, device)
-        .map_err(|e| anyhow::anyhow!("cannot load the CLIP model from {}: {e}", args.clip_model.display()))?;
-    Ok((blip, clip))
+    let kind = args.dtype.resolve(device);
+    Ok((load_blip(args, device, kind)?, load_clip(args, device, kind)?))
 }
 
 /// Starts the scheduler over loaded runners and builds the cascade around it.
 pub fn assemble(args: &EngineArgs, blip: BlipRunner, clip: ClipRunner) -> anyhow::Result<Arc<Cascade>> {
+    assemble_with(args, args.fetch_limits(), Some(blip), Some(clip))
+}
+
+fn assemble_with(
+    args: &EngineArgs,
+    fetch: FetchLimits,
+    blip: Option<BlipRunner>,
+    clip: Option<ClipRunner>,
+) -> anyhow::Result<Arc<Cascade>> {
     let device = args.device.resolve().map_err(anyhow::Error::msg)?;
     let init = Arc::new(device::executor_init(device, args.intra_op_threads(device)));
-    let (blip, clip) = (Arc::new(blip), Arc::new(clip));
+    let (blip, clip) = (blip.map(Arc::new), clip.map(Arc::new));
     let scheduler =
         Scheduler::start_with(args.scheduler_config(), blip.clone(), clip.clone(), Arc::new(SystemClock), init);
-    let fetcher = Fetcher::new(args.fetch_limits()).map_err(anyhow::Error::msg)?;
+    let fetcher = Fetcher::new(fetch).map_err(anyhow::Error::msg)?;
     let cache = ImageCache::new(usize::try_from(args.image_cache_bytes()).unwrap_or(usize::MAX));
     let models = LocalModels { scheduler, blip, clip };
     Ok(Arc::new(Cascade::new(models, fetcher, cache, args.request_limits())))

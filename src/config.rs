@@ -4,12 +4,17 @@
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::Args;
+use ipnet::IpNet;
 
 use crate::{
-    backend::DeviceChoice,
+    api::{
+        auth::BearerToken,
+        edge::{EdgeConfig, TlsFiles},
+    },
+    backend::{DeviceChoice, Precision},
     cascade::RequestLimits,
     engine::{QueueConfig, SchedulerConfig},
-    images::{DecodeLimits, FetchLimits},
+    images::{DecodeLimits, EgressPolicy, FetchLimits},
     models::generation::GenerationLimits,
 };
 
@@ -25,6 +30,10 @@ pub struct EngineArgs {
     /// Device the models run on.
     #[arg(long, env = "CAPTION_DEVICE", value_enum, default_value_t = DeviceChoice::Auto)]
     pub device: DeviceChoice,
+    /// Precision the models compute in: fp32 (the reference's numbers), bf16, fp16, or auto (bf16
+    /// where the device computes it natively, else fp32; logged at start). README, Precision.
+    #[arg(long, env = "CAPTION_DTYPE", value_enum, default_value_t = Precision::Fp32)]
+    pub dtype: Precision,
     /// Executor threads that run model batches (each runs one batch at a time).
     #[arg(long, env = "CAPTION_EXECUTORS", default_value_t = 1)]
     pub executors: usize,
@@ -61,12 +70,27 @@ pub struct EngineArgs {
     /// Largest encoded image accepted, inline or fetched, in bytes.
     #[arg(long, env = "CAPTION_MAX_IMAGE_BYTES", default_value_t = 20 * 1024 * 1024)]
     pub max_image_bytes: u64,
-    /// Timeout of one http(s) image fetch, in seconds.
+    /// Timeout of one image fetch (http(s) or file://), in seconds.
     #[arg(long, env = "CAPTION_FETCH_TIMEOUT_S", default_value_t = 10)]
     pub fetch_timeout_s: u64,
     /// Directory whose files may be named by file:// URLs; file:// is refused without it.
     #[arg(long, env = "CAPTION_ALLOW_FILE_DIR")]
     pub allow_file_dir: Option<PathBuf>,
+    /// Let http(s) image fetches reach this CIDR (or single address) although the egress policy
+    /// denies it by default, e.g. 127.0.0.1/32 for a sidecar. Repeatable or comma-separated. Beats
+    /// --fetch-allow-private and the defaults, loses to --fetch-deny. Applies to `serve`;
+    /// `caption` without --endpoint fetches with its user's own rights, unrestricted.
+    #[arg(long, env = "CAPTION_FETCH_ALLOW", value_name = "CIDR", value_delimiter = ',', value_parser = parse_cidr)]
+    pub fetch_allow: Vec<IpNet>,
+    /// Keep http(s) image fetches away from this CIDR (or single address) on top of the defaults
+    /// (loopback, private, link-local, metadata and other special ranges). Repeatable or
+    /// comma-separated; beats every allow. Applies to `serve`.
+    #[arg(long, env = "CAPTION_FETCH_DENY", value_name = "CIDR", value_delimiter = ',', value_parser = parse_cidr)]
+    pub fetch_deny: Vec<IpNet>,
+    /// Let http(s) image fetches reach the private ranges 10/8, 172.16/12, 192.168/16 and fc00::/7
+    /// (in-cluster stores); cloud metadata addresses in them stay denied. Applies to `serve`.
+    #[arg(long, env = "CAPTION_FETCH_ALLOW_PRIVATE")]
+    pub fetch_allow_private: bool,
     /// Most pixels an image may have; larger ones are refused before decoding.
     #[arg(long, env = "CAPTION_MAX_IMAGE_PIXELS", default_value_t = DecodeLimits::default().max_pixels)]
     pub max_image_pixels: u64,
@@ -84,6 +108,17 @@ pub struct EngineArgs {
     pub image_cache_bytes: Option<u64>,
 }
 
+/// A service a process can serve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Service {
+    /// caption.v1.Generator: BLIP.
+    Generator,
+    /// caption.v1.Ranker: CLIP.
+    Ranker,
+    /// caption.v1.Cascade: generate then rank, with local or remote models.
+    Cascade,
+}
+
 /// Flags of the server alone.
 #[derive(Debug, Clone, Args)]
 pub struct ServerArgs {
@@ -93,9 +128,111 @@ pub struct ServerArgs {
     /// Address of the Prometheus metrics endpoint (`/metrics`); off when unset.
     #[arg(long, env = "CAPTION_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
-    /// Largest gRPC request message, in bytes.
+    /// Largest gRPC request message, in bytes; a larger one is refused with RESOURCE_EXHAUSTED.
     #[arg(long, env = "CAPTION_MAX_MESSAGE_BYTES", default_value_t = crate::api::server::MAX_MESSAGE_BYTES)]
     pub max_message_bytes: usize,
+    /// The services this process serves; it loads only the models they need (a cascade whose
+    /// generator and ranker are remote loads none).
+    #[arg(long, env = "CAPTION_SERVICES", value_enum, value_delimiter = ',', default_values_t = [Service::Generator, Service::Ranker, Service::Cascade])]
+    pub services: Vec<Service>,
+    /// Where a cascade without a local generator sends Generate calls: http(s)://HOST:PORT, where
+    /// HOST may resolve to many replicas (a headless Service), or a comma-separated list of URLs.
+    #[arg(long, env = "CAPTION_GENERATOR_ENDPOINT")]
+    pub generator_endpoint: Option<String>,
+    /// Where a cascade without a local ranker sends Rank calls (as --generator-endpoint).
+    #[arg(long, env = "CAPTION_RANKER_ENDPOINT")]
+    pub ranker_endpoint: Option<String>,
+    /// PEM CA certificate the upstreams' TLS certificates chain to (for https:// endpoints).
+    #[arg(long, env = "CAPTION_UPSTREAM_CA")]
+    pub upstream_ca: Option<PathBuf>,
+    /// File holding the bearer token the upstreams ask for.
+    #[arg(long, env = "CAPTION_UPSTREAM_TOKEN_FILE")]
+    pub upstream_token_file: Option<PathBuf>,
+    /// Milliseconds between looks at the upstreams' replicas (DNS and health); a failed call
+    /// also triggers one at once.
+    #[arg(long, env = "CAPTION_UPSTREAM_CHECK_INTERVAL_MS", default_value_t = 2000)]
+    pub upstream_check_interval_ms: u64,
+    /// Requests of one CaptionStream call worked on at once; further ones wait unread.
+    #[arg(long, env = "CAPTION_MAX_STREAM_INFLIGHT", default_value_t = crate::api::server::STREAM_INFLIGHT)]
+    pub max_stream_inflight: usize,
+    /// Open connections at most; further ones are closed as soon as they are accepted.
+    #[arg(long, env = "CAPTION_MAX_CONNECTIONS", default_value_t = EdgeConfig::default().max_connections)]
+    pub max_connections: usize,
+    /// Seconds a new connection has to send its first request (TLS handshake included).
+    #[arg(long, env = "CAPTION_HANDSHAKE_TIMEOUT_S", default_value_t = EdgeConfig::default().handshake_timeout.as_secs())]
+    pub handshake_timeout_s: u64,
+    /// Seconds a connection may stay without any call before it is sent GOAWAY and closed.
+    #[arg(long, env = "CAPTION_IDLE_TIMEOUT_S", default_value_t = EdgeConfig::default().idle_timeout.as_secs())]
+    pub idle_timeout_s: u64,
+    /// Seconds between HTTP/2 PINGs that check a connection's peer is alive (0: none).
+    #[arg(long, env = "CAPTION_KEEPALIVE_INTERVAL_S", default_value_t = 60)]
+    pub keepalive_interval_s: u64,
+    /// Seconds a PING may go unanswered before the connection is closed.
+    #[arg(long, env = "CAPTION_KEEPALIVE_TIMEOUT_S", default_value_t = EdgeConfig::default().keepalive_timeout.as_secs())]
+    pub keepalive_timeout_s: u64,
+    /// Calls at once on one connection (HTTP/2 max concurrent streams).
+    #[arg(long, env = "CAPTION_MAX_CONCURRENT_STREAMS", default_value_t = EdgeConfig::default().max_concurrent_streams)]
+    pub max_concurrent_streams: u32,
+    /// Seconds in-flight calls get to finish after SIGTERM before their connections are closed
+    /// (keep it below the pod's terminationGracePeriodSeconds).
+    #[arg(long, env = "CAPTION_DRAIN_TIMEOUT_S", default_value_t = EdgeConfig::default().drain_timeout.as_secs())]
+    pub drain_timeout_s: u64,
+    /// PEM certificate chain to serve TLS with (with --tls-key); reloaded when the file changes.
+    #[arg(long, env = "CAPTION_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert; reloaded when the file changes.
+    #[arg(long, env = "CAPTION_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA certificates that client certificates must chain to (mutual TLS); needs --tls-cert.
+    #[arg(long, env = "CAPTION_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// File holding the bearer token every call except health checks must carry.
+    #[arg(long, env = "CAPTION_AUTH_TOKEN_FILE", conflicts_with = "auth_token")]
+    pub auth_token_file: Option<PathBuf>,
+    /// The bearer token itself (prefer the environment variable or --auth-token-file: a flag's
+    /// value shows in the process list).
+    #[arg(long, env = "CAPTION_AUTH_TOKEN", hide_env_values = true)]
+    pub auth_token: Option<String>,
+    /// Do not serve gRPC reflection.
+    #[arg(long, env = "CAPTION_NO_REFLECTION", conflicts_with = "reflection_listen")]
+    pub no_reflection: bool,
+    /// Serve gRPC reflection on this address instead of beside the services.
+    #[arg(long, env = "CAPTION_REFLECTION_LISTEN")]
+    pub reflection_listen: Option<SocketAddr>,
+    /// Also serve the gRPC health check on this address, in plaintext and without a token (for
+    /// Kubernetes probes when the main port has TLS or a token).
+    #[arg(long, env = "CAPTION_HEALTH_LISTEN")]
+    pub health_listen: Option<SocketAddr>,
+}
+
+impl ServerArgs {
+    /// The edge's settings; loads the TLS files, so a bad one stops the server at start.
+    pub fn edge_config(&self) -> Result<EdgeConfig, String> {
+        let secs = Duration::from_secs;
+        let tls = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsFiles::load(cert, key, self.tls_client_ca.as_deref())?),
+            _ => None,
+        };
+        Ok(EdgeConfig {
+            max_connections: self.max_connections.max(1),
+            handshake_timeout: secs(self.handshake_timeout_s.max(1)),
+            idle_timeout: secs(self.idle_timeout_s.max(1)),
+            keepalive_interval: (self.keepalive_interval_s > 0).then(|| secs(self.keepalive_interval_s)),
+            keepalive_timeout: secs(self.keepalive_timeout_s.max(1)),
+            max_concurrent_streams: self.max_concurrent_streams.max(1),
+            drain_timeout: secs(self.drain_timeout_s),
+            tls,
+            ..EdgeConfig::default()
+        })
+    }
+
+    pub fn auth(&self) -> Result<Option<BearerToken>, String> {
+        match (&self.auth_token_file, &self.auth_token) {
+            (Some(path), _) => BearerToken::from_file(path).map(Some),
+            (None, Some(token)) => BearerToken::new(token).map(Some),
+            (None, None) => Ok(None),
+        }
+    }
 }
 
 impl EngineArgs {
@@ -121,6 +258,7 @@ impl EngineArgs {
             max_bytes: self.max_image_bytes,
             timeout: Duration::from_secs(self.fetch_timeout_s),
             allow_file_dir: self.allow_file_dir.clone(),
+            egress: EgressPolicy::new(self.fetch_allow.clone(), self.fetch_deny.clone(), self.fetch_allow_private),
         }
     }
 
@@ -153,6 +291,15 @@ impl EngineArgs {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         Some(self.intra_op_threads.unwrap_or_else(|| (cores / self.executors.max(1)).max(1) as i32))
     }
+}
+
+/// A CIDR, or a single address meaning just itself (an operator naming a sidecar writes its
+/// address, not a /32).
+fn parse_cidr(s: &str) -> Result<IpNet, String> {
+    let s = s.trim();
+    s.parse::<IpNet>()
+        .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from))
+        .map_err(|_| format!("{s:?} is neither a CIDR (e.g. 10.0.0.0/8, fd00::/8) nor an IP address"))
 }
 
 /// The memory this process may use: the cgroup v2 limit when one is set, else physical memory

@@ -17,3 +17,4 @@ pub mod hub;
 pub mod images;
 pub mod models;
 pub mod telemetry;
+pub mod upstream;

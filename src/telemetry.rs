@@ -44,6 +44,7 @@ fn describe() {
         "accepted requests dropped before completion (cancelled, deadline)"
     );
     describe_counter!("caption_images_fetched_total", "images fetched by URL, by outcome");
+    describe_counter!("caption_fetch_denied_total", "image fetches refused by the egress policy (--fetch-allow/-deny)");
     describe_counter!("caption_image_cache_hits_total", "image lookups served from the cache or a shared fetch");
     describe_gauge!("caption_image_cache_bytes", Unit::Bytes, "bytes of model-ready images kept by the image cache");
     describe_gauge!("caption_image_cache_entries", "images kept by the image cache");

@@ -92,6 +92,7 @@ async fn cascade_ranks_sampled_candidates_and_returns_top_k() {
             image: png_image(scene.png()),
             params: Some(pb::GenerationParams { num_candidates: Some(10), seed: Some(i), ..Default::default() }),
             top_k: Some(3),
+            ..Default::default()
         };
         let resp = client.caption(req).await.expect("caption").into_inner();
         assert_eq!(resp.candidates.len(), 10);
@@ -153,7 +154,12 @@ async fn bad_input_is_invalid_argument_and_the_server_keeps_serving() {
     ];
     for (params, field) in bad_params {
         let err = cascade
-            .caption(pb::CaptionRequest { image: png_image(scene.png()), params: Some(params), top_k: None })
+            .caption(pb::CaptionRequest {
+                image: png_image(scene.png()),
+                params: Some(params),
+                top_k: None,
+                ..Default::default()
+            })
             .await
             .unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument);
@@ -185,6 +191,7 @@ async fn concurrent_calls_get_what_they_get_alone() {
         image: png_image(scenes[i].png()),
         params: Some(pb::GenerationParams { seed: Some(i as u64), num_candidates: Some(4), ..Default::default() }),
         top_k: Some(2),
+        ..Default::default()
     };
     let mut alone = Vec::new();
     let mut client = CascadeClient::new(ch.clone());

@@ -135,7 +135,7 @@ fn crc32(data: &[u8]) -> u32 {
 
 fn caption_request(image: Option<pb::Image>) -> pb::CaptionRequest {
     let params = pb::GenerationParams { num_candidates: Some(2), max_length: Some(8), ..Default::default() };
-    pb::CaptionRequest { image, params: Some(params), top_k: Some(1) }
+    pb::CaptionRequest { image, params: Some(params), top_k: Some(1), ..Default::default() }
 }
 
 /// Sends one Caption call; returns its code, message and how long it took.
@@ -259,7 +259,12 @@ async fn hostile_images_get_clear_errors_and_the_server_stays_up_inside_its_memo
     let params =
         pb::GenerationParams { decoding: pb::Decoding::Greedy as i32, num_candidates: Some(1), ..Default::default() };
     let resp = CascadeClient::new(channel(server.addr).await)
-        .caption(pb::CaptionRequest { image: png_image(scene.png()), params: Some(params), top_k: Some(1) })
+        .caption(pb::CaptionRequest {
+            image: png_image(scene.png()),
+            params: Some(params),
+            top_k: Some(1),
+            ..Default::default()
+        })
         .await
         .expect("a normal call after the hostile ones")
         .into_inner();

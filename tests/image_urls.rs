@@ -57,15 +57,25 @@ async fn urls_are_fetched_keyed_and_failures_have_their_codes() {
     let dir = std::env::temp_dir().join(format!("cc-files-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("scene.png"), scene.png()).unwrap();
-    let addr = start_server(engine_args(&["--max-image-bytes", "32768", "--allow-file-dir", dir.to_str().unwrap()]));
+    // The test's HTTP server is on loopback, which the egress policy denies unless allowed.
+    let addr = start_server(engine_args(&[
+        "--max-image-bytes",
+        "32768",
+        "--allow-file-dir",
+        dir.to_str().unwrap(),
+        "--fetch-allow",
+        "127.0.0.1/32",
+    ]));
     let mut client = CascadeClient::new(channel(addr).await);
 
     let url = format!("http://{http}/scene.png");
     let params = Some(pb::GenerationParams { seed: Some(5), ..Default::default() });
-    let by_url = pb::CaptionRequest { image: url_image(url.clone()), params: params.clone(), top_k: None };
+    let by_url =
+        pb::CaptionRequest { image: url_image(url.clone()), params: params.clone(), top_k: None, ..Default::default() };
     let by_url = client.caption(by_url).await.unwrap().into_inner();
     assert_eq!(by_url.key, url);
-    let by_bytes = pb::CaptionRequest { image: common::png_image(scene.png()), params, top_k: None };
+    let by_bytes =
+        pb::CaptionRequest { image: common::png_image(scene.png()), params, top_k: None, ..Default::default() };
     let by_bytes = client.caption(by_bytes).await.unwrap().into_inner();
     assert_eq!(by_url.candidates, by_bytes.candidates, "the same image by URL or by bytes");
 
@@ -95,7 +105,8 @@ async fn urls_are_fetched_keyed_and_failures_have_their_codes() {
 #[tokio::test]
 async fn calls_beyond_max_inflight_are_refused_at_once() {
     let http = http_server(Vec::new()).await;
-    let addr = start_server(engine_args(&["--max-inflight", "1", "--fetch-timeout-s", "20"]));
+    let addr =
+        start_server(engine_args(&["--max-inflight", "1", "--fetch-timeout-s", "20", "--fetch-allow", "127.0.0.1/32"]));
     let ch = channel(addr).await;
     let hang = |ch: tonic::transport::Channel| {
         tokio::spawn(async move {

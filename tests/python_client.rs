@@ -1,46 +1,34 @@
 //! A client written in another language: Python stubs generated from our proto call each service
-//! and see the same captions, orderings and status codes a Rust caller sees.
+//! and see the same captions, orderings and status codes a Rust caller sees — in plaintext, and
+//! over TLS with a bearer token as a deployment that turns both on is called.
 
 mod common;
 
-use std::process::Command;
+use std::{net::SocketAddr, process::Command};
 
-use caption_cascade::api::pb;
 use common::{channel, server_addr};
 
-#[tokio::test]
-async fn python_stubs_call_every_service() {
+/// Runs the Python client against `addr` with `extra` arguments; returns what it saw.
+async fn python_client(addr: SocketAddr, extra: Vec<String>) -> serde_json::Value {
     let root = env!("CARGO_MANIFEST_DIR");
-    let addr = server_addr();
-    channel(addr).await; // ready
     let python = format!("{root}/.venv/bin/python");
     let image = format!("{root}/examples/images/scene_1.png");
     let out = tokio::task::spawn_blocking(move || {
         Command::new(&python)
             .args([&format!("{root}/tests/clients/python_client.py"), &addr.to_string(), &image])
+            .args(extra)
             .output()
             .unwrap_or_else(|e| panic!("{python}: {e} (make test installs tests/clients/requirements.txt)"))
     })
     .await
     .unwrap();
     assert!(out.status.success(), "python client failed:\n{}", String::from_utf8_lossy(&out.stderr));
-    let seen: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    // The same call from a Rust client gives the same answer.
-    let mut client = caption_cascade::api::pb::cascade_client::CascadeClient::new(channel(addr).await);
-    let image = std::fs::read(format!("{root}/examples/images/scene_1.png")).unwrap();
-    let rust = client
-        .caption(pb::CaptionRequest {
-            image: common::png_image(image),
-            params: Some(pb::GenerationParams {
-                seed: Some(1),
-                decoding: pb::Decoding::Greedy as i32,
-                ..Default::default()
-            }),
-            top_k: Some(3),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// What every run must have seen, checked against the same call from a Rust client.
+async fn check(seen: &serde_json::Value) {
+    let rust = common::reference_caption().await;
     assert_eq!(seen["caption"][0]["text"], rust.captions[0].text.as_str());
     assert!(seen["key"].as_str().unwrap().starts_with("sha256:"));
     assert_eq!(seen["candidates"].as_array().unwrap().len(), 4);
@@ -51,4 +39,28 @@ async fn python_stubs_call_every_service() {
     assert_eq!(seen["bad_image"]["code"], "INVALID_ARGUMENT");
     assert_eq!(seen["bad_param"]["code"], "INVALID_ARGUMENT");
     assert!(seen["bad_param"]["details"].as_str().unwrap().starts_with("top_p"));
+}
+
+#[tokio::test]
+async fn python_stubs_call_every_service() {
+    let addr = server_addr();
+    channel(addr).await; // ready
+    let seen = python_client(addr, vec![]).await;
+    check(&seen).await;
+}
+
+#[tokio::test]
+async fn python_stubs_call_over_tls_with_a_bearer_token() {
+    let tls = common::TlsFiles::new("py-tls");
+    let addr = common::free_addr();
+    let server = common::spawn_server(
+        addr,
+        &["--tls-cert", &tls.cert, "--tls-key", &tls.key],
+        &[("CAPTION_AUTH_TOKEN", "python-secret")],
+    );
+    let seen =
+        python_client(addr, vec!["--tls-ca".into(), tls.ca.clone(), "--token".into(), "python-secret".into()]).await;
+    drop(server);
+    check(&seen).await;
+    assert_eq!(seen["no_token"]["code"], "UNAUTHENTICATED", "{}", seen["no_token"]);
 }

@@ -41,7 +41,12 @@ async fn sigterm_drains_accepted_calls_then_exits_cleanly() {
             let mut client = CascadeClient::new(ch.clone());
             let mut params = params.clone();
             params.seed = Some(seed);
-            let req = pb::CaptionRequest { image: png_image(scene.png()), params: Some(params), top_k: Some(1) };
+            let req = pb::CaptionRequest {
+                image: png_image(scene.png()),
+                params: Some(params),
+                top_k: Some(1),
+                ..Default::default()
+            };
             tokio::spawn(async move {
                 let resp = client.caption(req).await;
                 (resp, Instant::now())

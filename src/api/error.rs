@@ -10,6 +10,8 @@ impl From<CascadeError> for Status {
             CascadeError::Invalid(p) => Status::invalid_argument(p.to_string()),
             CascadeError::Image(e) => image_status(e),
             CascadeError::Engine(e) => engine_status(e),
+            // Passed through as the upstream answered it: the caller sees the same status either way.
+            CascadeError::Upstream { code, message } => Status::new(Code::from_i32(code), message),
         }
     }
 }
@@ -18,7 +20,7 @@ fn image_status(e: ImageError) -> Status {
     let code = match e {
         // The remote side failed, not the request's form: the caller may fix the URL's target.
         ImageError::Fetch { .. } => Code::FailedPrecondition,
-        ImageError::FileNotAllowed(_) => Code::PermissionDenied,
+        ImageError::FileNotAllowed(_) | ImageError::DestinationDenied { .. } => Code::PermissionDenied,
         ImageError::InvalidUrl { .. } | ImageError::TooLarge { .. } | ImageError::Decode(_) => Code::InvalidArgument,
     };
     Status::new(code, e.to_string())
@@ -29,6 +31,7 @@ fn engine_status(e: EngineError) -> Status {
         EngineError::Overloaded(_) => Status::resource_exhausted(e.to_string()),
         EngineError::DeadlineExceeded => Status::deadline_exceeded(e.to_string()),
         EngineError::ShuttingDown => Status::unavailable(e.to_string()),
+        EngineError::NotServed(_) => Status::unimplemented(e.to_string()),
         EngineError::Internal(msg) => {
             tracing::error!(%msg, "internal error");
             Status::internal(msg)
@@ -47,6 +50,7 @@ mod tests {
         assert_eq!(code(InvalidParam { field: "top_p", reason: "x".into() }.into()), Code::InvalidArgument);
         assert_eq!(code(ImageError::Decode(DecodeError::Empty).into()), Code::InvalidArgument);
         assert_eq!(code(ImageError::Fetch { url: "u".into(), reason: "r".into() }.into()), Code::FailedPrecondition);
+        assert_eq!(code(ImageError::DestinationDenied { url: "u".into() }.into()), Code::PermissionDenied);
         assert_eq!(code(EngineError::Overloaded("generate").into()), Code::ResourceExhausted);
         assert_eq!(code(EngineError::DeadlineExceeded.into()), Code::DeadlineExceeded);
         assert_eq!(code(EngineError::ShuttingDown.into()), Code::Unavailable);

@@ -1,20 +1,63 @@
-//! The gRPC server: the three services, grpc.health.v1 and reflection (v1 and v1alpha), bound to
-//! a listener, with graceful shutdown that reports NOT_SERVING while draining.
+//! The gRPC server: the three services, grpc.health.v1 and reflection (v1 and v1alpha) behind the
+//! bearer-token check and the message limit, served by [`edge`](super::edge), with a graceful
+//! shutdown that reports NOT_SERVING while draining.
 
-use std::{future::Future, sync::Arc};
+use std::{convert::Infallible, future::Future, sync::Arc};
 
-use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
-use tonic::transport::Server;
+use http::{Request, Response};
+use hyper::body::Incoming;
+use tokio::{net::TcpListener, sync::watch};
+use tonic::{body::Body, service::Routes};
 use tonic_health::ServingStatus;
+use tower::ServiceExt;
 
-use super::{pb, services::Services};
-use crate::cascade::Cascade;
+use super::{auth::BearerToken, edge, message_limit::MessageLimit, pb, services::Services};
+use crate::{cascade::Cascade, upstream::RemoteChain};
 
 /// Largest gRPC message accepted (inline image bytes travel in one).
 pub const MAX_MESSAGE_BYTES: usize = 32 * 1024 * 1024;
 
+/// Requests of one CaptionStream worked on at once by default: enough to fill a batch of the
+/// largest usual size several times over.
+pub const STREAM_INFLIGHT: usize = 64;
+
 const SERVICE_NAMES: [&str; 3] = ["caption.v1.Generator", "caption.v1.Ranker", "caption.v1.Cascade"];
+
+/// Where reflection is served.
+pub enum Reflection {
+    Off,
+    /// Beside the services, on the main listener.
+    Main,
+    /// On a listener of its own (say, one reachable only from inside the cluster).
+    Separate(TcpListener),
+}
+
+/// Everything about serving except the models.
+pub struct ServerOptions {
+    pub max_message_bytes: usize,
+    /// Requests of one CaptionStream worked on at once.
+    pub stream_inflight: usize,
+    pub edge: edge::EdgeConfig,
+    /// Calls other than health checks must carry this token when set.
+    pub auth: Option<BearerToken>,
+    pub reflection: Reflection,
+    /// A second listener serving only grpc.health.v1, in plaintext and without a token: for
+    /// Kubernetes probes, which speak neither TLS nor bearer tokens.
+    pub health_listener: Option<TcpListener>,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: MAX_MESSAGE_BYTES,
+            stream_inflight: STREAM_INFLIGHT,
+            edge: edge::EdgeConfig::default(),
+            auth: None,
+            reflection: Reflection::Main,
+            health_listener: None,
+        }
+    }
+}
 
 /// Reflection over our services and health, for either protocol version.
 fn reflection() -> tonic_reflection::server::Builder<'static> {
@@ -23,39 +66,169 @@ fn reflection() -> tonic_reflection::server::Builder<'static> {
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
 }
 
-/// Serves on `listener` until `shutdown` resolves, then drains in-flight calls.
+fn add_reflection(routes: &mut tonic::service::RoutesBuilder) {
+    routes
+        .add_service(reflection().build_v1().expect("embedded descriptor set is valid"))
+        .add_service(reflection().build_v1alpha().expect("embedded descriptor set is valid"));
+}
+
+/// Which services a process serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Roles {
+    pub generator: bool,
+    pub ranker: bool,
+    pub cascade: bool,
+}
+
+impl Roles {
+    pub const ALL: Self = Self { generator: true, ranker: true, cascade: true };
+}
+
+/// What serves the calls: the models in this process, and for a cascade without them, the
+/// remote generators and rankers.
+pub struct Backends {
+    pub roles: Roles,
+    pub local: Option<Arc<Cascade>>,
+    pub chain: Option<Arc<RemoteChain>>,
+}
+
+/// All three services over the models in this process.
+impl From<Arc<Cascade>> for Backends {
+    fn from(local: Arc<Cascade>) -> Self {
+        Self { roles: Roles::ALL, local: Some(local), chain: None }
+    }
+}
+
+/// Serves on `listener` until `shutdown` resolves, then drains in-flight calls (bounded by the
+/// edge's drain period) and returns once every connection is closed.
 pub async fn serve(
     listener: TcpListener,
-    cascade: Arc<Cascade>,
-    max_message_bytes: usize,
+    backends: impl Into<Backends>,
+    options: ServerOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), tonic::transport::Error> {
-    let services = Services { cascade };
+) {
+    let Backends { roles, local, chain } = backends.into();
+    let upstreams_ready = chain.as_ref().map(|c| c.upstreams().ready());
+    let services = Services { local, chain, stream_inflight: options.stream_inflight.max(1) };
+    let limit = options.max_message_bytes;
     let (health, health_service) = tonic_health::server::health_reporter();
-    for name in SERVICE_NAMES.into_iter().chain([""]) {
-        health.set_service_status(name, ServingStatus::Serving).await;
+    let served: Vec<&'static str> =
+        [(roles.generator, SERVICE_NAMES[0]), (roles.ranker, SERVICE_NAMES[1]), (roles.cascade, SERVICE_NAMES[2])]
+            .into_iter()
+            .filter_map(|(on, name)| on.then_some(name))
+            .collect();
+    for name in served.iter().copied().chain([""]) {
+        // A cascade over remote models is SERVING only while both have a SERVING replica. The
+        // server's own status ("") does not follow them: liveness probes read it, and a cascade
+        // pod is alive while its upstreams restart.
+        let waits = name == SERVICE_NAMES[2] && upstreams_ready.is_some();
+        let status = if waits { ServingStatus::NotServing } else { ServingStatus::Serving };
+        health.set_service_status(name, status).await;
     }
-    let reflection_v1 = reflection().build_v1().expect("embedded descriptor set is valid");
-    let reflection_v1alpha = reflection().build_v1alpha().expect("embedded descriptor set is valid");
-    let drain_health = health.clone();
-    let shutdown = async move {
+    let mut routes = Routes::builder();
+    routes.add_service(health_service.clone());
+    if roles.generator {
+        routes
+            .add_service(pb::generator_server::GeneratorServer::new(services.clone()).max_decoding_message_size(limit));
+    }
+    if roles.ranker {
+        routes.add_service(pb::ranker_server::RankerServer::new(services.clone()).max_decoding_message_size(limit));
+    }
+    if roles.cascade {
+        routes.add_service(pb::cascade_server::CascadeServer::new(services).max_decoding_message_size(limit));
+    }
+    // Listeners besides the main one, each with its own routes and edge.
+    let mut sides = Vec::new();
+    match options.reflection {
+        Reflection::Off => {}
+        Reflection::Main => add_reflection(&mut routes),
+        Reflection::Separate(listener) => {
+            let mut routes = Routes::builder();
+            add_reflection(&mut routes);
+            sides.push((listener, guarded(routes.routes(), options.auth.clone(), limit), options.edge.clone()));
+        }
+    }
+    if let Some(listener) = options.health_listener {
+        let plain = edge::EdgeConfig { tls: None, ..options.edge.clone() };
+        sides.push((listener, guarded(Routes::new(health_service), None, limit), plain));
+    }
+
+    // One shutdown for every listener; health turns NOT_SERVING before the drain begins.
+    let (stop_tx, stop_rx) = watch::channel(false);
+    if let Some([generator, ranker]) = upstreams_ready {
+        tokio::spawn(follow_upstreams(health.clone(), generator, ranker, stop_rx.clone()));
+    }
+    tokio::spawn(async move {
         shutdown.await;
-        for name in SERVICE_NAMES.into_iter().chain([""]) {
-            drain_health.set_service_status(name, ServingStatus::NotServing).await;
+        let _ = stop_tx.send(true);
+        for name in served.iter().copied().chain([""]) {
+            health.set_service_status(name, ServingStatus::NotServing).await;
         }
         tracing::info!("shutting down: draining in-flight calls");
+    });
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
     };
-    Server::builder()
-        .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(
-            pb::generator_server::GeneratorServer::new(services.clone()).max_decoding_message_size(max_message_bytes),
-        )
-        .add_service(
-            pb::ranker_server::RankerServer::new(services.clone()).max_decoding_message_size(max_message_bytes),
-        )
-        .add_service(pb::cascade_server::CascadeServer::new(services).max_decoding_message_size(max_message_bytes))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-        .await
+    let sides: Vec<_> = sides
+        .into_iter()
+        .map(|(listener, service, edge)| tokio::spawn(edge::serve(listener, service, edge, stopped(stop_rx.clone()))))
+        .collect();
+    let service = guarded(routes.routes(), options.auth, limit);
+    edge::serve(listener, service, options.edge, stopped(stop_rx)).await;
+    for side in sides {
+        let _ = side.await;
+    }
+}
+
+/// Keeps the Cascade service's health SERVING exactly while both upstreams have a SERVING
+/// replica, until shutdown.
+async fn follow_upstreams(
+    health: tonic_health::server::HealthReporter,
+    mut generator: watch::Receiver<bool>,
+    mut ranker: watch::Receiver<bool>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let up = *generator.borrow_and_update() && *ranker.borrow_and_update();
+        let status = if up { ServingStatus::Serving } else { ServingStatus::NotServing };
+        health.set_service_status(SERVICE_NAMES[2], status).await;
+        if *stop.borrow() {
+            // Shutdown came while this was being set: it has the last word.
+            health.set_service_status(SERVICE_NAMES[2], ServingStatus::NotServing).await;
+            return;
+        }
+        tokio::select! {
+            r = generator.changed() => if r.is_err() { return },
+            r = ranker.changed() => if r.is_err() { return },
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// The routes behind the token check and the message limit, both answered before any handler runs.
+fn guarded(
+    routes: Routes,
+    auth: Option<BearerToken>,
+    max_message_bytes: usize,
+) -> impl tower::Service<
+    Request<Incoming>,
+    Response = Response<Body>,
+    Error = Infallible,
+    Future = impl Future<Output = Result<Response<Body>, Infallible>> + Send,
+> + Clone
+       + Send
+       + 'static {
+    tower::service_fn(move |req: Request<Incoming>| {
+        let routes = routes.clone();
+        let refused = auth.as_ref().and_then(|token| token.check(&req).err());
+        async move {
+            if let Some(status) = refused {
+                return Ok(status.into_http());
+            }
+            routes.oneshot(req.map(|body| MessageLimit::new(body, max_message_bytes))).await
+        }
+    })
 }

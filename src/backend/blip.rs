@@ -7,7 +7,7 @@ use std::{
     sync::atomic::{AtomicU64, Ordering},
 };
 
-use tch::Device;
+use tch::{Device, Kind};
 
 use super::stack_pixels;
 use crate::{
@@ -58,7 +58,12 @@ pub struct BlipRunner {
 
 impl BlipRunner {
     pub fn load(folder: &Path, device: Device) -> Result<Self, ModelError> {
-        let model = Blip::load(folder, device)?;
+        Self::load_as(folder, device, Kind::Float)
+    }
+
+    /// Loads the model to compute in `kind` (`--dtype`).
+    pub fn load_as(folder: &Path, device: Device, kind: Kind) -> Result<Self, ModelError> {
+        let model = Blip::load_as(folder, device, kind)?;
         Self::new(model, CaptionTokenizer::load(folder)?, preprocess::load(folder)?, device)
     }
 
@@ -181,7 +186,7 @@ impl StepWise for BlipRunner {
         let special = self.special_tokens();
         let mut decode: Option<DecodeBatch<'_>> = None;
         for (_, group) in groups {
-            let pixels = stack_pixels(group.iter().map(|(_, i)| &i.pixels), self.device);
+            let pixels = stack_pixels(group.iter().map(|(_, i)| &i.pixels), self.device, self.model.kind());
             let image_embeds = self.model.encode_image(&pixels);
             self.images_encoded.fetch_add(group.len() as u64, Ordering::Relaxed);
             let requests: Vec<DecodeRequest> = group.into_iter().map(|(r, _)| r).collect();

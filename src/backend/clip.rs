@@ -46,7 +46,12 @@ pub struct ClipRunner {
 
 impl ClipRunner {
     pub fn load(folder: &Path, device: Device) -> Result<Self, ModelError> {
-        let model = Clip::load(folder, device)?;
+        Self::load_as(folder, device, Kind::Float)
+    }
+
+    /// Loads the model to compute in `kind` (`--dtype`).
+    pub fn load_as(folder: &Path, device: Device, kind: Kind) -> Result<Self, ModelError> {
+        let model = Clip::load_as(folder, device, kind)?;
         let tokenizer = RankTokenizer::load(folder, model.config.text_config.max_position_embeddings as usize)?;
         Ok(Self::new(model, tokenizer, preprocess::load(folder)?, device))
     }
@@ -66,14 +71,15 @@ impl ClipRunner {
     }
 
     fn run_batch(&self, inputs: &[RankInput]) -> Result<Vec<Vec<RankScore>>, EngineError> {
-        let images =
-            l2_normalize(&self.model.image_features(&stack_pixels(inputs.iter().map(|i| &i.pixels), self.device)));
+        let pixels = stack_pixels(inputs.iter().map(|i| &i.pixels), self.device, self.model.kind());
+        // Normalised and compared in fp32 whatever the towers computed in.
+        let images = l2_normalize(&self.model.image_features(&pixels).to_kind(Kind::Float));
         let rows: Vec<&[i64]> = inputs.iter().flat_map(|i| i.captions.iter().map(Vec::as_slice)).collect();
         let enc = pad_batch(&rows, self.model.config.text_config.pad_token_id);
         let shape = [enc.rows as i64, enc.len as i64];
         let ids = Tensor::from_slice(&enc.ids).view(shape).to_device(self.device);
         let mask = Tensor::from_slice(&enc.mask).view(shape).to_device(self.device);
-        let texts = l2_normalize(&self.model.text_features(&ids, &mask));
+        let texts = l2_normalize(&self.model.text_features(&ids, &mask).to_kind(Kind::Float));
         let scale = self.model.logit_scale();
         let mut start = 0i64;
         let mut out = Vec::with_capacity(inputs.len());

@@ -1,6 +1,6 @@
-//! Which libtorch device the models run on.
+//! Which libtorch device the models run on, and in what precision.
 
-use tch::Device;
+use tch::{Device, Kind};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum DeviceChoice {
@@ -57,5 +57,73 @@ pub fn executor_init(device: Device, intra_op_threads: Option<i32>) -> impl Fn()
 pub fn settle(device: Device) {
     if let Device::Cuda(index) = device {
         tch::Cuda::synchronize(index as i64);
+    }
+}
+
+/// The precision the models compute in (`--dtype`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Precision {
+    /// 32-bit floats: the reference's numbers.
+    Fp32,
+    /// bfloat16 weights and activations (fp32 range, 8-bit mantissa).
+    Bf16,
+    /// IEEE half precision (GPUs; most CPUs emulate it slowly).
+    Fp16,
+    /// bf16 where the device computes it natively (CUDA compute capability 8+, x86 CPUs with
+    /// AVX512-BF16 or AMX), fp16 on older GPUs, fp32 elsewhere.
+    Auto,
+}
+
+impl Precision {
+    /// The tensor kind for `device`; `auto` logs what it chose and why.
+    pub fn resolve(self, device: Device) -> Kind {
+        match self {
+            Self::Fp32 => Kind::Float,
+            Self::Bf16 => Kind::BFloat16,
+            Self::Fp16 => Kind::Half,
+            Self::Auto => {
+                let (kind, why) = match device {
+                    Device::Cuda(index) => match cuda_capability(index) {
+                        Some(major) if major >= 8 => (Kind::BFloat16, "the GPU computes bf16 natively"),
+                        Some(_) => (Kind::Half, "the GPU predates bf16; fp16 it computes natively"),
+                        None => (Kind::BFloat16, "the GPU's compute capability is unknown to this build"),
+                    },
+                    _ if cpu_has_bf16() => (Kind::BFloat16, "the CPU has AVX512-BF16 or AMX"),
+                    _ => (Kind::Float, "the CPU has no native bf16 instructions"),
+                };
+                tracing::info!(?kind, why, "--dtype auto");
+                kind
+            }
+        }
+    }
+}
+
+/// Whether the CPU has bf16 dot-product instructions (what oneDNN's bf16 GEMMs run on), as the
+/// kernel reports them.
+fn cpu_has_bf16() -> bool {
+    std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|info| {
+        info.lines()
+            .find(|l| l.starts_with("flags"))
+            .is_some_and(|flags| flags.split_whitespace().any(|f| f == "avx512_bf16" || f == "amx_bf16"))
+    })
+}
+
+#[cfg(cuda_streams)]
+extern "C" {
+    fn caption_cascade_cuda_capability_major(device: i32) -> i32;
+}
+
+/// The major CUDA compute capability of the device, where this build can ask.
+fn cuda_capability(index: usize) -> Option<i32> {
+    #[cfg(cuda_streams)]
+    {
+        // SAFETY: the shim reads the device's properties and touches nothing else.
+        let major = unsafe { caption_cascade_cuda_capability_major(index as i32) };
+        return (major > 0).then_some(major);
+    }
+    #[allow(unreachable_code)]
+    {
+        let _ = index;
+        None
     }
 }

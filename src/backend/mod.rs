@@ -8,15 +8,15 @@ pub mod device;
 
 pub use blip::{BlipRunner, GenerateInput, GenerateOutput, GeneratedCaption, Prompt};
 pub use clip::{ClipRunner, RankInput, RankOutput, RankScore};
-pub use device::DeviceChoice;
+pub use device::{DeviceChoice, Precision};
 
 use tch::{Device, Kind, Tensor};
 
 use crate::models::preprocess::Pixels;
 
-/// Stacks preprocessed images into a `[batch, 3, H, W]` tensor on `device`.
-fn stack_pixels<'a>(images: impl Iterator<Item = &'a Pixels>, device: Device) -> Tensor {
+/// Stacks preprocessed images into a `[batch, 3, H, W]` tensor of `kind` on `device`.
+fn stack_pixels<'a>(images: impl Iterator<Item = &'a Pixels>, device: Device, kind: Kind) -> Tensor {
     let tensors: Vec<Tensor> =
         images.map(|p| Tensor::from_slice(&p.data).view([3, i64::from(p.height), i64::from(p.width)])).collect();
-    Tensor::stack(&tensors, 0).to_device(device).to_kind(Kind::Float)
+    Tensor::stack(&tensors, 0).to_device(device).to_kind(kind)
 }

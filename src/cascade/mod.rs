@@ -3,9 +3,14 @@
 //! async runtime, call the models through [`Models`] (in-process: the shared scheduler), and
 //! assemble ranked results with timings.
 
+mod chain;
+mod listing;
 mod models;
 mod types;
 
+pub use chain::{Chain, UpstreamCall, Upstreams};
+use listing::distinct_with_counts;
+pub use listing::Listing;
 pub use models::{LocalModels, ModelScheduler, Models};
 pub use types::*;
 
@@ -22,10 +27,11 @@ use crate::{
     engine::{Admission, EngineError},
     images::{
         cache::Lookup, decode_image, dimensions, CacheKey, DecodeError, DecodeLimits, Fetcher, ImageCache, ImageError,
+        RgbImage,
     },
     models::{
         generation::{GenerationLimits, GenerationParams, InvalidParam},
-        preprocess::Pixels,
+        preprocess::{ImageProcessor, Pixels},
     },
 };
 
@@ -40,6 +46,9 @@ pub enum CascadeError {
     Image(#[from] ImageError),
     #[error(transparent)]
     Engine(#[from] EngineError),
+    /// What another process serving a model answered (its gRPC status code and message).
+    #[error("{message}")]
+    Upstream { code: i32, message: String },
 }
 
 /// Bounds on what one request may ask for.
@@ -111,12 +120,13 @@ impl<M: Models> Cascade<M> {
         admission: Admission,
     ) -> Result<Generated, CascadeError> {
         let start = Instant::now();
+        let processor = self.models.generator_processor().ok_or(EngineError::NotServed("generate"))?;
         let _admitted = self.admit()?;
         params.validate(&self.limits.generation)?;
         let prompt = self.models.prompt(&params)?;
         let (key, image, fetch) = self.resolve(&source).await?;
         let t = Instant::now();
-        let pixels = self.models.generator_processor().normalize(&image.generator);
+        let pixels = processor.normalize(prepared(&image.generator)?);
         let preprocess = t.elapsed();
         let t = Instant::now();
         let out = self.models.generate_candidates(GenerateInput { pixels, params, prompt }, admission).await?;
@@ -135,15 +145,16 @@ impl<M: Models> Cascade<M> {
         admission: Admission,
     ) -> Result<Ranked, CascadeError> {
         let start = Instant::now();
+        let processor = self.models.ranker_processor().ok_or(EngineError::NotServed("rank"))?;
         let _admitted = self.admit()?;
         self.check_captions(&captions)?;
         let tokens = self.models.tokenize(&captions)?;
         let (key, image, fetch) = self.resolve(&source).await?;
         let t = Instant::now();
-        let pixels = self.models.ranker_processor().normalize(&image.ranker);
+        let pixels = processor.normalize(prepared(&image.ranker)?);
         let preprocess = t.elapsed();
         let t = Instant::now();
-        let captions = self.rank_pixels(pixels, captions, tokens, &[], admission).await?;
+        let captions = self.rank_pixels(pixels, captions, tokens, admission).await?;
         Ok(Ranked {
             key,
             captions,
@@ -151,42 +162,44 @@ impl<M: Models> Cascade<M> {
         })
     }
 
-    /// Generates candidates, ranks the distinct ones and keeps the best `top_k`.
+    /// Generates candidates, scores the distinct ones and lists the best as `listing` asks.
     pub async fn caption(
         &self,
         source: ImageSource,
         params: GenerationParams,
-        top_k: usize,
+        listing: Listing,
         admission: Admission,
     ) -> Result<Captioned, CascadeError> {
         let start = Instant::now();
+        let (Some(generator), Some(ranker)) = (self.models.generator_processor(), self.models.ranker_processor())
+        else {
+            return Err(EngineError::NotServed("generate and rank").into());
+        };
         let _admitted = self.admit()?;
         params.validate(&self.limits.generation)?;
-        if top_k == 0 {
+        if listing.top_k == 0 {
             return Err(InvalidParam { field: "top_k", reason: "must be at least 1".into() }.into());
         }
         let prompt = self.models.prompt(&params)?;
         let (key, image, fetch) = self.resolve(&source).await?;
         let t = Instant::now();
-        let (blip_px, clip_px) = (
-            self.models.generator_processor().normalize(&image.generator),
-            self.models.ranker_processor().normalize(&image.ranker),
-        );
+        let (blip_px, clip_px) =
+            (generator.normalize(prepared(&image.generator)?), ranker.normalize(prepared(&image.ranker)?));
         let preprocess = t.elapsed();
         let t = Instant::now();
         let generated =
             self.models.generate_candidates(GenerateInput { pixels: blip_px, params, prompt }, admission).await?;
         let generate = t.elapsed();
         let candidates: Vec<String> = generated.candidates.into_iter().map(|c| c.text).collect();
-        let (distinct, counts) = distinct_with_counts(&candidates);
+        let (distinct, counts, of) = distinct_with_counts(&candidates);
         // Generated text always tokenizes; a failure here is the server's, not the caller's.
         let tokens = self.models.tokenize(&distinct).map_err(|e| EngineError::Internal(e.to_string()))?;
         let t = Instant::now();
-        let mut ranked = self.rank_pixels(clip_px, distinct, tokens, &counts, admission).await?;
-        ranked.truncate(top_k);
+        let scores = self.models.score_captions(RankInput { pixels: clip_px, captions: tokens }, admission).await?;
+        let captions = listing::rank_candidates(&candidates, &distinct, &counts, &of, &scores.scores, listing);
         Ok(Captioned {
             key,
-            captions: ranked,
+            captions,
             candidates,
             timings: Timings { fetch, preprocess, generate, rank: t.elapsed(), total: start.elapsed() },
         })
@@ -197,7 +210,6 @@ impl<M: Models> Cascade<M> {
         pixels: Pixels,
         captions: Vec<String>,
         tokens: Vec<Vec<i64>>,
-        counts: &[u32],
         admission: Admission,
     ) -> Result<Vec<RankedCaption>, CascadeError> {
         let out = self.models.score_captions(RankInput { pixels, captions: tokens }, admission).await?;
@@ -211,7 +223,7 @@ impl<M: Models> Cascade<M> {
                 cosine: s.cosine,
                 logit: s.logit,
                 index: index as u32,
-                count: counts.get(index).copied().unwrap_or(0),
+                count: 0,
             })
             .collect();
         // Stable: equal probabilities keep their input order.
@@ -255,12 +267,8 @@ impl<M: Models> Cascade<M> {
             }
             ImageSource::Bytes(data) => {
                 self.fetcher.check_inline(data)?;
-                // Hashing 20 MB takes tens of milliseconds: not on an async worker thread.
-                let bytes = data.clone();
-                let digest = tokio::task::spawn_blocking(move || Sha256::digest(bytes.as_slice()))
-                    .await
-                    .map_err(|e| EngineError::Internal(format!("hashing task failed: {e}")))?;
-                (format!("sha256:{digest:x}"), CacheKey::Inline(digest.into()))
+                let digest = digest(data).await?;
+                (inline_key(&digest), CacheKey::Inline(digest))
             }
         };
         let (image, lookup) = self
@@ -283,11 +291,12 @@ impl<M: Models> Cascade<M> {
                 let _slot = lane.acquire().await.expect("semaphore never closed");
                 let limits = self.limits.decode;
                 let (generator, ranker) =
-                    (self.models.generator_processor().clone(), self.models.ranker_processor().clone());
+                    (self.models.generator_processor().cloned(), self.models.ranker_processor().cloned());
                 tokio::task::spawn_blocking(move || {
                     let decoded = decode_image(bytes.as_slice(), &limits)?;
                     drop(bytes);
-                    Ok(PreparedImage { generator: generator.prepare(&decoded)?, ranker: ranker.prepare(&decoded)? })
+                    let prepare = |p: Option<ImageProcessor>| p.map(|p| p.prepare(&decoded)).transpose();
+                    Ok(PreparedImage { generator: prepare(generator)?, ranker: prepare(ranker)? })
                 })
                 .await
                 // Only the input can have made the decoder fail this way.
@@ -301,20 +310,34 @@ impl<M: Models> Cascade<M> {
     }
 }
 
-/// Distinct captions in first-seen order, with how often each occurred.
-pub fn distinct_with_counts(candidates: &[String]) -> (Vec<String>, Vec<u32>) {
-    let mut distinct: Vec<String> = Vec::new();
-    let mut counts: Vec<u32> = Vec::new();
-    for c in candidates {
-        match distinct.iter().position(|d| d == c) {
-            Some(i) => counts[i] += 1,
-            None => {
-                distinct.push(c.clone());
-                counts.push(1);
-            }
-        }
+/// The pixels prepared for a model this process runs (prepared with the image, so always there).
+fn prepared(image: &Option<RgbImage>) -> Result<&RgbImage, EngineError> {
+    image.as_ref().ok_or_else(|| EngineError::Internal("the image was not prepared for this model".into()))
+}
+
+/// The correlation key of an image: its URL, or `sha256:<hex>` of its bytes.
+pub async fn key_of(source: &ImageSource) -> Result<String, EngineError> {
+    match source {
+        ImageSource::Url(url) => Ok(url.clone()),
+        ImageSource::Bytes(data) => Ok(inline_key(&digest(data).await?)),
     }
-    (distinct, counts)
+}
+
+/// SHA-256 of inline bytes; hashing 20 MB takes tens of milliseconds, so not on an async worker.
+async fn digest(data: &Arc<Vec<u8>>) -> Result<[u8; 32], EngineError> {
+    let bytes = data.clone();
+    tokio::task::spawn_blocking(move || Sha256::digest(bytes.as_slice()).into())
+        .await
+        .map_err(|e| EngineError::Internal(format!("hashing task failed: {e}")))
+}
+
+fn inline_key(digest: &[u8; 32]) -> String {
+    let mut key = String::with_capacity(7 + 64);
+    key.push_str("sha256:");
+    for b in digest {
+        key.push_str(&format!("{b:02x}"));
+    }
+    key
 }
 
 #[cfg(test)]
@@ -336,11 +359,11 @@ mod tests {
     }
 
     impl Models for FakeModels {
-        fn generator_processor(&self) -> &ImageProcessor {
-            &self.processor
+        fn generator_processor(&self) -> Option<&ImageProcessor> {
+            Some(&self.processor)
         }
-        fn ranker_processor(&self) -> &ImageProcessor {
-            &self.processor
+        fn ranker_processor(&self) -> Option<&ImageProcessor> {
+            Some(&self.processor)
         }
         fn max_positions(&self) -> u32 {
             20
@@ -362,7 +385,11 @@ mod tests {
         async fn score_captions(&self, input: RankInput, _: Admission) -> Result<RankOutput, EngineError> {
             self.calls.fetch_add(1, Ordering::SeqCst);
             let total: i64 = input.captions.iter().map(|t| t[0]).sum();
-            let score = |t: &Vec<i64>| RankScore { probability: t[0] as f32 / total as f32, cosine: 0.0, logit: 0.0 };
+            let score = |t: &Vec<i64>| RankScore {
+                probability: t[0] as f32 / total as f32,
+                cosine: 0.0,
+                logit: (t[0] as f32).ln(),
+            };
             Ok(RankOutput { scores: input.captions.iter().map(score).collect() })
         }
     }
@@ -395,10 +422,16 @@ mod tests {
         let c = cascade(vec!["a cat", "a dog sits", "a cat", "a"]);
         // The position limit of the models caps the request limit.
         assert_eq!(c.limits().generation.max_length, 20);
-        let out = c.caption(png(), c.default_params(), 2, Admission::default()).await.unwrap();
+        let out = c.caption(png(), c.default_params(), Listing::merged(2), Admission::default()).await.unwrap();
         assert_eq!(out.candidates, ["a cat", "a dog sits", "a cat", "a"]);
+        // Logits ln(len): over all four candidates, "a cat" has 5+5 of 5+10+5+1.
         let got: Vec<_> = out.captions.iter().map(|r| (r.text.as_str(), r.count, r.index)).collect();
-        assert_eq!(got, [("a dog sits", 1, 1), ("a cat", 2, 0)]);
+        assert_eq!(got, [("a cat", 2, 0), ("a dog sits", 1, 1)]);
+        assert!((out.captions[0].probability - 10.0 / 21.0).abs() < 1e-6);
+        let each = Listing { top_k: 3, each_candidate: true };
+        let out = c.caption(png(), c.default_params(), each, Admission::default()).await.unwrap();
+        let got: Vec<_> = out.captions.iter().map(|r| (r.text.as_str(), r.count, r.index)).collect();
+        assert_eq!(got, [("a dog sits", 1, 1), ("a cat", 1, 0), ("a cat", 1, 2)]);
         assert!(out.key.starts_with("sha256:"));
     }
 
@@ -409,16 +442,8 @@ mod tests {
         assert!(matches!(c.generate(png(), bad, Admission::default()).await, Err(CascadeError::Invalid(_))));
         let long = vec!["y".repeat(65)];
         assert!(matches!(c.rank(png(), long, Admission::default()).await, Err(CascadeError::Invalid(_))));
-        let none = c.caption(png(), c.default_params(), 0, Admission::default()).await;
+        let none = c.caption(png(), c.default_params(), Listing::merged(0), Admission::default()).await;
         assert!(matches!(none, Err(CascadeError::Invalid(_))));
         assert_eq!(c.models().calls.load(Ordering::SeqCst), 0);
-    }
-
-    #[test]
-    fn distinct_keeps_first_seen_order_and_counts() {
-        let c: Vec<String> = ["b", "a", "b", "c", "b"].iter().map(|s| s.to_string()).collect();
-        let (d, n) = distinct_with_counts(&c);
-        assert_eq!(d, ["b", "a", "c"]);
-        assert_eq!(n, [3, 1, 1]);
     }
 }

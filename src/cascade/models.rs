@@ -19,11 +19,11 @@ use crate::{
 };
 
 pub trait Models: Send + Sync + 'static {
-    /// BLIP's image preprocessing.
-    fn generator_processor(&self) -> &ImageProcessor;
-    /// CLIP's image preprocessing.
-    fn ranker_processor(&self) -> &ImageProcessor;
-    /// The longest sequence the decoder can produce.
+    /// BLIP's image preprocessing; `None` when this process runs no generator.
+    fn generator_processor(&self) -> Option<&ImageProcessor>;
+    /// CLIP's image preprocessing; `None` when this process runs no ranker.
+    fn ranker_processor(&self) -> Option<&ImageProcessor>;
+    /// The longest sequence the decoder can produce (no limit without a generator).
     fn max_positions(&self) -> u32;
     /// A request's prompt, validated and tokenized.
     fn prompt(&self, params: &GenerationParams) -> Result<Prompt, InvalidParam>;
@@ -45,32 +45,38 @@ pub trait Models: Send + Sync + 'static {
 
 pub type ModelScheduler = Scheduler<BlipRunner, ClipRunner>;
 
-/// Both models in this process, on the shared scheduler.
+/// The models this process runs (both, or one in a split deployment), on the shared scheduler.
 pub struct LocalModels {
     pub scheduler: ModelScheduler,
-    pub blip: Arc<BlipRunner>,
-    pub clip: Arc<ClipRunner>,
+    pub blip: Option<Arc<BlipRunner>>,
+    pub clip: Option<Arc<ClipRunner>>,
 }
 
 impl Models for LocalModels {
-    fn generator_processor(&self) -> &ImageProcessor {
-        self.blip.processor()
+    fn generator_processor(&self) -> Option<&ImageProcessor> {
+        self.blip.as_deref().map(BlipRunner::processor)
     }
 
-    fn ranker_processor(&self) -> &ImageProcessor {
-        self.clip.processor()
+    fn ranker_processor(&self) -> Option<&ImageProcessor> {
+        self.clip.as_deref().map(ClipRunner::processor)
     }
 
     fn max_positions(&self) -> u32 {
-        self.blip.max_positions()
+        self.blip.as_deref().map_or(u32::MAX, BlipRunner::max_positions)
     }
 
     fn prompt(&self, params: &GenerationParams) -> Result<Prompt, InvalidParam> {
-        self.blip.prompt(params)
+        match &self.blip {
+            Some(blip) => blip.prompt(params),
+            None => Err(InvalidParam { field: "params", reason: "this server runs no generator".into() }),
+        }
     }
 
     fn tokenize(&self, captions: &[String]) -> Result<Vec<Vec<i64>>, InvalidParam> {
-        self.clip.tokenize(captions)
+        match &self.clip {
+            Some(clip) => clip.tokenize(captions),
+            None => Err(InvalidParam { field: "captions", reason: "this server runs no ranker".into() }),
+        }
     }
 
     fn generate_candidates(

@@ -7,17 +7,18 @@ use crate::{
     images::{cache::Weighed, RgbImage},
 };
 
-/// What each model sees of one image: its processor's resized and cropped uint8 pixels. This,
-/// not the full-resolution decode, is what the image cache keeps.
+/// What each model this process runs sees of one image: its processor's resized and cropped
+/// uint8 pixels. This, not the full-resolution decode, is what the image cache keeps.
 #[derive(Debug)]
 pub struct PreparedImage {
-    pub generator: RgbImage,
-    pub ranker: RgbImage,
+    pub generator: Option<RgbImage>,
+    pub ranker: Option<RgbImage>,
 }
 
 impl Weighed for PreparedImage {
     fn bytes(&self) -> usize {
-        self.generator.pixels.len() + self.ranker.pixels.len() + std::mem::size_of::<Self>()
+        let len = |i: &Option<RgbImage>| i.as_ref().map_or(0, |i| i.pixels.len());
+        len(&self.generator) + len(&self.ranker) + std::mem::size_of::<Self>()
     }
 }
 

@@ -1,12 +1,19 @@
-//! `caption-cascade serve`.
+//! `caption-cascade serve`: one binary, its roles chosen by flags (all three services with both
+//! models, or one tier of a split deployment).
+
+use std::sync::Arc;
 
 use clap::Args;
 use tokio::net::TcpListener;
 
 use crate::{
+    api::{Backends, Reflection, Roles, ServerOptions},
+    app::ModelSet,
     cascade::{Cascade, ImageSource},
-    config::{EngineArgs, ServerArgs},
+    config::{EngineArgs, ServerArgs, Service},
     engine::Admission,
+    images::Fetcher,
+    upstream::{RemoteChain, RemoteUpstreams, UpstreamSpec},
 };
 
 #[derive(Debug, Args)]
@@ -22,31 +29,125 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         crate::telemetry::install_exporter(addr)?;
         tracing::info!(%addr, "serving Prometheus metrics");
     }
-    let engine = args.engine.clone();
-    let cascade = tokio::task::spawn_blocking(move || crate::app::build_cascade(&engine)).await??;
-    warm_up(&cascade).await?;
-    let listener = TcpListener::bind(args.server.listen)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.server.listen))?;
-    tracing::info!(addr = %listener.local_addr()?, "serving caption.v1 (Generator, Ranker, Cascade), health and reflection");
-    crate::api::serve(listener, cascade.clone(), args.server.max_message_bytes, shutdown_signal()).await?;
-    let scheduler = cascade.models().scheduler.clone();
-    tokio::task::spawn_blocking(move || scheduler.shutdown()).await?;
+    let plan = Plan::of(&args.server)?;
+    let local = if plan.models.generator || plan.models.ranker {
+        let (engine, models) = (args.engine.clone(), plan.models);
+        let fetch = engine.fetch_limits();
+        let cascade =
+            tokio::task::spawn_blocking(move || crate::app::build_cascade_with(&engine, fetch, models)).await??;
+        warm_up(&cascade).await?;
+        Some(cascade)
+    } else {
+        None
+    };
+    let chain = match plan.upstreams {
+        Some((generator, ranker)) => {
+            let interval = std::time::Duration::from_millis(args.server.upstream_check_interval_ms.max(10));
+            let upstreams =
+                RemoteUpstreams::start(generator, ranker, args.server.upstream_token_file.as_deref(), interval)?;
+            let fetcher = Fetcher::new(args.engine.fetch_limits()).map_err(anyhow::Error::msg)?;
+            Some(Arc::new(RemoteChain::new(upstreams, fetcher, args.engine.max_inflight)))
+        }
+        None => None,
+    };
+    let listener = bind(args.server.listen).await?;
+    let reflection = match args.server.reflection_listen {
+        _ if args.server.no_reflection => Reflection::Off,
+        Some(addr) => {
+            let listener = bind(addr).await?;
+            tracing::info!(addr = %listener.local_addr()?, "serving reflection");
+            Reflection::Separate(listener)
+        }
+        None => Reflection::Main,
+    };
+    let options = ServerOptions {
+        max_message_bytes: args.server.max_message_bytes,
+        stream_inflight: args.server.max_stream_inflight,
+        edge: args.server.edge_config().map_err(anyhow::Error::msg)?,
+        auth: args.server.auth().map_err(anyhow::Error::msg)?,
+        reflection,
+        health_listener: match args.server.health_listen {
+            Some(addr) => Some(bind(addr).await?),
+            None => None,
+        },
+    };
+    tracing::info!(
+        addr = %listener.local_addr()?,
+        services = ?args.server.services,
+        remote_models = chain.is_some(),
+        tls = options.edge.tls.is_some(),
+        token = options.auth.is_some(),
+        "serving caption.v1 and health"
+    );
+    let backends = Backends { roles: plan.roles, local: local.clone(), chain };
+    crate::api::serve(listener, backends, options, shutdown_signal()).await;
+    if let Some(cascade) = local {
+        let scheduler = cascade.models().scheduler.clone();
+        tokio::task::spawn_blocking(move || scheduler.shutdown()).await?;
+    }
     Ok(())
 }
 
-/// One tiny cascade call, so the first real request does not pay for lazy initialisation and a
-/// broken model fails at start rather than on traffic.
+/// What a process runs, from its flags: the services, the models they need here, and the
+/// upstreams of a cascade whose models are elsewhere.
+struct Plan {
+    roles: Roles,
+    models: ModelSet,
+    upstreams: Option<(UpstreamSpec, UpstreamSpec)>,
+}
+
+impl Plan {
+    fn of(server: &ServerArgs) -> anyhow::Result<Self> {
+        let has = |s: Service| server.services.contains(&s);
+        let roles =
+            Roles { generator: has(Service::Generator), ranker: has(Service::Ranker), cascade: has(Service::Cascade) };
+        if !(roles.generator || roles.ranker || roles.cascade) {
+            anyhow::bail!("--services: name at least one of generator, ranker, cascade");
+        }
+        let ca = server.upstream_ca.as_deref();
+        let spec = |list: &Option<String>| list.as_deref().map(|l| UpstreamSpec::parse(l, ca)).transpose();
+        let (generator, ranker) = (
+            spec(&server.generator_endpoint).map_err(anyhow::Error::msg)?,
+            spec(&server.ranker_endpoint).map_err(anyhow::Error::msg)?,
+        );
+        let upstreams = match (roles.cascade, generator, ranker) {
+            (true, Some(g), Some(r)) if !roles.generator && !roles.ranker => Some((g, r)),
+            (true, None, None) if roles.generator && roles.ranker => None,
+            (false, None, None) => None,
+            (false, _, _) => {
+                anyhow::bail!("--generator-endpoint and --ranker-endpoint are for a process serving cascade")
+            }
+            _ => anyhow::bail!(
+                "a cascade runs both models here (--services generator,ranker,cascade) or neither, with \
+                 --generator-endpoint and --ranker-endpoint naming where they run"
+            ),
+        };
+        let models = ModelSet { generator: roles.generator, ranker: roles.ranker };
+        Ok(Self { roles, models, upstreams })
+    }
+}
+
+async fn bind(addr: std::net::SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))
+}
+
+/// One tiny call to each model this process runs, so the first real request does not pay for
+/// lazy initialisation and a broken model fails at start rather than on traffic.
 pub async fn warm_up(cascade: &Cascade) -> anyhow::Result<()> {
     let mut png = std::io::Cursor::new(Vec::new());
     image::RgbImage::from_pixel(32, 32, image::Rgb([128, 128, 128])).write_to(&mut png, image::ImageFormat::Png)?;
-    let mut params = cascade.default_params();
-    params.num_candidates = 2;
-    params.max_length = params.max_length.min(4);
-    cascade
-        .caption(ImageSource::Bytes(png.into_inner().into()), params, 1, Admission::default())
-        .await
-        .map_err(|e| anyhow::anyhow!("warm-up failed: {e}"))?;
+    let image = ImageSource::Bytes(png.into_inner().into());
+    let models = cascade.models();
+    let failed = |e: crate::cascade::CascadeError| anyhow::anyhow!("warm-up failed: {e}");
+    if models.blip.is_some() {
+        let mut params = cascade.default_params();
+        params.num_candidates = 2;
+        params.max_length = params.max_length.min(4);
+        cascade.generate(image.clone(), params, Admission::default()).await.map_err(failed)?;
+    }
+    if models.clip.is_some() {
+        cascade.rank(image, vec!["a grey square".into()], Admission::default()).await.map_err(failed)?;
+    }
     Ok(())
 }
 

@@ -83,6 +83,8 @@ pub enum EngineError {
     DeadlineExceeded,
     #[error("the server is shutting down")]
     ShuttingDown,
+    #[error("this server does not run the {0} model")]
+    NotServed(&'static str),
     #[error("inference failed: {0}")]
     Internal(String),
 }

@@ -46,8 +46,10 @@ struct State<G: StepWise, R: OneShot> {
 struct Shared<G: StepWise, R: OneShot> {
     state: Mutex<State<G, R>>,
     wake: Condvar,
-    generate: Arc<G>,
-    rank: Arc<R>,
+    /// `None` when this process does not serve the model: its requests are refused at submit,
+    /// so its queue never holds work.
+    generate: Option<Arc<G>>,
+    rank: Option<Arc<R>>,
     clock: Arc<dyn Clock>,
     executor_init: ExecutorInit,
     next_id: AtomicU64,
@@ -98,15 +100,16 @@ struct InFlight<O> {
 impl<G: StepWise, R: OneShot> Scheduler<G, R> {
     /// Starts the executors, with batching delays and deadlines measured on `clock`.
     pub fn start_with_clock(config: SchedulerConfig, generate: Arc<G>, rank: Arc<R>, clock: Arc<dyn Clock>) -> Self {
-        Self::start_with(config, generate, rank, clock, Arc::new(|| {}))
+        Self::start_with(config, Some(generate), Some(rank), clock, Arc::new(|| {}))
     }
 
     /// As [`Scheduler::start_with_clock`], running `executor_init` first on each executor thread
-    /// (its device settings: thread counts, its own CUDA stream), once for both models.
+    /// (its device settings: thread counts, its own CUDA stream), once for both models. A model
+    /// given as `None` is not served here (a process in a split deployment loads only its own).
     pub fn start_with(
         config: SchedulerConfig,
-        generate: Arc<G>,
-        rank: Arc<R>,
+        generate: Option<Arc<G>>,
+        rank: Option<Arc<R>>,
         clock: Arc<dyn Clock>,
         executor_init: ExecutorInit,
     ) -> Self {
@@ -139,11 +142,17 @@ impl<G: StepWise, R: OneShot> Scheduler<G, R> {
 
     /// Queues a request for the step-wise model and waits for its answer.
     pub async fn submit_step_wise(&self, input: G::Input, admission: Admission) -> Result<G::Output, EngineError> {
+        if self.shared.generate.is_none() {
+            return Err(EngineError::NotServed(G::NAME));
+        }
         self.submit(input, admission, G::NAME, |st| &mut st.generate).await
     }
 
     /// Queues a request for the one-shot model and waits for its answer.
     pub async fn submit_one_shot(&self, input: R::Input, admission: Admission) -> Result<R::Output, EngineError> {
+        if self.shared.rank.is_none() {
+            return Err(EngineError::NotServed(R::NAME));
+        }
         self.submit(input, admission, R::NAME, |st| &mut st.rank).await
     }
 
@@ -211,7 +220,7 @@ impl<G: StepWise, R: OneShot> Scheduler<G, R> {
 
 fn executor_loop<G: StepWise, R: OneShot>(shared: &Shared<G, R>) {
     (shared.executor_init)();
-    let generate = &*shared.generate;
+    let generate = shared.generate.as_deref();
     let mut running: Option<G::Batch<'_>> = None;
     let mut inflight: HashMap<u64, InFlight<G::Output>> = HashMap::new();
     loop {
@@ -220,7 +229,8 @@ fn executor_loop<G: StepWise, R: OneShot>(shared: &Shared<G, R>) {
             return;
         };
         if !work.rank.is_empty() {
-            run_to_completion(&*shared.rank, work.rank, &*shared.clock);
+            let rank = shared.rank.as_deref().expect("rank work is only queued for a served model");
+            run_to_completion(rank, work.rank, &*shared.clock);
         }
         // A batch prefilled in this visit has had its step; the running batch steps below.
         let mut prefilled_alone = false;
@@ -228,6 +238,7 @@ fn executor_loop<G: StepWise, R: OneShot>(shared: &Shared<G, R>) {
             let inputs = admit(work.generate, &mut inflight, G::NAME, shared.clock.now());
             let new_ids: Vec<u64> = inputs.iter().map(|(id, _)| *id).collect();
             if !inputs.is_empty() {
+                let generate = generate.expect("generate work is only queued for a served model");
                 match guarded(|| generate.prefill(inputs)) {
                     Ok((batch, done)) => {
                         deliver(done, &mut inflight, G::NAME, shared.clock.now());

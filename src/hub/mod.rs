@@ -88,7 +88,10 @@ async fn download(cache: &Cache, repo: &Repo, req: &PullRequest) -> Result<Vec<(
         .clone()
         .or_else(|| std::env::var("HF_ENDPOINT").ok())
         .unwrap_or_else(|| "https://huggingface.co".into());
+    // HF_TOKEN (as the Hub's own tools read it) for gated and private repos, else the cache's token file.
+    let token = std::env::var("HF_TOKEN").ok().filter(|t| !t.trim().is_empty()).or_else(|| cache.token());
     let api = ApiBuilder::from_cache(cache.clone())
+        .with_token(token)
         .with_endpoint(endpoint.clone())
         .with_progress(true)
         .build()

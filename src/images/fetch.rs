@@ -1,28 +1,41 @@
-//! Fetching image bytes by URL: http(s) with a size cap and a timeout, and `file://` only below
-//! a directory the operator allowed.
+//! Fetching image bytes by URL: http(s) with a size cap, a timeout and the egress policy, and
+//! `file://` only for regular files below a directory the operator allowed, with the same bounds.
 
 use std::{
+    error::Error as StdError,
+    io::ErrorKind,
     path::{Path, PathBuf},
+    sync::Arc,
     time::Duration,
 };
 
 use url::Url;
 
-use super::ImageError;
+use super::{
+    egress::{self, Denied, EgressPolicy, RedirectRefused, Unresolved},
+    ImageError,
+};
 
 #[derive(Debug, Clone)]
 pub struct FetchLimits {
     /// Largest accepted encoded image, in bytes (applies to inline bytes too).
     pub max_bytes: u64,
-    /// Whole-request timeout of an http(s) fetch.
+    /// Whole-request timeout of an http(s) fetch, and of a file read.
     pub timeout: Duration,
     /// Directory below which `file://` URLs may be read; `None` disables them.
     pub allow_file_dir: Option<PathBuf>,
+    /// Addresses http(s) fetches may connect to.
+    pub egress: EgressPolicy,
 }
 
 impl Default for FetchLimits {
     fn default() -> Self {
-        Self { max_bytes: 20 * 1024 * 1024, timeout: Duration::from_secs(10), allow_file_dir: None }
+        Self {
+            max_bytes: 20 * 1024 * 1024,
+            timeout: Duration::from_secs(10),
+            allow_file_dir: None,
+            egress: EgressPolicy::default(),
+        }
     }
 }
 
@@ -35,12 +48,17 @@ pub struct Fetcher {
 
 impl Fetcher {
     pub fn new(limits: FetchLimits) -> Result<Self, String> {
-        let client = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .timeout(limits.timeout)
             .connect_timeout(limits.timeout)
             .user_agent(concat!("caption-cascade/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| e.to_string())?;
+            .redirect(egress::redirect_policy(limits.egress.clone()));
+        if !limits.egress.is_unrestricted() {
+            // Through a proxy the address connected to would be the proxy's, and the proxy would
+            // reach the destination unchecked: proxy variables from the environment must not apply.
+            builder = builder.no_proxy().dns_resolver(Arc::new(egress::PolicyResolver::new(limits.egress.clone())));
+        }
+        let client = builder.build().map_err(|e| e.to_string())?;
         let allowed_dir = match &limits.allow_file_dir {
             Some(dir) => Some(dir.canonicalize().map_err(|e| format!("--allow-file-dir {}: {e}", dir.display()))?),
             None => None,
@@ -67,6 +85,17 @@ impl Fetcher {
             });
         }
         let url = Url::parse(raw).map_err(|e| ImageError::InvalidUrl { url: shown(raw), reason: e.to_string() })?;
+        if !url.username().is_empty() || url.password().is_some() {
+            // reqwest would send them as Basic auth to whatever the URL names. The message shows
+            // the URL without them: it may end up in the caller's logs.
+            let mut bare = url.clone();
+            let _ = bare.set_username("");
+            let _ = bare.set_password(None);
+            return Err(ImageError::InvalidUrl {
+                url: shown(bare.as_str()),
+                reason: "credentials in image URLs are not accepted".into(),
+            });
+        }
         match url.scheme() {
             "http" | "https" => Ok(url),
             "file" if self.allowed_dir.is_some() => Ok(url),
@@ -89,8 +118,14 @@ impl Fetcher {
     async fn fetch_http(&self, url: Url) -> Result<Vec<u8>, ImageError> {
         let display = shown(url.as_str());
         let fail = |reason: String| ImageError::Fetch { url: display.clone(), reason };
-        // Without the URL: the error already names it once.
-        let mut resp = self.client.get(url.clone()).send().await.map_err(|e| fail(describe(&e.without_url())))?;
+        if self.limits.egress.check_url_host(&url).is_err() {
+            return Err(denied(display.clone()));
+        }
+        let transport = |e: reqwest::Error| match failure(&e) {
+            Failure::Denied => denied(display.clone()),
+            Failure::Other(reason) => fail(reason),
+        };
+        let mut resp = self.client.get(url).send().await.map_err(transport)?;
         if !resp.status().is_success() {
             return Err(fail(format!("server answered {}", resp.status())));
         }
@@ -99,7 +134,7 @@ impl Fetcher {
             return Err(ImageError::TooLarge { limit });
         }
         let mut body = Vec::new();
-        while let Some(chunk) = resp.chunk().await.map_err(|e| fail(describe(&e.without_url())))? {
+        while let Some(chunk) = resp.chunk().await.map_err(transport)? {
             if (body.len() + chunk.len()) as u64 > limit {
                 return Err(ImageError::TooLarge { limit });
             }
@@ -126,16 +161,49 @@ impl Fetcher {
         if !real.starts_with(dir) {
             return Err(unavailable());
         }
-        let meta = tokio::fs::metadata(&real).await.map_err(|_| unavailable())?;
-        // A FIFO or device would block a reading thread forever; a directory cannot be read.
-        if !meta.is_file() {
-            return Err(unavailable());
+        let max = self.limits.max_bytes;
+        let read = tokio::task::spawn_blocking(move || read_regular_file(&real, max));
+        match tokio::time::timeout(self.limits.timeout, read).await {
+            Ok(Ok(Ok(bytes))) => Ok(bytes),
+            Ok(Ok(Err(FileRead::TooLarge))) => Err(ImageError::TooLarge { limit: max }),
+            Ok(Ok(Err(FileRead::Unavailable))) | Ok(Err(_)) => Err(unavailable()),
+            // A stalled disk or network filesystem: the caller is answered, the thread finishes
+            // the read (or fails it) on its own.
+            Err(_) => Err(ImageError::Fetch { url: shown(raw), reason: "timed out".into() }),
         }
-        if meta.len() > self.limits.max_bytes {
-            return Err(ImageError::TooLarge { limit: self.limits.max_bytes });
-        }
-        tokio::fs::read(&real).await.map_err(|_| unavailable())
     }
+}
+
+enum FileRead {
+    Unavailable,
+    TooLarge,
+}
+
+/// Reads `path` if it is a regular file of at most `max` bytes. Blocking.
+fn read_regular_file(path: &Path, max: u64) -> Result<Vec<u8>, FileRead> {
+    use std::{io::Read, os::unix::fs::OpenOptionsExt};
+    // Non-blocking open: opening a FIFO would otherwise wait for a writer. The type and size are
+    // then taken from the open handle, so a file swapped after a check by path cannot slip by.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|_| FileRead::Unavailable)?;
+    let meta = file.metadata().map_err(|_| FileRead::Unavailable)?;
+    // A FIFO or device could block or never end; a directory cannot be read.
+    if !meta.is_file() {
+        return Err(FileRead::Unavailable);
+    }
+    if meta.len() > max {
+        return Err(FileRead::TooLarge);
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    // A file that grows while it is read is still cut at the limit.
+    file.take(max + 1).read_to_end(&mut bytes).map_err(|_| FileRead::Unavailable)?;
+    if bytes.len() as u64 > max {
+        return Err(FileRead::TooLarge);
+    }
+    Ok(bytes)
 }
 
 /// Longest URL accepted (RFC 9110 recommends supporting at least 8000 octets).
@@ -154,16 +222,85 @@ fn shown(raw: &str) -> String {
     format!("{}… ({} bytes)", &raw[..end], raw.len())
 }
 
-/// reqwest's Display hides the cause ("error sending request"); the chain says what went wrong.
-fn describe(e: &reqwest::Error) -> String {
-    let mut msg = if e.is_timeout() { "timed out".to_string() } else { e.to_string() };
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        msg.push_str(": ");
-        msg.push_str(&s.to_string());
-        source = s.source();
+/// A denied destination: counted, and answered without the address or the reason, so the
+/// answer tells a caller nothing about what lives on the server's network.
+fn denied(url: String) -> ImageError {
+    metrics::counter!("caption_fetch_denied_total").increment(1);
+    ImageError::DestinationDenied { url }
+}
+
+enum Failure {
+    Denied,
+    Other(String),
+}
+
+/// What went wrong with a fetch, in a few fixed words. The raw chain (OS errors, parser
+/// messages, a TLS alert) would let a caller tell a closed port from a filtered one or a
+/// non-HTTP service from an HTTP one, which is what a port scanner needs.
+fn failure(e: &reqwest::Error) -> Failure {
+    let chain = causes(e);
+    let find = |check: &dyn Fn(&(dyn StdError + 'static)) -> bool| chain.iter().any(|c| check(*c));
+    if find(&|c| c.is::<Denied>()) {
+        return Failure::Denied;
     }
-    msg
+    if let Some(refused) = chain.iter().find_map(|c| c.downcast_ref::<RedirectRefused>()) {
+        return Failure::Other(refused.to_string());
+    }
+    if e.is_timeout() {
+        return Failure::Other("timed out".into());
+    }
+    if find(&|c| c.is::<rustls::Error>()) {
+        return Failure::Other("TLS handshake failed".into());
+    }
+    if find(&|c| c.is::<Unresolved>()) {
+        return Failure::Other("could not resolve the host name".into());
+    }
+    if let Some(h) = chain.iter().find_map(|c| c.downcast_ref::<hyper::Error>()) {
+        if h.is_timeout() {
+            return Failure::Other("timed out".into());
+        }
+        if h.is_parse() {
+            return Failure::Other("not a valid HTTP response".into());
+        }
+        if h.is_incomplete_message() || h.is_closed() || h.is_canceled() {
+            return Failure::Other("connection closed early".into());
+        }
+    }
+    if e.is_connect() {
+        return Failure::Other("could not connect".into());
+    }
+    let io_kind = chain.iter().find_map(|c| c.downcast_ref::<std::io::Error>()).map(std::io::Error::kind);
+    if let Some(
+        ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted | ErrorKind::BrokenPipe | ErrorKind::UnexpectedEof,
+    ) = io_kind
+    {
+        return Failure::Other("connection closed early".into());
+    }
+    if e.is_redirect() {
+        return Failure::Other("the redirect could not be followed".into());
+    }
+    if e.is_body() || e.is_decode() {
+        return Failure::Other("connection closed early".into());
+    }
+    Failure::Other("the request failed".into())
+}
+
+/// `e` and its causes. `io::Error` hides a wrapped error from `source()` (it returns the wrapped
+/// error's own source), so its inner error is taken explicitly.
+fn causes<'a>(e: &'a (dyn StdError + 'static)) -> Vec<&'a (dyn StdError + 'static)> {
+    let mut out = Vec::new();
+    let mut next = Some(e);
+    while let Some(err) = next {
+        out.push(err);
+        if out.len() > 32 {
+            break;
+        }
+        next = match err.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()) {
+            Some(inner) => Some(inner as &(dyn StdError + 'static)),
+            None => err.source(),
+        };
+    }
+    out
 }
 
 /// `file://` URL of a local path, for the CLI's convenience.
@@ -226,5 +363,93 @@ mod tests {
         assert!(err.len() < 400 && err.contains("over the limit of 8192"), "{err}");
         let hash = format!("sha256:{}", "ab".repeat(32));
         assert!(matches!(f.check_url(&hash), Err(ImageError::InvalidUrl { .. })), "a digest is not a URL");
+        for creds in ["http://user:hunter2@example.com/a.png", "https://user@example.com/a.png", "http://:pw@h/"] {
+            let err = f.check_url(creds).unwrap_err();
+            assert!(matches!(err, ImageError::InvalidUrl { .. }), "{creds}: {err}");
+            let text = err.to_string();
+            assert!(text.contains("credentials in image URLs are not accepted"), "{text}");
+            assert!(!text.contains("hunter2") && !text.contains("user@") && !text.contains("pw"), "{text}");
+        }
+    }
+
+    /// A loopback listener that answers each connection with `reply` and counts them.
+    async fn answering(reply: &'static [u8]) -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((mut sock, _)) = listener.accept().await {
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 2048];
+                    let _ = sock.read(&mut buf).await;
+                    let _ = sock.write_all(reply).await;
+                });
+            }
+        });
+        (addr, seen)
+    }
+
+    #[tokio::test]
+    async fn denied_addresses_are_refused_before_any_connection_with_a_short_answer() {
+        let (addr, seen) = answering(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nx").await;
+        let port = addr.port();
+        let f = fetcher(None);
+        for host in ["127.0.0.1", "127.1", "2130706433", "0x7f000001", "0177.0.0.1", "[::ffff:127.0.0.1]", "localhost"]
+        {
+            let raw = format!("http://{host}:{port}/a.png");
+            let err = f.fetch(&raw).await.unwrap_err();
+            let shown = Url::parse(&raw).unwrap().to_string();
+            assert_eq!(err, ImageError::DestinationDenied { url: shown.clone() }, "{raw}");
+            assert_eq!(err.to_string(), format!("image url {shown:?}: destination not allowed"));
+        }
+        assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), 0, "no connection was made");
+        // The same server, allowed, is fetched: the refusals above were the policy's.
+        let allowed = Fetcher::new(FetchLimits {
+            egress: EgressPolicy::new(vec!["127.0.0.1/32".parse().unwrap()], Vec::new(), false),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(allowed.fetch(&format!("http://127.0.0.1:{port}/a.png")).await.unwrap(), b"x");
+        assert_eq!(allowed.fetch(&format!("http://localhost:{port}/a.png")).await.unwrap(), b"x");
+    }
+
+    #[tokio::test]
+    async fn transport_failures_are_told_in_fixed_words() {
+        let f = Fetcher::new(FetchLimits {
+            egress: EgressPolicy::new(vec!["127.0.0.1/32".parse().unwrap()], Vec::new(), false),
+            timeout: Duration::from_secs(5),
+            ..Default::default()
+        })
+        .unwrap();
+        let reason = |e: ImageError| match e {
+            ImageError::Fetch { reason, .. } => reason,
+            other => panic!("{other}"),
+        };
+        let (ssh, _) = answering(b"SSH-2.0-OpenSSH_9.6\r\n").await;
+        assert_eq!(reason(f.fetch(&format!("http://{ssh}/")).await.unwrap_err()), "not a valid HTTP response");
+        let (cut, _) = answering(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nshort").await;
+        assert_eq!(reason(f.fetch(&format!("http://{cut}/")).await.unwrap_err()), "connection closed early");
+        let (silent, _) = answering(b"").await;
+        assert_eq!(reason(f.fetch(&format!("http://{silent}/")).await.unwrap_err()), "connection closed early");
+        // Closed without reading the request: the peer's kernel answers with a reset.
+        let reset = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let reset_addr = reset.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((sock, _)) = reset.accept().await {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                drop(sock);
+            }
+        });
+        assert_eq!(reason(f.fetch(&format!("http://{reset_addr}/")).await.unwrap_err()), "connection closed early");
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        assert_eq!(reason(f.fetch(&format!("http://{closed}/")).await.unwrap_err()), "could not connect");
+        let (tls, _) = answering(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nx").await;
+        let err = reason(f.fetch(&format!("https://{tls}/")).await.unwrap_err());
+        assert!(err == "TLS handshake failed", "{err}");
+        let (missing, _) = answering(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n").await;
+        assert_eq!(reason(f.fetch(&format!("http://{missing}/")).await.unwrap_err()), "server answered 404 Not Found");
     }
 }

@@ -1,12 +1,15 @@
-//! Images from the outside world: fetching by URL (with limits) and the byte-bounded cache of
-//! model-ready pixels that lets concurrent calls share one fetch and decode. Decoding and
-//! preprocessing live in the `caption-images` crate.
+//! Images from the outside world: fetching by URL (with limits, and an egress policy for what
+//! the server may reach) and the byte-bounded cache of model-ready pixels that lets concurrent
+//! calls share one fetch and decode. Decoding and preprocessing live in the `caption-images`
+//! crate.
 
 pub mod cache;
+pub mod egress;
 pub mod fetch;
 
 pub use cache::{CacheKey, ImageCache};
 pub use caption_images::{decode_image, dimensions, resize, DecodeError, DecodeLimits, RgbImage};
+pub use egress::EgressPolicy;
 pub use fetch::{FetchLimits, Fetcher};
 
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
@@ -17,6 +20,10 @@ pub enum ImageError {
     FileNotAllowed(String),
     #[error("image url {url:?}: {reason}")]
     Fetch { url: String, reason: String },
+    /// The egress policy refused where the URL (or a redirect) leads. Says neither the address
+    /// nor the rule: either would map the server's network for the caller.
+    #[error("image url {url:?}: destination not allowed")]
+    DestinationDenied { url: String },
     #[error("image is larger than the server's limit of {limit} bytes (--max-image-bytes)")]
     TooLarge { limit: u64 },
     #[error("{}", with_flag(.0))]

@@ -22,11 +22,14 @@ pub struct Weights {
     tensors: Rc<HashMap<String, Tensor>>,
     prefix: String,
     source: Rc<PathBuf>,
-    random: Option<(Device, Kind)>,
+    random: Option<Device>,
+    /// What floating-point tensors are converted to when read; `None` keeps the file's kind.
+    kind: Option<Kind>,
 }
 
 impl Weights {
-    /// Loads every tensor of the checkpoint folder's weight file onto `device` as `kind`.
+    /// Loads every tensor of the checkpoint folder's weight file onto `device`; floating-point
+    /// tensors are read as `kind` (as the file has them for [`get_exact`](Self::get_exact)).
     pub fn from_folder(folder: &Path, device: Device, kind: Kind) -> Result<Self, ModelError> {
         let file = WEIGHT_FILES.iter().map(|name| folder.join(name)).find(|path| path.is_file()).ok_or_else(|| {
             ModelError::Checkpoint(format!("{} holds neither {}", folder.display(), WEIGHT_FILES.join(" nor ")))
@@ -37,37 +40,51 @@ impl Weights {
             Tensor::loadz_multi(&file)
         }
         .map_err(|e| ModelError::Checkpoint(format!("reading {}: {e}", file.display())))?;
-        let tensors = named
-            .into_iter()
-            .map(|(name, t)| {
-                let t = if t.is_floating_point() { t.to_kind(kind) } else { t };
-                (name, t.to_device(device))
-            })
-            .collect();
-        Ok(Self { tensors: Rc::new(tensors), prefix: String::new(), source: Rc::new(file), random: None })
+        let tensors = named.into_iter().map(|(name, t)| (name, t.to_device(device))).collect();
+        Ok(Self {
+            tensors: Rc::new(tensors),
+            prefix: String::new(),
+            source: Rc::new(file),
+            random: None,
+            kind: Some(kind),
+        })
     }
 
     /// Freshly initialised weights of whatever shape the model asks for (benchmarks of full-size
     /// configurations without their checkpoints): normal(0, 0.02), LayerNorm weights 1, biases 0.
-    /// No key is reported present, so tied weights stay tied.
+    /// No key is reported present, so tied weights stay tied. Values are drawn in fp32 and then
+    /// converted to `kind`, so two models built after the same seed differ only by that rounding.
     pub fn random(device: Device, kind: Kind) -> Self {
         Self {
             tensors: Rc::new(HashMap::new()),
             prefix: String::new(),
             source: Rc::new(PathBuf::from("<random>")),
-            random: Some((device, kind)),
+            random: Some(device),
+            kind: Some(kind),
         }
     }
 
     /// Builds a view over tensors already in memory (tests, fixtures).
     pub fn from_tensors(tensors: HashMap<String, Tensor>) -> Self {
-        Self { tensors: Rc::new(tensors), prefix: String::new(), source: Rc::new(PathBuf::new()), random: None }
+        Self {
+            tensors: Rc::new(tensors),
+            prefix: String::new(),
+            source: Rc::new(PathBuf::new()),
+            random: None,
+            kind: None,
+        }
     }
 
     /// A view one level down: `pp("encoder")` then `get("weight")` reads `<prefix>.encoder.weight`.
     pub fn pp(&self, name: impl std::fmt::Display) -> Self {
         let prefix = if self.prefix.is_empty() { name.to_string() } else { format!("{}.{name}", self.prefix) };
-        Self { tensors: self.tensors.clone(), prefix, source: self.source.clone(), random: self.random }
+        Self {
+            tensors: self.tensors.clone(),
+            prefix,
+            source: self.source.clone(),
+            random: self.random,
+            kind: self.kind,
+        }
     }
 
     fn key(&self, name: &str) -> String {
@@ -82,19 +99,30 @@ impl Weights {
         self.tensors.contains_key(&self.key(name))
     }
 
-    /// The tensor at `name`, which must have exactly `shape`.
+    /// The tensor at `name`, which must have exactly `shape`, in the kind the model computes in.
     pub fn get(&self, name: &str, shape: &[i64]) -> Result<Tensor, ModelError> {
+        let t = self.get_exact(name, shape)?;
+        Ok(match self.kind {
+            Some(kind) if t.is_floating_point() && t.kind() != kind => t.to_kind(kind),
+            _ => t,
+        })
+    }
+
+    /// As [`get`](Self::get), with floating-point values at fp32 or the file's precision, whichever
+    /// is wider: for scalars that scale whole outputs (CLIP's temperature), where bf16's 8-bit
+    /// mantissa would move every probability.
+    pub fn get_exact(&self, name: &str, shape: &[i64]) -> Result<Tensor, ModelError> {
         let key = self.key(name);
-        if let Some((device, kind)) = self.random {
+        if let Some(device) = self.random {
             let lower = key.to_lowercase();
             let t = if name == "bias" {
-                Tensor::zeros(shape, (kind, device))
+                Tensor::zeros(shape, (Kind::Float, device))
             } else if name == "weight" && (lower.contains("norm") || lower.contains("layrnorm")) {
-                Tensor::ones(shape, (kind, device))
+                Tensor::ones(shape, (Kind::Float, device))
             } else if name == "logit_scale" {
-                Tensor::full(shape, 2.6592, (kind, device))
+                Tensor::full(shape, 2.6592, (Kind::Float, device))
             } else {
-                Tensor::randn(shape, (kind, device)) * 0.02
+                Tensor::randn(shape, (Kind::Float, device)) * 0.02
             };
             return Ok(t);
         }
@@ -109,6 +137,9 @@ impl Weights {
                 t.size()
             )));
         }
-        Ok(t.shallow_clone())
+        Ok(match t.kind() {
+            Kind::Half | Kind::BFloat16 => t.to_kind(Kind::Float),
+            _ => t.shallow_clone(),
+        })
     }
 }

@@ -1,9 +1,12 @@
 """A caller written by others: Python stubs generated from proto/ with grpcio-tools, then every
 service called as another microservice would. Prints one JSON object with what it saw.
 
-Usage: python_client.py HOST:PORT IMAGE_FILE
+Usage: python_client.py HOST:PORT IMAGE_FILE [--tls-ca CA_PEM] [--token TOKEN]
+With --tls-ca the channel is TLS (verified against that CA), and with --token every call carries
+it as a bearer token; a call without the token is tried too and its status recorded.
 """
 
+import argparse
 import json
 import pathlib
 import sys
@@ -17,8 +20,11 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 def stubs():
     out = tempfile.mkdtemp(prefix="caption-stubs-")
-    args = ["protoc", f"-I{ROOT / 'proto'}", f"--python_out={out}", f"--grpc_python_out={out}",
-            "caption/v1/caption.proto"]
+    # Only our file is generated: google.rpc.Status, which it imports, comes from
+    # googleapis-common-protos, and google/protobuf/any.proto from grpcio-tools' own protos.
+    well_known = pathlib.Path(protoc.__file__).parent / "_proto"
+    args = ["protoc", f"-I{ROOT / 'proto'}", f"-I{well_known}", f"--python_out={out}",
+            f"--grpc_python_out={out}", "caption/v1/caption.proto"]
     if protoc.main(args) != 0:
         sys.exit("protoc failed on proto/caption/v1/caption.proto")
     sys.path.insert(0, out)
@@ -27,12 +33,30 @@ def stubs():
 
 
 def main():
-    addr, image_path = sys.argv[1], sys.argv[2]
+    parser = argparse.ArgumentParser()
+    parser.add_argument("addr")
+    parser.add_argument("image")
+    parser.add_argument("--tls-ca")
+    parser.add_argument("--token")
+    args = parser.parse_args()
     pb, rpc = stubs()
-    channel = grpc.insecure_channel(addr)
-    grpc.channel_ready_future(channel).result(timeout=60)
-    image = pb.Image(data=pathlib.Path(image_path).read_bytes())
+    image = pb.Image(data=pathlib.Path(args.image).read_bytes())
     seen = {}
+    if args.tls_ca:
+        tls = grpc.ssl_channel_credentials(root_certificates=pathlib.Path(args.tls_ca).read_bytes())
+        if args.token:
+            without = grpc.secure_channel(args.addr, tls)
+            grpc.channel_ready_future(without).result(timeout=60)
+            try:
+                rpc.CascadeStub(without).Caption(pb.CaptionRequest(image=image))
+                seen["no_token"] = {"code": "OK"}
+            except grpc.RpcError as e:
+                seen["no_token"] = {"code": e.code().name, "details": e.details()}
+            tls = grpc.composite_channel_credentials(tls, grpc.access_token_call_credentials(args.token))
+        channel = grpc.secure_channel(args.addr, tls)
+    else:
+        channel = grpc.insecure_channel(args.addr)
+    grpc.channel_ready_future(channel).result(timeout=60)
 
     caption = rpc.CascadeStub(channel).Caption(
         pb.CaptionRequest(image=image, params=pb.GenerationParams(seed=1, decoding=pb.DECODING_GREEDY), top_k=3))

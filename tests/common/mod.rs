@@ -51,7 +51,7 @@ pub fn start_server_with_metrics(engine: EngineArgs, metrics: Option<SocketAddr>
             let cascade = caption_cascade::app::build_cascade(&engine).expect("models load");
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
             tx.send(listener.local_addr().expect("addr")).expect("send addr");
-            caption_cascade::api::serve(listener, cascade, 32 << 20, std::future::pending()).await.expect("serve");
+            caption_cascade::api::serve(listener, cascade, Default::default(), std::future::pending()).await;
         });
     });
     // Each test runs its own runtime; readiness is polled there by `channel`.
@@ -87,4 +87,84 @@ pub async fn shared_channel() -> Channel {
 
 pub fn png_image(bytes: Vec<u8>) -> Option<pb::Image> {
     Some(pb::Image { source: Some(pb::image::Source::Data(bytes)) })
+}
+
+/// A server process of the binary under test, killed when dropped.
+pub struct ServerProcess(pub std::process::Child);
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `caption-cascade serve --device cpu --listen ADDR ARGS…` from the repository root, with
+/// `env` set and its output discarded.
+pub fn spawn_server(listen: SocketAddr, args: &[&str], env: &[(&str, &str)]) -> ServerProcess {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_caption-cascade"));
+    cmd.args(["serve", "--device", "cpu", "--listen", &listen.to_string()])
+        .args(args)
+        .envs(env.iter().copied())
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    ServerProcess(cmd.spawn().expect("start the server"))
+}
+
+/// A free loopback address.
+pub fn free_addr() -> SocketAddr {
+    format!("127.0.0.1:{}", free_port()).parse().unwrap()
+}
+
+/// PEM files for TLS tests, written to a folder removed when this is dropped.
+pub struct TlsFiles {
+    pub dir: std::path::PathBuf,
+    pub ca: String,
+    pub cert: String,
+    pub key: String,
+}
+
+impl TlsFiles {
+    /// A fresh CA, and a server certificate it signs for localhost and 127.0.0.1, under `name`.
+    pub fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("cc-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params.distinguished_name.push(rcgen::DnType::CommonName, "test CA");
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let ca_pem = ca_params.self_signed(&ca_key).unwrap().pem();
+        let issuer = rcgen::Issuer::new(ca_params, ca_key);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+            .unwrap()
+            .signed_by(&key, &issuer)
+            .unwrap();
+        let write = |file: &str, text: &str| {
+            let path = dir.join(file);
+            std::fs::write(&path, text).unwrap();
+            path.to_str().unwrap().to_string()
+        };
+        let (ca, cert, key) =
+            (write("ca.crt", &ca_pem), write("tls.crt", &cert.pem()), write("tls.key", &key.serialize_pem()));
+        Self { dir, ca, cert, key }
+    }
+}
+
+impl Drop for TlsFiles {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// What the shared server answers a greedy Caption of `examples/images/scene_1.png` (seed 1, top 3):
+/// the reference other-language clients' answers are checked against.
+pub async fn reference_caption() -> pb::CaptionResponse {
+    let image = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/images/scene_1.png")).unwrap();
+    let mut client = pb::cascade_client::CascadeClient::new(shared_channel().await);
+    let params = pb::GenerationParams { seed: Some(1), decoding: pb::Decoding::Greedy as i32, ..Default::default() };
+    let request =
+        pb::CaptionRequest { image: png_image(image), params: Some(params), top_k: Some(3), ..Default::default() };
+    client.caption(request).await.unwrap().into_inner()
 }

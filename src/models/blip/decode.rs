@@ -355,7 +355,7 @@ impl<'m> DecodeBatch<'m> {
         let blocked = Tensor::cat(&[p.shallow_clone(), Tensor::zeros([n, 1], (Kind::Bool, self.device))], 1);
         let width = blocked.size()[1];
         Some(
-            Tensor::zeros([n, width], (Kind::Float, self.device))
+            Tensor::zeros([n, width], (self.decoder.kind(), self.device))
                 .masked_fill(&blocked, f64::NEG_INFINITY)
                 .view([n, 1, 1, width]),
         )
@@ -367,16 +367,27 @@ impl<'m> DecodeBatch<'m> {
         let scores =
             logits::suppress_eos(&scores, &Tensor::from_slice(&too_short).to_device(self.device), self.special.eos);
         let greedy = scores.argmax(-1, false);
-        let chosen = if self.rows.iter().any(|r| r.params.strategy == Strategy::Sample) {
-            let probs = logits::warp(&scores, &self.row_params).softmax(-1, Kind::Float);
-            let u: Vec<f64> = self.rows.iter_mut().map(|r| 1.0 - r.rng.random::<f64>()).collect();
-            let sampled = logits::sample(&probs, &Tensor::from_slice(&u).view([-1, 1]).to_device(self.device));
-            let is_sample: Vec<bool> = self.rows.iter().map(|r| r.params.strategy == Strategy::Sample).collect();
-            sampled.where_self(&Tensor::from_slice(&is_sample).to_device(self.device), &greedy)
-        } else {
-            greedy
-        };
-        Vec::try_from(chosen.to_device(Device::Cpu)).expect("token ids are int64")
+        if !self.rows.iter().any(|r| r.params.strategy == Strategy::Sample) {
+            return Vec::try_from(greedy.to_device(Device::Cpu)).expect("token ids are int64");
+        }
+        let u: Vec<f64> = self.rows.iter_mut().map(|r| 1.0 - r.rng.random::<f64>()).collect();
+        let u = Tensor::from_slice(&u).view([-1, 1]).to_device(self.device);
+        let is_sample: Vec<bool> = self.rows.iter().map(|r| r.params.strategy == Strategy::Sample).collect();
+        let is_sample = Tensor::from_slice(&is_sample).to_device(self.device);
+        let vocab = scores.size()[1];
+        let max_k = self.rows.iter().map(|r| if r.params.top_k == 0 { vocab } else { i64::from(r.params.top_k) }).max();
+        if let Some(max_k) = max_k.filter(|&k| k < vocab) {
+            let (sampled, tie) = logits::sample_top_k(&scores, &self.row_params, max_k, &u);
+            // Tokens and the tie flag come back in one transfer.
+            let both = Tensor::cat(&[sampled.where_self(&is_sample, &greedy), tie.to_kind(Kind::Int64).view([1])], 0);
+            let mut chosen = Vec::<i64>::try_from(both.to_device(Device::Cpu)).expect("token ids are int64");
+            if chosen.pop() == Some(0) {
+                return chosen;
+            }
+        }
+        let probs = logits::warp(&scores, &self.row_params).softmax(-1, Kind::Float);
+        let sampled = logits::sample(&probs, &u);
+        Vec::try_from(sampled.where_self(&is_sample, &greedy).to_device(Device::Cpu)).expect("token ids are int64")
     }
 
     fn rows_per_image(&self) -> Vec<i64> {

@@ -32,10 +32,20 @@ impl Blip {
     }
 
     pub fn load(folder: &Path, device: Device) -> Result<Self, ModelError> {
+        Self::load_as(folder, device, Kind::Float)
+    }
+
+    /// Loads the checkpoint with its floating-point weights converted to `kind`.
+    pub fn load_as(folder: &Path, device: Device, kind: Kind) -> Result<Self, ModelError> {
         let config = BlipConfig::from_json(&read_config(folder)?)
             .map_err(|e| ModelError::Config(format!("{}/config.json: {e}", folder.display())))?;
-        let weights = Weights::from_folder(folder, device, Kind::Float)?;
+        let weights = Weights::from_folder(folder, device, kind)?;
         Self::new(config, &weights)
+    }
+
+    /// The floating-point kind the model computes in.
+    pub fn kind(&self) -> Kind {
+        self.text_decoder.kind()
     }
 
     /// Image embeddings `[images, 1 + patches, vision width]` for preprocessed pixels.

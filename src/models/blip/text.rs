@@ -55,18 +55,28 @@ struct LmHead {
     decoder: Linear,
 }
 
-/// Per-layer self-attention keys and values of the tokens decoded so far, `[rows, heads, past, head_dim]`.
+/// Per-layer self-attention keys and values of the tokens decoded so far.
+///
+/// Each layer's keys and values live in buffers `[rows, heads, capacity, head_dim]` whose first
+/// `len` positions are filled; a step writes its new positions in place, and the buffers grow by
+/// [`SelfAttnCache::GROWTH`] positions when full. Growing the history by concatenation instead
+/// copied every layer's whole history on every step.
 #[derive(Debug, Default)]
 pub struct SelfAttnCache {
     layers: Vec<(Tensor, Tensor)>,
+    len: i64,
 }
 
 impl SelfAttnCache {
+    /// Positions of room added whenever a buffer is made or is full.
+    const GROWTH: i64 = 16;
+
     pub fn past_len(&self) -> i64 {
-        self.layers.first().map_or(0, |(k, _)| k.size()[2])
+        self.len
     }
 
-    /// Keeps only the given rows (finished rows leave the batch).
+    /// Keeps only the given rows (finished rows leave the batch); the buffers keep their room,
+    /// so the next step writes in place instead of growing them again.
     pub fn select_rows(&mut self, rows: &Tensor) {
         for (k, v) in &mut self.layers {
             *k = k.index_select(0, rows);
@@ -77,29 +87,50 @@ impl SelfAttnCache {
     /// Forgets the first `n` positions of every row (padding no row needs any more).
     pub fn drop_leading(&mut self, n: i64) {
         for (k, v) in &mut self.layers {
-            let len = k.size()[2];
-            *k = k.narrow(2, n, len - n);
-            *v = v.narrow(2, n, len - n);
+            let capacity = k.size()[2];
+            *k = k.narrow(2, n, capacity - n);
+            *v = v.narrow(2, n, capacity - n);
         }
+        self.len -= n;
     }
 
     /// Appends `other`'s rows after this cache's rows. The shorter history is left-padded with
     /// zeros to the longer one's length; callers mask the padded positions.
     pub fn append_rows(&mut self, other: SelfAttnCache) {
-        let (a, b) = (self.past_len(), other.past_len());
-        let pad = |t: &Tensor, n: i64| {
+        let (a, b) = (self.len, other.len);
+        let pad = |t: &Tensor, len: i64, n: i64| {
+            let filled = t.narrow(2, 0, len);
             if n == 0 {
-                return t.shallow_clone();
+                return filled;
             }
             let mut size = t.size();
             size[2] = n;
-            Tensor::cat(&[Tensor::zeros(size.as_slice(), (t.kind(), t.device())), t.shallow_clone()], 2)
+            Tensor::cat(&[Tensor::zeros(size.as_slice(), (t.kind(), t.device())), filled], 2)
         };
         for ((k, v), (ok, ov)) in self.layers.iter_mut().zip(other.layers) {
-            *k = Tensor::cat(&[pad(k, (b - a).max(0)), pad(&ok, (a - b).max(0))], 0);
-            *v = Tensor::cat(&[pad(v, (b - a).max(0)), pad(&ov, (a - b).max(0))], 0);
+            *k = Tensor::cat(&[pad(k, a, (b - a).max(0)), pad(&ok, b, (a - b).max(0))], 0);
+            *v = Tensor::cat(&[pad(v, a, (b - a).max(0)), pad(&ov, b, (a - b).max(0))], 0);
         }
+        self.len = a.max(b);
     }
+}
+
+/// Writes `new` `[rows, heads, n, head_dim]` at positions `past..past + n` of `buffer`, making
+/// room first when needed, and returns the filled part `[rows, heads, past + n, head_dim]`.
+fn write_positions(buffer: &mut Tensor, past: i64, new: &Tensor) -> Tensor {
+    let n = new.size()[2];
+    let capacity = if buffer.defined() { buffer.size()[2] } else { 0 };
+    if capacity < past + n {
+        let mut size = new.size();
+        size[2] = past + n + SelfAttnCache::GROWTH;
+        let grown = Tensor::empty(size.as_slice(), (new.kind(), new.device()));
+        if past > 0 {
+            grown.narrow(2, 0, past).copy_(&buffer.narrow(2, 0, past));
+        }
+        *buffer = grown;
+    }
+    buffer.narrow(2, past, n).copy_(new);
+    buffer.narrow(2, 0, past + n)
 }
 
 /// Per-layer cross-attention keys and values, one entry per image: `[images, heads, patches, head_dim]`.
@@ -187,7 +218,7 @@ impl BlipTextDecoder {
             transform: Linear::new(&p.pp("transform.dense"), h, h)?,
             transform_norm: LayerNorm::new(&p.pp("transform.LayerNorm"), h, eps)?,
             act,
-            decoder: Linear::from_parts(decoder_weight, Some(decoder_bias)),
+            decoder: Linear::from_parts(decoder_weight, Some(decoder_bias)).packed(),
         };
         Ok(Self {
             word_embeddings,
@@ -201,6 +232,10 @@ impl BlipTextDecoder {
 
     pub fn max_positions(&self) -> i64 {
         self.max_positions
+    }
+
+    pub fn kind(&self) -> Kind {
+        self.word_embeddings.weight.kind()
     }
 
     pub fn vocab_size(&self) -> i64 {
@@ -275,6 +310,7 @@ impl BlipTextDecoder {
             let (k_past, v_past) = &mut cache.layers[i];
             x = layer.forward(&x, k_past, v_past, past, &cross.layers[i], rows_per_image, mask);
         }
+        cache.len = past + len;
         x
     }
 
@@ -300,13 +336,9 @@ impl DecoderLayer {
     ) -> Tensor {
         let a = &self.self_attn;
         let q = split_heads(&a.query.forward(x), a.heads);
-        let k = split_heads(&a.key.forward(x), a.heads);
-        let v = split_heads(&a.value.forward(x), a.heads);
-        let (k, v) =
-            if past == 0 { (k, v) } else { (Tensor::cat(&[&*k_past, &k], 2), Tensor::cat(&[&*v_past, &v], 2)) };
+        let k = write_positions(k_past, past, &split_heads(&a.key.forward(x), a.heads));
+        let v = write_positions(v_past, past, &split_heads(&a.value.forward(x), a.heads));
         let ctx = attention(&q, &k, &v, mask, a.scale);
-        *k_past = k;
-        *v_past = v;
         let x = a.norm.forward(&(a.dense.forward(&merge_heads(&ctx)) + x));
 
         let c = &self.cross_attn;
@@ -334,22 +366,19 @@ fn grouped_cross_attention(q: &Tensor, k: &Tensor, v: &Tensor, rows_per_image: &
             hd,
         ])
     };
-    let n = rows_per_image[0];
-    if rows_per_image.iter().all(|&r| r == n) {
-        return fold(q, k, v, images, n);
+    let widest = rows_per_image.iter().copied().max().unwrap_or(0);
+    if rows_per_image.iter().all(|&r| r == widest) {
+        return fold(q, k, v, images, widest);
     }
-    let mut start = 0;
-    let parts: Vec<Tensor> = rows_per_image
-        .iter()
-        .enumerate()
-        .map(|(i, &n)| {
-            let part = fold(&q.narrow(0, start, n), &k.narrow(0, i as i64, 1), &v.narrow(0, i as i64, 1), 1, n);
-            start += n;
-            part
-        })
-        .collect();
-    debug_assert_eq!(start, rows);
-    Tensor::cat(&parts, 0)
+    // Groups of different sizes (some candidates finished): every group is padded to the widest
+    // with zero queries, attended in one call, and the padding dropped; one kernel per layer
+    // instead of one per image.
+    let slots: Vec<i64> =
+        rows_per_image.iter().enumerate().flat_map(|(i, &n)| (0..n).map(move |j| i as i64 * widest + j)).collect();
+    debug_assert_eq!(slots.len() as i64, rows);
+    let slots = Tensor::from_slice(&slots).to_device(q.device());
+    let padded = q.new_zeros([images * widest, heads, len, hd], (q.kind(), q.device())).index_copy(0, &slots, q);
+    fold(&padded, k, v, images, widest).index_select(0, &slots)
 }
 
 /// Additive causal mask `[1, 1, len, past + len]` for new tokens that follow `past` cached ones.

@@ -107,7 +107,7 @@ impl Clip {
         Ok(Self {
             visual_projection: Linear::no_bias(&w.pp("visual_projection"), d, p)?,
             text_projection: Linear::no_bias(&w.pp("text_projection"), h, p)?,
-            logit_scale: w.get("logit_scale", &[])?,
+            logit_scale: w.get_exact("logit_scale", &[])?,
             vision,
             text,
             config,
@@ -115,10 +115,20 @@ impl Clip {
     }
 
     pub fn load(folder: &Path, device: Device) -> Result<Self, ModelError> {
+        Self::load_as(folder, device, Kind::Float)
+    }
+
+    /// Loads the checkpoint with its floating-point weights converted to `kind`.
+    pub fn load_as(folder: &Path, device: Device, kind: Kind) -> Result<Self, ModelError> {
         let config = ClipConfig::from_json(&read_config(folder)?)
             .map_err(|e| ModelError::Config(format!("{}/config.json: {e}", folder.display())))?;
-        let weights = Weights::from_folder(folder, device, Kind::Float)?;
+        let weights = Weights::from_folder(folder, device, kind)?;
         Self::new(config, &weights)
+    }
+
+    /// The floating-point kind the model computes in.
+    pub fn kind(&self) -> Kind {
+        self.text.token_embedding.weight.kind()
     }
 
     /// Projected, unnormalised image embeddings `[images, projection_dim]`.
@@ -149,7 +159,7 @@ impl Clip {
         let blocked = causal_blocked(len, 0, device)
             .view([1, 1, len, len]) // causal
             .logical_or(&attention_mask.eq(0).view([n, 1, 1, len])); // padding
-        let mask = Tensor::zeros([n, 1, len, len], (x.kind(), device)).masked_fill(&blocked, f64::from(f32::MIN));
+        let mask = Tensor::zeros([n, 1, len, len], (x.kind(), device)).masked_fill(&blocked, lowest(x.kind()));
         let x = t.final_layer_norm.forward(&t.encoder.forward(&x, Some(&mask)));
         let eos_at = if t.pool_at_argmax {
             input_ids.argmax(-1, false)
@@ -164,5 +174,14 @@ impl Clip {
     /// `exp(logit_scale)`, the temperature CLIP multiplies cosines by.
     pub fn logit_scale(&self) -> f64 {
         self.logit_scale.exp().double_value(&[])
+    }
+}
+
+/// The most negative finite value of `kind`: the mask value the reference uses (`finfo.min`).
+fn lowest(kind: Kind) -> f64 {
+    match kind {
+        Kind::Half => -65504.0,
+        Kind::BFloat16 => -3.3895313892515355e38,
+        _ => f64::from(f32::MIN),
     }
 }

@@ -80,6 +80,28 @@ pub fn warp(scores: &Tensor, params: &RowParams) -> Tensor {
     top_p(&scores, &params.top_p)
 }
 
+/// Samples one token per row (`u` `[rows, 1]`, each in (0, 1]) from the warped distribution,
+/// looking only at each row's best tokens (`max_k` ≥ every row's top-k, and below the vocabulary
+/// size): the same draw as warping and sampling the whole vocabulary, since top-k leaves nothing
+/// else, without the two full-vocabulary sorts per step. Top-k keeps every token tied with the
+/// k-th, so twice `max_k` tokens are looked at (bf16 logits tie often). Returns the tokens `[rows]`
+/// and whether some row's ties reach beyond even those (a scalar bool; then [`warp`] and
+/// [`sample`] over the whole vocabulary give the answer).
+pub fn sample_top_k(scores: &Tensor, params: &RowParams, max_k: i64, u: &Tensor) -> (Tensor, Tensor) {
+    let scores = scores / &params.temperature;
+    let window = (2 * max_k).min(scores.size()[1] - 1);
+    let (values, ids) = scores.topk(window + 1, -1, true, true);
+    let kth = values.gather(1, &(&params.top_k - 1).clamp_max(max_k - 1).unsqueeze(1), false);
+    let tie_beyond = values.narrow(1, window, 1).ge_tensor(&kth).any();
+    let (values, ids) = (values.narrow(1, 0, window), ids.narrow(1, 0, window));
+    let kept = values.masked_fill(&values.lt_tensor(&kth), f64::NEG_INFINITY);
+    // Vocabulary order, as the whole-vocabulary draw walks its cumulative distribution.
+    let (ids, order) = ids.sort(-1, false);
+    let kept = top_p(&kept.gather(1, &order, false), &params.top_p);
+    let pick = sample(&kept.softmax(-1, Kind::Float), u);
+    (ids.gather(1, &pick.unsqueeze(1), false).squeeze_dim(1), tie_beyond)
+}
+
 /// Picks, for each row, the token at which its cumulative probability first reaches `u`
 /// (`[rows, 1]`, each in (0, 1]); tokens of zero probability are never picked.
 pub fn sample(probs: &Tensor, u: &Tensor) -> Tensor {
@@ -132,6 +154,50 @@ mod tests {
         assert_eq!(picked, [1, 1, 3]);
         let u = Tensor::from_slice(&[1.0f32]).view([1, 1]);
         assert_eq!(Vec::<i64>::try_from(sample(&row(&[0.5, 0.5, 0.0]), &u)).unwrap(), [1]);
+    }
+
+    /// The top-k draw picks what the whole-vocabulary draw picks, for every row and threshold.
+    #[test]
+    fn sampling_within_top_k_matches_the_whole_vocabulary() {
+        tch::manual_seed(7);
+        let (rows, vocab) = (6, 300);
+        let scores = Tensor::randn([rows, vocab], (Kind::Float, tch::Device::Cpu)) * 3.0;
+        let params = RowParams {
+            repetition_penalty: Tensor::ones([rows, 1], (Kind::Float, tch::Device::Cpu)),
+            temperature: Tensor::from_slice(&[1.0f32, 0.7, 1.3, 1.0, 1.0, 2.0]).view([rows, 1]),
+            top_k: Tensor::from_slice(&[50i64, 1, 7, 50, 20, 3]),
+            top_p: Tensor::from_slice(&[0.9f32, 1.0, 0.5, 1.0, 0.99, 0.3]).view([rows, 1]),
+        };
+        for step in 0..50 {
+            let u = Tensor::rand([rows, 1], (Kind::Double, tch::Device::Cpu)).clamp_min(1e-9);
+            let whole = sample(&warp(&scores, &params).softmax(-1, Kind::Float), &u);
+            let (fast, tie) = sample_top_k(&scores, &params, 50, &u);
+            assert!(!bool::try_from(tie).unwrap());
+            assert_eq!(Vec::<i64>::try_from(fast).unwrap(), Vec::<i64>::try_from(whole).unwrap(), "step {step}");
+        }
+    }
+
+    #[test]
+    fn ties_at_the_kth_score_are_kept_or_reported() {
+        let params = |k: i64| RowParams {
+            repetition_penalty: Tensor::ones([1, 1], (Kind::Float, tch::Device::Cpu)),
+            temperature: Tensor::ones([1, 1], (Kind::Float, tch::Device::Cpu)),
+            top_k: Tensor::from_slice(&[k]),
+            top_p: Tensor::ones([1, 1], (Kind::Float, tch::Device::Cpu)),
+        };
+        let u = |x: f64| Tensor::from_slice(&[x]).view([1, 1]);
+        // k = 2 keeps 5.0 and the three tokens tied at 1.0: the window (4 tokens) holds them all.
+        let scores = row(&[1.0, 5.0, 1.0, 0.0, 1.0, -1.0]);
+        for x in [0.1, 0.9, 0.97, 0.99, 1.0] {
+            let (fast, tie) = sample_top_k(&scores, &params(2), 2, &u(x));
+            assert!(!bool::try_from(tie).unwrap());
+            let whole = sample(&warp(&scores, &params(2)).softmax(-1, Kind::Float), &u(x));
+            assert_eq!(i64::try_from(fast).unwrap(), i64::try_from(whole).unwrap(), "u = {x}");
+        }
+        // Five tokens tied at 1.0 reach beyond the window: reported.
+        let scores = row(&[5.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0]);
+        let (_, tie) = sample_top_k(&scores, &params(2), 2, &u(0.5));
+        assert!(bool::try_from(tie).unwrap());
     }
 
     #[test]

@@ -1,0 +1,264 @@
+//! `caption-cascade caption`: the origin's bulk job. Images (paths or URLs, from arguments or a
+//! list) are captioned concurrently, in-process or by a server over one CaptionStream call,
+//! printed in the origin job's format (or merged, or as JSON), recorded in a resumable JSONL
+//! file, with progress on stderr.
+
+mod progress;
+mod report;
+mod runner;
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    io::BufRead,
+    path::PathBuf,
+    time::Instant,
+};
+
+use clap::Args;
+use tokio::sync::mpsc;
+
+use crate::{
+    api::pb,
+    config::EngineArgs,
+    images::{EgressPolicy, FetchLimits},
+    models::generation::Strategy,
+};
+use progress::Progress;
+use report::{Mode, Record};
+use runner::{Done, Job, Remote, Shape, Target};
+
+#[derive(Debug, Args)]
+pub struct CaptionArgs {
+    /// Image files or http(s) URLs to caption.
+    #[arg(value_name = "IMAGE_OR_URL", required_unless_present = "input")]
+    pub images: Vec<String>,
+    /// A file listing images to caption, one path or URL per line (`-`: standard input); empty
+    /// lines and lines starting with `#` are skipped.
+    #[arg(long, value_name = "FILE")]
+    pub input: Option<PathBuf>,
+    /// Append one JSON object per image to this file (its result, or its error). A rerun with the
+    /// same file skips the images it already holds a result for, and retries the failed ones.
+    #[arg(long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+    /// Images in flight at once; enough to keep the batcher's batches full.
+    #[arg(long, default_value_t = 32)]
+    pub concurrency: usize,
+    /// Call a running server at this address (e.g. http://127.0.0.1:50051, or https://… for TLS)
+    /// over one CaptionStream call, instead of loading the models here.
+    #[arg(long, env = "CAPTION_ENDPOINT")]
+    pub endpoint: Option<String>,
+    /// PEM CA certificate the --endpoint server's TLS certificate must chain to.
+    #[arg(long, env = "CAPTION_ENDPOINT_CA", requires = "endpoint")]
+    pub endpoint_ca: Option<PathBuf>,
+    /// File holding the bearer token the --endpoint server asks for.
+    #[arg(long, env = "CAPTION_ENDPOINT_TOKEN_FILE", requires = "endpoint")]
+    pub endpoint_token_file: Option<PathBuf>,
+    /// Candidate captions BLIP writes per image.
+    #[arg(long, short = 'n', default_value_t = 10)]
+    pub num_candidates: u32,
+    /// Ranked captions printed per image.
+    #[arg(long, short = 'k', default_value_t = 3)]
+    pub top_k: u32,
+    /// Print each distinct caption once, with its copies' probabilities summed and how many
+    /// candidates it was, instead of one line per candidate as the origin job prints them.
+    #[arg(long, conflicts_with = "json")]
+    pub merge: bool,
+    /// Decode greedily instead of sampling.
+    #[arg(long, conflicts_with = "beams")]
+    pub greedy: bool,
+    /// Beam search with this many beams instead of sampling (candidates: the best beams).
+    #[arg(long)]
+    pub beams: Option<u32>,
+    /// Start every caption from this text (e.g. "a picture of").
+    #[arg(long)]
+    pub prompt: Option<String>,
+    /// Remove the prompt from the printed captions.
+    #[arg(long, requires = "prompt")]
+    pub strip_prompt: bool,
+    /// Use the origin notebook's decoding settings (sampling, top_p 0.9, repetition penalty 1.1, min_length 10, max_length 80).
+    #[arg(long)]
+    pub notebook: bool,
+    /// Seed of the sampler, for reproducible candidates.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Print one JSON object per image (merged captions) instead of text.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+}
+
+pub async fn run(args: CaptionArgs) -> anyhow::Result<()> {
+    let mut names = args.images.clone();
+    if let Some(input) = &args.input {
+        names.extend(read_list(input)?);
+    }
+    let mut output = match &args.output {
+        Some(path) => Some(report::Output::open(path)?),
+        None => None,
+    };
+    let done: HashSet<String> = output.as_ref().map(|o| o.done.clone()).unwrap_or_default();
+    let jobs: Vec<Job> = names
+        .iter()
+        .enumerate()
+        .filter(|(_, name)| !done.contains(*name))
+        .map(|(seq, name)| Job { seq, name: name.clone() })
+        .collect();
+    let skipped = names.len() - jobs.len();
+    if skipped > 0 {
+        eprintln!("caption: {skipped} of {} images already have a result in the output: skipped", names.len());
+    }
+    let mode = match (args.json, args.merge) {
+        (true, _) => Mode::Json,
+        (false, true) => Mode::Merged,
+        (false, false) => Mode::Origin,
+    };
+    let shape = Shape {
+        params: request_params(&args),
+        top_k: args.top_k,
+        // The origin lists every candidate; JSON and --merge show each distinct caption once.
+        each_candidate: mode == Mode::Origin,
+    };
+    let target = match &args.endpoint {
+        Some(endpoint) => Target::Remote(
+            Remote::connect(endpoint, args.endpoint_ca.as_deref(), args.endpoint_token_file.as_deref()).await?,
+        ),
+        None => {
+            let engine = args.engine.clone();
+            // Here the fetches act for the user running the command, who can reach every address
+            // this process can: the egress policy guards a server's network from its callers, so
+            // the --fetch-* flags do not apply.
+            let fetch = FetchLimits { egress: EgressPolicy::unrestricted(), ..engine.fetch_limits() };
+            Target::Local(
+                tokio::task::spawn_blocking(move || {
+                    crate::app::build_cascade_with(&engine, fetch, crate::app::ModelSet::BOTH)
+                })
+                .await??,
+            )
+        }
+    };
+
+    let total = jobs.len();
+    let mut remaining: HashSet<usize> = jobs.iter().map(|j| j.seq).collect();
+    let names_of: Vec<(usize, String)> = jobs.iter().map(|j| (j.seq, j.name.clone())).collect();
+    let (tx, mut rx) = mpsc::channel::<Done>(args.concurrency.max(1));
+    let concurrency = args.concurrency.max(1);
+    let worker = tokio::spawn({
+        let target = target.clone();
+        async move { target.run(jobs, shape, concurrency, tx).await }
+    });
+    let started = Instant::now();
+    let mut progress = Progress::new(total as u64);
+    let (mut ok, mut failed) = (0usize, 0usize);
+    // Results arrive in completion order: the output file takes them so, stdout in list order.
+    let order: Vec<usize> = names_of.iter().map(|(seq, _)| *seq).collect();
+    let mut printed = 0;
+    let mut waiting: BTreeMap<usize, Option<String>> = BTreeMap::new();
+    while let Some(done) = rx.recv().await {
+        remaining.remove(&done.seq);
+        let record = Record::of(&done);
+        if let Some(out) = output.as_mut() {
+            out.append(&record)?;
+        }
+        let shown = match &done.result {
+            Ok(outcome) => {
+                ok += 1;
+                Some(report::render(mode, &done.name, outcome, args.top_k, args.num_candidates))
+            }
+            Err(failure) => {
+                failed += 1;
+                progress.eprintln(&format!("Image: {}: error: {}", done.name, failure.message));
+                None
+            }
+        };
+        waiting.insert(done.seq, shown);
+        while let Some(shown) = order.get(printed).and_then(|seq| waiting.remove(seq)) {
+            if let Some(text) = shown {
+                progress.println(&text);
+            }
+            printed += 1;
+        }
+        progress.tick(failed);
+    }
+    // Answers that waited for one that never came are shown now, still in list order.
+    for text in std::mem::take(&mut waiting).into_values().flatten() {
+        progress.println(&text);
+    }
+    // Whatever the stream could not answer (the server went away) is recorded as failed, so a
+    // rerun with the same output picks it up.
+    let ended = worker.await?;
+    let (code, reason) = match &ended {
+        Err(status) => (status.code(), status.message().to_string()),
+        Ok(()) => (tonic::Code::Unavailable, "no answer came".to_string()),
+    };
+    for (seq, name) in names_of.iter().filter(|(seq, _)| remaining.contains(seq)) {
+        let done = Done::failed(*seq, name.clone(), code, reason.clone());
+        if let Some(out) = output.as_mut() {
+            out.append(&Record::of(&done))?;
+        }
+        progress.eprintln(&format!("Image: {name}: error: {reason}"));
+        failed += 1;
+    }
+    progress.finish();
+    let secs = started.elapsed().as_secs_f64();
+    eprintln!(
+        "caption: {ok} captioned, {failed} failed{} in {secs:.1} s ({:.2} images/s)",
+        if skipped > 0 { format!(", {skipped} skipped") } else { String::new() },
+        ok as f64 / secs.max(1e-9),
+    );
+    if let Target::Local(cascade) = target {
+        let scheduler = cascade.models().scheduler.clone();
+        tokio::task::spawn_blocking(move || scheduler.shutdown()).await?;
+    }
+    if failed > 0 {
+        anyhow::bail!("{failed} of {total} images failed");
+    }
+    Ok(())
+}
+
+/// The images a list file names, one per line.
+fn read_list(path: &std::path::Path) -> anyhow::Result<Vec<String>> {
+    let read = |r: &mut dyn BufRead| -> std::io::Result<Vec<String>> {
+        let mut names = Vec::new();
+        for line in r.lines() {
+            let line = line?;
+            let line = line.trim();
+            if !line.is_empty() && !line.starts_with('#') {
+                names.push(line.to_string());
+            }
+        }
+        Ok(names)
+    };
+    let names = if path.as_os_str() == "-" {
+        read(&mut std::io::stdin().lock())
+    } else {
+        std::fs::File::open(path).and_then(|f| read(&mut std::io::BufReader::new(f)))
+    };
+    names.map_err(|e| anyhow::anyhow!("--input {}: {e}", path.display()))
+}
+
+/// The request's generation parameters as the command line sets them.
+fn request_params(args: &CaptionArgs) -> pb::GenerationParams {
+    pb::GenerationParams {
+        num_candidates: Some(args.num_candidates),
+        decoding: match strategy(args) {
+            Strategy::Greedy => pb::Decoding::Greedy,
+            Strategy::Sample => pb::Decoding::Sample,
+            Strategy::Beam => pb::Decoding::Beam,
+        } as i32,
+        num_beams: args.beams,
+        seed: Some(args.seed),
+        prompt: args.prompt.clone(),
+        strip_prompt: Some(args.strip_prompt),
+        preset: if args.notebook { pb::Preset::Notebook } else { pb::Preset::Unspecified } as i32,
+        ..Default::default()
+    }
+}
+
+fn strategy(args: &CaptionArgs) -> Strategy {
+    match (args.greedy, args.beams) {
+        (true, _) => Strategy::Greedy,
+        (false, Some(_)) => Strategy::Beam,
+        (false, None) => Strategy::Sample,
+    }
+}

@@ -1,0 +1,168 @@
+//! How the bulk job shows its results: the origin job's printout (or merged captions, or JSON) on
+//! stdout, and one JSON record per image in the output file, which is also what a rerun resumes
+//! from.
+
+use std::{
+    collections::HashSet,
+    fs::{File, OpenOptions},
+    io::{BufRead, BufReader, Read, Seek, SeekFrom, Write},
+    path::Path,
+};
+
+use serde_json::{json, Value};
+use tonic::Code;
+
+use super::runner::{is_url, Done, Outcome};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// The origin's lines: every candidate, duplicates included, K of them.
+    Origin,
+    /// Each distinct caption once, with its summed probability and count.
+    Merged,
+    /// One JSON object per image.
+    Json,
+}
+
+/// What stdout shows for one captioned image.
+pub fn render(mode: Mode, name: &str, out: &Outcome, top_k: u32, num_candidates: u32) -> String {
+    let mut text = String::new();
+    match mode {
+        Mode::Json => return Record::success(name, out).0.to_string(),
+        Mode::Origin | Mode::Merged => {
+            text.push_str(&format!("Image: {}\n", origin_name(name)));
+            text.push_str(&format!("\tTop {top_k} captions ranked by CLIP:\n"));
+            for (i, c) in out.captions.iter().enumerate() {
+                text.push_str(&format!("\t\t{}: {}. (Caption probability: {:.2}", i + 1, c.text, c.probability));
+                if mode == Mode::Merged {
+                    text.push_str(&format!(", {} of {num_candidates} candidates", c.count));
+                }
+                text.push_str(")\n");
+            }
+            // The origin ends each block with print('\n'): two empty lines.
+            text.push_str("\n\n");
+        }
+    }
+    text
+}
+
+/// The origin's image name: the last path segment up to its first dot (`…/Paris-sunset.jpg` →
+/// `Paris-sunset`), as `os.path.basename(url).rsplit('.')[0]` gives it.
+pub fn origin_name(name: &str) -> &str {
+    let base = name.rsplit('/').next().unwrap_or(name);
+    base.split('.').next().unwrap_or(base)
+}
+
+/// One image's line in the output file.
+pub struct Record(Value);
+
+impl Record {
+    pub fn of(done: &Done) -> Self {
+        match &done.result {
+            Ok(out) => Self::success(&done.name, out),
+            Err(f) => Self(json!({
+                "image": done.name,
+                "key": f.key.clone().or_else(|| url_key(&done.name)),
+                "error": {"code": code_name(f.code), "message": f.message},
+            })),
+        }
+    }
+
+    fn success(name: &str, out: &Outcome) -> Self {
+        let captions: Vec<_> = out
+            .captions
+            .iter()
+            .map(|c| json!({"text": c.text, "probability": c.probability, "cosine": c.cosine, "count": c.count}))
+            .collect();
+        Self(json!({
+            "image": name,
+            "key": out.key,
+            "captions": captions,
+            "candidates": out.candidates,
+            "total_ms": out.total_ms,
+        }))
+    }
+}
+
+/// A URL is its own key even when it failed before reaching anything that says so.
+fn url_key(name: &str) -> Option<String> {
+    is_url(name).then(|| name.to_string())
+}
+
+/// gRPC's canonical name of a status code, as every gRPC library spells it.
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// The JSONL output file, appended to, and the images it already holds a result for.
+pub struct Output {
+    file: File,
+    pub done: HashSet<String>,
+}
+
+impl Output {
+    pub fn open(path: &Path) -> anyhow::Result<Self> {
+        let fail = |e: std::io::Error| anyhow::anyhow!("--output {}: {e}", path.display());
+        let mut file = OpenOptions::new().read(true).append(true).create(true).open(path).map_err(fail)?;
+        let mut done = HashSet::new();
+        for line in BufReader::new(&file).lines() {
+            // A line cut by an interrupted run does not parse and is simply not counted as done.
+            let Ok(record) = serde_json::from_str::<Value>(&line.map_err(fail)?) else { continue };
+            if let (Some(image), None) = (record["image"].as_str(), record.get("error")) {
+                done.insert(image.to_string());
+            }
+        }
+        // Start on a fresh line if the previous run was cut mid-line.
+        let len = file.seek(SeekFrom::End(0)).map_err(fail)?;
+        if len > 0 {
+            let mut last = [0u8];
+            file.seek(SeekFrom::End(-1)).map_err(fail)?;
+            file.read_exact(&mut last).map_err(fail)?;
+            if last[0] != b'\n' {
+                file.write_all(b"\n").map_err(fail)?;
+            }
+        }
+        Ok(Self { file, done })
+    }
+
+    /// Appends and flushes one record, so an interrupted run loses at most the line being written.
+    pub fn append(&mut self, record: &Record) -> anyhow::Result<()> {
+        let mut line = record.0.to_string();
+        line.push('\n');
+        self.file.write_all(line.as_bytes())?;
+        self.file.flush()?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_the_origins_basename_rule() {
+        assert_eq!(origin_name("https://example.com/photos/Paris-sunset.jpg"), "Paris-sunset");
+        assert_eq!(origin_name("examples/images/scene_1.png"), "scene_1");
+        assert_eq!(origin_name("a/b/archive.tar.gz"), "archive");
+        assert_eq!(origin_name("noext"), "noext");
+        assert_eq!(origin_name("http://host/dir/"), "");
+    }
+}

@@ -1,0 +1,215 @@
+//! The cascade tier's client of remote generators and rankers: client-side load balancing over
+//! every address an endpoint resolves to, health-checked and re-resolved as pods come and go;
+//! the caller's remaining deadline passed down; retries on UNAVAILABLE and RESOURCE_EXHAUSTED
+//! under a retry budget with jittered backoff; the correlation key in metadata; and metrics.
+
+mod pool;
+mod retry;
+
+use std::{path::Path, sync::Arc, time::Duration};
+
+use metrics::{counter, histogram};
+use tonic::{metadata::MetadataValue, transport::Channel, Code, Status};
+
+pub use pool::{Pool, UpstreamSpec};
+use retry::RetryBudget;
+
+use crate::{
+    api::pb,
+    backend::RankScore,
+    cascade::{CascadeError, Chain, UpstreamCall, Upstreams},
+    engine::EngineError,
+};
+
+/// Metadata that carries the correlation key to the upstreams, which log it with the call.
+pub const KEY_HEADER: &str = "x-caption-key";
+
+/// The Cascade use case over remote models.
+pub type RemoteChain = Chain<RemoteUpstreams>;
+
+pub struct RemoteUpstreams {
+    generator: Pool,
+    ranker: Pool,
+    token: Option<MetadataValue<tonic::metadata::Ascii>>,
+    budget: RetryBudget,
+}
+
+impl RemoteUpstreams {
+    /// Starts watching both upstreams; calls wait for nothing, they fail over to what is healthy.
+    pub fn start(
+        generator: UpstreamSpec,
+        ranker: UpstreamSpec,
+        token_file: Option<&Path>,
+        check_interval: Duration,
+    ) -> anyhow::Result<Self> {
+        let token = match token_file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| anyhow::anyhow!("--upstream-token-file {}: {e}", path.display()))?;
+                Some(
+                    format!("Bearer {}", text.trim())
+                        .parse()
+                        .map_err(|_| anyhow::anyhow!("--upstream-token-file: not a valid header value"))?,
+                )
+            }
+            None => None,
+        };
+        Ok(Self {
+            generator: Pool::start("caption.v1.Generator", generator, check_interval),
+            ranker: Pool::start("caption.v1.Ranker", ranker, check_interval),
+            token,
+            budget: RetryBudget::default(),
+        })
+    }
+
+    /// Whether the generator and the ranker each have a SERVING replica, as it changes.
+    pub fn ready(&self) -> [tokio::sync::watch::Receiver<bool>; 2] {
+        [self.generator.ready(), self.ranker.ready()]
+    }
+
+    /// One call with retries: `send` makes an attempt on the balanced channel with the request it
+    /// is given (deadline and metadata already set).
+    async fn call<M: Clone, T, F, Fut>(
+        &self,
+        pool: &Pool,
+        service: &'static str,
+        call: &UpstreamCall,
+        message: M,
+        send: F,
+    ) -> Result<T, CascadeError>
+    where
+        F: Fn(Channel, tonic::Request<M>) -> Fut,
+        Fut: std::future::Future<Output = Result<T, Status>>,
+    {
+        self.budget.deposit();
+        let mut attempt = 0u32;
+        loop {
+            let remaining = match call.deadline {
+                Some(deadline) => match deadline.checked_duration_since(std::time::Instant::now()) {
+                    Some(left) if !left.is_zero() => Some(left),
+                    // An expired call never reaches the model.
+                    _ => return Err(EngineError::DeadlineExceeded.into()),
+                },
+                None => None,
+            };
+            let mut request = tonic::Request::new(message.clone());
+            if let Some(left) = remaining {
+                request.set_timeout(left);
+            }
+            if let Ok(key) = MetadataValue::try_from(call.key.as_str()) {
+                request.metadata_mut().insert(KEY_HEADER, key);
+            }
+            if let Some(token) = &self.token {
+                request.metadata_mut().insert("authorization", token.clone());
+            }
+            let started = std::time::Instant::now();
+            // With no SERVING replica the balancer would wait for one until the deadline.
+            let result = if pool.is_ready() {
+                send(pool.channel(), request).await
+            } else {
+                Err(Status::unavailable(format!("no {service} replica is serving")))
+            };
+            histogram!("caption_upstream_duration_seconds", "service" => service)
+                .record(started.elapsed().as_secs_f64());
+            let status = match result {
+                // A connection that broke under the call (a replica killed) is the upstream being
+                // unavailable; tonic reports it as UNKNOWN "transport error".
+                Err(status) if status.code() == Code::Unknown && is_transport(&status) => {
+                    Status::unavailable(format!("the connection to a {service} replica broke"))
+                }
+                Ok(out) => {
+                    counter!("caption_upstream_requests_total", "service" => service, "code" => "Ok").increment(1);
+                    return Ok(out);
+                }
+                Err(status) => status,
+            };
+            counter!("caption_upstream_requests_total", "service" => service, "code" => format!("{:?}", status.code()))
+                .increment(1);
+            if status.code() == Code::Unavailable {
+                // A replica may have gone: look again now rather than at the next interval.
+                pool.recheck();
+            }
+            // Generate and Rank change nothing, so a call cut off on a dead replica may run again.
+            let retryable = matches!(status.code(), Code::Unavailable | Code::ResourceExhausted);
+            attempt += 1;
+            if retryable && attempt < retry::MAX_ATTEMPTS && self.budget.withdraw() {
+                let pause = retry::backoff(attempt);
+                let in_time = call.deadline.is_none_or(|d| std::time::Instant::now() + pause < d);
+                if in_time {
+                    counter!("caption_upstream_retries_total", "service" => service).increment(1);
+                    tracing::debug!(key = %call.key, service, code = ?status.code(), attempt, "retrying upstream call");
+                    tokio::time::sleep(pause).await;
+                    continue;
+                }
+            }
+            let expired = call.deadline.is_some_and(|d| std::time::Instant::now() >= d);
+            // tonic's client enforces the timeout it sends and calls it CANCELLED.
+            if expired && matches!(status.code(), Code::Cancelled | Code::DeadlineExceeded) {
+                return Err(EngineError::DeadlineExceeded.into());
+            }
+            return Err(CascadeError::Upstream { code: status.code() as i32, message: status.message().to_string() });
+        }
+    }
+}
+
+/// Whether `status` stands for a broken connection rather than an answer from the upstream.
+fn is_transport(status: &Status) -> bool {
+    let mut source = std::error::Error::source(status);
+    while let Some(e) = source {
+        if e.is::<tonic::transport::Error>() || e.is::<hyper::Error>() {
+            return true;
+        }
+        source = e.source();
+    }
+    status.message() == "transport error"
+}
+
+impl Upstreams for RemoteUpstreams {
+    type Params = Option<pb::GenerationParams>;
+
+    async fn generate(&self, call: &UpstreamCall, params: &Self::Params) -> Result<Vec<String>, CascadeError> {
+        let message = pb::GenerateRequest {
+            image: Some(pb::Image { source: Some(pb::image::Source::Data(call.image.to_vec())) }),
+            params: params.clone(),
+        };
+        let out = self
+            .call(&self.generator, "Generate", call, message, |channel, request| async move {
+                let mut client = pb::generator_client::GeneratorClient::new(channel)
+                    .max_decoding_message_size(usize::MAX)
+                    .max_encoding_message_size(usize::MAX);
+                client.generate(request).await
+            })
+            .await?;
+        Ok(out.into_inner().candidates.into_iter().map(|c| c.text).collect())
+    }
+
+    async fn rank(&self, call: &UpstreamCall, captions: Vec<String>) -> Result<Vec<RankScore>, CascadeError> {
+        let count = captions.len();
+        let message = pb::RankRequest {
+            image: Some(pb::Image { source: Some(pb::image::Source::Data(call.image.to_vec())) }),
+            captions,
+        };
+        let out = self
+            .call(&self.ranker, "Rank", call, message, |channel, request| async move {
+                let mut client = pb::ranker_client::RankerClient::new(channel)
+                    .max_decoding_message_size(usize::MAX)
+                    .max_encoding_message_size(usize::MAX);
+                client.rank(request).await
+            })
+            .await?;
+        // Back to the order sent: the ranker answers most probable first, with each one's index.
+        let mut scores = vec![None; count];
+        for c in out.into_inner().captions {
+            if let Some(slot) = scores.get_mut(c.index as usize) {
+                *slot = Some(RankScore { probability: c.probability, cosine: c.cosine, logit: c.logit });
+            }
+        }
+        scores
+            .into_iter()
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| EngineError::Internal("the ranker did not score every caption".into()).into())
+    }
+}
+
+/// Both upstreams of a chain, shared by the services.
+pub type SharedChain = Arc<RemoteChain>;

@@ -1,0 +1,177 @@
+//! The origin job's numbers and its bulk RPC over real gRPC: Caption's probabilities are the
+//! softmax over all N candidates (checked against Rank's softmax over the same N captions,
+//! duplicates included), merged or listed per candidate; CaptionStream answers every request by
+//! its id in completion order, one failure never ends it, and a stream works on a bounded number
+//! of requests at once.
+
+mod common;
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use caption_cascade::api::pb::{self, cascade_client::CascadeClient, ranker_client::RankerClient};
+use common::{free_port, png_image, scenes::draw_scene, shared_channel};
+use rand::{rngs::StdRng, SeedableRng};
+use tokio_stream::StreamExt;
+
+fn request(png: Vec<u8>, seed: u64, each_candidate: bool, top_k: u32) -> pb::CaptionRequest {
+    pb::CaptionRequest {
+        image: png_image(png),
+        // A high temperature makes the ten candidates a mix of repeats and distinct captions.
+        params: Some(pb::GenerationParams {
+            num_candidates: Some(10),
+            seed: Some(seed),
+            temperature: Some(1.6),
+            ..Default::default()
+        }),
+        top_k: Some(top_k),
+        each_candidate,
+    }
+}
+
+#[tokio::test]
+async fn caption_probabilities_are_the_softmax_over_all_candidates() {
+    let ch = shared_channel().await;
+    let mut cascade = CascadeClient::new(ch.clone());
+    let mut ranker = RankerClient::new(ch);
+    let mut rng = StdRng::seed_from_u64(77);
+    let mut saw_duplicates = false;
+    for seed in 0..6 {
+        let png = draw_scene(&mut rng).png();
+        let each = cascade.caption(request(png.clone(), seed, true, 10)).await.unwrap().into_inner();
+        let merged = cascade.caption(request(png.clone(), seed, false, 10)).await.unwrap().into_inner();
+        assert_eq!(each.candidates, merged.candidates, "same seed, same candidates");
+        let candidates = each.candidates.clone();
+        // The reference: CLIP's softmax over all N candidates, duplicates included, as the origin
+        // computes it.
+        let rank = ranker
+            .rank(pb::RankRequest { image: png_image(png), captions: candidates.clone() })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut reference = vec![0f32; candidates.len()];
+        for r in &rank.captions {
+            reference[r.index as usize] = r.probability;
+        }
+
+        assert_eq!(each.captions.len(), candidates.len(), "one entry per candidate");
+        for c in &each.captions {
+            assert_eq!(c.text, candidates[c.index as usize]);
+            assert_eq!(c.count, 1);
+            assert!(
+                (c.probability - reference[c.index as usize]).abs() < 1e-5,
+                "{c:?} vs {}",
+                reference[c.index as usize]
+            );
+        }
+        let total: f32 = merged.captions.iter().map(|c| c.probability).sum();
+        assert!((total - 1.0).abs() < 1e-5, "merged probabilities sum to {total}");
+        for c in &merged.captions {
+            let copies: Vec<usize> = (0..candidates.len()).filter(|&j| candidates[j] == c.text).collect();
+            saw_duplicates |= copies.len() > 1;
+            assert_eq!(c.count as usize, copies.len());
+            let want: f32 = copies.iter().map(|&j| reference[j]).sum();
+            assert!((c.probability - want).abs() < 1e-5, "{c:?}: the sum of its copies is {want}");
+        }
+        assert!(merged.captions.windows(2).all(|w| w[0].probability >= w[1].probability));
+        assert!(each.captions.windows(2).all(|w| w[0].probability >= w[1].probability));
+    }
+    assert!(saw_duplicates, "no scene had a repeated candidate: the merge went untested");
+}
+
+fn stream_item(id: &str, request: pb::CaptionRequest) -> pb::CaptionStreamRequest {
+    pb::CaptionStreamRequest { id: id.into(), request: Some(request) }
+}
+
+#[tokio::test]
+async fn a_stream_answers_every_request_by_id_and_goes_on_after_a_failure() {
+    let mut client = CascadeClient::new(shared_channel().await);
+    let mut rng = StdRng::seed_from_u64(3);
+    let (a, b) = (draw_scene(&mut rng).png(), draw_scene(&mut rng).png());
+    let items = vec![
+        stream_item("a-1", request(a.clone(), 1, false, 3)),
+        stream_item("bad", request(b"not an image".to_vec(), 1, false, 3)),
+        stream_item("a-2", request(a.clone(), 1, false, 3)),
+        stream_item("b", request(b.clone(), 2, true, 2)),
+        stream_item("empty", pb::CaptionRequest::default()),
+        pb::CaptionStreamRequest { id: "no-request".into(), request: None },
+    ];
+    let mut answers = client.caption_stream(futures::stream::iter(items)).await.unwrap().into_inner();
+    let mut by_id = HashMap::new();
+    while let Some(answer) = answers.next().await {
+        let answer = answer.expect("the stream itself never fails");
+        assert!(by_id.insert(answer.id.clone(), answer).is_none(), "one answer per id");
+    }
+    assert_eq!(by_id.len(), 6, "{:?}", by_id.keys());
+    let ok = |id: &str| match &by_id[id].result {
+        Some(pb::caption_stream_response::Result::Response(r)) => r.clone(),
+        other => panic!("{id}: {other:?}"),
+    };
+    let err = |id: &str| match &by_id[id].result {
+        Some(pb::caption_stream_response::Result::Error(e)) => e.clone(),
+        other => panic!("{id}: {other:?}"),
+    };
+    // The same image twice: two answers, told apart by id, with the same key and result.
+    assert_eq!(ok("a-1").captions, ok("a-2").captions);
+    assert!(by_id["a-1"].key.starts_with("sha256:") && by_id["a-1"].key == by_id["a-2"].key);
+    assert_eq!(ok("b").captions.len(), 2);
+    assert!(ok("b").captions.iter().all(|c| c.count == 1), "each_candidate is honoured per request");
+    // The bad image: its status and its key, and the stream went on past it.
+    let bad = err("bad");
+    assert_eq!(bad.code, tonic::Code::InvalidArgument as i32, "{bad:?}");
+    assert!(by_id["bad"].key.starts_with("sha256:"), "a failed image still has its key");
+    assert_eq!(err("empty").code, tonic::Code::InvalidArgument as i32);
+    assert_eq!(err("no-request").code, tonic::Code::InvalidArgument as i32);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_works_on_a_bounded_number_of_requests_at_once() {
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_caption-cascade"))
+        .args(["serve", "--device", "cpu", "--listen", &addr.to_string(), "--metrics-listen", &metrics.to_string()])
+        .args(["--max-stream-inflight", "2"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut client = CascadeClient::new(common::channel(addr).await);
+    let mut rng = StdRng::seed_from_u64(9);
+    let items: Vec<_> = (0..12)
+        .map(|i| {
+            let mut r = request(draw_scene(&mut rng).png(), i, false, 1);
+            r.params.as_mut().unwrap().max_length = Some(30);
+            stream_item(&i.to_string(), r)
+        })
+        .collect();
+    let answers = tokio::spawn(async move {
+        let mut answers = client.caption_stream(futures::stream::iter(items)).await.unwrap().into_inner();
+        let mut n = 0;
+        while let Some(a) = answers.next().await {
+            assert!(matches!(a.unwrap().result, Some(pb::caption_stream_response::Result::Response(_))));
+            n += 1;
+        }
+        n
+    });
+    let (mut peak, start) = (0.0f64, Instant::now());
+    while !answers.is_finished() {
+        let text = reqwest::get(format!("http://{metrics}/metrics")).await.unwrap().text().await.unwrap();
+        let inflight = text
+            .lines()
+            .find(|l| l.starts_with(r#"caption_inflight_requests{service="CaptionStream"}"#))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or(0.0);
+        peak = peak.max(inflight);
+        assert!(start.elapsed() < Duration::from_secs(120), "the stream never finished");
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+    assert_eq!(answers.await.unwrap(), 12, "every request answered");
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(peak, 2.0, "at most --max-stream-inflight at once, and that many in use");
+}

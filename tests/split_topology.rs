@@ -1,0 +1,284 @@
+//! The split topology on loopback, as Kubernetes would run it: two generator processes, one
+//! ranker and a cascade that holds no model. The cascade reports SERVING only once both
+//! upstreams do; captions equal the combined topology's for the same seed; the key reaches every
+//! tier's log; an expired call never reaches BLIP; and under concurrent load a generator killed
+//! with SIGKILL costs at most the calls it held, while traffic returns to it once it restarts.
+
+mod common;
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::{
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use caption_cascade::api::pb::{self, cascade_client::CascadeClient};
+use common::{free_port, png_image, scenes::draw_scene, shared_channel};
+use rand::{rngs::StdRng, SeedableRng};
+use tonic::{transport::Channel, Code};
+use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest};
+
+/// A server process, killed when dropped; its log goes to a file.
+struct Proc {
+    child: Child,
+    metrics: SocketAddr,
+    log: PathBuf,
+}
+
+fn addr() -> SocketAddr {
+    format!("127.0.0.1:{}", free_port()).parse().unwrap()
+}
+
+impl Proc {
+    fn start(name: &str, addr: SocketAddr, args: &[&str]) -> Self {
+        let metrics = self::addr();
+        let log = std::env::temp_dir().join(format!("cc-split-{}-{name}.log", std::process::id()));
+        let child = Command::new(env!("CARGO_BIN_EXE_caption-cascade"))
+            .args(["serve", "--device", "cpu", "--listen", &addr.to_string(), "--metrics-listen", &metrics.to_string()])
+            .args(args)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        Self { child, metrics, log }
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    async fn metric(&self, prefix: &str) -> f64 {
+        let Ok(resp) = reqwest::get(format!("http://{}/metrics", self.metrics)).await else { return 0.0 };
+        let text = resp.text().await.unwrap_or_default();
+        text.lines().filter(|l| l.starts_with(prefix)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+async fn health(addr: SocketAddr, service: &str) -> Option<i32> {
+    let ch = Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.ok()?;
+    let resp = HealthClient::new(ch).check(HealthCheckRequest { service: service.into() }).await.ok()?;
+    Some(resp.into_inner().status)
+}
+
+async fn wait_for(what: &str, within: Duration, mut check: impl AsyncFnMut() -> bool) {
+    let start = Instant::now();
+    while !check().await {
+        assert!(start.elapsed() < within, "{what}: not within {within:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn request(png: Vec<u8>, seed: u64) -> pb::CaptionRequest {
+    pb::CaptionRequest {
+        image: png_image(png),
+        params: Some(pb::GenerationParams { num_candidates: Some(6), seed: Some(seed), ..Default::default() }),
+        top_k: Some(3),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_split_deployment_captions_like_the_combined_one_and_survives_a_killed_generator() {
+    let (g1_addr, g2_addr, r_addr, c_addr) = (addr(), addr(), addr(), addr());
+    let endpoints = format!("http://{g1_addr},http://{g2_addr}");
+    // The cascade first: it holds no model and waits for its upstreams.
+    let cascade = Proc::start(
+        "cascade",
+        c_addr,
+        &[
+            "--services",
+            "cascade",
+            "--generator-endpoint",
+            &endpoints,
+            "--ranker-endpoint",
+            &format!("http://localhost:{}", r_addr.port()),
+            "--upstream-check-interval-ms",
+            "200",
+        ],
+    );
+    wait_for("the cascade answers health", Duration::from_secs(30), async || {
+        health(c_addr, "caption.v1.Cascade").await.is_some()
+    })
+    .await;
+    assert_eq!(
+        health(c_addr, "caption.v1.Cascade").await,
+        Some(ServingStatus::NotServing as i32),
+        "SERVING without upstreams"
+    );
+    assert!(!cascade.log().contains("loading models"), "a cascade over remote models loads none");
+    let mut g1 = Proc::start("g1", g1_addr, &["--services", "generator"]);
+    let g2 = Proc::start("g2", g2_addr, &["--services", "generator"]);
+    let ranker = Proc::start("ranker", r_addr, &["--services", "ranker"]);
+    wait_for("the cascade turns SERVING", Duration::from_secs(60), async || {
+        health(c_addr, "caption.v1.Cascade").await == Some(ServingStatus::Serving as i32)
+    })
+    .await;
+    assert!(ranker.log().contains("generator=false ranker=true"), "the ranker loads CLIP only");
+    // A generator process serves Generate only.
+    wait_for("the second generator is up", Duration::from_secs(60), async || {
+        health(g2_addr, "caption.v1.Generator").await == Some(ServingStatus::Serving as i32)
+    })
+    .await;
+    let ch = Channel::from_shared(format!("http://{g2_addr}")).unwrap().connect().await.unwrap();
+    let err = CascadeClient::new(ch).caption(request(vec![1], 0)).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unimplemented);
+
+    // Same seed, same captions as the combined topology.
+    let split = common::channel(c_addr).await;
+    let mut rng = StdRng::seed_from_u64(12);
+    let scenes: Vec<Vec<u8>> = (0..4).map(|_| draw_scene(&mut rng).png()).collect();
+    let mut combined = CascadeClient::new(shared_channel().await);
+    let mut client = CascadeClient::new(split.clone());
+    for (i, png) in scenes.iter().enumerate() {
+        let a = combined.caption(request(png.clone(), i as u64)).await.unwrap().into_inner();
+        let b = client.caption(request(png.clone(), i as u64)).await.unwrap().into_inner();
+        assert_eq!(a.candidates, b.candidates, "scene {i}");
+        assert_eq!(a.key, b.key);
+        let texts = |r: &pb::CaptionResponse| r.captions.iter().map(|c| (c.text.clone(), c.count)).collect::<Vec<_>>();
+        assert_eq!(texts(&a), texts(&b), "scene {i}");
+        for (x, y) in a.captions.iter().zip(&b.captions) {
+            assert!((x.probability - y.probability).abs() < 1e-5);
+        }
+        // The correlation key is in every tier's log lines for the call.
+        for tier in [&cascade, &ranker] {
+            assert!(tier.log().contains(&a.key), "{} misses the key {}", tier.log.display(), a.key);
+        }
+        assert!(g1.log().contains(&a.key) || g2.log().contains(&a.key), "no generator logged {}", a.key);
+    }
+
+    // An expired call never reaches BLIP.
+    let generated = g1.metric("caption_requests_total{service=\"Generate\"").await
+        + g2.metric("caption_requests_total{service=\"Generate\"").await;
+    let mut expired = tonic::Request::new(request(scenes[0].clone(), 99));
+    expired.set_timeout(Duration::from_nanos(1));
+    let err = client.caption(expired).await.unwrap_err();
+    assert!(matches!(err.code(), Code::DeadlineExceeded | Code::Cancelled), "{err:?}");
+    let after = g1.metric("caption_requests_total{service=\"Generate\"").await
+        + g2.metric("caption_requests_total{service=\"Generate\"").await;
+    assert_eq!(generated, after, "an expired call reached a generator");
+
+    // Concurrent load; one generator is killed in the middle, then restarted.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let callers: Vec<_> = (0..6)
+        .map(|c| {
+            let (mut client, stop, ok, failed) =
+                (CascadeClient::new(split.clone()), stop.clone(), ok.clone(), failed.clone());
+            let scenes = scenes.clone();
+            tokio::spawn(async move {
+                let mut n = 0u64;
+                while !stop.load(Ordering::SeqCst) {
+                    let req = request(scenes[(n as usize + c) % scenes.len()].clone(), 1000 * c as u64 + n);
+                    match client.caption(req).await {
+                        Ok(_) => ok.fetch_add(1, Ordering::SeqCst),
+                        Err(e) => {
+                            eprintln!("call failed: {e:?}");
+                            failed.fetch_add(1, Ordering::SeqCst)
+                        }
+                    };
+                    n += 1;
+                }
+            })
+        })
+        .collect();
+    wait_for("load is flowing", Duration::from_secs(30), async || ok.load(Ordering::SeqCst) >= 12).await;
+    let g1_inflight = g1.metric("caption_inflight_requests{service=\"Generate\"}").await;
+    g1.kill();
+    let killed_at = ok.load(Ordering::SeqCst);
+    wait_for("calls go on after the kill", Duration::from_secs(30), async || {
+        ok.load(Ordering::SeqCst) >= killed_at + 12
+    })
+    .await;
+    assert_eq!(cascade.metric("caption_upstream_replicas{service=\"caption.v1.Generator\"}").await, 1.0);
+    let lost = failed.load(Ordering::SeqCst);
+    println!(
+        "killed a generator holding {g1_inflight} calls: {lost} calls failed, retries {}",
+        cascade.metric("caption_upstream_retries_total").await
+    );
+    // The calls in flight on the killed replica are retried on the other: none fails.
+    assert_eq!(lost, 0, "{lost} calls failed across the kill");
+    // Back again on the same address: it is found and given traffic.
+    let g1 = Proc::start("g1-again", g1_addr, &["--services", "generator"]);
+    wait_for("the restarted generator takes traffic", Duration::from_secs(60), async || {
+        g1.metric("caption_requests_total{service=\"Generate\",code=\"Ok\"}").await >= 3.0
+    })
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    for c in callers {
+        c.await.unwrap();
+    }
+    assert_eq!(failed.load(Ordering::SeqCst), lost, "no failure once the replica set had settled");
+    println!("{} calls answered in all", ok.load(Ordering::SeqCst));
+    drop(g2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_hop_to_the_upstreams_can_use_tls_and_a_token() {
+    let tls = common::TlsFiles::new("split-tls");
+    let (ca, cert, key) = (&tls.ca, &tls.cert, &tls.key);
+    let dir = tls.dir.clone();
+    let token = dir.join("token");
+    std::fs::write(&token, "inner-secret\n").unwrap();
+    let wrong = dir.join("wrong");
+    std::fs::write(&wrong, "guess\n").unwrap();
+    let (g, r) = (addr(), addr());
+    // Both upstreams serve TLS and want the token.
+    let secured =
+        ["--tls-cert", cert.as_str(), "--tls-key", key.as_str(), "--auth-token-file", token.to_str().unwrap()];
+    let _generator = Proc::start("tls-g", g, &[&["--services", "generator"][..], &secured].concat());
+    let _ranker = Proc::start("tls-r", r, &[&["--services", "ranker"][..], &secured].concat());
+    let cascade_with = |name: &str, token_file: &std::path::Path| {
+        let c = addr();
+        let p = Proc::start(
+            name,
+            c,
+            &[
+                "--services",
+                "cascade",
+                "--generator-endpoint",
+                &format!("https://localhost:{}", g.port()),
+                "--ranker-endpoint",
+                &format!("https://localhost:{}", r.port()),
+                "--upstream-ca",
+                ca,
+                "--upstream-token-file",
+                token_file.to_str().unwrap(),
+                "--upstream-check-interval-ms",
+                "200",
+            ],
+        );
+        (p, c)
+    };
+    let (_good, good_addr) = cascade_with("tls-c", &token);
+    let (_bad, bad_addr) = cascade_with("tls-c-wrong", &wrong);
+    let png = draw_scene(&mut StdRng::seed_from_u64(4)).png();
+    for (addr, want) in [(good_addr, Code::Ok), (bad_addr, Code::Unauthenticated)] {
+        wait_for("the cascade turns SERVING over TLS", Duration::from_secs(60), async || {
+            health(addr, "caption.v1.Cascade").await == Some(ServingStatus::Serving as i32)
+        })
+        .await;
+        let mut client = CascadeClient::new(common::channel(addr).await);
+        let got = client.caption(request(png.clone(), 1)).await.map(|_| Code::Ok).unwrap_or_else(|s| s.code());
+        assert_eq!(got, want, "cascade at {addr}");
+    }
+}
