@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use crate::{
     backend::{device, BlipRunner, ClipRunner},
-    cascade::{Cascade, LocalModels},
+    cascade::{Cascade, LocalModels, ResultCacheConfig},
     config::EngineArgs,
     engine::{Scheduler, SystemClock},
     images::{FetchLimits, Fetcher, ImageCache},
@@ -26,17 +26,23 @@ impl ModelSet {
 /// Loads both models from their folders and builds the cascade, fetching under the egress
 /// policy `args` sets (the server's). Blocking: call it off the async runtime.
 pub fn build_cascade(args: &EngineArgs) -> anyhow::Result<Arc<Cascade>> {
-    build_cascade_with(args, args.fetch_limits(), ModelSet::BOTH)
+    build_cascade_with(args, args.fetch_limits(), ModelSet::BOTH, ResultCacheConfig::OFF)
 }
 
-/// As [`build_cascade`], loading only the models in `models` and fetching with `fetch`.
-pub fn build_cascade_with(args: &EngineArgs, fetch: FetchLimits, models: ModelSet) -> anyhow::Result<Arc<Cascade>> {
+/// As [`build_cascade`], loading only the models in `models`, fetching with `fetch` and keeping
+/// Caption answers as `results` says.
+pub fn build_cascade_with(
+    args: &EngineArgs,
+    fetch: FetchLimits,
+    models: ModelSet,
+    results: ResultCacheConfig,
+) -> anyhow::Result<Arc<Cascade>> {
     let device = args.device.resolve().map_err(anyhow::Error::msg)?;
     tracing::info!(?device, generator = models.generator, ranker = models.ranker, "loading models");
     let kind = args.dtype.resolve(device);
     let blip = models.generator.then(|| load_blip(args, device, kind)).transpose()?;
     let clip = models.ranker.then(|| load_clip(args, device, kind)).transpose()?;
-    assemble_with(args, fetch, blip, clip)
+    assemble_with(args, fetch, blip, clip, results)
 }
 
 fn load_blip(args: &EngineArgs, device: tch::Device, kind: tch::Kind) -> anyhow::Result<BlipRunner> {
@@ -59,7 +65,7 @@ pub fn load_runners(args: &EngineArgs) -> anyhow::Result<(BlipRunner, ClipRunner
 
 /// Starts the scheduler over loaded runners and builds the cascade around it.
 pub fn assemble(args: &EngineArgs, blip: BlipRunner, clip: ClipRunner) -> anyhow::Result<Arc<Cascade>> {
-    assemble_with(args, args.fetch_limits(), Some(blip), Some(clip))
+    assemble_with(args, args.fetch_limits(), Some(blip), Some(clip), ResultCacheConfig::OFF)
 }
 
 fn assemble_with(
@@ -67,6 +73,7 @@ fn assemble_with(
     fetch: FetchLimits,
     blip: Option<BlipRunner>,
     clip: Option<ClipRunner>,
+    results: ResultCacheConfig,
 ) -> anyhow::Result<Arc<Cascade>> {
     let device = args.device.resolve().map_err(anyhow::Error::msg)?;
     let init = Arc::new(device::executor_init(device, args.intra_op_threads(device)));
@@ -76,5 +83,5 @@ fn assemble_with(
     let fetcher = Fetcher::new(fetch).map_err(anyhow::Error::msg)?;
     let cache = ImageCache::new(usize::try_from(args.image_cache_bytes()).unwrap_or(usize::MAX));
     let models = LocalModels { scheduler, blip, clip };
-    Ok(Arc::new(Cascade::new(models, fetcher, cache, args.request_limits())))
+    Ok(Arc::new(Cascade::new(models, fetcher, cache, args.request_limits()).with_result_cache(results)))
 }

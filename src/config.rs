@@ -12,7 +12,7 @@ use crate::{
         edge::{EdgeConfig, TlsFiles},
     },
     backend::{DeviceChoice, Precision},
-    cascade::RequestLimits,
+    cascade::{RequestLimits, ResultCacheConfig},
     engine::{QueueConfig, SchedulerConfig},
     images::{DecodeLimits, EgressPolicy, FetchLimits},
     models::generation::GenerationLimits,
@@ -203,6 +203,16 @@ pub struct ServerArgs {
     /// Kubernetes probes when the main port has TLS or a token).
     #[arg(long, env = "CAPTION_HEALTH_LISTEN")]
     pub health_listen: Option<SocketAddr>,
+    /// Bytes of Caption answers kept to answer repeated deterministic requests (greedy, beam, or
+    /// sampling with a seed; same image content and parameters) without computing; least recently
+    /// used out; 0 turns the result cache off. URLs are revalidated with their origin (ETag,
+    /// Last-Modified) or fetched again, so a changed image is never answered from it.
+    #[arg(long, env = "CAPTION_RESULT_CACHE_BYTES", default_value_t = 0)]
+    pub result_cache_bytes: u64,
+    /// Seconds a cached Caption answer may be served; older ones are computed again (0 turns the
+    /// result cache off).
+    #[arg(long, env = "CAPTION_RESULT_CACHE_TTL_S", default_value_t = 300)]
+    pub result_cache_ttl_s: u64,
 }
 
 impl ServerArgs {
@@ -224,6 +234,14 @@ impl ServerArgs {
             tls,
             ..EdgeConfig::default()
         })
+    }
+
+    /// The result cache's settings (off when either is 0).
+    pub fn result_cache(&self) -> ResultCacheConfig {
+        ResultCacheConfig {
+            capacity_bytes: usize::try_from(self.result_cache_bytes).unwrap_or(usize::MAX),
+            ttl: Duration::from_secs(self.result_cache_ttl_s),
+        }
     }
 
     pub fn auth(&self) -> Result<Option<BearerToken>, String> {

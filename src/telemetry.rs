@@ -49,4 +49,23 @@ fn describe() {
     describe_gauge!("caption_image_cache_bytes", Unit::Bytes, "bytes of model-ready images kept by the image cache");
     describe_gauge!("caption_image_cache_entries", "images kept by the image cache");
     describe_counter!("caption_image_cache_evictions_total", "images evicted from the cache to stay within its bytes");
+    describe_counter!(
+        "caption_result_cache_hits_total",
+        "Caption answers served from the result cache (or from an identical call computing at once)"
+    );
+    describe_counter!("caption_result_cache_misses_total", "cacheable Caption calls computed (and then kept)");
+    describe_counter!(
+        "caption_result_cache_bypassed_total",
+        "Caption calls the result cache may not answer: sampling without a seed"
+    );
+    describe_gauge!(
+        "caption_result_cache_bytes",
+        Unit::Bytes,
+        "bytes held by the result cache (answers and the URLs' validators)"
+    );
+    describe_gauge!("caption_result_cache_entries", "answers kept by the result cache");
+    describe_counter!(
+        "caption_result_cache_revalidations_total",
+        "image URLs checked for a cacheable Caption: not_modified (304), changed (new bytes), no_validator (fetched in full)"
+    );
 }

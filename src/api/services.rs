@@ -9,7 +9,7 @@ use tracing::Instrument;
 
 use super::{convert, pb};
 use crate::{
-    cascade::{Cascade, CascadeError, ImageSource, Listing},
+    cascade::{Cascade, CascadeError, ImageSource, Listing, SeedOrigin},
     engine::{Admission, EngineError},
     models::generation::GenerationParams,
     upstream::{RemoteChain, KEY_HEADER},
@@ -209,12 +209,20 @@ impl Services {
         req: pb::CaptionRequest,
         admission: Admission,
     ) -> Result<pb::CaptionResponse, Status> {
-        let listing =
-            Listing { top_k: req.top_k.unwrap_or(DEFAULT_TOP_K) as usize, each_candidate: req.each_candidate };
+        // Every field by name: one added later must be weighed for the result cache's key, which
+        // covers the parameters and the listing (the image is `source`).
+        let pb::CaptionRequest { image: _, params, top_k, each_candidate } = req;
+        let listing = Listing { top_k: top_k.unwrap_or(DEFAULT_TOP_K) as usize, each_candidate };
         let out = match &self.chain {
             // The generator applies its own defaults to the parameters as sent.
-            Some(chain) => chain.caption(source, req.params, listing, admission).await?,
-            None => self.local()?.caption(source, self.params(req.params)?, listing, admission).await?,
+            Some(chain) => chain.caption(source, params, listing, admission).await?,
+            None => {
+                let seed = match params.as_ref().and_then(|p| p.seed) {
+                    Some(_) => SeedOrigin::Caller,
+                    None => SeedOrigin::Server,
+                };
+                self.local()?.caption(source, self.params(params)?, seed, listing, admission).await?
+            }
         };
         tracing::Span::current().record("key", out.key.as_str());
         Ok(pb::CaptionResponse {

@@ -1,6 +1,7 @@
 //! The Cascade use case when the models run in other processes: the image is resolved to bytes
 //! once here (a URL is fetched here, never by the upstreams), sent to the generator, then with the
-//! distinct candidates to the ranker, and the ranked list is built exactly as in-process.
+//! distinct candidates to the ranker, and the ranked list is built exactly as in-process. Answers
+//! of deterministic requests may come from the same [`ResultCache`] as in-process.
 
 use std::{
     future::Future,
@@ -10,7 +11,10 @@ use std::{
 
 use tokio::sync::Semaphore;
 
-use super::{key_of, listing, listing::distinct_with_counts, Captioned, CascadeError, ImageSource, Listing, Timings};
+use super::{
+    check_url, key_of, listing, listing::distinct_with_counts, Captioned, CascadeError, Identity, ImageInput,
+    ImageSource, Listing, ResultCache, ResultCacheConfig, Timings,
+};
 use crate::{
     backend::RankScore,
     engine::{Admission, EngineError},
@@ -44,17 +48,29 @@ pub trait Upstreams: Send + Sync + 'static {
         call: &UpstreamCall,
         captions: Vec<String>,
     ) -> impl Future<Output = Result<Vec<RankScore>, CascadeError>> + Send;
+
+    /// The result cache's identity of `params`: every field as sent (the generator resolves
+    /// them), or `None` when they do not make the answer repeatable (sampling without a seed).
+    fn identity(&self, params: &Self::Params) -> Option<Identity>;
 }
 
 pub struct Chain<U: Upstreams> {
     upstreams: U,
     fetcher: Fetcher,
     inflight: Semaphore,
+    /// Caption answers of deterministic requests (off unless set).
+    results: ResultCache,
 }
 
 impl<U: Upstreams> Chain<U> {
     pub fn new(upstreams: U, fetcher: Fetcher, max_inflight: usize) -> Self {
-        Self { upstreams, fetcher, inflight: Semaphore::new(max_inflight.max(1)) }
+        Self { upstreams, fetcher, inflight: Semaphore::new(max_inflight.max(1)), results: ResultCache::off() }
+    }
+
+    /// The chain with a result cache for its Caption answers.
+    pub fn with_result_cache(mut self, config: ResultCacheConfig) -> Self {
+        self.results = ResultCache::new(config);
+        self
     }
 
     pub fn upstreams(&self) -> &U {
@@ -73,23 +89,38 @@ impl<U: Upstreams> Chain<U> {
         if listing.top_k == 0 {
             return Err(InvalidParam { field: "top_k", reason: "must be at least 1".into() }.into());
         }
-        let (key, image) = match &source {
-            ImageSource::Url(url) => {
-                if url.is_empty() {
-                    return Err(InvalidParam { field: "image.url", reason: "is empty".into() }.into());
-                }
-                self.fetcher.check_url(url)?;
-                (url.clone(), Arc::new(self.fetcher.fetch(url).await?))
+        let identity = self.upstreams.identity(&params);
+        self.results
+            .caption(&self.fetcher, source, identity, listing, |image| {
+                self.caption_image(image, &params, listing, admission, start)
+            })
+            .await
+    }
+
+    async fn caption_image(
+        &self,
+        image: ImageInput,
+        params: &U::Params,
+        listing: Listing,
+        admission: Admission,
+        start: Instant,
+    ) -> Result<Captioned, CascadeError> {
+        let (key, image) = match image {
+            ImageInput::Source(ImageSource::Url(url)) => {
+                check_url(&self.fetcher, &url)?;
+                let bytes = Arc::new(self.fetcher.fetch(&url).await?);
+                (url, bytes)
             }
-            ImageSource::Bytes(data) => {
-                self.fetcher.check_inline(data)?;
-                (key_of(&source).await?, data.clone())
+            ImageInput::Source(ImageSource::Bytes(data)) => {
+                self.fetcher.check_inline(&data)?;
+                (key_of(&ImageSource::Bytes(data.clone())).await?, data)
             }
+            ImageInput::Content(content) => (content.key, content.bytes),
         };
         let fetch = start.elapsed();
         let call = UpstreamCall { key: key.clone(), image, deadline: admission.deadline };
         let t = Instant::now();
-        let candidates = self.upstreams.generate(&call, &params).await?;
+        let candidates = self.upstreams.generate(&call, params).await?;
         if candidates.is_empty() {
             return Err(EngineError::Internal("the generator returned no candidates".into()).into());
         }

@@ -1,17 +1,20 @@
 //! The captioning use cases behind the three services, usable in-process by the CLI too:
 //! validate the request, resolve the image once per key, preprocess it for each model off the
 //! async runtime, call the models through [`Models`] (in-process: the shared scheduler), and
-//! assemble ranked results with timings.
+//! assemble ranked results with timings. Caption answers of deterministic requests may come from
+//! the [`ResultCache`].
 
 mod chain;
 mod listing;
 mod models;
+mod result_cache;
 mod types;
 
 pub use chain::{Chain, UpstreamCall, Upstreams};
 use listing::distinct_with_counts;
 pub use listing::Listing;
 pub use models::{LocalModels, ModelScheduler, Models};
+pub use result_cache::{Content, Field, Identity, ImageInput, ResultCache, ResultCacheConfig, SeedOrigin};
 pub use types::*;
 
 use std::{
@@ -23,7 +26,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 
 use crate::{
-    backend::{GenerateInput, RankInput},
+    backend::{GenerateInput, Prompt, RankInput},
     engine::{Admission, EngineError},
     images::{
         cache::Lookup, decode_image, dimensions, CacheKey, DecodeError, DecodeLimits, Fetcher, ImageCache, ImageError,
@@ -81,6 +84,8 @@ pub struct Cascade<M: Models = LocalModels> {
     small_decode_slots: Semaphore,
     /// Admission slots; see [`RequestLimits::max_inflight`].
     inflight: Semaphore,
+    /// Caption answers of deterministic requests (off unless set).
+    results: ResultCache,
 }
 
 impl<M: Models> Cascade<M> {
@@ -91,7 +96,14 @@ impl<M: Models> Cascade<M> {
         let inflight = Semaphore::new(limits.max_inflight.max(1));
         let decode_slots = Semaphore::new(limits.max_concurrent_decodes.max(1));
         let small_decode_slots = Semaphore::new(limits.max_concurrent_decodes.max(1));
-        Self { models, fetcher, cache, limits, decode_slots, small_decode_slots, inflight }
+        let results = ResultCache::off();
+        Self { models, fetcher, cache, limits, decode_slots, small_decode_slots, inflight, results }
+    }
+
+    /// The cascade with a result cache for its Caption answers.
+    pub fn with_result_cache(mut self, config: ResultCacheConfig) -> Self {
+        self.results = ResultCache::new(config);
+        self
     }
 
     pub fn limits(&self) -> &RequestLimits {
@@ -124,7 +136,7 @@ impl<M: Models> Cascade<M> {
         let _admitted = self.admit()?;
         params.validate(&self.limits.generation)?;
         let prompt = self.models.prompt(&params)?;
-        let (key, image, fetch) = self.resolve(&source).await?;
+        let (key, image, fetch) = self.resolve(&ImageInput::Source(source)).await?;
         let t = Instant::now();
         let pixels = processor.normalize(prepared(&image.generator)?);
         let preprocess = t.elapsed();
@@ -149,7 +161,7 @@ impl<M: Models> Cascade<M> {
         let _admitted = self.admit()?;
         self.check_captions(&captions)?;
         let tokens = self.models.tokenize(&captions)?;
-        let (key, image, fetch) = self.resolve(&source).await?;
+        let (key, image, fetch) = self.resolve(&ImageInput::Source(source)).await?;
         let t = Instant::now();
         let pixels = processor.normalize(prepared(&image.ranker)?);
         let preprocess = t.elapsed();
@@ -162,26 +174,49 @@ impl<M: Models> Cascade<M> {
         })
     }
 
-    /// Generates candidates, scores the distinct ones and lists the best as `listing` asks.
+    /// Generates candidates, scores the distinct ones and lists the best as `listing` asks; a
+    /// deterministic request (`seed` says who chose the seed) may be answered from the result
+    /// cache.
     pub async fn caption(
         &self,
         source: ImageSource,
         params: GenerationParams,
+        seed: SeedOrigin,
         listing: Listing,
         admission: Admission,
     ) -> Result<Captioned, CascadeError> {
         let start = Instant::now();
-        let (Some(generator), Some(ranker)) = (self.models.generator_processor(), self.models.ranker_processor())
-        else {
+        if self.models.generator_processor().is_none() || self.models.ranker_processor().is_none() {
             return Err(EngineError::NotServed("generate and rank").into());
-        };
+        }
         let _admitted = self.admit()?;
         params.validate(&self.limits.generation)?;
         if listing.top_k == 0 {
             return Err(InvalidParam { field: "top_k", reason: "must be at least 1".into() }.into());
         }
         let prompt = self.models.prompt(&params)?;
-        let (key, image, fetch) = self.resolve(&source).await?;
+        let identity = Identity::of_params(&params, seed);
+        self.results
+            .caption(&self.fetcher, source, identity, listing, |image| {
+                self.caption_image(image, params, prompt, listing, admission, start)
+            })
+            .await
+    }
+
+    async fn caption_image(
+        &self,
+        image: ImageInput,
+        params: GenerationParams,
+        prompt: Prompt,
+        listing: Listing,
+        admission: Admission,
+        start: Instant,
+    ) -> Result<Captioned, CascadeError> {
+        let (Some(generator), Some(ranker)) = (self.models.generator_processor(), self.models.ranker_processor())
+        else {
+            return Err(EngineError::NotServed("generate and rank").into());
+        };
+        let (key, image, fetch) = self.resolve(&image).await?;
         let t = Instant::now();
         let (blip_px, clip_px) =
             (generator.normalize(prepared(&image.generator)?), ranker.normalize(prepared(&image.ranker)?));
@@ -254,34 +289,34 @@ impl<M: Models> Cascade<M> {
 
     /// The image's correlation key and what each model sees of it; the same image is fetched,
     /// decoded and resized once. The URL is checked before any lookup, so a string that is not
-    /// a fetchable URL never reaches the cache.
-    async fn resolve(&self, source: &ImageSource) -> Result<(String, Arc<PreparedImage>, Duration), CascadeError> {
+    /// a fetchable URL never reaches the cache. The bytes the result cache fetched are known by
+    /// their digest, never by the URL: pixels kept under the URL may be an older version's.
+    async fn resolve(&self, image: &ImageInput) -> Result<(String, Arc<PreparedImage>, Duration), CascadeError> {
         let start = Instant::now();
-        let (key, cache_key) = match source {
-            ImageSource::Url(url) => {
-                if url.is_empty() {
-                    return Err(InvalidParam { field: "image.url", reason: "is empty".into() }.into());
-                }
-                self.fetcher.check_url(url)?;
-                (url.clone(), CacheKey::Url(url.clone()))
+        let (key, cache_key, earlier) = match image {
+            ImageInput::Source(ImageSource::Url(url)) => {
+                check_url(&self.fetcher, url)?;
+                (url.clone(), CacheKey::Url(url.clone()), Duration::ZERO)
             }
-            ImageSource::Bytes(data) => {
+            ImageInput::Source(ImageSource::Bytes(data)) => {
                 self.fetcher.check_inline(data)?;
                 let digest = digest(data).await?;
-                (inline_key(&digest), CacheKey::Inline(digest))
+                (inline_key(&digest), CacheKey::Inline(digest), Duration::ZERO)
             }
+            ImageInput::Content(content) => (content.key.clone(), CacheKey::Inline(content.digest), content.fetch),
         };
         let (image, lookup) = self
             .cache
             .get_or_load(&cache_key, || async {
-                let bytes = match source {
-                    ImageSource::Url(url) => {
+                let bytes = match image {
+                    ImageInput::Source(ImageSource::Url(url)) => {
                         let fetched = self.fetcher.fetch(url).await;
                         let outcome = if fetched.is_ok() { "ok" } else { "error" };
                         metrics::counter!("caption_images_fetched_total", "outcome" => outcome).increment(1);
                         Arc::new(fetched?)
                     }
-                    ImageSource::Bytes(data) => data.clone(),
+                    ImageInput::Source(ImageSource::Bytes(data)) => data.clone(),
+                    ImageInput::Content(content) => content.bytes.clone(),
                 };
                 // Small images decode in a lane of their own, so a few huge ones cannot hold up
                 // normal traffic. Reading the header costs microseconds.
@@ -306,8 +341,17 @@ impl<M: Models> Cascade<M> {
         if lookup == Lookup::Hit {
             metrics::counter!("caption_image_cache_hits_total").increment(1);
         }
-        Ok((key, image, start.elapsed()))
+        Ok((key, image, earlier + start.elapsed()))
     }
+}
+
+/// Checks an image URL names something this server may fetch, before any lookup.
+fn check_url(fetcher: &Fetcher, url: &str) -> Result<(), CascadeError> {
+    if url.is_empty() {
+        return Err(InvalidParam { field: "image.url", reason: "is empty".into() }.into());
+    }
+    fetcher.check_url(url)?;
+    Ok(())
 }
 
 /// The pixels prepared for a model this process runs (prepared with the image, so always there).
@@ -422,14 +466,17 @@ mod tests {
         let c = cascade(vec!["a cat", "a dog sits", "a cat", "a"]);
         // The position limit of the models caps the request limit.
         assert_eq!(c.limits().generation.max_length, 20);
-        let out = c.caption(png(), c.default_params(), Listing::merged(2), Admission::default()).await.unwrap();
+        let out = c
+            .caption(png(), c.default_params(), SeedOrigin::Caller, Listing::merged(2), Admission::default())
+            .await
+            .unwrap();
         assert_eq!(out.candidates, ["a cat", "a dog sits", "a cat", "a"]);
         // Logits ln(len): over all four candidates, "a cat" has 5+5 of 5+10+5+1.
         let got: Vec<_> = out.captions.iter().map(|r| (r.text.as_str(), r.count, r.index)).collect();
         assert_eq!(got, [("a cat", 2, 0), ("a dog sits", 1, 1)]);
         assert!((out.captions[0].probability - 10.0 / 21.0).abs() < 1e-6);
         let each = Listing { top_k: 3, each_candidate: true };
-        let out = c.caption(png(), c.default_params(), each, Admission::default()).await.unwrap();
+        let out = c.caption(png(), c.default_params(), SeedOrigin::Caller, each, Admission::default()).await.unwrap();
         let got: Vec<_> = out.captions.iter().map(|r| (r.text.as_str(), r.count, r.index)).collect();
         assert_eq!(got, [("a dog sits", 1, 1), ("a cat", 1, 0), ("a cat", 1, 2)]);
         assert!(out.key.starts_with("sha256:"));
@@ -442,7 +489,8 @@ mod tests {
         assert!(matches!(c.generate(png(), bad, Admission::default()).await, Err(CascadeError::Invalid(_))));
         let long = vec!["y".repeat(65)];
         assert!(matches!(c.rank(png(), long, Admission::default()).await, Err(CascadeError::Invalid(_))));
-        let none = c.caption(png(), c.default_params(), Listing::merged(0), Admission::default()).await;
+        let none =
+            c.caption(png(), c.default_params(), SeedOrigin::Caller, Listing::merged(0), Admission::default()).await;
         assert!(matches!(none, Err(CascadeError::Invalid(_))));
         assert_eq!(c.models().calls.load(Ordering::SeqCst), 0);
     }

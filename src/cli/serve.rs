@@ -30,11 +30,13 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         tracing::info!(%addr, "serving Prometheus metrics");
     }
     let plan = Plan::of(&args.server)?;
+    let results = args.server.result_cache();
     let local = if plan.models.generator || plan.models.ranker {
         let (engine, models) = (args.engine.clone(), plan.models);
         let fetch = engine.fetch_limits();
         let cascade =
-            tokio::task::spawn_blocking(move || crate::app::build_cascade_with(&engine, fetch, models)).await??;
+            tokio::task::spawn_blocking(move || crate::app::build_cascade_with(&engine, fetch, models, results))
+                .await??;
         warm_up(&cascade).await?;
         Some(cascade)
     } else {
@@ -46,7 +48,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             let upstreams =
                 RemoteUpstreams::start(generator, ranker, args.server.upstream_token_file.as_deref(), interval)?;
             let fetcher = Fetcher::new(args.engine.fetch_limits()).map_err(anyhow::Error::msg)?;
-            Some(Arc::new(RemoteChain::new(upstreams, fetcher, args.engine.max_inflight)))
+            Some(Arc::new(RemoteChain::new(upstreams, fetcher, args.engine.max_inflight).with_result_cache(results)))
         }
         None => None,
     };

@@ -19,6 +19,8 @@ use super::ImageError;
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum CacheKey {
     Url(String),
+    /// SHA-256 of the encoded bytes: inline bytes, and the bytes the result cache fetched for a
+    /// URL (pixels kept by content, so never an older version of what the URL now serves).
     Inline([u8; 32]),
 }
 

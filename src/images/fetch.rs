@@ -1,5 +1,7 @@
 //! Fetching image bytes by URL: http(s) with a size cap, a timeout and the egress policy, and
 //! `file://` only for regular files below a directory the operator allowed, with the same bounds.
+//! A conditional variant asks the origin whether an image changed since a version it described
+//! (ETag, Last-Modified), through the same client, policy and limits.
 
 use std::{
     error::Error as StdError,
@@ -9,6 +11,7 @@ use std::{
     time::Duration,
 };
 
+use reqwest::{header, StatusCode};
 use url::Url;
 
 use super::{
@@ -108,14 +111,41 @@ impl Fetcher {
     }
 
     pub async fn fetch(&self, raw: &str) -> Result<Vec<u8>, ImageError> {
-        let url = self.check_url(raw)?;
-        match url.scheme() {
-            "file" => self.read_file(raw, &url).await,
-            _ => self.fetch_http(url).await,
+        Ok(self.fetch_fresh(raw).await?.bytes)
+    }
+
+    /// The image at `raw` with the validators of its version, when the origin gave usable ones.
+    pub async fn fetch_fresh(&self, raw: &str) -> Result<Fetched, ImageError> {
+        match self.get(raw, None).await? {
+            Conditional::Changed(fetched) => Ok(fetched),
+            // Only a request with validators is answered so (a 304 to another is a failure).
+            Conditional::NotModified { .. } => Err(ImageError::Fetch {
+                url: shown(raw),
+                reason: format!("server answered {}", StatusCode::NOT_MODIFIED),
+            }),
         }
     }
 
-    async fn fetch_http(&self, url: Url) -> Result<Vec<u8>, ImageError> {
+    /// Asks the origin for the image at `raw` only if it changed from the version `known`
+    /// describes (`If-None-Match`, `If-Modified-Since`), through the same client, egress policy,
+    /// redirect rule, size and time limits as [`Fetcher::fetch`]. A `file://` URL is read in full:
+    /// files have no validators.
+    pub async fn fetch_if_changed(&self, raw: &str, known: &Validators) -> Result<Conditional, ImageError> {
+        self.get(raw, Some(known)).await
+    }
+
+    async fn get(&self, raw: &str, known: Option<&Validators>) -> Result<Conditional, ImageError> {
+        let url = self.check_url(raw)?;
+        match url.scheme() {
+            "file" => {
+                let bytes = self.read_file(raw, &url).await?;
+                Ok(Conditional::Changed(Fetched { bytes, validators: None }))
+            }
+            _ => self.fetch_http(url, known).await,
+        }
+    }
+
+    async fn fetch_http(&self, url: Url, known: Option<&Validators>) -> Result<Conditional, ImageError> {
         let display = shown(url.as_str());
         let fail = |reason: String| ImageError::Fetch { url: display.clone(), reason };
         if self.limits.egress.check_url_host(&url).is_err() {
@@ -125,10 +155,24 @@ impl Fetcher {
             Failure::Denied => denied(display.clone()),
             Failure::Other(reason) => fail(reason),
         };
-        let mut resp = self.client.get(url).send().await.map_err(transport)?;
+        let mut request = self.client.get(url);
+        if let Some(known) = known {
+            if let Some(etag) = &known.etag {
+                request = request.header(header::IF_NONE_MATCH, etag.as_str());
+            }
+            if let Some(modified) = &known.last_modified {
+                request = request.header(header::IF_MODIFIED_SINCE, modified.as_str());
+            }
+        }
+        let mut resp = request.send().await.map_err(transport)?;
+        if resp.status() == StatusCode::NOT_MODIFIED && known.is_some() {
+            // Where the redirects (if any) led: the validators were about that resource.
+            return Ok(Conditional::NotModified { final_url: resp.url().to_string() });
+        }
         if !resp.status().is_success() {
             return Err(fail(format!("server answered {}", resp.status())));
         }
+        let validators = Validators::of(resp.headers(), resp.url());
         let limit = self.limits.max_bytes;
         if resp.content_length().is_some_and(|n| n > limit) {
             return Err(ImageError::TooLarge { limit });
@@ -140,7 +184,7 @@ impl Fetcher {
             }
             body.extend_from_slice(&chunk);
         }
-        Ok(body)
+        Ok(Conditional::Changed(Fetched { bytes: body, validators }))
     }
 
     async fn read_file(&self, raw: &str, url: &Url) -> Result<Vec<u8>, ImageError> {
@@ -177,6 +221,60 @@ impl Fetcher {
 enum FileRead {
     Unavailable,
     TooLarge,
+}
+
+/// What an origin said of the version of an image it sent, to ask it later whether the image
+/// changed. Only validators that change whenever the bytes do are kept: a strong ETag, and a
+/// Last-Modified at least a second older than the response's Date (RFC 9110 §8.8.2.2: a file
+/// changed twice within one second keeps its Last-Modified). A weak ETag (`W/"…"`) matches
+/// content the origin merely deems equivalent, so it is not used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Validators {
+    pub etag: Option<String>,
+    pub last_modified: Option<String>,
+    /// The URL the validators describe: where redirects, if any, led.
+    pub final_url: String,
+}
+
+impl Validators {
+    /// The usable validators of a 200 response, if it carried any.
+    fn of(headers: &header::HeaderMap, final_url: &Url) -> Option<Self> {
+        let text = |name| headers.get(name).and_then(|v: &header::HeaderValue| v.to_str().ok()).map(str::trim);
+        let etag = text(header::ETAG).filter(|t| t.starts_with('"') && t.len() >= 2 && t.ends_with('"'));
+        let date = text(header::DATE).and_then(|d| httpdate::parse_http_date(d).ok());
+        let last_modified = text(header::LAST_MODIFIED).filter(|lm| match (httpdate::parse_http_date(lm), date) {
+            (Ok(modified), Some(date)) => date.duration_since(modified).is_ok_and(|age| age >= Duration::from_secs(1)),
+            _ => false,
+        });
+        (etag.is_some() || last_modified.is_some()).then(|| Self {
+            etag: etag.map(String::from),
+            last_modified: last_modified.map(String::from),
+            final_url: final_url.to_string(),
+        })
+    }
+
+    /// Bytes these hold, for a cache that keeps them.
+    pub fn bytes(&self) -> usize {
+        let len = |s: &Option<String>| s.as_ref().map_or(0, String::len);
+        len(&self.etag) + len(&self.last_modified) + self.final_url.len() + std::mem::size_of::<Self>()
+    }
+}
+
+/// Bytes the origin sent, with the validators of their version if it gave usable ones.
+#[derive(Debug)]
+pub struct Fetched {
+    pub bytes: Vec<u8>,
+    pub validators: Option<Validators>,
+}
+
+/// The answer to a conditional fetch.
+#[derive(Debug)]
+pub enum Conditional {
+    /// The image (changed, or fetched for the first time).
+    Changed(Fetched),
+    /// 304: the version the validators describe is still current. `final_url`: where the
+    /// request ended up after redirects.
+    NotModified { final_url: String },
 }
 
 /// Reads `path` if it is a regular file of at most `max` bytes. Blocking.
@@ -390,6 +488,83 @@ mod tests {
             }
         });
         (addr, seen)
+    }
+
+    #[test]
+    fn only_validators_that_change_with_the_bytes_are_kept() {
+        let url = Url::parse("http://example.com/a.png").unwrap();
+        let of = |pairs: &[(&str, &str)]| {
+            let mut headers = header::HeaderMap::new();
+            for (name, value) in pairs {
+                headers.insert(name.parse::<header::HeaderName>().unwrap(), value.parse().unwrap());
+            }
+            Validators::of(&headers, &url).map(|v| (v.etag, v.last_modified))
+        };
+        let (lm, date) = ("Mon, 01 Jan 2024 00:00:00 GMT", "Mon, 01 Jan 2024 00:00:05 GMT");
+        assert_eq!(of(&[("etag", "\"v1\"")]), Some((Some("\"v1\"".into()), None)));
+        assert_eq!(of(&[("etag", "W/\"v1\"")]), None, "a weak ETag allows other bytes");
+        assert_eq!(of(&[("etag", "v1")]), None, "not an entity tag");
+        assert_eq!(of(&[("last-modified", lm), ("date", date)]), Some((None, Some(lm.into()))));
+        assert_eq!(of(&[("last-modified", lm)]), None, "no Date: the second may not be over");
+        assert_eq!(of(&[("last-modified", lm), ("date", lm)]), None, "changed within the second of the answer");
+        assert_eq!(of(&[("last-modified", "yesterday"), ("date", date)]), None);
+        let both = of(&[("etag", "\"v1\""), ("last-modified", lm), ("date", date)]);
+        assert_eq!(both, Some((Some("\"v1\"".into()), Some(lm.into()))));
+        assert_eq!(of(&[]), None);
+    }
+
+    #[tokio::test]
+    async fn conditional_fetches_send_the_validators_through_the_same_policy() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        // Answers 304 to `If-None-Match: "v1"`, else the image with ETag "v1"; keeps each request.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let requests = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((mut sock, _)) = listener.accept().await {
+                let requests = requests.clone();
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    let n = sock.read(&mut buf).await.unwrap_or(0);
+                    let request = String::from_utf8_lossy(&buf[..n]).to_lowercase();
+                    let reply: &[u8] = if request.contains("if-none-match: \"v1\"\r\n") {
+                        b"HTTP/1.1 304 Not Modified\r\nETag: \"v1\"\r\nConnection: close\r\n\r\n"
+                    } else {
+                        b"HTTP/1.1 200 OK\r\nETag: \"v1\"\r\nContent-Length: 3\r\nConnection: close\r\n\r\nimg"
+                    };
+                    requests.lock().unwrap().push(request);
+                    let _ = sock.write_all(reply).await;
+                });
+            }
+        });
+        let url = format!("http://127.0.0.1:{}/a.png", addr.port());
+        let allowed = Fetcher::new(FetchLimits {
+            egress: EgressPolicy::new(vec!["127.0.0.1/32".parse().unwrap()], Vec::new(), false),
+            ..Default::default()
+        })
+        .unwrap();
+        let fresh = allowed.fetch_fresh(&url).await.unwrap();
+        assert_eq!(fresh.bytes, b"img");
+        let validators = fresh.validators.expect("a strong ETag");
+        assert_eq!((validators.etag.as_deref(), validators.final_url.as_str()), (Some("\"v1\""), url.as_str()));
+        match allowed.fetch_if_changed(&url, &validators).await.unwrap() {
+            Conditional::NotModified { final_url } => assert_eq!(final_url, url),
+            other => panic!("{other:?}"),
+        }
+        let older = Validators { etag: Some("\"v0\"".into()), ..validators.clone() };
+        match allowed.fetch_if_changed(&url, &older).await.unwrap() {
+            Conditional::Changed(fetched) => assert_eq!(fetched.bytes, b"img"),
+            other => panic!("{other:?}"),
+        }
+        let sent = seen.lock().unwrap().clone();
+        assert_eq!(sent.len(), 3);
+        assert!(!sent[0].contains("if-none-match") && !sent[0].contains("if-modified-since"), "{}", sent[0]);
+        assert!(sent[2].contains("if-none-match: \"v0\"\r\n"), "{}", sent[2]);
+        // The egress policy applies to conditional fetches as to any other.
+        let denied = fetcher(None).fetch_if_changed(&url, &validators).await.unwrap_err();
+        assert!(matches!(denied, ImageError::DestinationDenied { .. }), "{denied}");
+        assert_eq!(seen.lock().unwrap().len(), 3, "no connection was made");
     }
 
     #[tokio::test]

@@ -10,7 +10,7 @@ pub mod fetch;
 pub use cache::{CacheKey, ImageCache};
 pub use caption_images::{decode_image, dimensions, resize, DecodeError, DecodeLimits, RgbImage};
 pub use egress::EgressPolicy;
-pub use fetch::{FetchLimits, Fetcher};
+pub use fetch::{Conditional, FetchLimits, Fetched, Fetcher, Validators};
 
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum ImageError {

@@ -9,7 +9,7 @@ not have, is checked field by field), and asserts what a deployer relies on: eac
 and each Service the port the server listens on and only its own pods, the cascade's endpoints
 name the generator's and ranker's headless Services and their pods' port, the server settings come
 from the values (TLS, mutual TLS and the tokens from their Secrets, the preStop sleep and the
-drain inside the grace period, the metrics port), every pod runs non-root on a read-only root
+drain inside the grace period, the metrics port, the result cache on the pods that answer Caption), every pod runs non-root on a read-only root
 filesystem, each HPA and PodDisruptionBudget targets its own Deployment's pods. Bad values
 (schema violations and combinations only the templates catch) must be refused.
 
@@ -74,6 +74,8 @@ SCENARIOS = [
             "env": {"CAPTION_GENERATE_MAX_BATCH": 16, "RUST_LOG": "debug"},
             "metrics": {"port": 9100},
             "service": {"port": 80},
+            # 4 GiB: larger than 32 bits, rendered as an integer.
+            "resultCache": {"bytes": 4 * 1024**3, "ttlSeconds": 600},
         },
     ),
     (
@@ -130,6 +132,7 @@ SCENARIOS = [
             "metrics": {"port": 9100},
             "serviceMonitor": {"enabled": True},
             "env": {"RUST_LOG": "info"},
+            "resultCache": {"bytes": 64 * 1024**2},
             "models": {
                 "source": "pull",
                 "pull": {
@@ -214,6 +217,13 @@ REFUSED = [
         {**SPLIT_ON, "cascade": {"env": {"CAPTION_GENERATOR_ENDPOINT": "http://x:1"}}},
         "use the value topology",
     ),
+    (
+        "env duplicates CAPTION_RESULT_CACHE_BYTES",
+        {"env": {"CAPTION_RESULT_CACHE_BYTES": "1"}},
+        "use the value resultCache.bytes",
+    ),
+    ("negative result cache bytes", {"resultCache": {"bytes": -1}}, "minimum"),
+    ("a result cache TTL of zero", {"resultCache": {"ttlSeconds": 0}}, "minimum"),
     ("client CA without TLS", {"tls": {"clientCASecretName": "ca"}}, "needs tls.secretName"),
     ("client CA without TLS, split", {**SPLIT_ON, "tls": {"clientCASecretName": "ca"}}, "needs tls.secretName"),
     ("grace below the schema's minimum", {"terminationGracePeriodSeconds": 3}, "want 6"),
@@ -564,6 +574,15 @@ def check_pod(component: str, deployment: dict, values: dict, services: dict[str
     else:
         for name in ("CAPTION_GENERATOR_ENDPOINT", "CAPTION_RANKER_ENDPOINT", "CAPTION_UPSTREAM_CA", "CAPTION_UPSTREAM_TOKEN_FILE"):
             expect(name not in env, f"{what}: {name} is set on the {component}")
+
+    # The result cache, on the pods that answer Caption only, when resultCache.bytes turns it on.
+    cache = values["resultCache"]
+    if int(cache["bytes"]) > 0 and component in ("combined", "cascade"):
+        for name, value in (("CAPTION_RESULT_CACHE_BYTES", cache["bytes"]), ("CAPTION_RESULT_CACHE_TTL_S", cache["ttlSeconds"])):
+            expect(env.get(name) == str(int(value)), f"{what}: {name}={env.get(name)!r}, want {int(value)}")
+    else:
+        for name in ("CAPTION_RESULT_CACHE_BYTES", "CAPTION_RESULT_CACHE_TTL_S"):
+            expect(name not in env, f"{what}: {name} is set, but the result cache is off or {component} answers no Caption")
 
     # Where the model folders come from.
     models = values["models"]

@@ -106,6 +106,13 @@ spec:
           value: "{{ sub (sub $grace $preStop) 5 }}"
         - name: CAPTION_METRICS_LISTEN
           value: "0.0.0.0:{{ $v.metrics.port }}"
+        {{- if and (gt (int64 $v.resultCache.bytes) 0) (has $component (list "combined" "cascade")) }}
+        # Caption answers kept by this pod (the pods that answer Caption).
+        - name: CAPTION_RESULT_CACHE_BYTES
+          value: {{ int64 $v.resultCache.bytes | quote }}
+        - name: CAPTION_RESULT_CACHE_TTL_S
+          value: {{ int64 $v.resultCache.ttlSeconds | quote }}
+        {{- end }}
         {{- if eq $component "cascade" }}
         {{- $scheme := ternary "https" "http" (ne $upstreamTLS "") }}
         # Headless Services: the names resolve to every ready pod, balanced client-side.
@@ -151,7 +158,7 @@ spec:
         {{- /* A second entry with one of these names would be a duplicate (the last one wins,
                server-side apply may refuse it) and CAPTION_LISTEN would move the server away
                from the probes' port, so point at the value to use instead. */}}
-        {{- $own := dict "CAPTION_LISTEN" "port" "CAPTION_HEALTH_LISTEN" "healthPort" "CAPTION_BLIP_MODEL" "models.blip" "CAPTION_CLIP_MODEL" "models.clip" "CAPTION_DEVICE" "device" "CAPTION_DRAIN_TIMEOUT_S" "terminationGracePeriodSeconds" "CAPTION_TLS_CERT" "tls.secretName" "CAPTION_TLS_KEY" "tls.secretName" "CAPTION_TLS_CLIENT_CA" "tls.clientCASecretName" "CAPTION_AUTH_TOKEN" "auth.tokenSecretName" "CAPTION_AUTH_TOKEN_FILE" "auth.tokenSecretName" "CAPTION_NO_REFLECTION" "reflection" "CAPTION_METRICS_LISTEN" "metrics.port" "CAPTION_SERVICES" "topology" "CAPTION_GENERATOR_ENDPOINT" "topology" "CAPTION_RANKER_ENDPOINT" "topology" "CAPTION_UPSTREAM_CA" "upstream.tls.caSecretName" "CAPTION_UPSTREAM_TOKEN_FILE" "upstream.token.secretName" }}
+        {{- $own := dict "CAPTION_LISTEN" "port" "CAPTION_HEALTH_LISTEN" "healthPort" "CAPTION_BLIP_MODEL" "models.blip" "CAPTION_CLIP_MODEL" "models.clip" "CAPTION_DEVICE" "device" "CAPTION_DRAIN_TIMEOUT_S" "terminationGracePeriodSeconds" "CAPTION_TLS_CERT" "tls.secretName" "CAPTION_TLS_KEY" "tls.secretName" "CAPTION_TLS_CLIENT_CA" "tls.clientCASecretName" "CAPTION_AUTH_TOKEN" "auth.tokenSecretName" "CAPTION_AUTH_TOKEN_FILE" "auth.tokenSecretName" "CAPTION_NO_REFLECTION" "reflection" "CAPTION_METRICS_LISTEN" "metrics.port" "CAPTION_SERVICES" "topology" "CAPTION_GENERATOR_ENDPOINT" "topology" "CAPTION_RANKER_ENDPOINT" "topology" "CAPTION_UPSTREAM_CA" "upstream.tls.caSecretName" "CAPTION_UPSTREAM_TOKEN_FILE" "upstream.token.secretName" "CAPTION_RESULT_CACHE_BYTES" "resultCache.bytes" "CAPTION_RESULT_CACHE_TTL_S" "resultCache.ttlSeconds" }}
         {{- $env := merge (deepCopy ($s.env | default dict)) (deepCopy ($v.env | default dict)) }}
         {{- range $name, $value := $env }}
         {{- if hasKey $own $name }}

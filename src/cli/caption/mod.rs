@@ -19,6 +19,7 @@ use tokio::sync::mpsc;
 
 use crate::{
     api::pb,
+    cascade::ResultCacheConfig,
     config::EngineArgs,
     images::{EgressPolicy, FetchLimits},
     models::generation::Strategy,
@@ -131,7 +132,7 @@ pub async fn run(args: CaptionArgs) -> anyhow::Result<()> {
             let fetch = FetchLimits { egress: EgressPolicy::unrestricted(), ..engine.fetch_limits() };
             Target::Local(
                 tokio::task::spawn_blocking(move || {
-                    crate::app::build_cascade_with(&engine, fetch, crate::app::ModelSet::BOTH)
+                    crate::app::build_cascade_with(&engine, fetch, crate::app::ModelSet::BOTH, ResultCacheConfig::OFF)
                 })
                 .await??,
             )

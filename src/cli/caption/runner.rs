@@ -19,7 +19,7 @@ use tonic::{
 
 use crate::{
     api::{convert, pb},
-    cascade::{Cascade, ImageSource, Listing},
+    cascade::{Cascade, ImageSource, Listing, SeedOrigin},
     engine::Admission,
 };
 
@@ -135,7 +135,8 @@ async fn caption_here(cascade: &Cascade, name: &str, shape: &Shape) -> Result<Ou
         cascade.limits().generation.max_length,
     )?;
     let listing = Listing { top_k: shape.top_k as usize, each_candidate: shape.each_candidate };
-    let out = cascade.caption(source, params, listing, Admission::default()).await.map_err(Status::from)?;
+    let seed = if shape.params.seed.is_some() { SeedOrigin::Caller } else { SeedOrigin::Server };
+    let out = cascade.caption(source, params, seed, listing, Admission::default()).await.map_err(Status::from)?;
     Ok(Outcome {
         key: out.key,
         captions: out.captions.into_iter().map(pb::RankedCaption::from).collect(),

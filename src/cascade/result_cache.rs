@@ -1,0 +1,873 @@
+//! The result cache of `Cascade.Caption` (each `CaptionStream` item goes through it too), shared
+//! by the in-process cascade and the split tier's chain. It owns which requests it may answer
+//! (deterministic ones), their key (the image's content and every parameter that changes the
+//! answer), the store (bounded in bytes, least recently used out, answers older than the time to
+//! live never served), each URL's validators so that a changed image is never answered from it,
+//! and its metrics.
+//!
+//! A URL is never trusted for its content: every request learns the image's current bytes, or
+//! that they did not change. When an answer is kept for the content last seen at a URL and the
+//! origin described that content with validators (a strong ETag, a Last-Modified), the request
+//! asks with a conditional GET: 304 is answered from the cache, a 200 brings new bytes, which are
+//! keyed by their digest and, on a miss, computed from. Without validators the image is fetched
+//! in full every time and keyed by its digest.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    future::Future,
+    mem::size_of,
+    sync::{Arc, Mutex, MutexGuard},
+    time::{Duration, Instant},
+};
+
+use metrics::{counter, gauge};
+use sha2::{Digest, Sha256};
+use tokio::sync::OnceCell;
+
+use super::{check_url, digest, inline_key, Captioned, CascadeError, ImageSource, Listing, RankedCaption, Timings};
+use crate::{
+    images::{Conditional, Fetched, Fetcher, Validators},
+    models::generation::{GenerationParams, Strategy},
+};
+
+/// How much the result cache keeps, and for how long.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResultCacheConfig {
+    /// Bytes of answers (and of the URLs' validators) kept; 0 turns the cache off.
+    pub capacity_bytes: usize,
+    /// Age from which an answer is never served; zero turns the cache off.
+    pub ttl: Duration,
+}
+
+impl ResultCacheConfig {
+    pub const OFF: Self = Self { capacity_bytes: 0, ttl: Duration::ZERO };
+}
+
+/// Who chose a request's sampling seed. A seed the server drew makes a sampled answer
+/// unrepeatable, so such a request is never answered from the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SeedOrigin {
+    Caller,
+    Server,
+}
+
+/// A value as the identity encodes it.
+pub trait Field {
+    fn encode(&self, out: &mut Vec<u8>);
+}
+
+impl Field for u32 {
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.to_le_bytes());
+    }
+}
+
+impl Field for u64 {
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.to_le_bytes());
+    }
+}
+
+impl Field for i32 {
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.to_le_bytes());
+    }
+}
+
+/// By its bits: two spellings of one number that differ in bits (0.0 and -0.0) are two keys,
+/// which costs a hit at worst.
+impl Field for f32 {
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.to_bits().to_le_bytes());
+    }
+}
+
+impl Field for bool {
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.push(u8::from(*self));
+    }
+}
+
+impl Field for str {
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(self.as_bytes());
+    }
+}
+
+impl Field for String {
+    fn encode(&self, out: &mut Vec<u8>) {
+        self.as_str().encode(out);
+    }
+}
+
+/// Absent and present never encode alike (an unset prompt is not an empty one).
+impl<T: Field> Field for Option<T> {
+    fn encode(&self, out: &mut Vec<u8>) {
+        match self {
+            None => out.push(0),
+            Some(v) => {
+                out.push(1);
+                v.encode(out);
+            }
+        }
+    }
+}
+
+/// What decides a Caption answer besides the image, in a canonical encoding: each field is its
+/// name and its value, both length-prefixed, in a fixed order, so two requests encode alike only
+/// when every field is equal. Only deterministic requests have one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity(Vec<u8>);
+
+impl Identity {
+    /// The identity of a request decoded with `strategy`, its parameters spelt as `scope` says,
+    /// or `None` when its answer is not repeatable: sampling without the caller's seed. Greedy
+    /// and beam search never read the seed (only sampled rows draw from it), so it is left out
+    /// of theirs; a sampled request's includes it.
+    pub fn deterministic(scope: &str, strategy: Strategy, caller_seed: Option<u64>) -> Option<Self> {
+        let id = Self(Vec::new()).with("scope", scope);
+        Some(match strategy {
+            Strategy::Greedy => id.with("strategy", "greedy"),
+            Strategy::Beam => id.with("strategy", "beam"),
+            Strategy::Sample => id.with("strategy", "sample").with("seed", &caller_seed?),
+        })
+    }
+
+    /// The identity of an in-process request: every generation parameter as resolved (preset,
+    /// defaults and limits applied), which is what the models see.
+    pub fn of_params(params: &GenerationParams, seed: SeedOrigin) -> Option<Self> {
+        // Field by field, without `..`: a parameter added later does not compile here until it
+        // is weighed.
+        let GenerationParams {
+            num_candidates,
+            max_length,
+            min_length,
+            strategy,
+            temperature,
+            top_k,
+            top_p,
+            repetition_penalty,
+            seed: value,
+            prompt,
+            strip_prompt,
+            num_beams,
+            length_penalty,
+            early_stopping,
+        } = params;
+        let caller_seed = (seed == SeedOrigin::Caller).then_some(*value);
+        Some(
+            Self::deterministic("resolved", *strategy, caller_seed)?
+                .with("num_candidates", num_candidates)
+                .with("max_length", max_length)
+                .with("min_length", min_length)
+                .with("temperature", temperature)
+                .with("top_k", top_k)
+                .with("top_p", top_p)
+                .with("repetition_penalty", repetition_penalty)
+                .with("prompt", prompt)
+                .with("strip_prompt", strip_prompt)
+                .with("num_beams", num_beams)
+                .with("length_penalty", length_penalty)
+                .with("early_stopping", early_stopping),
+        )
+    }
+
+    /// Appends one field.
+    pub fn with<T: Field + ?Sized>(mut self, name: &str, value: &T) -> Self {
+        let mut encoded = Vec::new();
+        value.encode(&mut encoded);
+        for part in [name.as_bytes(), &encoded] {
+            self.0.extend_from_slice(&(part.len() as u64).to_le_bytes());
+            self.0.extend_from_slice(part);
+        }
+        self
+    }
+
+    /// The identity with how the answer lists its captions.
+    fn with_listing(self, listing: Listing) -> Self {
+        let Listing { top_k, each_candidate } = listing;
+        self.with("listing.top_k", &(top_k as u64)).with("listing.each_candidate", &each_candidate)
+    }
+}
+
+type Key = [u8; 32];
+
+/// The cache key: SHA-256 over the image's content digest and the request's identity.
+fn result_key(content: &Key, identity: &Identity) -> Key {
+    let mut hasher = Sha256::new();
+    hasher.update(b"caption-cascade result v1\0");
+    hasher.update(content);
+    hasher.update(&identity.0);
+    hasher.finalize().into()
+}
+
+/// The image a Caption computation starts from.
+#[derive(Debug)]
+pub enum ImageInput {
+    /// Not through the result cache: the source as the caller gave it, resolved as ever.
+    Source(ImageSource),
+    /// The image's current bytes, as the result cache was given or fetched them.
+    Content(Content),
+}
+
+#[derive(Debug)]
+pub struct Content {
+    /// The request's correlation key (its URL, or `sha256:<hex>` of its bytes).
+    pub key: String,
+    pub bytes: Arc<Vec<u8>>,
+    /// SHA-256 of `bytes`.
+    pub digest: Key,
+    /// Time spent fetching (or revalidating) and hashing them.
+    pub fetch: Duration,
+}
+
+/// What is kept of an answer: everything a Caption response carries except the key and the
+/// timings, which belong to each call.
+#[derive(Debug)]
+struct Answer {
+    captions: Vec<RankedCaption>,
+    candidates: Vec<String>,
+}
+
+/// Bookkeeping bytes per kept item beyond its own fields: its hash-map slot and its nodes in the
+/// recency (and age) indexes, estimated.
+const INDEX_OVERHEAD: usize = 64;
+
+impl Answer {
+    fn of(out: &Captioned) -> Self {
+        Self { captions: out.captions.clone(), candidates: out.candidates.clone() }
+    }
+
+    /// Bytes the kept answer holds: its strings, the structs around them, its key (in the map
+    /// and the age index) and the indexes' share.
+    fn bytes(&self) -> usize {
+        let captions: usize = self.captions.iter().map(|c| size_of::<RankedCaption>() + c.text.len()).sum();
+        let candidates: usize = self.candidates.iter().map(|c| size_of::<String>() + c.len()).sum();
+        captions + candidates + size_of::<Self>() + size_of::<Entry>() + 2 * size_of::<Key>() + INDEX_OVERHEAD
+    }
+
+    fn answer(&self, key: String, timings: Timings) -> Captioned {
+        Captioned { key, captions: self.captions.clone(), candidates: self.candidates.clone(), timings }
+    }
+}
+
+struct Entry {
+    answer: Arc<Answer>,
+    bytes: usize,
+    stored: Instant,
+    /// Position in `State::recency`.
+    tick: u64,
+    /// Position in `State::by_age`.
+    seq: u64,
+}
+
+/// What the origin said of the content last fetched from a URL.
+struct Known {
+    validators: Validators,
+    /// SHA-256 of the bytes that came with `validators`.
+    digest: Key,
+    bytes: usize,
+    tick: u64,
+}
+
+/// An item of the recency order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Held {
+    Answer(Key),
+    Url(Arc<str>),
+}
+
+type Slot = Arc<OnceCell<Arc<Answer>>>;
+
+#[derive(Default)]
+struct State {
+    answers: HashMap<Key, Entry>,
+    urls: HashMap<Arc<str>, Known>,
+    /// Computations in progress, which identical requests join.
+    computing: HashMap<Key, Slot>,
+    /// Answers and URLs by last use, oldest first.
+    recency: BTreeMap<u64, Held>,
+    /// Answers by when they were stored, oldest first: the order they expire in.
+    by_age: BTreeMap<u64, Key>,
+    next_tick: u64,
+    bytes: usize,
+}
+
+/// Caption answers by image content and request identity, with each URL's validators. Its state
+/// sits behind a std `Mutex` that no code holds across an `.await`. Concurrent identical misses
+/// are coalesced (see [`ResultCache::caption`]).
+pub struct ResultCache {
+    config: ResultCacheConfig,
+    state: Mutex<State>,
+}
+
+impl ResultCache {
+    pub fn new(config: ResultCacheConfig) -> Self {
+        Self { config, state: Mutex::default() }
+    }
+
+    pub fn off() -> Self {
+        Self::new(ResultCacheConfig::OFF)
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.config.capacity_bytes > 0 && !self.config.ttl.is_zero()
+    }
+
+    /// Bytes held (answers and URLs' validators).
+    pub fn bytes(&self) -> usize {
+        self.lock().bytes
+    }
+
+    /// Answers held, expired ones included until they are next looked at.
+    pub fn len(&self) -> usize {
+        self.lock().answers.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Every statement that holds the lock leaves the state consistent; no lock is held
+        // across an await.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A Caption call through the cache: `compute` is called with the image to caption when the
+    /// answer is not kept — with the bytes this call fetched or was given when the request is
+    /// cacheable (so it never sees pixels cached under a URL for an older version), with the
+    /// source as given otherwise. `identity` is `None` for a request that is not deterministic.
+    /// Concurrent identical misses compute once.
+    pub async fn caption<F, Fut>(
+        &self,
+        fetcher: &Fetcher,
+        source: ImageSource,
+        identity: Option<Identity>,
+        listing: Listing,
+        compute: F,
+    ) -> Result<Captioned, CascadeError>
+    where
+        F: FnOnce(ImageInput) -> Fut,
+        Fut: Future<Output = Result<Captioned, CascadeError>>,
+    {
+        if !self.enabled() {
+            return compute(ImageInput::Source(source)).await;
+        }
+        let Some(identity) = identity else {
+            counter!("caption_result_cache_bypassed_total").increment(1);
+            return compute(ImageInput::Source(source)).await;
+        };
+        let start = Instant::now();
+        let identity = identity.with_listing(listing);
+        let (key, current) = match source {
+            ImageSource::Bytes(data) => {
+                fetcher.check_inline(&data)?;
+                let digest = digest(&data).await?;
+                (inline_key(&digest), Current::Bytes { bytes: data, digest })
+            }
+            ImageSource::Url(url) => {
+                check_url(fetcher, &url)?;
+                let current = self.current(fetcher, &url, &identity).await?;
+                (url, current)
+            }
+        };
+        let (bytes, digest) = match current {
+            Current::Answered(answer) => return Ok(hit(&answer, key, start)),
+            Current::Bytes { bytes, digest } => (bytes, digest),
+        };
+        let result_key = result_key(&digest, &identity);
+        if let Some(answer) = self.lock().lookup(&result_key, Instant::now(), self.config.ttl) {
+            return Ok(hit(&answer, key, start));
+        }
+        let content = Content { key: key.clone(), bytes, digest, fetch: start.elapsed() };
+        self.compute(result_key, content, compute, start).await
+    }
+
+    /// The answer kept for `url`'s unchanged content, or its current bytes.
+    async fn current(&self, fetcher: &Fetcher, url: &str, identity: &Identity) -> Result<Current, CascadeError> {
+        let known = self.lock().known(url);
+        let Some((validators, digest)) = known else {
+            revalidated("no_validator");
+            return self.fetch(fetcher, url).await;
+        };
+        let key = result_key(&digest, identity);
+        // Revalidating pays only when an answer is kept for that content; otherwise the bytes are
+        // needed anyway, and a plain GET brings them in one request.
+        if !self.lock().holds(&key, Instant::now(), self.config.ttl) {
+            return self.fetch(fetcher, url).await;
+        }
+        let answer = fetcher.fetch_if_changed(url, &validators).await;
+        let outcome = match &answer {
+            Ok(Conditional::Changed(_)) => "ok",
+            Ok(Conditional::NotModified { .. }) => "not_modified",
+            Err(_) => "error",
+        };
+        counter!("caption_images_fetched_total", "outcome" => outcome).increment(1);
+        match answer {
+            Ok(Conditional::NotModified { final_url }) if final_url == validators.final_url => {
+                revalidated("not_modified");
+                if let Some(answer) = self.lock().lookup(&key, Instant::now(), self.config.ttl) {
+                    return Ok(Current::Answered(answer));
+                }
+                // The answer left the cache meanwhile (evicted, expired): fetch the bytes.
+                self.fetch(fetcher, url).await
+            }
+            // Redirects now lead elsewhere: the validators described another resource.
+            Ok(Conditional::NotModified { .. }) => {
+                revalidated("changed");
+                self.fetch(fetcher, url).await
+            }
+            Ok(Conditional::Changed(fresh)) => {
+                revalidated("changed");
+                self.take(url, fresh).await
+            }
+            Err(e) => {
+                self.lock().forget_url(url);
+                Err(e.into())
+            }
+        }
+    }
+
+    /// `url`'s current bytes, fetched in full.
+    async fn fetch(&self, fetcher: &Fetcher, url: &str) -> Result<Current, CascadeError> {
+        let fetched = fetcher.fetch_fresh(url).await;
+        let outcome = if fetched.is_ok() { "ok" } else { "error" };
+        counter!("caption_images_fetched_total", "outcome" => outcome).increment(1);
+        match fetched {
+            Ok(fresh) => self.take(url, fresh).await,
+            Err(e) => {
+                self.lock().forget_url(url);
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Fetched bytes, hashed; their validators are remembered for `url` (or, if the origin gave
+    /// none, whatever was known of it is forgotten).
+    async fn take(&self, url: &str, fetched: Fetched) -> Result<Current, CascadeError> {
+        let bytes = Arc::new(fetched.bytes);
+        let digest = digest(&bytes).await?;
+        let mut state = self.lock();
+        match fetched.validators {
+            Some(validators) => state.remember(url, validators, digest, self.config.capacity_bytes),
+            None => state.forget_url(url),
+        }
+        Ok(Current::Bytes { bytes, digest })
+    }
+
+    /// Computes the answer under `key`, coalescing concurrent identical misses: the first call
+    /// computes, the others wait for its answer (and count as hits, under their own correlation
+    /// keys); if it fails or its caller goes away, a waiting call computes in its place. Only a
+    /// success is kept.
+    async fn compute<F, Fut>(
+        &self,
+        key: Key,
+        content: Content,
+        compute: F,
+        start: Instant,
+    ) -> Result<Captioned, CascadeError>
+    where
+        F: FnOnce(ImageInput) -> Fut,
+        Fut: Future<Output = Result<Captioned, CascadeError>>,
+    {
+        let correlation = content.key.clone();
+        let slot = self.lock().computing.entry(key).or_default().clone();
+        let mut guard = ComputeGuard { cache: self, key, slot: &slot, armed: true };
+        let (mut ran, mut computed) = (false, None::<Captioned>);
+        let own = &mut computed;
+        let result = slot
+            .get_or_try_init(|| {
+                ran = true;
+                async move {
+                    let out = compute(ImageInput::Content(content)).await?;
+                    let answer = Arc::new(Answer::of(&out));
+                    *own = Some(out);
+                    Ok::<_, CascadeError>(answer)
+                }
+            })
+            .await;
+        guard.armed = false;
+        if ran {
+            counter!("caption_result_cache_misses_total").increment(1);
+        }
+        let answer = {
+            let mut state = self.lock();
+            state.forget_compute(&key, &slot);
+            let answer = result?.clone();
+            if computed.is_some() {
+                state.insert(key, answer.clone(), Instant::now(), self.config);
+            }
+            answer
+        };
+        match computed {
+            Some(out) => Ok(out),
+            // Another call's computation, joined.
+            None => Ok(hit(&answer, correlation, start)),
+        }
+    }
+}
+
+/// What a request learned about its image.
+enum Current {
+    /// The answer kept for the image's content, which the origin said is unchanged.
+    Answered(Arc<Answer>),
+    /// The image's bytes as they are now.
+    Bytes { bytes: Arc<Vec<u8>>, digest: Key },
+}
+
+/// A kept answer, under the call's own correlation key, with timings that say it was not
+/// computed: no preprocessing, generation or ranking; `fetch` is the time spent learning the
+/// image's content (revalidating, fetching, hashing).
+fn hit(answer: &Answer, key: String, start: Instant) -> Captioned {
+    counter!("caption_result_cache_hits_total").increment(1);
+    let elapsed = start.elapsed();
+    answer.answer(key, Timings { fetch: elapsed, total: elapsed, ..Timings::default() })
+}
+
+fn revalidated(outcome: &'static str) {
+    counter!("caption_result_cache_revalidations_total", "outcome" => outcome).increment(1);
+}
+
+impl State {
+    fn tick(&mut self) -> u64 {
+        self.next_tick += 1;
+        self.next_tick
+    }
+
+    /// Drops the answers that reached the time to live.
+    fn expire(&mut self, now: Instant, ttl: Duration) {
+        while let Some((&seq, &key)) = self.by_age.first_key_value() {
+            match self.answers.get(&key) {
+                Some(entry) if now.duration_since(entry.stored) < ttl => break,
+                Some(_) => self.remove_answer(&key),
+                None => {
+                    self.by_age.remove(&seq);
+                }
+            }
+        }
+        self.publish();
+    }
+
+    /// Whether an answer younger than `ttl` is kept under `key` (its recency unchanged).
+    fn holds(&mut self, key: &Key, now: Instant, ttl: Duration) -> bool {
+        self.expire(now, ttl);
+        self.answers.contains_key(key)
+    }
+
+    /// The answer under `key` if it is younger than `ttl`, marked as just used.
+    fn lookup(&mut self, key: &Key, now: Instant, ttl: Duration) -> Option<Arc<Answer>> {
+        self.expire(now, ttl);
+        let tick = self.tick();
+        let entry = self.answers.get_mut(key)?;
+        self.recency.remove(&entry.tick);
+        entry.tick = tick;
+        self.recency.insert(tick, Held::Answer(*key));
+        Some(entry.answer.clone())
+    }
+
+    fn insert(&mut self, key: Key, answer: Arc<Answer>, now: Instant, config: ResultCacheConfig) {
+        self.expire(now, config.ttl);
+        let bytes = answer.bytes();
+        if bytes > config.capacity_bytes {
+            return;
+        }
+        self.remove_answer(&key);
+        let tick = self.tick();
+        self.answers.insert(key, Entry { answer, bytes, stored: now, tick, seq: tick });
+        self.recency.insert(tick, Held::Answer(key));
+        self.by_age.insert(tick, key);
+        self.bytes += bytes;
+        self.make_room(config.capacity_bytes);
+    }
+
+    /// What is known of `url`'s content, marked as just used.
+    fn known(&mut self, url: &str) -> Option<(Validators, Key)> {
+        let held = self.urls.get_key_value(url)?.0.clone();
+        let tick = self.tick();
+        let known = self.urls.get_mut(url)?;
+        self.recency.remove(&known.tick);
+        known.tick = tick;
+        self.recency.insert(tick, Held::Url(held));
+        Some((known.validators.clone(), known.digest))
+    }
+
+    fn remember(&mut self, url: &str, validators: Validators, digest: Key, capacity: usize) {
+        self.forget_url(url);
+        let bytes = url.len() + validators.bytes() + size_of::<Known>() + size_of::<Held>() + INDEX_OVERHEAD;
+        if bytes > capacity {
+            return;
+        }
+        let url: Arc<str> = url.into();
+        let tick = self.tick();
+        self.urls.insert(url.clone(), Known { validators, digest, bytes, tick });
+        self.recency.insert(tick, Held::Url(url));
+        self.bytes += bytes;
+        self.make_room(capacity);
+    }
+
+    fn forget_url(&mut self, url: &str) {
+        if let Some(known) = self.urls.remove(url) {
+            self.recency.remove(&known.tick);
+            self.bytes -= known.bytes;
+            self.publish();
+        }
+    }
+
+    fn remove_answer(&mut self, key: &Key) {
+        if let Some(entry) = self.answers.remove(key) {
+            self.recency.remove(&entry.tick);
+            self.by_age.remove(&entry.seq);
+            self.bytes -= entry.bytes;
+        }
+    }
+
+    /// Least recently used out until the bytes fit.
+    fn make_room(&mut self, capacity: usize) {
+        while self.bytes > capacity {
+            let Some((_, oldest)) = self.recency.pop_first() else { break };
+            match oldest {
+                Held::Answer(key) => self.remove_answer(&key),
+                Held::Url(url) => self.forget_url(&url),
+            }
+        }
+        self.publish();
+    }
+
+    /// Drops the in-progress marker of `key` if it is still `slot`.
+    fn forget_compute(&mut self, key: &Key, slot: &Slot) {
+        if self.computing.get(key).is_some_and(|s| Arc::ptr_eq(s, slot)) {
+            self.computing.remove(key);
+        }
+    }
+
+    fn publish(&self) {
+        gauge!("caption_result_cache_bytes").set(self.bytes as f64);
+        gauge!("caption_result_cache_entries").set(self.answers.len() as f64);
+    }
+}
+
+/// Removes the in-progress marker when the computing call is dropped part-way (its caller went
+/// away), so the key does not stay pinned; a caller still waiting computes in its place.
+struct ComputeGuard<'a> {
+    cache: &'a ResultCache,
+    key: Key,
+    slot: &'a Slot,
+    armed: bool,
+}
+
+impl Drop for ComputeGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed && self.slot.get().is_none() {
+            self.cache.lock().forget_compute(&self.key, self.slot);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::{engine::EngineError, images::FetchLimits};
+
+    fn fetcher() -> Fetcher {
+        Fetcher::new(FetchLimits::default()).unwrap()
+    }
+
+    fn new_cache(capacity_bytes: usize, ttl: Duration) -> ResultCache {
+        ResultCache::new(ResultCacheConfig { capacity_bytes, ttl })
+    }
+
+    fn seeded(seed: u64) -> Option<Identity> {
+        Identity::of_params(&GenerationParams { seed, ..GenerationParams::default() }, SeedOrigin::Caller)
+    }
+
+    fn image(byte: u8) -> ImageSource {
+        ImageSource::Bytes(Arc::new(vec![byte; 64]))
+    }
+
+    /// A computation that counts its calls and answers with a caption naming the image's first
+    /// byte and the call's number.
+    async fn compute(calls: &AtomicUsize, image: ImageInput) -> Result<Captioned, CascadeError> {
+        let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
+        let ImageInput::Content(content) = &image else {
+            return Ok(answer("not through the cache".into(), n));
+        };
+        Ok(answer(content.key.clone(), content.bytes[0] as usize * 1000 + n))
+    }
+
+    fn answer(key: String, n: usize) -> Captioned {
+        let text = format!("caption {n}");
+        let ranked =
+            RankedCaption { text: text.clone(), probability: 1.0, cosine: 0.5, logit: 1.0, index: 0, count: 2 };
+        let timings = Timings { generate: Duration::from_millis(5), ..Timings::default() };
+        Captioned { key, captions: vec![ranked], candidates: vec![text.clone(), text], timings }
+    }
+
+    async fn call(cache: &ResultCache, calls: &AtomicUsize, source: ImageSource, id: Option<Identity>) -> Captioned {
+        let listing = Listing::merged(3);
+        cache.caption(&fetcher(), source, id, listing, |image| compute(calls, image)).await.unwrap()
+    }
+
+    #[test]
+    fn only_deterministic_requests_have_an_identity_and_it_covers_every_parameter() {
+        let base = GenerationParams { seed: 7, ..GenerationParams::default() };
+        assert_eq!(base.strategy, Strategy::Sample);
+        assert!(Identity::of_params(&base, SeedOrigin::Server).is_none(), "a drawn seed is never cached");
+        let id = |p: &GenerationParams| Identity::of_params(p, SeedOrigin::Caller).unwrap();
+        // Greedy and beam search do not read the seed: a drawn one does not stop caching.
+        for strategy in [Strategy::Greedy, Strategy::Beam] {
+            let p = GenerationParams { strategy, ..base.clone() };
+            let drawn = Identity::of_params(&GenerationParams { seed: 99, ..p.clone() }, SeedOrigin::Server);
+            assert_eq!(drawn, Some(id(&p)));
+        }
+        let changes: Vec<GenerationParams> = vec![
+            GenerationParams { seed: 8, ..base.clone() },
+            GenerationParams { num_candidates: 3, ..base.clone() },
+            GenerationParams { max_length: 20, ..base.clone() },
+            GenerationParams { min_length: 2, ..base.clone() },
+            GenerationParams { strategy: Strategy::Greedy, ..base.clone() },
+            GenerationParams { temperature: 0.7, ..base.clone() },
+            GenerationParams { top_k: 0, ..base.clone() },
+            GenerationParams { top_p: 0.5, ..base.clone() },
+            GenerationParams { repetition_penalty: 1.1, ..base.clone() },
+            GenerationParams { prompt: Some(String::new()), ..base.clone() },
+            GenerationParams { prompt: Some("a picture of".into()), ..base.clone() },
+            GenerationParams { strip_prompt: true, ..base.clone() },
+            GenerationParams { num_beams: 4, ..base.clone() },
+            GenerationParams { length_penalty: 2.0, ..base.clone() },
+            GenerationParams { early_stopping: true, ..base.clone() },
+        ];
+        let mut seen = vec![id(&base)];
+        for p in &changes {
+            let i = id(p);
+            assert!(!seen.contains(&i), "{p:?} shares an identity");
+            seen.push(i);
+        }
+        // The listing is part of the key.
+        let listed = |l| id(&base).with_listing(l);
+        assert_ne!(listed(Listing::merged(3)), listed(Listing::merged(4)));
+        assert_ne!(listed(Listing::merged(3)), listed(Listing { top_k: 3, each_candidate: true }));
+        // Length prefixes: moving bytes between a name and a value changes the encoding.
+        assert_ne!(Identity(Vec::new()).with("ab", "c"), Identity(Vec::new()).with("a", "bc"));
+    }
+
+    #[tokio::test]
+    async fn a_repeated_request_is_answered_from_the_cache_under_its_own_key() {
+        let (cache, calls) = (new_cache(1 << 20, Duration::from_secs(60)), AtomicUsize::new(0));
+        let first = call(&cache, &calls, image(1), seeded(5)).await;
+        let again = call(&cache, &calls, image(1), seeded(5)).await;
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "the second call was not computed");
+        assert_eq!((&again.captions, &again.candidates), (&first.captions, &first.candidates));
+        assert!(again.key.starts_with("sha256:") && again.key == first.key);
+        // A cached answer says it computed nothing.
+        assert_eq!((again.timings.generate, again.timings.rank, again.timings.preprocess), Default::default());
+        assert_eq!(first.timings.generate, Duration::from_millis(5));
+        // Another image, seed or listing is another answer.
+        call(&cache, &calls, image(2), seeded(5)).await;
+        call(&cache, &calls, image(1), seeded(6)).await;
+        let listing = Listing::merged(1);
+        cache.caption(&fetcher(), image(1), seeded(5), listing, |i| compute(&calls, i)).await.unwrap();
+        assert_eq!(calls.load(Ordering::SeqCst), 4);
+        assert_eq!(cache.len(), 4);
+        // Not deterministic: computed every time, from the source as given, and not kept.
+        for _ in 0..2 {
+            let out = call(&cache, &calls, image(1), None).await;
+            assert_eq!(out.captions[0].text, format!("caption {}", calls.load(Ordering::SeqCst)));
+        }
+        assert_eq!((calls.load(Ordering::SeqCst), cache.len()), (6, 4));
+    }
+
+    #[tokio::test]
+    async fn an_off_cache_computes_everything_and_keeps_nothing() {
+        for off in [ResultCache::off(), new_cache(0, Duration::from_secs(60)), new_cache(1 << 20, Duration::ZERO)] {
+            let calls = AtomicUsize::new(0);
+            call(&off, &calls, image(1), seeded(5)).await;
+            call(&off, &calls, image(1), seeded(5)).await;
+            assert_eq!(calls.load(Ordering::SeqCst), 2);
+            assert!(off.is_empty() && off.bytes() == 0);
+        }
+    }
+
+    #[tokio::test]
+    async fn the_byte_bound_evicts_the_least_recently_used() {
+        let probe = new_cache(1 << 20, Duration::from_secs(60));
+        call(&probe, &AtomicUsize::new(0), image(1), seeded(5)).await;
+        let one = probe.bytes();
+        assert!(one > 2 * "caption 1001".len() + 64, "strings and overhead are counted: {one}");
+        // Room for two answers, not three.
+        let (cache, calls) = (new_cache(2 * one + one / 2, Duration::from_secs(60)), AtomicUsize::new(0));
+        for byte in [1, 2] {
+            call(&cache, &calls, image(byte), seeded(5)).await;
+        }
+        call(&cache, &calls, image(1), seeded(5)).await; // 1 is now more recent than 2
+        call(&cache, &calls, image(3), seeded(5)).await; // evicts 2
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+        assert!(cache.bytes() <= 2 * one + one / 2 && cache.len() == 2);
+        call(&cache, &calls, image(1), seeded(5)).await;
+        call(&cache, &calls, image(3), seeded(5)).await;
+        assert_eq!(calls.load(Ordering::SeqCst), 3, "1 and 3 stayed");
+        call(&cache, &calls, image(2), seeded(5)).await;
+        assert_eq!(calls.load(Ordering::SeqCst), 4, "2 was evicted");
+        // An answer larger than the whole cache is served, never kept.
+        let tiny = new_cache(one - 1, Duration::from_secs(60));
+        call(&tiny, &calls, image(1), seeded(5)).await;
+        assert!(tiny.is_empty());
+    }
+
+    #[tokio::test]
+    async fn answers_older_than_the_ttl_are_never_served() {
+        let (cache, calls) = (new_cache(1 << 20, Duration::from_millis(200)), AtomicUsize::new(0));
+        call(&cache, &calls, image(1), seeded(5)).await;
+        call(&cache, &calls, image(1), seeded(5)).await;
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let out = call(&cache, &calls, image(1), seeded(5)).await;
+        assert_eq!(calls.load(Ordering::SeqCst), 2, "the expired answer was computed again");
+        assert_eq!(out.captions[0].text, "caption 1002");
+        // Expired answers are dropped, not just skipped: the bytes fall back to one answer's.
+        let one = cache.bytes();
+        call(&cache, &calls, image(2), seeded(5)).await;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        call(&cache, &calls, image(3), seeded(5)).await;
+        assert_eq!((cache.len(), cache.bytes()), (1, one));
+    }
+
+    #[tokio::test]
+    async fn concurrent_identical_misses_compute_once() {
+        let (cache, calls) = (new_cache(1 << 20, Duration::from_secs(60)), AtomicUsize::new(0));
+        let slow = |image| async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            compute(&calls, image).await
+        };
+        let (listing, fetcher) = (Listing::merged(3), fetcher());
+        let (a, b) = tokio::join!(
+            cache.caption(&fetcher, image(1), seeded(5), listing, slow),
+            cache.caption(&fetcher, image(1), seeded(5), listing, slow),
+        );
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert_eq!(a.unwrap().captions, b.unwrap().captions);
+    }
+
+    #[tokio::test]
+    async fn a_computation_whose_caller_left_leaves_nothing_behind() {
+        let (cache, calls) = (new_cache(1 << 20, Duration::from_secs(60)), AtomicUsize::new(0));
+        let (listing, fetcher) = (Listing::merged(3), fetcher());
+        let hang = cache.caption(&fetcher, image(1), seeded(5), listing, |_| async {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            Err(EngineError::Internal("never".into()).into())
+        });
+        assert!(tokio::time::timeout(Duration::from_millis(20), hang).await.is_err());
+        assert!(cache.lock().computing.is_empty());
+        // A failure is not kept either.
+        let failed = cache
+            .caption(&fetcher, image(1), seeded(5), listing, |_| async {
+                Err::<Captioned, _>(EngineError::Internal("failed".into()).into())
+            })
+            .await;
+        assert!(failed.is_err());
+        call(&cache, &calls, image(1), seeded(5)).await;
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+}
