@@ -5,6 +5,7 @@
 pub mod blip;
 pub mod clip;
 pub mod generation;
+mod mkl;
 pub mod nn;
 pub mod preprocess;
 pub mod tokenizer;

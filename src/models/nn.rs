@@ -2,7 +2,7 @@
 
 use tch::{Kind, Tensor};
 
-use super::{weights::Weights, ModelError};
+use super::{mkl::PackedWeight, weights::Weights, ModelError};
 
 #[derive(Debug)]
 pub struct Linear {
@@ -10,6 +10,8 @@ pub struct Linear {
     bias: Option<Tensor>,
     /// The weight and bias in oneDNN's own layout, for [`Linear::packed`] layers.
     onednn: Option<(Tensor, Option<Tensor>)>,
+    /// The weight packed by MKL, for [`Linear::packed_for_few_rows`] layers.
+    mkl: Option<PackedWeight>,
 }
 
 impl Linear {
@@ -22,7 +24,7 @@ impl Linear {
     }
 
     pub fn from_parts(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, bias, onednn: None }
+        Self { weight, bias, onednn: None, mkl: None }
     }
 
     /// This layer computing through oneDNN with its weight kept in oneDNN's layout, where that
@@ -37,7 +39,26 @@ impl Linear {
         self
     }
 
+    /// This layer computing products of at most [`super::mkl::MAX_ROWS`] rows (a decode step's)
+    /// from a copy of its weight that MKL packed once, where MKL is there: fp32 on the CPU.
+    /// Larger products keep the other paths. The same numbers to float rounding.
+    pub fn packed_for_few_rows(mut self) -> Self {
+        self.mkl = PackedWeight::new(&self.weight);
+        self
+    }
+
     pub fn forward(&self, x: &Tensor) -> Tensor {
+        if let Some(mkl) = &self.mkl {
+            let size = x.size();
+            let in_dim = *size.last().expect("1-d or more");
+            let rows = x.numel() as i64 / in_dim.max(1);
+            if rows <= super::mkl::MAX_ROWS && x.kind() == Kind::Float {
+                let y = mkl.matmul(&x.reshape([rows, in_dim]), self.bias.as_ref());
+                let mut out_size = size;
+                *out_size.last_mut().expect("1-d or more") = y.size()[1];
+                return y.view(out_size.as_slice());
+            }
+        }
         match &self.onednn {
             Some((weight, bias)) => {
                 let mut size = x.size();

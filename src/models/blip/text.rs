@@ -177,12 +177,16 @@ impl BlipTextDecoder {
         let position_embeddings = Embedding::new(&emb.pp("position_embeddings"), cfg.max_position_embeddings, h)?;
         let embed_norm = LayerNorm::new(&emb.pp("LayerNorm"), h, eps)?;
         let scale = ((h / cfg.num_attention_heads) as f64).powf(-0.5);
-        let attn = |a: &Weights, kv_dim: i64| -> Result<Attention, ModelError> {
+        // Every product a decode step makes (a few rows each) reads its weight packed once;
+        // cross-attention keys and values are computed once per image over all its patches.
+        let few_rows = |l: Linear| l.packed_for_few_rows();
+        let attn = |a: &Weights, kv_dim: i64, per_step_kv: bool| -> Result<Attention, ModelError> {
+            let kv = |l: Linear| if per_step_kv { few_rows(l) } else { l };
             Ok(Attention {
-                query: Linear::new(&a.pp("self.query"), h, h)?,
-                key: Linear::new(&a.pp("self.key"), kv_dim, h)?,
-                value: Linear::new(&a.pp("self.value"), kv_dim, h)?,
-                dense: Linear::new(&a.pp("output.dense"), h, h)?,
+                query: few_rows(Linear::new(&a.pp("self.query"), h, h)?),
+                key: kv(Linear::new(&a.pp("self.key"), kv_dim, h)?),
+                value: kv(Linear::new(&a.pp("self.value"), kv_dim, h)?),
+                dense: few_rows(Linear::new(&a.pp("output.dense"), h, h)?),
                 norm: LayerNorm::new(&a.pp("output.LayerNorm"), h, eps)?,
                 heads: cfg.num_attention_heads,
                 scale,
@@ -192,10 +196,10 @@ impl BlipTextDecoder {
             .map(|i| {
                 let l = bert.pp("encoder.layer").pp(i);
                 Ok(DecoderLayer {
-                    self_attn: attn(&l.pp("attention"), h)?,
-                    cross_attn: attn(&l.pp("crossattention"), cfg.encoder_hidden_size)?,
-                    intermediate: Linear::new(&l.pp("intermediate.dense"), h, cfg.intermediate_size)?,
-                    output: Linear::new(&l.pp("output.dense"), cfg.intermediate_size, h)?,
+                    self_attn: attn(&l.pp("attention"), h, true)?,
+                    cross_attn: attn(&l.pp("crossattention"), cfg.encoder_hidden_size, false)?,
+                    intermediate: few_rows(Linear::new(&l.pp("intermediate.dense"), h, cfg.intermediate_size)?),
+                    output: few_rows(Linear::new(&l.pp("output.dense"), cfg.intermediate_size, h)?),
                     output_norm: LayerNorm::new(&l.pp("output.LayerNorm"), h, eps)?,
                     act,
                 })
@@ -215,10 +219,10 @@ impl BlipTextDecoder {
             p.pp("decoder").get("bias", &[cfg.vocab_size])?
         };
         let head = LmHead {
-            transform: Linear::new(&p.pp("transform.dense"), h, h)?,
+            transform: few_rows(Linear::new(&p.pp("transform.dense"), h, h)?),
             transform_norm: LayerNorm::new(&p.pp("transform.LayerNorm"), h, eps)?,
             act,
-            decoder: Linear::from_parts(decoder_weight, Some(decoder_bias)).packed(),
+            decoder: Linear::from_parts(decoder_weight, Some(decoder_bias)).packed().packed_for_few_rows(),
         };
         Ok(Self {
             word_embeddings,
