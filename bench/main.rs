@@ -154,7 +154,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let device = engine.device.resolve().map_err(anyhow::Error::msg)?;
     println!(
         "# models={:?} device={device:?} dtype={:?} executors={} generate_max_batch={} candidates={} decode_len={} seconds/level={}",
-        args.models, engine.dtype, engine.executors, engine.generate_max_batch, args.candidates, args.decode_len, args.seconds
+        args.models, engine.dtype, engine.executors(), engine.generate_max_batch, args.candidates, args.decode_len, args.seconds
     );
     // Warm-up: first calls pay for lazy initialisation (allocator, kernels).
     drive(addr, &images, 2, Duration::from_secs_f64(args.seconds.min(3.0)), &args).await?;

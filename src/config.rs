@@ -34,9 +34,11 @@ pub struct EngineArgs {
     /// where the device computes it natively, else fp32; logged at start). README, Precision.
     #[arg(long, env = "CAPTION_DTYPE", value_enum, default_value_t = Precision::Fp32)]
     pub dtype: Precision,
-    /// Executor threads that run model batches (each runs one batch at a time).
-    #[arg(long, env = "CAPTION_EXECUTORS", default_value_t = 1)]
-    pub executors: usize,
+    /// Executor threads that run model batches (each runs one batch at a time). Default: 1 for
+    /// `serve`, whose one image then has every core (lowest latency); the `caption` bulk job on a
+    /// CPU runs one per core with one thread each (highest throughput; README, Command line).
+    #[arg(long, env = "CAPTION_EXECUTORS")]
+    pub executors: Option<usize>,
     /// libtorch intra-op threads per executor on CPU; default: the cores divided among executors.
     #[arg(long, env = "CAPTION_INTRA_OP_THREADS")]
     pub intra_op_threads: Option<i32>,
@@ -254,10 +256,26 @@ impl ServerArgs {
 }
 
 impl EngineArgs {
+    pub fn executors(&self) -> usize {
+        self.executors.unwrap_or(1).max(1)
+    }
+
+    /// The bulk job's defaults: on a CPU, unless `--executors` says otherwise, one executor per
+    /// core, so batches run side by side instead of splitting each product across the cores
+    /// (measured on 2 cores: 5.4x instead of 3.1x the one-at-a-time rate with the embedded
+    /// models, and 0.74 against 0.69 images/s with BLIP-base at concurrency 8).
+    pub fn for_bulk(mut self) -> Self {
+        if self.executors.is_none() && self.intra_op_threads.is_none() && self.device.resolve() == Ok(tch::Device::Cpu)
+        {
+            self.executors = Some(std::thread::available_parallelism().map_or(1, |n| n.get()));
+        }
+        self
+    }
+
     pub fn scheduler_config(&self) -> SchedulerConfig {
         let delay = Duration::from_millis(self.max_queue_delay_ms);
         SchedulerConfig {
-            executors: self.executors.max(1),
+            executors: self.executors(),
             generate: QueueConfig {
                 max_batch_size: self.generate_max_batch.max(1),
                 max_queue_delay: delay,
@@ -307,7 +325,7 @@ impl EngineArgs {
             return None;
         }
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        Some(self.intra_op_threads.unwrap_or_else(|| (cores / self.executors.max(1)).max(1) as i32))
+        Some(self.intra_op_threads.unwrap_or_else(|| (cores / self.executors()).max(1) as i32))
     }
 }
 

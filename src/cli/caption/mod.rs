@@ -125,7 +125,7 @@ pub async fn run(args: CaptionArgs) -> anyhow::Result<()> {
             Remote::connect(endpoint, args.endpoint_ca.as_deref(), args.endpoint_token_file.as_deref()).await?,
         ),
         None => {
-            let engine = args.engine.clone();
+            let engine = args.engine.clone().for_bulk();
             // Here the fetches act for the user running the command, who can reach every address
             // this process can: the egress policy guards a server's network from its callers, so
             // the --fetch-* flags do not apply.
