@@ -55,6 +55,46 @@ fn prints_the_origin_format_with_the_right_first_caption() {
     assert_eq!(lines.next(), None);
 }
 
+/// The origin's printout, written the way the origin job writes it (Python f-strings over each
+/// image's ranked candidates), from the results this run recorded: the text mode must equal it.
+const ORIGIN_PRINT: &str = r#"
+import json, os, sys
+order, k = sys.argv[2].split("\n"), int(sys.argv[3])
+records = {r["image"]: r for r in map(json.loads, open(sys.argv[1]))}
+for image in order:
+    print(f"Image: {os.path.basename(image).rsplit('.')[0]}")
+    print(f"\tTop {k} captions ranked by CLIP:")
+    for i, c in enumerate(records[image]["captions"][:k]):
+        print(f"\t\t{i + 1}: {c['text']}. (Caption probability: {c['probability']:.2f})")
+    print("\n")
+"#;
+
+#[test]
+fn the_text_output_is_what_the_origins_print_statements_make_of_the_same_results() {
+    let mut names: Vec<String> = expected().into_keys().collect();
+    names.sort();
+    let paths: Vec<String> = names.iter().map(|n| format!("examples/images/{n}")).collect();
+    let results = std::env::temp_dir().join(format!("cc-origin-print-{}.jsonl", std::process::id()));
+    let _ = std::fs::remove_file(&results);
+    let mut args: Vec<&str> = vec!["--seed", "5", "-k", "4", "--output", results.to_str().unwrap()];
+    args.extend(paths.iter().map(String::as_str));
+    let (ok, ours, stderr) = run(&args);
+    assert!(ok, "{stderr}");
+    let python = concat!(env!("CARGO_MANIFEST_DIR"), "/.venv/bin/python");
+    let origin = Command::new(python)
+        .args(["-c", ORIGIN_PRINT, results.to_str().unwrap(), &paths.join("\n"), "4"])
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&results);
+    assert!(origin.status.success(), "{}", String::from_utf8_lossy(&origin.stderr));
+    let origin = String::from_utf8(origin.stdout).unwrap();
+    assert_eq!(ours.lines().count(), names.len() * 8, "{ours}");
+    for (i, (a, b)) in ours.lines().zip(origin.lines()).enumerate() {
+        assert_eq!(a, b, "line {}", i + 1);
+    }
+    assert_eq!(ours, origin);
+}
+
 #[test]
 fn json_output_has_one_object_per_image_and_bad_files_fail_clearly() {
     let (ok, stdout, _) = run(&["--json", "-k", "2", "examples/images/scene_1.png"]);
