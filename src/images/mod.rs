@@ -6,11 +6,13 @@
 pub mod cache;
 pub mod egress;
 pub mod fetch;
+pub mod validators;
 
 pub use cache::{CacheKey, ImageCache};
 pub use caption_images::{decode_image, dimensions, resize, DecodeError, DecodeLimits, RgbImage};
 pub use egress::EgressPolicy;
-pub use fetch::{Conditional, FetchLimits, Fetched, Fetcher, Validators};
+pub use fetch::{FetchLimits, Fetcher};
+pub use validators::{Conditional, Fetched, Validators};
 
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum ImageError {
