@@ -110,11 +110,12 @@ fn build_runners(e: &EngineArgs, models: Models) -> anyhow::Result<(BlipRunner, 
                 |p: PathBuf| std::fs::read_to_string(&p).map_err(|err| anyhow::anyhow!("{}: {err}", p.display()));
             let _g = tch::no_grad_guard();
             let blip_cfg = BlipConfig::from_json(&read(root.join("blip-base/config.json"))?)?;
-            let kind = e.dtype.resolve(device);
-            let blip = Blip::new(blip_cfg, &Weights::random(device, kind))?;
+            let numerics = e.numerics(device).map_err(anyhow::Error::msg)?;
+            let weights = Weights::random(device, numerics.kind).with_int8_linears(numerics.int8_linears);
+            let blip = Blip::new(blip_cfg, &weights)?;
             let clip_cfg = ClipConfig::from_json(&read(root.join("clip-vit-base-patch32/config.json"))?)?;
             let clip_positions = clip_cfg.text_config.max_position_embeddings as usize;
-            let clip = Clip::new(clip_cfg, &Weights::random(device, kind))?;
+            let clip = Clip::new(clip_cfg, &weights)?;
             Ok((
                 BlipRunner::new(
                     blip,
@@ -153,8 +154,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let images = sample_images()?;
     let device = engine.device.resolve().map_err(anyhow::Error::msg)?;
     println!(
-        "# models={:?} device={device:?} dtype={:?} executors={} generate_max_batch={} candidates={} decode_len={} seconds/level={}",
-        args.models, engine.dtype, engine.executors(), engine.generate_max_batch, args.candidates, args.decode_len, args.seconds
+        "# models={:?} device={device:?} dtype={:?} quantize={:?} executors={} generate_max_batch={} candidates={} decode_len={} seconds/level={}",
+        args.models, engine.dtype, engine.quantize, engine.executors(), engine.generate_max_batch, args.candidates, args.decode_len, args.seconds
     );
     // Warm-up: first calls pay for lazy initialisation (allocator, kernels).
     drive(addr, &images, 2, Duration::from_secs_f64(args.seconds.min(3.0)), &args).await?;
@@ -199,7 +200,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     "concurrency": l.concurrency, "requests": l.requests, "errors": l.errors,
                     "images_per_s": l.throughput(), "p50_ms": l.percentile(0.5), "p90_ms": l.percentile(0.9),
                     "p99_ms": l.percentile(0.99), "candidates": args.candidates, "decode_len": args.decode_len,
-                    "peak_rss_mb": l.peak_rss_mb, "dtype": format!("{:?}", engine.dtype),
+                    "peak_rss_mb": l.peak_rss_mb, "dtype": format!("{:?}", engine.dtype), "quantize": format!("{:?}", engine.quantize),
                 })
                 .to_string()
             })

@@ -10,6 +10,7 @@ use crate::{
     config::EngineArgs,
     engine::{Scheduler, SystemClock},
     images::{FetchLimits, Fetcher, ImageCache},
+    models::Numerics,
 };
 
 /// Which models a process runs.
@@ -39,19 +40,19 @@ pub fn build_cascade_with(
 ) -> anyhow::Result<Arc<Cascade>> {
     let device = args.device.resolve().map_err(anyhow::Error::msg)?;
     tracing::info!(?device, generator = models.generator, ranker = models.ranker, "loading models");
-    let kind = args.dtype.resolve(device);
-    let blip = models.generator.then(|| load_blip(args, device, kind)).transpose()?;
-    let clip = models.ranker.then(|| load_clip(args, device, kind)).transpose()?;
+    let numerics = args.numerics(device).map_err(anyhow::Error::msg)?;
+    let blip = models.generator.then(|| load_blip(args, device, numerics)).transpose()?;
+    let clip = models.ranker.then(|| load_clip(args, device, numerics)).transpose()?;
     assemble_with(args, fetch, blip, clip, results)
 }
 
-fn load_blip(args: &EngineArgs, device: tch::Device, kind: tch::Kind) -> anyhow::Result<BlipRunner> {
-    BlipRunner::load_as(&args.blip_model, device, kind)
+fn load_blip(args: &EngineArgs, device: tch::Device, numerics: Numerics) -> anyhow::Result<BlipRunner> {
+    BlipRunner::load_as(&args.blip_model, device, numerics)
         .map_err(|e| anyhow::anyhow!("cannot load the BLIP model from {}: {e}", args.blip_model.display()))
 }
 
-fn load_clip(args: &EngineArgs, device: tch::Device, kind: tch::Kind) -> anyhow::Result<ClipRunner> {
-    ClipRunner::load_as(&args.clip_model, device, kind)
+fn load_clip(args: &EngineArgs, device: tch::Device, numerics: Numerics) -> anyhow::Result<ClipRunner> {
+    ClipRunner::load_as(&args.clip_model, device, numerics)
         .map_err(|e| anyhow::anyhow!("cannot load the CLIP model from {}: {e}", args.clip_model.display()))
 }
 
@@ -59,8 +60,8 @@ fn load_clip(args: &EngineArgs, device: tch::Device, kind: tch::Kind) -> anyhow:
 pub fn load_runners(args: &EngineArgs) -> anyhow::Result<(BlipRunner, ClipRunner)> {
     let device = args.device.resolve().map_err(anyhow::Error::msg)?;
     tracing::info!(?device, "loading models");
-    let kind = args.dtype.resolve(device);
-    Ok((load_blip(args, device, kind)?, load_clip(args, device, kind)?))
+    let numerics = args.numerics(device).map_err(anyhow::Error::msg)?;
+    Ok((load_blip(args, device, numerics)?, load_clip(args, device, numerics)?))
 }
 
 /// Starts the scheduler over loaded runners and builds the cascade around it.

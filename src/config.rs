@@ -11,7 +11,7 @@ use crate::{
         auth::BearerToken,
         edge::{EdgeConfig, TlsFiles},
     },
-    backend::{DeviceChoice, Precision},
+    backend::{DeviceChoice, Precision, Quantize},
     cascade::{RequestLimits, ResultCacheConfig},
     engine::{QueueConfig, SchedulerConfig},
     images::{DecodeLimits, EgressPolicy, FetchLimits},
@@ -34,6 +34,11 @@ pub struct EngineArgs {
     /// where the device computes it natively, else fp32; logged at start). README, Precision.
     #[arg(long, env = "CAPTION_DTYPE", value_enum, default_value_t = Precision::Fp32)]
     pub dtype: Precision,
+    /// int8: every linear layer of both models holds int8 weights and quantizes its inputs on the
+    /// fly (PyTorch's dynamic quantization; CPU with --dtype fp32 only). Faster on CPUs, captions
+    /// move slightly: README, Precision, has both.
+    #[arg(long, env = "CAPTION_QUANTIZE", value_enum, default_value_t = Quantize::None)]
+    pub quantize: Quantize,
     /// Executor threads that run model batches (each runs one batch at a time). Default: 1 for
     /// `serve`, whose one image then has every core (lowest latency); the `caption` bulk job on a
     /// CPU runs one per core with one thread each (highest throughput; README, Command line).
@@ -256,6 +261,11 @@ impl ServerArgs {
 }
 
 impl EngineArgs {
+    /// How the models hold and compute their numbers on `device` (`--dtype`, `--quantize`).
+    pub fn numerics(&self, device: tch::Device) -> Result<crate::models::Numerics, String> {
+        self.quantize.numerics(device, self.dtype)
+    }
+
     pub fn executors(&self) -> usize {
         self.executors.unwrap_or(1).max(1)
     }

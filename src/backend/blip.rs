@@ -17,7 +17,7 @@ use crate::{
         generation::{GenerationParams, InvalidParam},
         preprocess::{self, ImageProcessor, Pixels},
         tokenizer::CaptionTokenizer,
-        ModelError, Shared,
+        ModelError, Numerics, Shared,
     },
 };
 
@@ -61,9 +61,9 @@ impl BlipRunner {
         Self::load_as(folder, device, Kind::Float)
     }
 
-    /// Loads the model to compute in `kind` (`--dtype`).
-    pub fn load_as(folder: &Path, device: Device, kind: Kind) -> Result<Self, ModelError> {
-        let model = Blip::load_as(folder, device, kind)?;
+    /// Loads the model to compute as `numerics` says (`--dtype`, `--quantize`).
+    pub fn load_as(folder: &Path, device: Device, numerics: impl Into<Numerics>) -> Result<Self, ModelError> {
+        let model = Blip::load_as(folder, device, numerics)?;
         Self::new(model, CaptionTokenizer::load(folder)?, preprocess::load(folder)?, device)
     }
 

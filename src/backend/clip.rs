@@ -13,7 +13,7 @@ use crate::{
         generation::InvalidParam,
         preprocess::{self, ImageProcessor, Pixels},
         tokenizer::{pad_batch, RankTokenizer},
-        ModelError, Shared,
+        ModelError, Numerics, Shared,
     },
 };
 
@@ -49,9 +49,9 @@ impl ClipRunner {
         Self::load_as(folder, device, Kind::Float)
     }
 
-    /// Loads the model to compute in `kind` (`--dtype`).
-    pub fn load_as(folder: &Path, device: Device, kind: Kind) -> Result<Self, ModelError> {
-        let model = Clip::load_as(folder, device, kind)?;
+    /// Loads the model to compute as `numerics` says (`--dtype`, `--quantize`).
+    pub fn load_as(folder: &Path, device: Device, numerics: impl Into<Numerics>) -> Result<Self, ModelError> {
+        let model = Clip::load_as(folder, device, numerics)?;
         let tokenizer = RankTokenizer::load(folder, model.config.text_config.max_position_embeddings as usize)?;
         Ok(Self::new(model, tokenizer, preprocess::load(folder)?, device))
     }

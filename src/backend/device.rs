@@ -2,6 +2,8 @@
 
 use tch::{Device, Kind};
 
+use crate::models::{int8, Numerics};
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum DeviceChoice {
     /// CUDA when available, else CPU.
@@ -98,6 +100,37 @@ impl Precision {
     }
 }
 
+/// Whether linear layers hold int8 weights (`--quantize`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Quantize {
+    /// Weights in the `--dtype` precision.
+    None,
+    /// Every linear layer of both models with int8 weights (per output channel) and inputs
+    /// quantized on the fly, as PyTorch's dynamic quantization does: CPU and fp32 only.
+    Int8,
+}
+
+impl Quantize {
+    /// The models' numerics for `device` and `--dtype`, or why the two do not go together.
+    pub fn numerics(self, device: Device, dtype: Precision) -> Result<Numerics, String> {
+        let kind = dtype.resolve(device);
+        match self {
+            Self::None => Ok(kind.into()),
+            Self::Int8 if device != Device::Cpu => {
+                Err("--quantize int8 runs on the CPU only (use --device cpu)".into())
+            }
+            Self::Int8 if kind != Kind::Float => Err(format!(
+                "--quantize int8 computes from fp32 activations, but --dtype gives {kind:?} (use --dtype fp32)"
+            )),
+            Self::Int8 if !int8::available() => {
+                Err("--quantize int8 is not in this build (libtorch's headers were missing when it was compiled)"
+                    .into())
+            }
+            Self::Int8 => Ok(Numerics { kind, int8_linears: true }),
+        }
+    }
+}
+
 /// Whether the CPU has bf16 dot-product instructions (what oneDNN's bf16 GEMMs run on), as the
 /// kernel reports them.
 fn cpu_has_bf16() -> bool {
@@ -125,5 +158,25 @@ fn cuda_capability(index: usize) -> Option<i32> {
     {
         let _ = index;
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn int8_goes_with_fp32_on_the_cpu_only() {
+        let cpu = Quantize::Int8.numerics(Device::Cpu, Precision::Fp32);
+        if int8::available() {
+            assert_eq!(cpu, Ok(Numerics { kind: Kind::Float, int8_linears: true }));
+        } else {
+            assert!(cpu.unwrap_err().contains("not in this build"));
+        }
+        let bf16 = Quantize::Int8.numerics(Device::Cpu, Precision::Bf16).unwrap_err();
+        assert!(bf16.contains("--dtype fp32"), "{bf16}");
+        let gpu = Quantize::Int8.numerics(Device::Cuda(0), Precision::Fp32).unwrap_err();
+        assert!(gpu.contains("CPU only"), "{gpu}");
+        assert_eq!(Quantize::None.numerics(Device::Cpu, Precision::Bf16), Ok(Kind::BFloat16.into()));
     }
 }

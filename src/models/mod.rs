@@ -5,6 +5,7 @@
 pub mod blip;
 pub mod clip;
 pub mod generation;
+pub mod int8;
 mod mkl;
 pub mod nn;
 pub mod preprocess;
@@ -12,6 +13,22 @@ pub mod tokenizer;
 pub mod weights;
 
 use std::path::Path;
+
+use tch::Kind;
+
+/// How a model holds and computes its numbers: the floating-point kind (`--dtype`), and whether
+/// its linear layers hold int8 weights (`--quantize int8`, fp32 CPU only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Numerics {
+    pub kind: Kind,
+    pub int8_linears: bool,
+}
+
+impl From<Kind> for Numerics {
+    fn from(kind: Kind) -> Self {
+        Self { kind, int8_linears: false }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {

@@ -2,7 +2,7 @@
 
 use tch::{Kind, Tensor};
 
-use super::{mkl::PackedWeight, weights::Weights, ModelError};
+use super::{int8::Int8Weight, mkl::PackedWeight, weights::Weights, ModelError};
 
 #[derive(Debug)]
 pub struct Linear {
@@ -12,19 +12,30 @@ pub struct Linear {
     onednn: Option<(Tensor, Option<Tensor>)>,
     /// The weight packed by MKL, for [`Linear::packed_for_few_rows`] layers.
     mkl: Option<PackedWeight>,
+    /// The weight and bias in int8, for layers built from [`Weights::int8_linears`] views; every
+    /// product then goes through it.
+    int8: Option<Int8Weight>,
 }
 
 impl Linear {
     pub fn new(w: &Weights, in_dim: i64, out_dim: i64) -> Result<Self, ModelError> {
-        Ok(Self::from_parts(w.get("weight", &[out_dim, in_dim])?, Some(w.get("bias", &[out_dim])?)))
+        Self::from_parts(w.get("weight", &[out_dim, in_dim])?, Some(w.get("bias", &[out_dim])?)).quantized_as(w)
     }
 
     pub fn no_bias(w: &Weights, in_dim: i64, out_dim: i64) -> Result<Self, ModelError> {
-        Ok(Self::from_parts(w.get("weight", &[out_dim, in_dim])?, None))
+        Self::from_parts(w.get("weight", &[out_dim, in_dim])?, None).quantized_as(w)
     }
 
     pub fn from_parts(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, bias, onednn: None, mkl: None }
+        Self { weight, bias, onednn: None, mkl: None, int8: None }
+    }
+
+    /// This layer with int8 weights where `w` asks for them ([`Weights::int8_linears`]).
+    pub fn quantized_as(mut self, w: &Weights) -> Result<Self, ModelError> {
+        if w.int8_linears() {
+            self.int8 = Some(Int8Weight::new(&self.weight, self.bias.as_ref())?);
+        }
+        Ok(self)
     }
 
     /// This layer computing through oneDNN with its weight kept in oneDNN's layout, where that
@@ -33,7 +44,11 @@ impl Linear {
     /// packing costs more than the product (measured on BLIP's LM head, 30524×768: 18 → 8 ms
     /// for 10 rows, 46 → 30 ms for 80). The same numbers to float rounding.
     pub fn packed(mut self) -> Self {
-        if self.weight.device() == tch::Device::Cpu && self.weight.kind() == Kind::Float && tch::utils::has_mkldnn() {
+        if self.int8.is_none()
+            && self.weight.device() == tch::Device::Cpu
+            && self.weight.kind() == Kind::Float
+            && tch::utils::has_mkldnn()
+        {
             self.onednn = Some((self.weight.to_mkldnn(), self.bias.as_ref().map(|b| b.to_mkldnn())));
         }
         self
@@ -43,11 +58,16 @@ impl Linear {
     /// from a copy of its weight that MKL packed once, where MKL is there: fp32 on the CPU.
     /// Larger products keep the other paths. The same numbers to float rounding.
     pub fn packed_for_few_rows(mut self) -> Self {
-        self.mkl = PackedWeight::new(&self.weight);
+        if self.int8.is_none() {
+            self.mkl = PackedWeight::new(&self.weight);
+        }
         self
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
+        if let Some(int8) = &self.int8 {
+            return int8.forward(x);
+        }
         if let Some(mkl) = &self.mkl {
             let size = x.size();
             let in_dim = *size.last().expect("1-d or more");

@@ -25,6 +25,8 @@ pub struct Weights {
     random: Option<Device>,
     /// What floating-point tensors are converted to when read; `None` keeps the file's kind.
     kind: Option<Kind>,
+    /// Whether linear layers built from this view quantize their weights to int8.
+    int8_linears: bool,
 }
 
 impl Weights {
@@ -47,6 +49,7 @@ impl Weights {
             source: Rc::new(file),
             random: None,
             kind: Some(kind),
+            int8_linears: false,
         })
     }
 
@@ -61,6 +64,7 @@ impl Weights {
             source: Rc::new(PathBuf::from("<random>")),
             random: Some(device),
             kind: Some(kind),
+            int8_linears: false,
         }
     }
 
@@ -72,6 +76,7 @@ impl Weights {
             source: Rc::new(PathBuf::new()),
             random: None,
             kind: None,
+            int8_linears: false,
         }
     }
 
@@ -84,7 +89,18 @@ impl Weights {
             source: self.source.clone(),
             random: self.random,
             kind: self.kind,
+            int8_linears: self.int8_linears,
         }
+    }
+
+    /// This view with linear layers quantized to int8 (`--quantize int8`) or not.
+    pub fn with_int8_linears(mut self, on: bool) -> Self {
+        self.int8_linears = on;
+        self
+    }
+
+    pub fn int8_linears(&self) -> bool {
+        self.int8_linears
     }
 
     fn key(&self, name: &str) -> String {

@@ -15,7 +15,7 @@ pub use decode::{DecodeBatch, DecodeRequest, Decoded, SpecialTokens};
 pub use text::{BlipTextDecoder, CrossAttnCache, SelfAttnCache};
 pub use vision::BlipVisionModel;
 
-use super::{read_config, weights::Weights, ModelError};
+use super::{read_config, weights::Weights, ModelError, Numerics};
 
 #[derive(Debug)]
 pub struct Blip {
@@ -35,11 +35,13 @@ impl Blip {
         Self::load_as(folder, device, Kind::Float)
     }
 
-    /// Loads the checkpoint with its floating-point weights converted to `kind`.
-    pub fn load_as(folder: &Path, device: Device, kind: Kind) -> Result<Self, ModelError> {
+    /// Loads the checkpoint with its floating-point weights converted to `numerics.kind` (a
+    /// [`Kind`] converts), and its linear layers quantized where `numerics` says.
+    pub fn load_as(folder: &Path, device: Device, numerics: impl Into<Numerics>) -> Result<Self, ModelError> {
+        let numerics = numerics.into();
         let config = BlipConfig::from_json(&read_config(folder)?)
             .map_err(|e| ModelError::Config(format!("{}/config.json: {e}", folder.display())))?;
-        let weights = Weights::from_folder(folder, device, kind)?;
+        let weights = Weights::from_folder(folder, device, numerics.kind)?.with_int8_linears(numerics.int8_linears);
         Self::new(config, &weights)
     }
 

@@ -222,7 +222,10 @@ impl BlipTextDecoder {
             transform: few_rows(Linear::new(&p.pp("transform.dense"), h, h)?),
             transform_norm: LayerNorm::new(&p.pp("transform.LayerNorm"), h, eps)?,
             act,
-            decoder: Linear::from_parts(decoder_weight, Some(decoder_bias)).packed().packed_for_few_rows(),
+            decoder: Linear::from_parts(decoder_weight, Some(decoder_bias))
+                .quantized_as(&p)?
+                .packed()
+                .packed_for_few_rows(),
         };
         Ok(Self {
             word_embeddings,

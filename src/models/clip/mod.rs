@@ -15,7 +15,7 @@ use super::{
     nn::{causal_blocked, Activation, Embedding, LayerNorm, Linear},
     read_config,
     weights::Weights,
-    ModelError,
+    ModelError, Numerics,
 };
 
 #[derive(Debug)]
@@ -118,11 +118,13 @@ impl Clip {
         Self::load_as(folder, device, Kind::Float)
     }
 
-    /// Loads the checkpoint with its floating-point weights converted to `kind`.
-    pub fn load_as(folder: &Path, device: Device, kind: Kind) -> Result<Self, ModelError> {
+    /// Loads the checkpoint with its floating-point weights converted to `numerics.kind` (a
+    /// [`Kind`] converts), and its linear layers quantized where `numerics` says.
+    pub fn load_as(folder: &Path, device: Device, numerics: impl Into<Numerics>) -> Result<Self, ModelError> {
+        let numerics = numerics.into();
         let config = ClipConfig::from_json(&read_config(folder)?)
             .map_err(|e| ModelError::Config(format!("{}/config.json: {e}", folder.display())))?;
-        let weights = Weights::from_folder(folder, device, kind)?;
+        let weights = Weights::from_folder(folder, device, numerics.kind)?.with_int8_linears(numerics.int8_linears);
         Self::new(config, &weights)
     }
 
