@@ -1,14 +1,14 @@
 #!/usr/bin/env python3
 """How far reduced precision moves the served results: the embedded models' 500 evaluation scenes
 (the scenes `tools/train_shapes.py --eval-only` scores, same seed) captioned greedily and ranked by
-servers started with each --dtype, compared with fp32.
+servers started with each --dtype (or `int8`: fp32 with --quantize int8), compared with fp32.
 
 Prints, per dtype: greedy captions identical to fp32's, greedy captions equal to the truth, CLIP
 top-1 (the truth ranked strictly first among it and 9 captions of other scenes, as the training
 evaluation does) and the largest CLIP logit difference from fp32. Needs `make bench`'s venv
 (transformers' pins, for the scene generator's imports) and a release build of caption-cascade.
 
-    .venv/bin/python bench/precision.py [--dtypes bf16,fp16]
+    .venv/bin/python bench/precision.py [--dtypes bf16,fp16,int8]
 """
 
 import argparse
@@ -63,9 +63,10 @@ def free_port():
         return s.getsockname()[1]
 
 
-def serve(binary, dtype, port):
+def serve(binary, variant, port):
+    numerics = ["--dtype", "fp32", "--quantize", "int8"] if variant == "int8" else ["--dtype", variant]
     return subprocess.Popen(
-        [binary, "serve", "--listen", f"127.0.0.1:{port}", "--device", "cpu", "--dtype", dtype],
+        [binary, "serve", "--listen", f"127.0.0.1:{port}", "--device", "cpu", *numerics],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -98,7 +99,7 @@ def run(pb, rpc, port, pngs, sets):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--dtypes", default="bf16", help="reduced precisions to compare with fp32, comma separated")
+    p.add_argument("--dtypes", default="bf16", help="reduced precisions to compare with fp32, comma separated (bf16, fp16, int8)")
     p.add_argument("--bin", default=str(ROOT / "target/release/caption-cascade"))
     p.add_argument("--out", help="write the figures as JSON here")
     args = p.parse_args()
