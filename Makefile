@@ -97,10 +97,11 @@ $(BENCH_STAMP): $(TORCH_STAMP)
 	touch $@
 
 BENCH_DTYPE ?= fp32
+BENCH_QUANTIZE ?= none
 BENCH_ARGS  ?=
-bench: setup $(BENCH_STAMP) ## caption-bench (release) against transformers on the same weights, side by side (BENCH_DTYPE=fp32|bf16|fp16; 4–6 minutes on 2 cores)
+bench: setup $(BENCH_STAMP) ## caption-bench (release) against transformers on the same weights, side by side (BENCH_DTYPE=fp32|bf16|fp16, BENCH_QUANTIZE=none|int8; 4–6 minutes on 2 cores)
 	$(CARGO_ENV) cargo build --locked --release --bin caption-bench
-	$(CARGO_ENV) $(VENV)/bin/python bench/compare.py --dtype $(BENCH_DTYPE) --out bench/out/cpu-$(BENCH_DTYPE).json $(BENCH_ARGS)
+	$(CARGO_ENV) $(VENV)/bin/python bench/compare.py --dtype $(BENCH_DTYPE) --quantize $(BENCH_QUANTIZE) --out bench/out/cpu-$(BENCH_DTYPE)$(if $(filter int8,$(BENCH_QUANTIZE)),-int8).json $(BENCH_ARGS)
 
 FUZZ_SECONDS ?= 60
 # No single allocation may exceed this: the fuzz target's limits allow about 32 MB per decode.

@@ -1,6 +1,5 @@
 //! Build script: generates the gRPC code and reflection descriptor from `proto/`, and makes sure a
 //! CUDA-enabled libtorch stays linked so the same binary finds the GPU when one is present.
-//! It also compiles the int8 shim (`csrc/int8_linear.cpp`) against libtorch's headers.
 //! `CAPTION_CPU_ONLY=1` opts out of the CUDA linking: the binary then needs only libtorch_cpu,
 //! libc10 (and what they load), which is how the CPU container image is built (see `Dockerfile`).
 
@@ -13,11 +12,9 @@ use std::{
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     compile_protos()?;
     println!("cargo::rustc-check-cfg=cfg(cuda_streams)");
-    println!("cargo::rustc-check-cfg=cfg(int8_linear)");
     let cpu_only = cpu_only();
     if let Some(lib_dir) = libtorch_lib_dir() {
         link_rpath(&lib_dir);
-        compile_int8_shim(&lib_dir);
         if !cpu_only {
             link_libtorch_cuda(&lib_dir);
             compile_stream_shim(&lib_dir);
@@ -102,27 +99,6 @@ fn compile_stream_shim(lib_dir: &Path) {
         .compile("caption_cascade_cuda_stream");
     println!("cargo:rustc-link-lib=dylib=c10_cuda");
     println!("cargo:rustc-cfg=cuda_streams");
-}
-
-/// Compiles `csrc/int8_linear.cpp` (int8 linear layers, `--quantize int8`) when libtorch's
-/// headers are found; the Rust side is enabled by `cfg(int8_linear)`.
-fn compile_int8_shim(lib_dir: &Path) {
-    println!("cargo:rerun-if-changed=csrc/int8_linear.cpp");
-    let include = lib_dir.parent().expect("libtorch root").join("include");
-    if !include.join("ATen/core/dispatch/Dispatcher.h").exists() {
-        println!("cargo:warning=libtorch's headers were not found: --quantize int8 is not available");
-        return;
-    }
-    cc::Build::new()
-        .cpp(true)
-        .file("csrc/int8_linear.cpp")
-        .include(&include)
-        .include(include.join("torch/csrc/api/include"))
-        .flag("-std=c++17")
-        .flag("-w")
-        .define("_GLIBCXX_USE_CXX11_ABI", "1")
-        .compile("caption_cascade_int8_linear");
-    println!("cargo:rustc-cfg=int8_linear");
 }
 
 fn libtorch_lib_dir() -> Option<PathBuf> {

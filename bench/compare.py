@@ -35,6 +35,10 @@ def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="both sides' precision")
+    p.add_argument("--quantize", default="none", choices=["none", "int8"],
+                   help="int8: both sides' linear layers int8, inputs quantized on the fly (transformers: PyTorch's"
+                        " quantize_dynamic with per-channel weights, one input scale per tensor; ours: --quantize int8,"
+                        " one per row); CPU, fp32")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="intra-op threads on both sides")
     p.add_argument("--candidates", type=int, default=10, help="candidates per image")
     p.add_argument("--decode-len", type=int, default=20, help="tokens per candidate, start token included")
@@ -161,6 +165,12 @@ class Transformers:
         blip_dir, clip_dir = models_dir / "blip-base", models_dir / "clip-vit-base-patch32"
         self.blip = BlipForConditionalGeneration.from_pretrained(blip_dir, dtype=dtype).to(device).eval()
         self.clip = CLIPModel.from_pretrained(clip_dir, dtype=dtype).to(device).eval()
+        if args.quantize == "int8":
+            from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+            spec = {torch.nn.Linear: per_channel_dynamic_qconfig}
+            self.blip = quantize_dynamic(self.blip, spec, dtype=torch.qint8)
+            self.clip = quantize_dynamic(self.clip, spec, dtype=torch.qint8)
         self.blip_proc = BlipImageProcessorPil.from_pretrained(blip_dir)
         self.clip_proc = CLIPImageProcessorPil.from_pretrained(clip_dir)
         self.blip_tok = AutoTokenizer.from_pretrained(blip_dir)
@@ -221,7 +231,7 @@ def caption_bench(args, models_dir: Path, levels):
             args.bin, "--models", "embedded",
             "--blip-model", str(models_dir / "blip-base"),
             "--clip-model", str(models_dir / "clip-vit-base-patch32"),
-            "--device", args.device, "--dtype", args.dtype,
+            "--device", args.device, "--dtype", args.dtype, "--quantize", args.quantize,
             "--intra-op-threads", str(args.threads),
             "--candidates", str(args.candidates), "--decode-len", str(args.decode_len),
             "--concurrency", ",".join(map(str, levels)), "--seconds", str(args.seconds),
@@ -254,6 +264,8 @@ def machine(device):
 
 def main():
     args = parse_args()
+    if args.quantize == "int8" and (args.device != "cpu" or args.dtype != "fp32"):
+        sys.exit("--quantize int8 compares on the CPU in fp32 only")
     import torch
     import transformers
 
@@ -311,11 +323,12 @@ def main():
         rows[-1]["p99_s"] = max(x["p99_ms"] for x in lv) / 1e3
     hf_p50 = rows[1]["p50_s"]
     print()
-    print(f"# {machine(args.device)}; {args.device} {args.dtype}, {args.threads} threads; torch {torch.__version__},"
+    numerics = args.dtype + (", int8 linear layers" if args.quantize == "int8" else "")
+    print(f"# {machine(args.device)}; {args.device} {numerics}, {args.threads} threads; torch {torch.__version__},"
           f" transformers {transformers.__version__}; {time.strftime('%Y-%m-%d')}")
     print(f"# BLIP-base + CLIP ViT-B/32 (same random weights), {args.candidates} candidates x {args.decode_len} tokens"
           f" per image; {args.rounds} interleaved rounds of {args.seconds:.0f} s")
-    print(f"# useful work {gflop:.1f} GFLOP/image; measured GEMM rate {gemm:.0f} GFLOP/s"
+    print(f"# useful work {gflop:.1f} GFLOP/image; measured {args.dtype} GEMM rate {gemm:.0f} GFLOP/s"
           f" (roofline {gemm / gflop:.2f} images/s)")
     print()
     print("| side | images/s | p50 s | p99 s | peak MB | vs transformers batched | p50 vs one at a time | % roofline |")
@@ -326,7 +339,8 @@ def main():
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({
-            "machine": machine(args.device), "device": args.device, "dtype": args.dtype, "threads": args.threads,
+            "machine": machine(args.device), "device": args.device, "dtype": args.dtype, "quantize": args.quantize,
+            "threads": args.threads,
             "gflop_per_image": gflop, "gemm_gflops": gemm, "rows": rows, "rounds": rounds,
         }, indent=1))
 

@@ -34,9 +34,9 @@ pub struct EngineArgs {
     /// where the device computes it natively, else fp32; logged at start). README, Precision.
     #[arg(long, env = "CAPTION_DTYPE", value_enum, default_value_t = Precision::Fp32)]
     pub dtype: Precision,
-    /// int8: every linear layer of both models holds int8 weights and quantizes its inputs on the
-    /// fly (PyTorch's dynamic quantization; CPU with --dtype fp32 only). Faster on CPUs, captions
-    /// move slightly: README, Precision, has both.
+    /// int8: every linear layer of both models holds int8 weights and quantizes each input row on
+    /// the fly (CPU with --dtype fp32 only). Faster on CPUs; captions move slightly: README,
+    /// Precision, has both.
     #[arg(long, env = "CAPTION_QUANTIZE", value_enum, default_value_t = Quantize::None)]
     pub quantize: Quantize,
     /// Executor threads that run model batches (each runs one batch at a time). Default: 1 for

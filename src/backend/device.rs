@@ -105,8 +105,8 @@ impl Precision {
 pub enum Quantize {
     /// Weights in the `--dtype` precision.
     None,
-    /// Every linear layer of both models with int8 weights (per output channel) and inputs
-    /// quantized on the fly, as PyTorch's dynamic quantization does: CPU and fp32 only.
+    /// Every linear layer of both models with int8 weights (per output channel) and each input
+    /// row quantized on the fly: CPU and fp32 only.
     Int8,
 }
 
@@ -123,8 +123,7 @@ impl Quantize {
                 "--quantize int8 computes from fp32 activations, but --dtype gives {kind:?} (use --dtype fp32)"
             )),
             Self::Int8 if !int8::available() => {
-                Err("--quantize int8 is not in this build (libtorch's headers were missing when it was compiled)"
-                    .into())
+                Err("--quantize int8: this libtorch computes no int8 products on the CPU".into())
             }
             Self::Int8 => Ok(Numerics { kind, int8_linears: true }),
         }
@@ -171,7 +170,7 @@ mod tests {
         if int8::available() {
             assert_eq!(cpu, Ok(Numerics { kind: Kind::Float, int8_linears: true }));
         } else {
-            assert!(cpu.unwrap_err().contains("not in this build"));
+            assert!(cpu.unwrap_err().contains("no int8 products"));
         }
         let bf16 = Quantize::Int8.numerics(Device::Cpu, Precision::Bf16).unwrap_err();
         assert!(bf16.contains("--dtype fp32"), "{bf16}");

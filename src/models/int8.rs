@@ -1,144 +1,74 @@
 //! Int8 linear layers (`--quantize int8`): the weight quantized once per output channel, each
-//! input quantized on the fly, through libtorch's quantized CPU engine by way of the C++ shim
-//! (`csrc/int8_linear.cpp`). The numbers are those of PyTorch's `quantize_dynamic` with its
-//! per-channel weight observer.
+//! input row quantized on the fly with a scale of its own, the product in int8 with exact int32
+//! sums (libtorch's `_int_mm`), then scaled back to fp32.
 //!
-//! A decode step's products are limited by reading their weights, and int8 weights are a quarter
-//! of fp32's: README, Precision, has the speed and what it does to the captions.
+//! Per row rather than per tensor (PyTorch's `quantize_dynamic` takes one scale for the whole
+//! input): a row's product then depends on that row alone, to the bit, whatever else is in the
+//! batch, so int8 adds no dependence on batch mates (which would move a request's captions with
+//! the load), and one row with large values does not coarsen its neighbours' grid. A decode step's
+//! products are limited by reading their weights, and int8 weights are a quarter of fp32's:
+//! README, Precision, has the speed and what it does to the captions.
 
 use tch::{Device, Kind, Tensor};
 
 use super::ModelError;
 
-/// Whether this build has the shim (libtorch's headers were found when it was compiled).
+/// The largest magnitude on both grids: symmetric, so zero is exact and -128 is never used.
+const LEVELS: f64 = 127.0;
+
+/// Whether this libtorch computes int8 products on the CPU (every supported one does; kept as a
+/// question so that startup can say so rather than fail on the first request).
 pub fn available() -> bool {
-    cfg!(int8_linear)
+    let a = Tensor::ones([1, 8], (Kind::Int8, Device::Cpu));
+    let b = Tensor::ones([8, 8], (Kind::Int8, Device::Cpu));
+    a.f_internal_int_mm(&b).is_ok()
 }
 
-/// A `[out, in]` weight and its bias, quantized and packed for the CPU's quantized engine.
+/// A linear layer's weight in int8 with its per-output-channel scales, and its bias.
 #[derive(Debug)]
 pub struct Int8Weight {
-    #[cfg_attr(not(int8_linear), allow(dead_code))]
-    packed: Packed,
-}
-
-#[derive(Debug)]
-struct Packed(*mut std::ffi::c_void);
-
-// SAFETY: the handle owns libtorch's packed parameters, which are read-only after packing;
-// libtorch's quantized linear reads them from any thread (as quantized models served from
-// several threads do), and the handle is freed once, by its owner.
-unsafe impl Send for Packed {}
-unsafe impl Sync for Packed {}
-
-#[cfg(int8_linear)]
-mod shim {
-    use std::ffi::{c_char, c_void};
-
-    // Tensors cross as `at::Tensor*`: what a tch tensor's pointer points at.
-    extern "C" {
-        pub fn caption_cascade_int8_pack(
-            weight: *const c_void,
-            bias: *const c_void,
-            error: *mut c_char,
-            capacity: usize,
-        ) -> *mut c_void;
-        pub fn caption_cascade_int8_linear(
-            input: *const c_void,
-            packed: *const c_void,
-            error: *mut c_char,
-            capacity: usize,
-        ) -> *mut c_void;
-        pub fn caption_cascade_int8_free(packed: *mut c_void);
-    }
-}
-
-impl Drop for Packed {
-    fn drop(&mut self) {
-        #[cfg(int8_linear)]
-        // SAFETY: the pointer came from caption_cascade_int8_pack and is freed only here.
-        unsafe {
-            shim::caption_cascade_int8_free(self.0)
-        }
-    }
-}
-
-const ERROR_CAPACITY: usize = 512;
-
-fn message(buffer: &[u8]) -> String {
-    let end = buffer.iter().position(|&b| b == 0).unwrap_or(buffer.len());
-    String::from_utf8_lossy(&buffer[..end]).lines().next().unwrap_or_default().to_string()
+    /// `[in, out]`: the transposed view of the `[out, in]` quantized weight.
+    weight_t: Tensor,
+    /// `[out]` fp32: the value of one step of each output channel's grid.
+    scale: Tensor,
+    bias: Option<Tensor>,
 }
 
 impl Int8Weight {
-    /// Quantizes and packs `weight` (`[out, in]`) and `bias` (`[out]`), both on the CPU.
+    /// Quantizes `weight` (`[out, in]`, fp32 on the CPU): each output channel to integers in
+    /// [-127, 127], its largest magnitude at 127.
     pub fn new(weight: &Tensor, bias: Option<&Tensor>) -> Result<Self, ModelError> {
-        if weight.device() != Device::Cpu {
-            return Err(ModelError::Config("int8 linear layers run on the CPU only".into()));
+        if weight.device() != Device::Cpu || weight.kind() != Kind::Float {
+            return Err(ModelError::Config("int8 linear layers take fp32 weights on the CPU".into()));
         }
-        #[cfg(int8_linear)]
-        {
-            let mut error = [0u8; ERROR_CAPACITY];
-            let bias = bias.map(|b| b.shallow_clone());
-            // SAFETY: tch's tensors point at `at::Tensor`s, which the shim reads and does not keep;
-            // `error` holds ERROR_CAPACITY bytes.
-            let handle = unsafe {
-                shim::caption_cascade_int8_pack(
-                    weight.as_ptr().cast(),
-                    bias.as_ref().map_or(std::ptr::null(), |b| b.as_ptr().cast()),
-                    error.as_mut_ptr().cast(),
-                    ERROR_CAPACITY,
-                )
-            };
-            if handle.is_null() {
-                return Err(ModelError::Config(format!("cannot quantize a linear layer: {}", message(&error))));
-            }
-            Ok(Self { packed: Packed(handle) })
-        }
-        #[cfg(not(int8_linear))]
-        {
-            let _ = (bias, message(&[]));
-            Err(ModelError::Config("this build has no int8 support (libtorch's headers were missing)".into()))
-        }
+        let scale = weight.abs().amax([1], true).clamp_min(f64::from(f32::MIN_POSITIVE)) / LEVELS;
+        let quantized = (weight / &scale).round().to_kind(Kind::Int8);
+        Ok(Self { weight_t: quantized.tr(), scale: scale.squeeze_dim(1), bias: bias.map(|b| b.to_kind(Kind::Float)) })
     }
 
-    /// `x·Wᵀ + b` for fp32 `x` of any leading dimensions.
+    /// `x·Wᵀ + b` for fp32 `x` of any leading dimensions, each row quantized on its own.
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        debug_assert_eq!(x.kind(), Kind::Float, "int8 layers take fp32 inputs");
-        #[cfg(int8_linear)]
-        {
-            let mut error = [0u8; ERROR_CAPACITY];
-            let x = x.contiguous();
-            // SAFETY: as in `new`; the returned pointer is a new `at::Tensor` whose ownership
-            // passes to the tch tensor.
-            let out = unsafe {
-                shim::caption_cascade_int8_linear(
-                    x.as_ptr().cast(),
-                    self.packed.0,
-                    error.as_mut_ptr().cast(),
-                    ERROR_CAPACITY,
-                )
-            };
-            // Shapes and kinds were fixed at load, so a failure here is a broken invariant, as a
-            // failing libtorch call is everywhere else in the models.
-            assert!(!out.is_null(), "int8 linear failed: {}", message(&error));
-            // SAFETY: see above.
-            unsafe { Tensor::from_ptr(out.cast()) }
-        }
-        #[cfg(not(int8_linear))]
-        {
-            let _ = x;
-            unreachable!("an Int8Weight exists only where the shim does")
-        }
+        let mut size = x.size();
+        let in_dim = *size.last().expect("1-d or more");
+        let rows = x.reshape([-1, in_dim]);
+        let row_scale = rows.abs().amax([1], true).clamp_min(f64::from(f32::MIN_POSITIVE)) / LEVELS;
+        let quantized = (&rows / &row_scale).round().to_kind(Kind::Int8);
+        let sums = quantized.internal_int_mm(&self.weight_t).to_kind(Kind::Float);
+        let step = row_scale * &self.scale;
+        let y = match &self.bias {
+            Some(b) => b.addcmul(&sums, &step),
+            None => sums * step,
+        };
+        *size.last_mut().expect("1-d or more") = y.size()[1];
+        y.view(size.as_slice())
     }
 }
 
-#[cfg(all(test, int8_linear))]
+#[cfg(test)]
 mod tests {
     use super::*;
 
-    /// The product is that of the weight rounded to its per-channel int8 grid and the input
-    /// rounded to its per-tensor 7-bit grid: close to fp32's, and closer as rows get smoother.
+    /// Close to fp32's product: the weight on its per-channel grid, each row on its own.
     #[test]
     fn int8_products_are_close_to_fp32() {
         tch::manual_seed(5);
@@ -159,12 +89,35 @@ mod tests {
         }
     }
 
+    /// Values already on both grids multiply exactly: integer weights whose row maximum is 127
+    /// (scale 1) times inputs whose row maximum is 127.
     #[test]
-    fn gpu_weights_are_refused() {
-        if !tch::Cuda::is_available() {
-            return;
-        }
-        let w = Tensor::randn([4, 4], (Kind::Float, Device::Cuda(0)));
-        assert!(Int8Weight::new(&w, None).is_err());
+    fn values_on_the_grids_multiply_exactly() {
+        let weight = Tensor::from_slice(&[127f32, -3.0, 5.0, 0.0, -127.0, 64.0]).view([2, 3]);
+        let x = Tensor::from_slice(&[1f32, 127.0, -2.0, 127.0, 0.0, 9.0]).view([2, 3]);
+        let got = Int8Weight::new(&weight, None).unwrap().forward(&x);
+        assert_eq!(got, x.linear::<Tensor>(&weight, None));
+    }
+
+    /// A row's result is the same bits whatever rows share its batch, even a row whose values
+    /// are a thousand times larger (one scale per tensor would coarsen everyone's grid).
+    #[test]
+    fn a_row_computes_what_it_computes_alone() {
+        tch::manual_seed(6);
+        let weight = Tensor::randn([64, 32], (Kind::Float, Device::Cpu));
+        let bias = Tensor::randn([64], (Kind::Float, Device::Cpu));
+        let layer = Int8Weight::new(&weight, Some(&bias)).unwrap();
+        let row = Tensor::randn([1, 32], (Kind::Float, Device::Cpu));
+        let loud = Tensor::randn([5, 32], (Kind::Float, Device::Cpu)) * 1000.0;
+        let alone = layer.forward(&row);
+        let batched = layer.forward(&Tensor::cat(&[&loud, &row, &loud], 0)).narrow(0, 5, 1);
+        assert_eq!(alone, batched);
+    }
+
+    #[test]
+    fn only_fp32_cpu_weights_quantize() {
+        let half = Tensor::randn([8, 8], (Kind::Float, Device::Cpu)).to_kind(Kind::BFloat16);
+        assert!(Int8Weight::new(&half, None).is_err());
+        assert!(available());
     }
 }
