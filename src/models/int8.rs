@@ -24,6 +24,13 @@ pub fn available() -> bool {
     a.f_internal_int_mm(&b).is_ok()
 }
 
+/// Products of at most this many rows quantize and rescale in plain loops here: at a decode
+/// step's few rows, a libtorch call per elementwise step costs more than the arithmetic.
+const FEW_ROWS: usize = 64;
+/// Larger products run in slices of this many rows, so their temporaries stay small (measured on
+/// 4616 rows, BLIP's vision tower at 8 images: 3072→768 95 → 28 ms, 768→768 22 → 12 ms).
+const SLICE_ROWS: i64 = 512;
+
 /// A linear layer's weight in int8 with its per-output-channel scales, and its bias.
 #[derive(Debug)]
 pub struct Int8Weight {
@@ -32,6 +39,9 @@ pub struct Int8Weight {
     /// `[out]` fp32: the value of one step of each output channel's grid.
     scale: Tensor,
     bias: Option<Tensor>,
+    /// The same scales and bias for the loops of few-row products.
+    scale_values: Vec<f32>,
+    bias_values: Option<Vec<f32>>,
 }
 
 impl Int8Weight {
@@ -43,25 +53,85 @@ impl Int8Weight {
         }
         let scale = weight.abs().amax([1], true).clamp_min(f64::from(f32::MIN_POSITIVE)) / LEVELS;
         let quantized = (weight / &scale).round().to_kind(Kind::Int8);
-        Ok(Self { weight_t: quantized.tr(), scale: scale.squeeze_dim(1), bias: bias.map(|b| b.to_kind(Kind::Float)) })
+        let scale = scale.squeeze_dim(1);
+        let bias = bias.map(|b| b.to_kind(Kind::Float));
+        Ok(Self {
+            weight_t: quantized.tr(),
+            scale_values: Vec::try_from(&scale)?,
+            bias_values: bias.as_ref().map(Vec::try_from).transpose()?,
+            scale,
+            bias,
+        })
     }
 
     /// `x·Wᵀ + b` for fp32 `x` of any leading dimensions, each row quantized on its own.
+    ///
+    /// Both paths below compute the same operations in the same order (the row's largest
+    /// magnitude over 127, division, rounding half to even; then the exact int32 sums times the
+    /// row's scale, times the channel's scale, plus the bias), so a row gets the same bits
+    /// however many rows it comes with.
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let mut size = x.size();
         let in_dim = *size.last().expect("1-d or more");
-        let rows = x.reshape([-1, in_dim]);
-        let row_scale = rows.abs().amax([1], true).clamp_min(f64::from(f32::MIN_POSITIVE)) / LEVELS;
-        let quantized = (&rows / &row_scale).round().to_kind(Kind::Int8);
-        let sums = quantized.internal_int_mm(&self.weight_t).to_kind(Kind::Float);
-        let step = row_scale * &self.scale;
-        let y = match &self.bias {
-            Some(b) => b.addcmul(&sums, &step),
-            None => sums * step,
+        let rows = x.reshape([-1, in_dim]).contiguous();
+        let y = if rows.size()[0] as usize <= FEW_ROWS {
+            self.few_rows(&rows)
+        } else {
+            Tensor::cat(&rows.split(SLICE_ROWS, 0).iter().map(|s| self.many_rows(s)).collect::<Vec<_>>(), 0)
         };
         *size.last_mut().expect("1-d or more") = y.size()[1];
         y.view(size.as_slice())
     }
+
+    fn many_rows(&self, rows: &Tensor) -> Tensor {
+        let row_scale = rows.abs().amax([1], true).clamp_min(f64::from(f32::MIN_POSITIVE)) / LEVELS;
+        let quantized = (rows / &row_scale).round().to_kind(Kind::Int8);
+        let mut y = quantized.internal_int_mm(&self.weight_t).to_kind(Kind::Float);
+        let _ = y.g_mul_(&row_scale);
+        let _ = y.g_mul_(&self.scale);
+        if let Some(b) = &self.bias {
+            let _ = y.g_add_(b);
+        }
+        y
+    }
+
+    fn few_rows(&self, rows: &Tensor) -> Tensor {
+        let (m, k) = rows.size2().expect("rows are 2-d");
+        let (m, k) = (m as usize, k as usize);
+        let n = self.scale_values.len();
+        let x = Vec::<f32>::try_from(rows.view(-1)).expect("fp32 rows");
+        let mut quantized = vec![0i8; m * k];
+        let mut row_scale = vec![0f32; m];
+        for ((row, out), scale) in x.chunks_exact(k).zip(quantized.chunks_exact_mut(k)).zip(&mut row_scale) {
+            let largest = row.iter().fold(0f32, |a, v| if v.abs() > a { v.abs() } else { a });
+            *scale = largest.max(f32::MIN_POSITIVE) / LEVELS as f32;
+            for (q, v) in out.iter_mut().zip(row) {
+                *q = round_half_even(v / *scale) as i8;
+            }
+        }
+        let sums = Tensor::from_slice(&quantized).view([m as i64, k as i64]).internal_int_mm(&self.weight_t);
+        let sums = Vec::<i32>::try_from(sums.view(-1)).expect("int32 sums");
+        let mut y = vec![0f32; m * n];
+        for ((out, sums), row) in y.chunks_exact_mut(n).zip(sums.chunks_exact(n)).zip(&row_scale) {
+            for ((o, s), channel) in out.iter_mut().zip(sums).zip(&self.scale_values) {
+                *o = *s as f32 * row * channel;
+            }
+            if let Some(bias) = &self.bias_values {
+                for (o, b) in out.iter_mut().zip(bias) {
+                    *o += b;
+                }
+            }
+        }
+        Tensor::from_slice(&y).view([m as i64, n as i64])
+    }
+}
+
+/// Rounds half to even (as libtorch's `round`) for |v| below 2²², in two additions the compiler
+/// vectorizes: adding 1.5·2²³ leaves no fraction bits, so the sum is rounded in the FPU's
+/// default mode, which is to nearest, ties to even. `f32::round_ties_even` is a call per value.
+fn round_half_even(v: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0;
+    (v + MAGIC) - MAGIC
 }
 
 #[cfg(test)]
@@ -112,6 +182,34 @@ mod tests {
         let alone = layer.forward(&row);
         let batched = layer.forward(&Tensor::cat(&[&loud, &row, &loud], 0)).narrow(0, 5, 1);
         assert_eq!(alone, batched);
+    }
+
+    /// The loops for few rows and libtorch's passes for many give the same bits for a row.
+    #[test]
+    fn few_and_many_rows_agree_to_the_bit() {
+        tch::manual_seed(7);
+        let weight = Tensor::randn([96, 80], (Kind::Float, Device::Cpu)) * 0.1;
+        let bias = Tensor::randn([96], (Kind::Float, Device::Cpu));
+        for b in [None, Some(&bias)] {
+            let layer = Int8Weight::new(&weight, b).unwrap();
+            let x = Tensor::randn([600, 80], (Kind::Float, Device::Cpu)) * 3.0;
+            let many = layer.forward(&x);
+            for start in [0, 37, 511, 550] {
+                let few = layer.forward(&x.narrow(0, start, 9));
+                assert_eq!(few, many.narrow(0, start, 9), "rows {start}..{}", start + 9);
+            }
+        }
+    }
+
+    #[test]
+    fn rounding_is_half_to_even() {
+        for (v, want) in [(0.5f32, 0.0f32), (1.5, 2.0), (2.5, 2.0), (-0.5, -0.0), (-1.5, -2.0), (126.5, 126.0)] {
+            assert_eq!(round_half_even(v), want, "{v}");
+        }
+        for i in -1270..=1270 {
+            let v = i as f32 / 10.0 + 0.013;
+            assert_eq!(round_half_even(v), v.round_ties_even(), "{v}");
+        }
     }
 
     #[test]

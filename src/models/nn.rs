@@ -34,6 +34,9 @@ impl Linear {
     pub fn quantized_as(mut self, w: &Weights) -> Result<Self, ModelError> {
         if w.int8_linears() {
             self.int8 = Some(Int8Weight::new(&self.weight, self.bias.as_ref())?);
+            // Every product now reads the int8 copy; the fp32 one would only take memory. (A
+            // weight tied to an embedding stays alive through the embedding.)
+            self.weight = Tensor::new();
         }
         Ok(self)
     }
