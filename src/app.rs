@@ -10,7 +10,6 @@ use crate::{
     config::EngineArgs,
     engine::{Scheduler, SystemClock},
     images::{FetchLimits, Fetcher, ImageCache},
-    models::Numerics,
 };
 
 /// Which models a process runs.
@@ -38,30 +37,36 @@ pub fn build_cascade_with(
     models: ModelSet,
     results: ResultCacheConfig,
 ) -> anyhow::Result<Arc<Cascade>> {
-    let device = args.device.resolve().map_err(anyhow::Error::msg)?;
-    tracing::info!(?device, generator = models.generator, ranker = models.ranker, "loading models");
-    let numerics = args.numerics(device).map_err(anyhow::Error::msg)?;
-    let blip = models.generator.then(|| load_blip(args, device, numerics)).transpose()?;
-    let clip = models.ranker.then(|| load_clip(args, device, numerics)).transpose()?;
+    let (blip, clip) = load_models(args, models)?;
     assemble_with(args, fetch, blip, clip, results)
-}
-
-fn load_blip(args: &EngineArgs, device: tch::Device, numerics: Numerics) -> anyhow::Result<BlipRunner> {
-    BlipRunner::load_as(&args.blip_model, device, numerics)
-        .map_err(|e| anyhow::anyhow!("cannot load the BLIP model from {}: {e}", args.blip_model.display()))
-}
-
-fn load_clip(args: &EngineArgs, device: tch::Device, numerics: Numerics) -> anyhow::Result<ClipRunner> {
-    ClipRunner::load_as(&args.clip_model, device, numerics)
-        .map_err(|e| anyhow::anyhow!("cannot load the CLIP model from {}: {e}", args.clip_model.display()))
 }
 
 /// Both models' runners, loaded from the folders `args` names onto its device.
 pub fn load_runners(args: &EngineArgs) -> anyhow::Result<(BlipRunner, ClipRunner)> {
+    let (blip, clip) = load_models(args, ModelSet::BOTH)?;
+    blip.zip(clip).ok_or_else(|| anyhow::anyhow!("both models were asked for"))
+}
+
+/// The runners of the models in `models`, on the device and with the numerics `args` resolve to.
+fn load_models(args: &EngineArgs, models: ModelSet) -> anyhow::Result<(Option<BlipRunner>, Option<ClipRunner>)> {
     let device = args.device.resolve().map_err(anyhow::Error::msg)?;
-    tracing::info!(?device, "loading models");
+    tracing::info!(?device, generator = models.generator, ranker = models.ranker, "loading models");
     let numerics = args.numerics(device).map_err(anyhow::Error::msg)?;
-    Ok((load_blip(args, device, numerics)?, load_clip(args, device, numerics)?))
+    let blip = models
+        .generator
+        .then(|| {
+            BlipRunner::load_as(&args.blip_model, device, numerics)
+                .map_err(|e| anyhow::anyhow!("cannot load the BLIP model from {}: {e}", args.blip_model.display()))
+        })
+        .transpose()?;
+    let clip = models
+        .ranker
+        .then(|| {
+            ClipRunner::load_as(&args.clip_model, device, numerics)
+                .map_err(|e| anyhow::anyhow!("cannot load the CLIP model from {}: {e}", args.clip_model.display()))
+        })
+        .transpose()?;
+    Ok((blip, clip))
 }
 
 /// Starts the scheduler over loaded runners and builds the cascade around it.
