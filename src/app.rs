@@ -10,6 +10,7 @@ use crate::{
     config::EngineArgs,
     engine::{Scheduler, SystemClock},
     images::{FetchLimits, Fetcher, ImageCache},
+    models::Numerics,
 };
 
 /// Which models a process runs.
@@ -52,21 +53,19 @@ fn load_models(args: &EngineArgs, models: ModelSet) -> anyhow::Result<(Option<Bl
     let device = args.device.resolve().map_err(anyhow::Error::msg)?;
     tracing::info!(?device, generator = models.generator, ranker = models.ranker, "loading models");
     let numerics = args.numerics(device).map_err(anyhow::Error::msg)?;
-    let blip = models
-        .generator
-        .then(|| {
-            BlipRunner::load_as(&args.blip_model, device, numerics)
-                .map_err(|e| anyhow::anyhow!("cannot load the BLIP model from {}: {e}", args.blip_model.display()))
-        })
-        .transpose()?;
-    let clip = models
-        .ranker
-        .then(|| {
-            ClipRunner::load_as(&args.clip_model, device, numerics)
-                .map_err(|e| anyhow::anyhow!("cannot load the CLIP model from {}: {e}", args.clip_model.display()))
-        })
-        .transpose()?;
+    let blip = models.generator.then(|| load_blip(args, device, numerics)).transpose()?;
+    let clip = models.ranker.then(|| load_clip(args, device, numerics)).transpose()?;
     Ok((blip, clip))
+}
+
+fn load_blip(args: &EngineArgs, device: tch::Device, numerics: Numerics) -> anyhow::Result<BlipRunner> {
+    BlipRunner::load_as(&args.blip_model, device, numerics)
+        .map_err(|e| anyhow::anyhow!("cannot load the BLIP model from {}: {e}", args.blip_model.display()))
+}
+
+fn load_clip(args: &EngineArgs, device: tch::Device, numerics: Numerics) -> anyhow::Result<ClipRunner> {
+    ClipRunner::load_as(&args.clip_model, device, numerics)
+        .map_err(|e| anyhow::anyhow!("cannot load the CLIP model from {}: {e}", args.clip_model.display()))
 }
 
 /// Starts the scheduler over loaded runners and builds the cascade around it.

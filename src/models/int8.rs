@@ -138,12 +138,17 @@ fn round_half_even(v: f32) -> f32 {
 mod tests {
     use super::*;
 
+    /// A random `[out, input]` weight of standard deviation `std`, and a random bias.
+    fn random_layer(seed: i64, out: i64, input: i64, std: f64) -> (Tensor, Tensor) {
+        tch::manual_seed(seed);
+        let weight = Tensor::randn([out, input], (Kind::Float, Device::Cpu)) * std;
+        (weight, Tensor::randn([out], (Kind::Float, Device::Cpu)))
+    }
+
     /// Close to fp32's product: the weight on its per-channel grid, each row on its own.
     #[test]
     fn int8_products_are_close_to_fp32() {
-        tch::manual_seed(5);
-        let weight = Tensor::randn([300, 200], (Kind::Float, Device::Cpu)) * 0.05;
-        let bias = Tensor::randn([300], (Kind::Float, Device::Cpu));
+        let (weight, bias) = random_layer(5, 300, 200, 0.05);
         for b in [None, Some(&bias)] {
             let layer = Int8Weight::new(&weight, b).unwrap();
             for shape in [vec![1, 200], vec![10, 200], vec![2, 7, 200]] {
@@ -173,9 +178,7 @@ mod tests {
     /// are a thousand times larger (one scale per tensor would coarsen everyone's grid).
     #[test]
     fn a_row_computes_what_it_computes_alone() {
-        tch::manual_seed(6);
-        let weight = Tensor::randn([64, 32], (Kind::Float, Device::Cpu));
-        let bias = Tensor::randn([64], (Kind::Float, Device::Cpu));
+        let (weight, bias) = random_layer(6, 64, 32, 1.0);
         let layer = Int8Weight::new(&weight, Some(&bias)).unwrap();
         let row = Tensor::randn([1, 32], (Kind::Float, Device::Cpu));
         let loud = Tensor::randn([5, 32], (Kind::Float, Device::Cpu)) * 1000.0;
@@ -187,9 +190,7 @@ mod tests {
     /// The loops for few rows and libtorch's passes for many give the same bits for a row.
     #[test]
     fn few_and_many_rows_agree_to_the_bit() {
-        tch::manual_seed(7);
-        let weight = Tensor::randn([96, 80], (Kind::Float, Device::Cpu)) * 0.1;
-        let bias = Tensor::randn([96], (Kind::Float, Device::Cpu));
+        let (weight, bias) = random_layer(7, 96, 80, 0.1);
         for b in [None, Some(&bias)] {
             let layer = Int8Weight::new(&weight, b).unwrap();
             let x = Tensor::randn([600, 80], (Kind::Float, Device::Cpu)) * 3.0;
