@@ -1,4 +1,5 @@
-//! The result cache on its own: identities, hits under their own keys, off, the byte bound, the TTL, coalesced misses and a caller that leaves.
+//! The result cache on its own: identities, hits under their own keys, off, the byte bound,
+//! the TTL, coalesced misses and a caller that leaves.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
