@@ -112,7 +112,8 @@ fn build_runners(e: &EngineArgs, models: Models) -> anyhow::Result<(BlipRunner, 
             let blip_cfg = BlipConfig::from_json(&read(root.join("blip-base/config.json"))?)?;
             let numerics = e.numerics(device).map_err(anyhow::Error::msg)?;
             let weights = Weights::random(device, numerics.kind).with_int8_linears(numerics.int8_linears);
-            let blip = Blip::new(blip_cfg, &weights)?;
+            let mut blip = Blip::new(blip_cfg, &weights)?;
+            blip.text_decoder.set_graph_mode(numerics.graphs);
             let clip_cfg = ClipConfig::from_json(&read(root.join("clip-vit-base-patch32/config.json"))?)?;
             let clip_positions = clip_cfg.text_config.max_position_embeddings as usize;
             let clip = Clip::new(clip_cfg, &weights)?;

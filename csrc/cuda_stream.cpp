@@ -30,3 +30,54 @@ extern "C" int caption_cascade_cuda_capability_major(int device) {
     return -1;
   }
 }
+
+// CUDA graphs of the row-wise parts of a decode step (see src/models/graphs.rs). A graph records
+// what the calling thread's current stream runs between begin and end, and replays it there.
+#include <ATen/cuda/CUDAGraph.h>
+
+extern "C" void* caption_cascade_graph_new() {
+  try {
+    return new at::cuda::CUDAGraph();
+  } catch (...) {
+    return nullptr;
+  }
+}
+
+// Capture is thread-local: executors on other threads keep launching and allocating on their own
+// streams meanwhile. Fails on the default stream, which cannot be captured.
+extern "C" int caption_cascade_graph_begin(void* graph) {
+  try {
+    if (c10::cuda::getCurrentCUDAStream() == c10::cuda::getDefaultCUDAStream()) {
+      return -2;
+    }
+    static_cast<at::cuda::CUDAGraph*>(graph)->capture_begin({0, 0}, cudaStreamCaptureModeThreadLocal);
+    return 0;
+  } catch (...) {
+    return -1;
+  }
+}
+
+extern "C" int caption_cascade_graph_end(void* graph) {
+  try {
+    static_cast<at::cuda::CUDAGraph*>(graph)->capture_end();
+    return 0;
+  } catch (...) {
+    return -1;
+  }
+}
+
+extern "C" int caption_cascade_graph_replay(void* graph) {
+  try {
+    static_cast<at::cuda::CUDAGraph*>(graph)->replay();
+    return 0;
+  } catch (...) {
+    return -1;
+  }
+}
+
+extern "C" void caption_cascade_graph_free(void* graph) {
+  try {
+    delete static_cast<at::cuda::CUDAGraph*>(graph);
+  } catch (...) {
+  }
+}

@@ -39,6 +39,10 @@ pub struct EngineArgs {
     /// Precision, has both.
     #[arg(long, env = "CAPTION_QUANTIZE", value_enum, default_value_t = Quantize::None)]
     pub quantize: Quantize,
+    /// Replay BLIP's one-token decode steps from CUDA graphs (captured per executor and row
+    /// bucket on first use), which saves most kernel launches; CUDA only. README, Benchmark.
+    #[arg(long, env = "CAPTION_CUDA_GRAPHS")]
+    pub cuda_graphs: bool,
     /// Executor threads that run model batches (each runs one batch at a time). Default: 1 for
     /// `serve`, whose one image then has every core (lowest latency); the `caption` bulk job on a
     /// CPU runs one per core with one thread each (highest throughput; README, Command line).
@@ -261,9 +265,11 @@ impl ServerArgs {
 }
 
 impl EngineArgs {
-    /// How the models hold and compute their numbers on `device` (`--dtype`, `--quantize`).
+    /// How the models hold and compute their numbers on `device` (`--dtype`, `--quantize`,
+    /// `--cuda-graphs`).
     pub fn numerics(&self, device: tch::Device) -> Result<crate::models::Numerics, String> {
-        self.quantize.numerics(device, self.dtype)
+        let numerics = self.quantize.numerics(device, self.dtype)?;
+        Ok(crate::models::Numerics { graphs: crate::backend::graph_mode(device, self.cuda_graphs)?, ..numerics })
     }
 
     pub fn executors(&self) -> usize {

@@ -1,6 +1,7 @@
 //! Decoding on the embedded BLIP: requests that join a running batch get exactly what they get
-//! alone, cross-attention shared per image equals the per-row computation, and each image is
-//! encoded once however many candidates it asks for.
+//! alone, cross-attention shared per image equals the per-row computation, decode steps through
+//! (emulated) graphs compute what eager ones do, and each image is encoded once however many
+//! candidates it asks for.
 
 mod common;
 
@@ -13,6 +14,7 @@ use caption_cascade::{
     models::{
         blip::{Blip, DecodeBatch, DecodeRequest, Decoded, SelfAttnCache, SpecialTokens},
         generation::{GenerationParams, Strategy},
+        graphs::GraphMode,
         preprocess,
     },
 };
@@ -46,18 +48,17 @@ fn sampled(seed: u64, n: u32) -> GenerationParams {
     GenerationParams { num_candidates: n, seed, temperature: 1.3, top_p: 0.95, max_length: 30, ..Default::default() }
 }
 
-#[test]
-fn joining_a_running_batch_changes_no_result() {
-    let _g = tch::no_grad_guard();
-    let blip = Blip::load(Path::new(BLIP), Device::Cpu).unwrap();
+/// Three requests, two of which join a running batch later: (what each gets alone, what each gets
+/// in the shared batch).
+fn alone_and_joined(blip: &Blip) -> (Vec<Decoded>, Vec<Decoded>) {
     let (ea, eb, ec) = (blip.encode_image(&pixels(1)), blip.encode_image(&pixels(2)), blip.encode_image(&pixels(3)));
     let greedy = GenerationParams { num_candidates: 2, strategy: Strategy::Greedy, ..Default::default() };
-    let a = request(&blip, 1, sampled(11, 4));
-    let b = request(&blip, 2, greedy);
-    let c = request(&blip, 3, GenerationParams { repetition_penalty: 1.5, ..sampled(33, 3) });
-    let expected = [alone(&blip, &ea, a.clone()), alone(&blip, &eb, b.clone()), alone(&blip, &ec, c.clone())];
+    let a = request(blip, 1, sampled(11, 4));
+    let b = request(blip, 2, greedy);
+    let c = request(blip, 3, GenerationParams { repetition_penalty: 1.5, ..sampled(33, 3) });
+    let expected = vec![alone(blip, &ea, a.clone()), alone(blip, &eb, b.clone()), alone(blip, &ec, c.clone())];
 
-    let sp = special(&blip);
+    let sp = special(blip);
     let mut running = DecodeBatch::new(&blip.text_decoder, sp, &ea, &[a]);
     let mut done: Vec<Decoded> = Vec::new();
     for _ in 0..3 {
@@ -77,7 +78,44 @@ fn joining_a_running_batch_changes_no_result() {
         done.extend(running.step());
     }
     done.sort_by_key(|d| d.id);
-    assert_eq!(done, expected);
+    (expected, done)
+}
+
+#[test]
+fn joining_a_running_batch_changes_no_result() {
+    let _g = tch::no_grad_guard();
+    let blip = Blip::load(Path::new(BLIP), Device::Cpu).unwrap();
+    let (alone, joined) = alone_and_joined(&blip);
+    assert_eq!(joined, alone);
+}
+
+fn one_step_logits(blip: &Blip) -> Tensor {
+    let dec = &blip.text_decoder;
+    let cross = dec.cross_attn_cache(&blip.encode_image(&pixels(4)));
+    let mut cache = SelfAttnCache::default();
+    let prefix = Tensor::from_slice(&[5i64, 6, 7, 5, 6, 8, 5, 7, 7, 5, 6, 6, 5, 8, 6]).view([5, 3]);
+    let _ = dec.forward(&prefix, &mut cache, &cross, &[5], None);
+    let next = Tensor::from_slice(&[7i64, 8, 6, 5, 7]).view([5, 1]);
+    dec.next_token_logits(&dec.forward(&next, &mut cache, &cross, &[5], None))
+}
+
+#[test]
+fn graphed_decode_steps_compute_what_eager_steps_compute() {
+    let _g = tch::no_grad_guard();
+    let mut blip = Blip::load(Path::new(BLIP), Device::Cpu).unwrap();
+    let (eager, _) = alone_and_joined(&blip);
+    // Emulated graphs pad every one-token step to its row bucket, copy it through static
+    // buffers and narrow the results back, as CUDA graphs do, on any device.
+    blip.text_decoder.set_graph_mode(GraphMode::Emulated);
+    let (graphed_alone, graphed_joined) = alone_and_joined(&blip);
+    assert_eq!(graphed_alone, eager);
+    assert_eq!(graphed_joined, eager);
+
+    // One step's logits, 5 rows padded to 8, against eager.
+    let graphed = one_step_logits(&blip);
+    blip.text_decoder.set_graph_mode(GraphMode::Off);
+    let diff = (one_step_logits(&blip) - graphed).abs().max().double_value(&[]);
+    assert!(diff < 1e-5, "logits max |Δ| = {diff}");
 }
 
 #[test]

@@ -83,7 +83,7 @@ fn full_size_reduced_precision_logits_stay_close_to_fp32() {
 /// largest fp32 logit, or of `floor` where that is larger.
 fn assert_variants_close(what: &str, floor: f64, logits: impl Fn(Numerics) -> Tensor) {
     let fp32 = logits(Kind::Float.into());
-    let int8 = Numerics { kind: Kind::Float, int8_linears: true };
+    let int8 = Numerics { int8_linears: true, ..Kind::Float.into() };
     for (name, n, bound) in [("bf16", Numerics::from(Kind::BFloat16), 0.05), ("int8", int8, 0.1)] {
         if n.int8_linears && !int8::available() {
             continue;

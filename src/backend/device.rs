@@ -2,7 +2,7 @@
 
 use tch::{Device, Kind};
 
-use crate::models::{int8, Numerics};
+use crate::models::{graphs::GraphMode, int8, Numerics};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum DeviceChoice {
@@ -125,7 +125,7 @@ impl Quantize {
             Self::Int8 if !int8::available() => {
                 Err("--quantize int8: this libtorch computes no int8 products on the CPU".into())
             }
-            Self::Int8 => Ok(Numerics { kind, int8_linears: true }),
+            Self::Int8 => Ok(Numerics { int8_linears: true, ..kind.into() }),
         }
     }
 }
@@ -138,6 +138,19 @@ fn cpu_has_bf16() -> bool {
             .find(|l| l.starts_with("flags"))
             .is_some_and(|flags| flags.split_whitespace().any(|f| f == "avx512_bf16" || f == "amx_bf16"))
     })
+}
+
+/// How BLIP's decode steps launch on `device` (`--cuda-graphs`), or why they cannot. Graphs are
+/// captured on each executor's own stream, which only a build with the CUDA shim gives.
+pub fn graph_mode(device: Device, cuda_graphs: bool) -> Result<GraphMode, String> {
+    match (cuda_graphs, device) {
+        (false, _) => Ok(GraphMode::Off),
+        (true, Device::Cuda(_)) if cfg!(cuda_streams) => Ok(GraphMode::Cuda),
+        (true, Device::Cuda(_)) => {
+            Err("--cuda-graphs: this build has no CUDA shim (its libtorch lacked CUDA headers)".into())
+        }
+        (true, _) => Err(format!("--cuda-graphs needs a CUDA device, and the models run on {device:?}")),
+    }
 }
 
 #[cfg(cuda_streams)]
@@ -168,7 +181,7 @@ mod tests {
     fn int8_goes_with_fp32_on_the_cpu_only() {
         let cpu = Quantize::Int8.numerics(Device::Cpu, Precision::Fp32);
         if int8::available() {
-            assert_eq!(cpu, Ok(Numerics { kind: Kind::Float, int8_linears: true }));
+            assert_eq!(cpu, Ok(Numerics { int8_linears: true, ..Kind::Float.into() }));
         } else {
             assert!(cpu.unwrap_err().contains("no int8 products"));
         }
@@ -177,5 +190,19 @@ mod tests {
         let gpu = Quantize::Int8.numerics(Device::Cuda(0), Precision::Fp32).unwrap_err();
         assert!(gpu.contains("CPU only"), "{gpu}");
         assert_eq!(Quantize::None.numerics(Device::Cpu, Precision::Bf16), Ok(Kind::BFloat16.into()));
+    }
+
+    #[test]
+    fn cuda_graphs_go_with_a_cuda_device_only() {
+        assert_eq!(graph_mode(Device::Cpu, false), Ok(GraphMode::Off));
+        assert_eq!(graph_mode(Device::Cuda(0), false), Ok(GraphMode::Off));
+        let cpu = graph_mode(Device::Cpu, true).unwrap_err();
+        assert!(cpu.contains("needs a CUDA device"), "{cpu}");
+        let gpu = graph_mode(Device::Cuda(0), true);
+        if cfg!(cuda_streams) {
+            assert_eq!(gpu, Ok(GraphMode::Cuda));
+        } else {
+            assert!(gpu.unwrap_err().contains("no CUDA shim"));
+        }
     }
 }

@@ -5,6 +5,7 @@
 pub mod blip;
 pub mod clip;
 pub mod generation;
+pub mod graphs;
 pub mod int8;
 mod mkl;
 pub mod nn;
@@ -16,17 +17,19 @@ use std::path::Path;
 
 use tch::Kind;
 
-/// How a model holds and computes its numbers: the floating-point kind (`--dtype`), and whether
-/// its linear layers hold int8 weights (`--quantize int8`, fp32 CPU only).
+/// How a model holds and computes its numbers: the floating-point kind (`--dtype`), whether its
+/// linear layers hold int8 weights (`--quantize int8`, fp32 CPU only), and how BLIP's decode steps
+/// launch their work (`--cuda-graphs`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Numerics {
     pub kind: Kind,
     pub int8_linears: bool,
+    pub graphs: graphs::GraphMode,
 }
 
 impl From<Kind> for Numerics {
     fn from(kind: Kind) -> Self {
-        Self { kind, int8_linears: false }
+        Self { kind, int8_linears: false, graphs: graphs::GraphMode::Off }
     }
 }
 

@@ -42,7 +42,9 @@ impl Blip {
         let config = BlipConfig::from_json(&read_config(folder)?)
             .map_err(|e| ModelError::Config(format!("{}/config.json: {e}", folder.display())))?;
         let weights = Weights::from_folder(folder, device, numerics.kind)?.with_int8_linears(numerics.int8_linears);
-        Self::new(config, &weights)
+        let mut blip = Self::new(config, &weights)?;
+        blip.text_decoder.set_graph_mode(numerics.graphs);
+        Ok(blip)
     }
 
     /// The floating-point kind the model computes in.

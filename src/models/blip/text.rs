@@ -11,6 +11,7 @@ use tch::{Kind, Tensor};
 
 use super::config::BlipTextConfig;
 use crate::models::{
+    graphs::{self, Body, GraphMode, Owner},
     nn::{attention, causal_blocked, merge_heads, split_heads, Activation, Embedding, LayerNorm, Linear},
     weights::Weights,
     ModelError,
@@ -24,6 +25,18 @@ pub struct BlipTextDecoder {
     layers: Vec<DecoderLayer>,
     head: LmHead,
     max_positions: i64,
+    graphs: GraphMode,
+    owner: Owner,
+}
+
+/// Graph pieces of a one-token step: the embeddings, three per layer, the LM head.
+const EMBED_PIECE: u32 = 0;
+const HEAD_PIECE: u32 = 1;
+/// Runs a layer's piece `part` (0, 1, 2) on its inputs.
+type Launch<'a> = &'a dyn Fn(u32, &[&Tensor], Body) -> Vec<Tensor>;
+
+fn layer_piece(layer: usize, part: u32) -> u32 {
+    2 + 3 * layer as u32 + part
 }
 
 #[derive(Debug)]
@@ -234,7 +247,14 @@ impl BlipTextDecoder {
             layers,
             head,
             max_positions: cfg.max_position_embeddings,
+            graphs: GraphMode::Off,
+            owner: Owner::new(),
         })
+    }
+
+    /// How one-token decode steps launch their row-wise pieces (see [`graphs`]).
+    pub fn set_graph_mode(&mut self, mode: GraphMode) {
+        self.graphs = mode;
     }
 
     pub fn max_positions(&self) -> i64 {
@@ -299,8 +319,14 @@ impl BlipTextDecoder {
     ) -> Tensor {
         let (_, len) = ids.size2().expect("ids are [rows, len]");
         let past = cache.past_len();
-        let x = self.word_embeddings.forward(ids) + self.position_embeddings.forward(positions);
-        let mut x = self.embed_norm.forward(&x);
+        // Prompts of every length arrive in first steps; only one-token steps repeat shapes.
+        let mode = if len == 1 { self.graphs } else { GraphMode::Off };
+        let piece = |id: u32, inputs: &[&Tensor], f: Body| graphs::run(mode, self.owner, id, inputs, f);
+        let mut x = piece(EMBED_PIECE, &[ids, positions], &|t| {
+            let x = self.word_embeddings.forward(&t[0]) + self.position_embeddings.forward(&t[1]);
+            vec![self.embed_norm.forward(&x)]
+        })
+        .remove(0);
         let causal;
         let mask = match self_mask {
             Some(m) => Some(m),
@@ -315,7 +341,9 @@ impl BlipTextDecoder {
         }
         for (i, layer) in self.layers.iter().enumerate() {
             let (k_past, v_past) = &mut cache.layers[i];
-            x = layer.forward(&x, k_past, v_past, past, &cross.layers[i], rows_per_image, mask);
+            let part =
+                |p: u32, inputs: &[&Tensor], f: &dyn Fn(&[Tensor]) -> Vec<Tensor>| piece(layer_piece(i, p), inputs, f);
+            x = layer.forward(&x, k_past, v_past, past, &cross.layers[i], rows_per_image, mask, &part);
         }
         cache.len = past + len;
         x
@@ -323,9 +351,14 @@ impl BlipTextDecoder {
 
     /// Next-token logits `[rows, vocab]` from the hidden state of each row's last position.
     pub fn next_token_logits(&self, hidden: &Tensor) -> Tensor {
-        let last = hidden.select(1, hidden.size()[1] - 1);
-        let h = self.head.transform_norm.forward(&self.head.act.forward(&self.head.transform.forward(&last)));
-        self.head.decoder.forward(&h)
+        let len = hidden.size()[1];
+        let last = hidden.select(1, len - 1);
+        let mode = if len == 1 { self.graphs } else { GraphMode::Off };
+        graphs::run(mode, self.owner, HEAD_PIECE, &[&last], &|t| {
+            let head = &self.head;
+            vec![head.decoder.forward(&head.transform_norm.forward(&head.act.forward(&head.transform.forward(&t[0]))))]
+        })
+        .remove(0)
     }
 }
 
@@ -340,21 +373,30 @@ impl DecoderLayer {
         cross: &(Tensor, Tensor),
         rows_per_image: &[i64],
         mask: Option<&Tensor>,
+        piece: Launch,
     ) -> Tensor {
-        let a = &self.self_attn;
-        let q = split_heads(&a.query.forward(x), a.heads);
-        let k = write_positions(k_past, past, &split_heads(&a.key.forward(x), a.heads));
-        let v = write_positions(v_past, past, &split_heads(&a.value.forward(x), a.heads));
+        // Three row-wise pieces, with the two attentions (whose shapes follow the cache and the
+        // image groups) between them.
+        let (a, c) = (&self.self_attn, &self.cross_attn);
+        let qkv = piece(0, &[x], &|t| vec![a.query.forward(&t[0]), a.key.forward(&t[0]), a.value.forward(&t[0])]);
+        let q = split_heads(&qkv[0], a.heads);
+        let k = write_positions(k_past, past, &split_heads(&qkv[1], a.heads));
+        let v = write_positions(v_past, past, &split_heads(&qkv[2], a.heads));
         let ctx = attention(&q, &k, &v, mask, a.scale);
-        let x = a.norm.forward(&(a.dense.forward(&merge_heads(&ctx)) + x));
 
-        let c = &self.cross_attn;
-        let q = split_heads(&c.query.forward(&x), c.heads);
+        let after_self = piece(1, &[&ctx, x], &|t| {
+            let x = a.norm.forward(&(a.dense.forward(&merge_heads(&t[0])) + &t[1]));
+            vec![c.query.forward(&x), x]
+        });
+        let q = split_heads(&after_self[0], c.heads);
         let ctx = grouped_cross_attention(&q, &cross.0, &cross.1, rows_per_image, c.scale);
-        let x = c.norm.forward(&(c.dense.forward(&merge_heads(&ctx)) + &x));
 
-        let h = self.output.forward(&self.act.forward(&self.intermediate.forward(&x)));
-        self.output_norm.forward(&(h + &x))
+        piece(2, &[&ctx, &after_self[1]], &|t| {
+            let x = c.norm.forward(&(c.dense.forward(&merge_heads(&t[0])) + &t[1]));
+            let h = self.output.forward(&self.act.forward(&self.intermediate.forward(&x)));
+            vec![self.output_norm.forward(&(h + &x))]
+        })
+        .remove(0)
     }
 }
 
