@@ -89,6 +89,31 @@ fn joining_a_running_batch_changes_no_result() {
     assert_eq!(joined, alone);
 }
 
+#[test]
+fn a_reserved_cache_never_grows_and_changes_no_result() {
+    let _g = tch::no_grad_guard();
+    let blip = Blip::load(Path::new(BLIP), Device::Cpu).unwrap();
+    let dec = &blip.text_decoder;
+    let cross = dec.cross_attn_cache(&blip.encode_image(&pixels(4)));
+    let ids = Tensor::from_slice(&[5i64, 6, 7, 5, 6, 8]).view([2, 3]);
+    let (mut grown, mut reserved) = (SelfAttnCache::default(), SelfAttnCache::reserving(40));
+    let mut capacities = Vec::new();
+    let mut step = |ids: &Tensor| {
+        let a = dec.next_token_logits(&dec.forward(ids, &mut grown, &cross, &[2], None));
+        let b = dec.next_token_logits(&dec.forward(ids, &mut reserved, &cross, &[2], None));
+        capacities.push((grown.capacity(), reserved.capacity()));
+        assert_eq!(a, b);
+        a.argmax(-1, true)
+    };
+    let mut next = step(&ids);
+    for _ in 0..30 {
+        next = step(&next);
+    }
+    assert_eq!(reserved.past_len(), 33);
+    assert!(capacities.iter().all(|&(_, r)| r == 40), "{capacities:?}");
+    assert!(capacities.windows(2).any(|w| w[0].0 < w[1].0), "the default cache grows: {capacities:?}");
+}
+
 fn one_step_logits(blip: &Blip) -> Tensor {
     let dec = &blip.text_decoder;
     let cross = dec.cross_attn_cache(&blip.encode_image(&pixels(4)));

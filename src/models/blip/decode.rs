@@ -126,6 +126,13 @@ impl<'m> DecodeBatch<'m> {
             .to_device(device);
         let seen = Tensor::zeros([rows.len() as i64, vocab], (Kind::Bool, device)).scatter_value(1, &prefix_ids, 1);
         let row_params = row_params(&rows, vocab, device);
+        // On a GPU the self-attention cache is made once with room for the longest request, so a
+        // decode step never reallocates it (memory is plentiful there and allocation stalls are
+        // not). A CPU grows it as histories lengthen: most captions end far before max_length.
+        let reserve = match device {
+            Device::Cuda(_) => requests.iter().map(|r| i64::from(r.params.max_length)).max().unwrap_or(0),
+            _ => 0,
+        };
         let results = requests
             .iter()
             .filter(|r| r.params.strategy != Strategy::Beam)
@@ -135,7 +142,7 @@ impl<'m> DecodeBatch<'m> {
             decoder,
             special,
             cross,
-            cache: SelfAttnCache::default(),
+            cache: SelfAttnCache::reserving(reserve.min(decoder.max_positions())),
             rows,
             row_image,
             row_params,

@@ -71,21 +71,34 @@ struct LmHead {
 /// Per-layer self-attention keys and values of the tokens decoded so far.
 ///
 /// Each layer's keys and values live in buffers `[rows, heads, capacity, head_dim]` whose first
-/// `len` positions are filled; a step writes its new positions in place, and the buffers grow by
+/// `len` positions are filled; a step writes its new positions in place. The buffers are made
+/// with room for [`reserving`](Self::reserving)'s positions, and grow by
 /// [`SelfAttnCache::GROWTH`] positions when full. Growing the history by concatenation instead
 /// copied every layer's whole history on every step.
 #[derive(Debug, Default)]
 pub struct SelfAttnCache {
     layers: Vec<(Tensor, Tensor)>,
     len: i64,
+    reserve: i64,
 }
 
 impl SelfAttnCache {
     /// Positions of room added whenever a buffer is made or is full.
     const GROWTH: i64 = 16;
 
+    /// A cache whose buffers are made with room for `positions` from the start, so they never
+    /// grow while no history gets longer than that.
+    pub fn reserving(positions: i64) -> Self {
+        Self { reserve: positions, ..Self::default() }
+    }
+
     pub fn past_len(&self) -> i64 {
         self.len
+    }
+
+    /// Positions the buffers have room for (0 before the first step).
+    pub fn capacity(&self) -> i64 {
+        self.layers.first().filter(|(k, _)| k.defined()).map_or(0, |(k, _)| k.size()[2])
     }
 
     /// Keeps only the given rows (finished rows leave the batch); the buffers keep their room,
@@ -105,6 +118,7 @@ impl SelfAttnCache {
             *v = v.narrow(2, n, capacity - n);
         }
         self.len -= n;
+        self.reserve = (self.reserve - n).max(0);
     }
 
     /// Appends `other`'s rows after this cache's rows. The shorter history is left-padded with
@@ -125,17 +139,18 @@ impl SelfAttnCache {
             *v = Tensor::cat(&[pad(v, a, (b - a).max(0)), pad(&ov, b, (a - b).max(0))], 0);
         }
         self.len = a.max(b);
+        self.reserve = self.reserve.max(other.reserve);
     }
 }
 
 /// Writes `new` `[rows, heads, n, head_dim]` at positions `past..past + n` of `buffer`, making
 /// room first when needed, and returns the filled part `[rows, heads, past + n, head_dim]`.
-fn write_positions(buffer: &mut Tensor, past: i64, new: &Tensor) -> Tensor {
+fn write_positions(buffer: &mut Tensor, past: i64, new: &Tensor, reserve: i64) -> Tensor {
     let n = new.size()[2];
     let capacity = if buffer.defined() { buffer.size()[2] } else { 0 };
     if capacity < past + n {
         let mut size = new.size();
-        size[2] = past + n + SelfAttnCache::GROWTH;
+        size[2] = (past + n + SelfAttnCache::GROWTH).max(reserve);
         let grown = Tensor::empty(size.as_slice(), (new.kind(), new.device()));
         if past > 0 {
             grown.narrow(2, 0, past).copy_(&buffer.narrow(2, 0, past));
@@ -343,7 +358,7 @@ impl BlipTextDecoder {
             let (k_past, v_past) = &mut cache.layers[i];
             let part =
                 |p: u32, inputs: &[&Tensor], f: &dyn Fn(&[Tensor]) -> Vec<Tensor>| piece(layer_piece(i, p), inputs, f);
-            x = layer.forward(&x, k_past, v_past, past, &cross.layers[i], rows_per_image, mask, &part);
+            x = layer.forward(&x, (k_past, v_past, cache.reserve), past, &cross.layers[i], rows_per_image, mask, &part);
         }
         cache.len = past + len;
         x
@@ -367,8 +382,7 @@ impl DecoderLayer {
     fn forward(
         &self,
         x: &Tensor,
-        k_past: &mut Tensor,
-        v_past: &mut Tensor,
+        (k_past, v_past, reserve): (&mut Tensor, &mut Tensor, i64),
         past: i64,
         cross: &(Tensor, Tensor),
         rows_per_image: &[i64],
@@ -380,8 +394,8 @@ impl DecoderLayer {
         let (a, c) = (&self.self_attn, &self.cross_attn);
         let qkv = piece(0, &[x], &|t| vec![a.query.forward(&t[0]), a.key.forward(&t[0]), a.value.forward(&t[0])]);
         let q = split_heads(&qkv[0], a.heads);
-        let k = write_positions(k_past, past, &split_heads(&qkv[1], a.heads));
-        let v = write_positions(v_past, past, &split_heads(&qkv[2], a.heads));
+        let k = write_positions(k_past, past, &split_heads(&qkv[1], a.heads), reserve);
+        let v = write_positions(v_past, past, &split_heads(&qkv[2], a.heads), reserve);
         let ctx = attention(&q, &k, &v, mask, a.scale);
 
         let after_self = piece(1, &[&ctx, x], &|t| {
