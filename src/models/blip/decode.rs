@@ -123,7 +123,7 @@ impl<'m> DecodeBatch<'m> {
         let vocab = decoder.vocab_size();
         let prefix_ids = Tensor::from_slice(&rows.iter().flat_map(|r| r.tokens.clone()).collect::<Vec<_>>())
             .view([rows.len() as i64, -1])
-            .to_device(device);
+            .upload(device);
         let seen = Tensor::zeros([rows.len() as i64, vocab], (Kind::Bool, device)).scatter_value(1, &prefix_ids, 1);
         let row_params = row_params(&rows, vocab, device);
         // On a GPU the self-attention cache is made once with room for the longest request, so a
@@ -179,9 +179,9 @@ impl<'m> DecodeBatch<'m> {
         } else {
             let last: Vec<i64> = self.rows.iter().map(|r| *r.tokens.last().expect("prefix")).collect();
             let pos: Vec<i64> = self.rows.iter().map(|r| r.tokens.len() as i64 - 1).collect();
-            (Tensor::from_slice(&last).view([n, 1]), Tensor::from_slice(&pos).view([n, 1]).to_device(self.device))
+            (Tensor::from_slice(&last).view([n, 1]), Tensor::from_slice(&pos).view([n, 1]).upload(self.device))
         };
-        let ids = ids.to_device(self.device);
+        let ids = ids.upload(self.device);
         let mask = (!first).then(|| self.step_mask()).flatten();
         let groups = self.rows_per_image();
         let hidden = self.decoder.forward_at(&ids, &positions, &mut self.cache, &self.cross, &groups, mask.as_ref());
@@ -209,7 +209,7 @@ impl<'m> DecodeBatch<'m> {
                 beam_finished.push(id);
             }
         }
-        self.seen = self.seen.scatter_value(1, &Tensor::from_slice(&next).view([-1, 1]).to_device(self.device), 1);
+        self.seen = self.seen.scatter_value(1, &Tensor::from_slice(&next).view([-1, 1]).upload(self.device), 1);
 
         let mut keep = Vec::with_capacity(self.rows.len());
         for (i, (row, &token)) in self.rows.iter_mut().zip(&next).enumerate() {
@@ -248,7 +248,7 @@ impl<'m> DecodeBatch<'m> {
         let log_probs = logits::repetition_penalty(&log_probs, &self.seen, &self.row_params.repetition_penalty);
         let too_short: Vec<bool> = self.rows.iter().map(|r| (r.tokens.len() as u32) < r.params.min_length).collect();
         let log_probs =
-            logits::suppress_eos(&log_probs, &Tensor::from_slice(&too_short).to_device(self.device), self.special.eos);
+            logits::suppress_eos(&log_probs, &Tensor::from_slice(&too_short).upload(self.device), self.special.eos);
         let mut src: Vec<usize> = (0..self.rows.len()).collect();
         let mut tokens = Vec::new();
         let mut finished = Vec::new();
@@ -260,7 +260,7 @@ impl<'m> DecodeBatch<'m> {
                 continue;
             };
             let k = state.num_beams();
-            let running = Tensor::from_slice(state.running_scores()).view([-1, 1]).to_device(self.device);
+            let running = Tensor::from_slice(state.running_scores()).view([-1, 1]).upload(self.device);
             let total = (log_probs.narrow(0, start as i64, k as i64) + running).view([-1]);
             let (values, indices) = total.topk((2 * k) as i64, -1, true, true);
             let values = Vec::<f32>::try_from(values.to_device(Device::Cpu)).expect("f32 scores");
@@ -285,7 +285,7 @@ impl<'m> DecodeBatch<'m> {
         if src.iter().enumerate().all(|(i, &s)| i == s) {
             return;
         }
-        let idx = Tensor::from_slice(&src.iter().map(|&i| i as i64).collect::<Vec<_>>()).to_device(self.device);
+        let idx = Tensor::from_slice(&src.iter().map(|&i| i as i64).collect::<Vec<_>>()).upload(self.device);
         self.cache.select_rows(&idx);
         self.seen = self.seen.index_select(0, &idx);
         self.padding = self.padding.as_ref().map(|p| p.index_select(0, &idx));
@@ -372,15 +372,15 @@ impl<'m> DecodeBatch<'m> {
         let scores = logits::repetition_penalty(scores, &self.seen, &self.row_params.repetition_penalty);
         let too_short: Vec<bool> = self.rows.iter().map(|r| (r.tokens.len() as u32) < r.params.min_length).collect();
         let scores =
-            logits::suppress_eos(&scores, &Tensor::from_slice(&too_short).to_device(self.device), self.special.eos);
+            logits::suppress_eos(&scores, &Tensor::from_slice(&too_short).upload(self.device), self.special.eos);
         let greedy = scores.argmax(-1, false);
         if !self.rows.iter().any(|r| r.params.strategy == Strategy::Sample) {
             return Vec::try_from(greedy.to_device(Device::Cpu)).expect("token ids are int64");
         }
         let u: Vec<f64> = self.rows.iter_mut().map(|r| 1.0 - r.rng.random::<f64>()).collect();
-        let u = Tensor::from_slice(&u).view([-1, 1]).to_device(self.device);
+        let u = Tensor::from_slice(&u).view([-1, 1]).upload(self.device);
         let is_sample: Vec<bool> = self.rows.iter().map(|r| r.params.strategy == Strategy::Sample).collect();
-        let is_sample = Tensor::from_slice(&is_sample).to_device(self.device);
+        let is_sample = Tensor::from_slice(&is_sample).upload(self.device);
         let vocab = scores.size()[1];
         let max_k = self.rows.iter().map(|r| if r.params.top_k == 0 { vocab } else { i64::from(r.params.top_k) }).max();
         if let Some(max_k) = max_k.filter(|&k| k < vocab) {
@@ -412,7 +412,7 @@ impl<'m> DecodeBatch<'m> {
     }
 
     fn retain_rows(&mut self, keep: &[usize]) {
-        let idx = Tensor::from_slice(&keep.iter().map(|&i| i as i64).collect::<Vec<_>>()).to_device(self.device);
+        let idx = Tensor::from_slice(&keep.iter().map(|&i| i as i64).collect::<Vec<_>>()).upload(self.device);
         self.cache.select_rows(&idx);
         self.seen = self.seen.index_select(0, &idx);
         self.padding = self.padding.as_ref().map(|p| p.index_select(0, &idx));
@@ -431,7 +431,7 @@ impl<'m> DecodeBatch<'m> {
         }
         if (kept_images.len() as i64) < self.cross.images() {
             let idx =
-                Tensor::from_slice(&kept_images.iter().map(|&i| i as i64).collect::<Vec<_>>()).to_device(self.device);
+                Tensor::from_slice(&kept_images.iter().map(|&i| i as i64).collect::<Vec<_>>()).upload(self.device);
             self.cross.select_images(&idx);
         }
         self.trim_padding();
@@ -481,7 +481,7 @@ fn candidate_seed(seed: u64, candidate: usize) -> u64 {
 
 fn row_params(rows: &[Row], vocab: i64, device: Device) -> RowParams {
     let col = |f: &dyn Fn(&GenerationParams) -> f32| {
-        Tensor::from_slice(&rows.iter().map(|r| f(&r.params)).collect::<Vec<f32>>()).view([-1, 1]).to_device(device)
+        Tensor::from_slice(&rows.iter().map(|r| f(&r.params)).collect::<Vec<f32>>()).view([-1, 1]).upload(device)
     };
     let sampling = |p: &GenerationParams| p.strategy == Strategy::Sample;
     RowParams {
@@ -497,6 +497,23 @@ fn row_params(rows: &[Row], vocab: i64, device: Device) -> RowParams {
                 })
                 .collect::<Vec<i64>>(),
         )
-        .to_device(device),
+        .upload(device),
+    }
+}
+
+/// Copies a host tensor of this step's inputs to the batch's device without waiting for the
+/// device: a blocking copy to a GPU waits for every kernel queued before it, so a mid-step upload
+/// would stall the host until the forward pass ends. The host memory is staged before the call
+/// returns, so the source may go at once.
+trait Upload {
+    fn upload(&self, device: Device) -> Tensor;
+}
+
+impl Upload for Tensor {
+    fn upload(&self, device: Device) -> Tensor {
+        match device {
+            Device::Cpu => self.shallow_clone(),
+            _ => self.to_device_(device, self.kind(), true, false),
+        }
     }
 }
