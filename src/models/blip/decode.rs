@@ -52,6 +52,9 @@ struct Row {
     tokens: Vec<i64>,
     rng: StdRng,
     params: GenerationParams,
+    /// Leading cache positions that are padding for this row (it joined a longer-running batch).
+    /// Kept on the host, so masks and trimming never wait on the device.
+    pad: i64,
 }
 
 pub struct DecodeBatch<'m> {
@@ -66,8 +69,6 @@ pub struct DecodeBatch<'m> {
     row_params: RowParams,
     /// `[rows, vocab]`: which tokens each row already contains (repetition penalty).
     seen: Tensor,
-    /// `[rows, past]`: cache positions that are padding for that row.
-    padding: Option<Tensor>,
     /// Finished candidates of requests still in flight (greedy and sampled requests).
     results: HashMap<u64, Vec<Option<Vec<i64>>>>,
     /// Beam search state of beam requests; their rows are their running beams.
@@ -116,6 +117,7 @@ impl<'m> DecodeBatch<'m> {
                     tokens: req.prefix.clone(),
                     rng: StdRng::seed_from_u64(candidate_seed(req.params.seed, c)),
                     params: req.params.clone(),
+                    pad: 0,
                 });
                 row_image.push(i);
             }
@@ -147,7 +149,6 @@ impl<'m> DecodeBatch<'m> {
             row_image,
             row_params,
             seen,
-            padding: None,
             results,
             beams,
             steps: 0,
@@ -185,11 +186,6 @@ impl<'m> DecodeBatch<'m> {
         let mask = (!first).then(|| self.step_mask()).flatten();
         let groups = self.rows_per_image();
         let hidden = self.decoder.forward_at(&ids, &positions, &mut self.cache, &self.cross, &groups, mask.as_ref());
-        if let Some(p) = &self.padding {
-            let new_cols = self.cache.past_len() - p.size()[1];
-            self.padding =
-                Some(Tensor::cat(&[p.shallow_clone(), Tensor::zeros([n, new_cols], (Kind::Bool, self.device))], 1));
-        }
         let scores = self.decoder.next_token_logits(&hidden).to_kind(Kind::Float);
         self.steps += 1;
         let mut next = self.choose_tokens(&scores);
@@ -288,10 +284,11 @@ impl<'m> DecodeBatch<'m> {
         let idx = Tensor::from_slice(&src.iter().map(|&i| i as i64).collect::<Vec<_>>()).upload(self.device);
         self.cache.select_rows(&idx);
         self.seen = self.seen.index_select(0, &idx);
-        self.padding = self.padding.as_ref().map(|p| p.index_select(0, &idx));
-        let histories: Vec<Vec<i64>> = src.iter().map(|&s| self.rows[s].tokens.clone()).collect();
-        for (row, tokens) in self.rows.iter_mut().zip(histories) {
+        let histories: Vec<(Vec<i64>, i64)> =
+            src.iter().map(|&s| (self.rows[s].tokens.clone(), self.rows[s].pad)).collect();
+        for (row, (tokens, pad)) in self.rows.iter_mut().zip(histories) {
             row.tokens = tokens;
+            row.pad = pad;
         }
     }
 
@@ -318,20 +315,12 @@ impl<'m> DecodeBatch<'m> {
         }
         assert!(self.steps > 0 && other.steps > 0, "decode batches join only after their first step");
         let (a, b) = (self.cache.past_len(), other.cache.past_len());
-        let (na, nb) = (self.rows.len() as i64, other.rows.len() as i64);
-        let pad_of = |p: &Option<Tensor>, rows: i64, len: i64, extra: i64, device| {
-            let own =
-                p.as_ref().map_or_else(|| Tensor::zeros([rows, len], (Kind::Bool, device)), Tensor::shallow_clone);
-            Tensor::cat(&[Tensor::ones([rows, extra], (Kind::Bool, device)), own], 1)
-        };
-        let padding = Tensor::cat(
-            &[
-                pad_of(&self.padding, na, a, (b - a).max(0), self.device),
-                pad_of(&other.padding, nb, b, (a - b).max(0), self.device),
-            ],
-            0,
-        );
-        self.padding = Some(padding);
+        for row in &mut self.rows {
+            row.pad += (b - a).max(0);
+        }
+        for row in &mut other.rows {
+            row.pad += (a - b).max(0);
+        }
         self.cache.append_rows(std::mem::take(&mut other.cache));
         let images = self.cross.images() as usize;
         self.cross.append_images(other.cross);
@@ -357,10 +346,16 @@ impl<'m> DecodeBatch<'m> {
 
     /// Additive self-attention mask for a one-token step, or `None` when no row is padded.
     fn step_mask(&self) -> Option<Tensor> {
-        let p = self.padding.as_ref()?;
-        let n = p.size()[0];
-        let blocked = Tensor::cat(&[p.shallow_clone(), Tensor::zeros([n, 1], (Kind::Bool, self.device))], 1);
-        let width = blocked.size()[1];
+        if self.rows.iter().all(|r| r.pad == 0) {
+            return None;
+        }
+        let pads: Vec<i64> = self.rows.iter().map(|r| r.pad).collect();
+        let n = pads.len() as i64;
+        // The step attends to the history and its own new position.
+        let width = self.cache.past_len() + 1;
+        let blocked = Tensor::arange(width, (Kind::Int64, self.device))
+            .unsqueeze(0)
+            .lt_tensor(&Tensor::from_slice(&pads).view([n, 1]).upload(self.device));
         Some(
             Tensor::zeros([n, width], (self.decoder.kind(), self.device))
                 .masked_fill(&blocked, f64::NEG_INFINITY)
@@ -415,7 +410,6 @@ impl<'m> DecodeBatch<'m> {
         let idx = Tensor::from_slice(&keep.iter().map(|&i| i as i64).collect::<Vec<_>>()).upload(self.device);
         self.cache.select_rows(&idx);
         self.seen = self.seen.index_select(0, &idx);
-        self.padding = self.padding.as_ref().map(|p| p.index_select(0, &idx));
         self.row_params = self.row_params.select(&idx);
         let mut old_rows: Vec<Option<Row>> = std::mem::take(&mut self.rows).into_iter().map(Some).collect();
         let old_images = std::mem::take(&mut self.row_image);
@@ -439,20 +433,12 @@ impl<'m> DecodeBatch<'m> {
 
     /// Drops leading cache positions that are padding for every remaining row.
     fn trim_padding(&mut self) {
-        let Some(p) = &self.padding else { return };
-        if self.rows.is_empty() {
-            self.padding = None;
-            return;
-        }
-        let all_padded: Vec<bool> =
-            Vec::try_from(p.all_dim(0, false).to_device(Device::Cpu)).expect("bool column flags");
-        let lead = all_padded.iter().take_while(|&&b| b).count() as i64;
+        let lead = self.rows.iter().map(|r| r.pad).min().unwrap_or(0);
         if lead > 0 {
             self.cache.drop_leading(lead);
-            self.padding = Some(p.narrow(1, lead, p.size()[1] - lead));
-        }
-        if !bool::try_from(self.padding.as_ref().expect("set").any()).unwrap_or(true) {
-            self.padding = None;
+            for row in &mut self.rows {
+                row.pad -= lead;
+            }
         }
     }
 
