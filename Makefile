@@ -26,7 +26,7 @@ LIBTORCH       = $(shell ls -d $(CURDIR)/$(VENV)/lib/python3*/site-packages/torc
 CARGO_ENV      = LIBTORCH="$(LIBTORCH)" LD_LIBRARY_PATH="$(LIBTORCH)/lib:$$LD_LIBRARY_PATH"
 DEMO_IMAGES    = $(sort $(wildcard examples/images/*.png examples/images/*.jpg))
 
-.PHONY: help setup build-tools build demo test lint fmt models clean fuzz soak beam-env image-tools image-base image test-image bench
+.PHONY: help setup build-tools build demo test lint fmt models clean fuzz soak beam-env image-tools image-base image test-image bench cuda-bins
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -102,6 +102,12 @@ BENCH_ARGS  ?=
 bench: setup $(BENCH_STAMP) ## caption-bench (release) against transformers on the same weights, side by side (BENCH_DTYPE=fp32|bf16|fp16, BENCH_QUANTIZE=none|int8; 4–6 minutes on 2 cores)
 	$(CARGO_ENV) cargo build --locked --release --bin caption-bench
 	$(CARGO_ENV) $(VENV)/bin/python bench/compare.py --dtype $(BENCH_DTYPE) --quantize $(BENCH_QUANTIZE) --out bench/out/cpu-$(BENCH_DTYPE)$(if $(filter int8,$(BENCH_QUANTIZE)),-int8).json $(BENCH_ARGS)
+
+cuda-bins: setup ## release caption-cascade and caption-bench, stripped into target/cuda-bin (about 18 MB each) to carry to a GPU machine for bench/run_cuda.sh
+	$(CARGO_ENV) cargo build --locked --release --bin caption-cascade --bin caption-bench
+	mkdir -p target/cuda-bin
+	strip -o target/cuda-bin/caption-cascade target/release/caption-cascade
+	strip -o target/cuda-bin/caption-bench target/release/caption-bench
 
 FUZZ_SECONDS ?= 60
 # No single allocation may exceed this: the fuzz target's limits allow about 32 MB per decode.
