@@ -47,9 +47,12 @@ extern "C" void* caption_cascade_graph_new() {
 // streams meanwhile. Fails on the default stream, which cannot be captured.
 extern "C" int caption_cascade_graph_begin(void* graph) {
   try {
-    if (c10::cuda::getCurrentCUDAStream() == c10::cuda::getDefaultCUDAStream()) {
+    auto stream = c10::cuda::getCurrentCUDAStream();
+    if (stream == c10::cuda::getDefaultCUDAStream()) {
       return -2;
     }
+    // As torch.cuda.graph does: nothing queued before the capture may still be running in it.
+    stream.synchronize();
     static_cast<at::cuda::CUDAGraph*>(graph)->capture_begin({0, 0}, cudaStreamCaptureModeThreadLocal);
     return 0;
   } catch (...) {
