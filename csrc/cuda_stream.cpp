@@ -35,6 +35,19 @@ extern "C" int caption_cascade_cuda_capability_major(int device) {
 // what the calling thread's current stream runs between begin and end, and replays it there.
 #include <ATen/cuda/CUDAGraph.h>
 
+namespace {
+// Runs `body` on the graph behind `graph`: 0, or -1 when libtorch threw (no C++ exception may
+// cross into Rust).
+template <typename F>
+int on_graph(void* graph, F body) {
+  try {
+    return body(*static_cast<at::cuda::CUDAGraph*>(graph));
+  } catch (...) {
+    return -1;
+  }
+}
+}  // namespace
+
 extern "C" void* caption_cascade_graph_new() {
   try {
     return new at::cuda::CUDAGraph();
@@ -46,36 +59,30 @@ extern "C" void* caption_cascade_graph_new() {
 // Capture is thread-local: executors on other threads keep launching and allocating on their own
 // streams meanwhile. Fails on the default stream, which cannot be captured.
 extern "C" int caption_cascade_graph_begin(void* graph) {
-  try {
+  return on_graph(graph, [](at::cuda::CUDAGraph& g) {
     auto stream = c10::cuda::getCurrentCUDAStream();
     if (stream == c10::cuda::getDefaultCUDAStream()) {
       return -2;
     }
     // As torch.cuda.graph does: nothing queued before the capture may still be running in it.
     stream.synchronize();
-    static_cast<at::cuda::CUDAGraph*>(graph)->capture_begin({0, 0}, cudaStreamCaptureModeThreadLocal);
+    g.capture_begin({0, 0}, cudaStreamCaptureModeThreadLocal);
     return 0;
-  } catch (...) {
-    return -1;
-  }
+  });
 }
 
 extern "C" int caption_cascade_graph_end(void* graph) {
-  try {
-    static_cast<at::cuda::CUDAGraph*>(graph)->capture_end();
+  return on_graph(graph, [](at::cuda::CUDAGraph& g) {
+    g.capture_end();
     return 0;
-  } catch (...) {
-    return -1;
-  }
+  });
 }
 
 extern "C" int caption_cascade_graph_replay(void* graph) {
-  try {
-    static_cast<at::cuda::CUDAGraph*>(graph)->replay();
+  return on_graph(graph, [](at::cuda::CUDAGraph& g) {
+    g.replay();
     return 0;
-  } catch (...) {
-    return -1;
-  }
+  });
 }
 
 extern "C" void caption_cascade_graph_free(void* graph) {
