@@ -113,6 +113,16 @@ fn json_output_has_one_object_per_image_and_bad_files_fail_clearly() {
     assert!(stderr.contains("missing.png: error: cannot read"), "{stderr}");
 }
 
+#[test]
+fn options_the_device_cannot_honour_stop_the_run_with_the_reason() {
+    let (ok, stdout, stderr) = run(&["--cuda-graphs", "examples/images/scene_1.png"]);
+    assert!(!ok && stdout.is_empty());
+    assert!(stderr.contains("--cuda-graphs needs a CUDA device"), "{stderr}");
+    let (ok, _, stderr) = run(&["--quantize", "int8", "--dtype", "bf16", "examples/images/scene_1.png"]);
+    assert!(!ok);
+    assert!(stderr.contains("--dtype fp32"), "{stderr}");
+}
+
 /// Serves `body` to every connection on a loopback port, from a thread, for the test's lifetime.
 fn serve_once_per_connection(body: Vec<u8>) -> std::net::SocketAddr {
     use std::io::{Read, Write};
