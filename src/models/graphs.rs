@@ -56,7 +56,7 @@ pub type Body<'a> = &'a dyn Fn(&[Tensor]) -> Vec<Tensor>;
 pub const MAX_ROWS: i64 = 512;
 
 /// The rows a step of `rows` is padded to: powers of two up to 64, then multiples of 64, so a few
-/// graphs per piece cover every size with at most half the rows wasted (a quarter above 128).
+/// graphs per piece cover every size with at most half the rows wasted (a third above 128).
 pub fn bucket(rows: i64) -> Option<i64> {
     match rows {
         r if !(1..=MAX_ROWS).contains(&r) => None,
