@@ -50,7 +50,7 @@ impl Default for Owner {
 }
 
 /// A piece's computation: outputs from inputs, row by row.
-pub type Body<'a> = &'a dyn Fn(&[Tensor]) -> Vec<Tensor>;
+pub type Body<'a> = &'a dyn Fn(&[&Tensor]) -> Vec<Tensor>;
 
 /// The most rows a piece is captured for; larger steps are long enough to launch eagerly.
 pub const MAX_ROWS: i64 = 512;
@@ -70,9 +70,8 @@ pub fn bucket(rows: i64) -> Option<i64> {
 /// With `mode` off, or rows outside the buckets, `f` runs as is.
 pub fn run(mode: GraphMode, owner: Owner, piece: u32, inputs: &[&Tensor], f: Body) -> Vec<Tensor> {
     let rows = inputs.first().map_or(0, |t| t.size()[0]);
-    let eager = || f(&inputs.iter().map(|t| t.shallow_clone()).collect::<Vec<_>>());
     let Some(padded) = bucket(rows).filter(|_| mode != GraphMode::Off) else {
-        return eager();
+        return f(inputs);
     };
     let key = Key { owner, piece, rows: padded };
     GRAPHS.with(|graphs| {
@@ -80,9 +79,9 @@ pub fn run(mode: GraphMode, owner: Owner, piece: u32, inputs: &[&Tensor], f: Bod
         match graphs.entry(key).or_insert_with(|| Entry::capture(mode, padded, inputs, f)) {
             Entry::Ready(g) => g.replay(inputs, f).unwrap_or_else(|| {
                 tracing::warn!(piece, rows = padded, "a CUDA graph failed to replay; this step runs eagerly");
-                eager()
+                f(inputs)
             }),
-            Entry::Failed => eager(),
+            Entry::Failed => f(inputs),
         }
     })
 }
@@ -122,11 +121,12 @@ impl Entry {
             .collect();
         // A first eager run makes libtorch's lazy set-up (library handles, workspaces) happen
         // outside the capture, where it is not allowed.
-        let outputs = f(&statics);
+        let refs: Vec<&Tensor> = statics.iter().collect();
+        let outputs = f(&refs);
         if mode == GraphMode::Emulated {
             return Entry::Ready(Captured { graph: None, inputs: statics, outputs });
         }
-        match Graph::record(|| f(&statics)) {
+        match Graph::record(|| f(&refs)) {
             Some((graph, outputs)) => Entry::Ready(Captured { graph: Some(graph), inputs: statics, outputs }),
             None => {
                 tracing::warn!(rows, "a decode-step piece could not be captured as a CUDA graph; it runs eagerly");
@@ -146,7 +146,7 @@ impl Captured {
         match &self.graph {
             Some(graph) => graph.replay().then_some(())?,
             None => {
-                for (out, fresh) in self.outputs.iter().zip(f(&self.inputs)) {
+                for (out, fresh) in self.outputs.iter().zip(f(&self.inputs.iter().collect::<Vec<_>>())) {
                     out.shallow_clone().copy_(&fresh);
                 }
             }
@@ -236,12 +236,12 @@ mod tests {
     #[test]
     fn emulated_pieces_return_what_the_eager_piece_returns() {
         let w = Tensor::randn([8, 5], (Kind::Float, Device::Cpu));
-        let piece = |xs: &[Tensor]| vec![xs[0].matmul(&w).relu(), &xs[1] * 2.0];
+        let piece = |xs: &[&Tensor]| vec![xs[0].matmul(&w).relu(), xs[1] * 2.0];
         let owner = Owner::new();
         for rows in [3, 4, 1, 3] {
             let x = Tensor::randn([rows, 8], (Kind::Float, Device::Cpu));
             let y = Tensor::randn([rows, 2, 3], (Kind::Float, Device::Cpu));
-            let want = piece(&[x.shallow_clone(), y.shallow_clone()]);
+            let want = piece(&[&x, &y]);
             let got = run(GraphMode::Emulated, owner, 0, &[&x, &y], &piece);
             assert_eq!(got.len(), 2);
             for (g, w) in got.iter().zip(&want) {

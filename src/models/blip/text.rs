@@ -272,6 +272,16 @@ impl BlipTextDecoder {
         self.graphs = mode;
     }
 
+    /// The graph mode of a step that runs `len` tokens per row: prompts of every length arrive
+    /// in first steps, and only one-token steps repeat their shapes.
+    fn graph_mode_for(&self, len: i64) -> GraphMode {
+        if len == 1 {
+            self.graphs
+        } else {
+            GraphMode::Off
+        }
+    }
+
     pub fn max_positions(&self) -> i64 {
         self.max_positions
     }
@@ -334,11 +344,10 @@ impl BlipTextDecoder {
     ) -> Tensor {
         let (_, len) = ids.size2().expect("ids are [rows, len]");
         let past = cache.past_len();
-        // Prompts of every length arrive in first steps; only one-token steps repeat shapes.
-        let mode = if len == 1 { self.graphs } else { GraphMode::Off };
+        let mode = self.graph_mode_for(len);
         let piece = |id: u32, inputs: &[&Tensor], f: Body| graphs::run(mode, self.owner, id, inputs, f);
         let mut x = piece(EMBED_PIECE, &[ids, positions], &|t| {
-            let x = self.word_embeddings.forward(&t[0]) + self.position_embeddings.forward(&t[1]);
+            let x = self.word_embeddings.forward(t[0]) + self.position_embeddings.forward(t[1]);
             vec![self.embed_norm.forward(&x)]
         })
         .remove(0);
@@ -356,8 +365,7 @@ impl BlipTextDecoder {
         }
         for (i, layer) in self.layers.iter().enumerate() {
             let (k_past, v_past) = &mut cache.layers[i];
-            let part =
-                |p: u32, inputs: &[&Tensor], f: &dyn Fn(&[Tensor]) -> Vec<Tensor>| piece(layer_piece(i, p), inputs, f);
+            let part = |p: u32, inputs: &[&Tensor], f: Body| piece(layer_piece(i, p), inputs, f);
             x = layer.forward(&x, (k_past, v_past, cache.reserve), past, &cross.layers[i], rows_per_image, mask, &part);
         }
         cache.len = past + len;
@@ -368,10 +376,9 @@ impl BlipTextDecoder {
     pub fn next_token_logits(&self, hidden: &Tensor) -> Tensor {
         let len = hidden.size()[1];
         let last = hidden.select(1, len - 1);
-        let mode = if len == 1 { self.graphs } else { GraphMode::Off };
-        graphs::run(mode, self.owner, HEAD_PIECE, &[&last], &|t| {
+        graphs::run(self.graph_mode_for(len), self.owner, HEAD_PIECE, &[&last], &|t| {
             let head = &self.head;
-            vec![head.decoder.forward(&head.transform_norm.forward(&head.act.forward(&head.transform.forward(&t[0]))))]
+            vec![head.decoder.forward(&head.transform_norm.forward(&head.act.forward(&head.transform.forward(t[0]))))]
         })
         .remove(0)
     }
@@ -392,21 +399,21 @@ impl DecoderLayer {
         // Three row-wise pieces, with the two attentions (whose shapes follow the cache and the
         // image groups) between them.
         let (a, c) = (&self.self_attn, &self.cross_attn);
-        let qkv = piece(0, &[x], &|t| vec![a.query.forward(&t[0]), a.key.forward(&t[0]), a.value.forward(&t[0])]);
+        let qkv = piece(0, &[x], &|t| vec![a.query.forward(t[0]), a.key.forward(t[0]), a.value.forward(t[0])]);
         let q = split_heads(&qkv[0], a.heads);
         let k = write_positions(k_past, past, &split_heads(&qkv[1], a.heads), reserve);
         let v = write_positions(v_past, past, &split_heads(&qkv[2], a.heads), reserve);
         let ctx = attention(&q, &k, &v, mask, a.scale);
 
         let after_self = piece(1, &[&ctx, x], &|t| {
-            let x = a.norm.forward(&(a.dense.forward(&merge_heads(&t[0])) + &t[1]));
+            let x = a.norm.forward(&(a.dense.forward(&merge_heads(t[0])) + t[1]));
             vec![c.query.forward(&x), x]
         });
         let q = split_heads(&after_self[0], c.heads);
         let ctx = grouped_cross_attention(&q, &cross.0, &cross.1, rows_per_image, c.scale);
 
         piece(2, &[&ctx, &after_self[1]], &|t| {
-            let x = c.norm.forward(&(c.dense.forward(&merge_heads(&t[0])) + &t[1]));
+            let x = c.norm.forward(&(c.dense.forward(&merge_heads(t[0])) + t[1]));
             let h = self.output.forward(&self.act.forward(&self.intermediate.forward(&x)));
             vec![self.output_norm.forward(&(h + &x))]
         })
