@@ -19,7 +19,6 @@ use std::{
 };
 
 use caption_cascade::{
-    api::pb::{self, cascade_client::CascadeClient},
     backend::{BlipRunner, ClipRunner},
     config::EngineArgs,
     models::{
@@ -29,6 +28,7 @@ use caption_cascade::{
         tokenizer::{CaptionTokenizer, RankTokenizer},
         weights::Weights,
     },
+    pb::{self, cascade_client::CascadeClient},
 };
 use clap::{Parser, ValueEnum};
 

@@ -1,16 +1,18 @@
 //! Assembling the application from its settings, in one place for the server, the CLI, the
 //! benchmark and the tests: models loaded on their device, the scheduler started over them, and
-//! the cascade built around it.
+//! the captioner built around it; or, for a cascade tier, the chain over remote models.
 
 use std::sync::Arc;
 
 use crate::{
     backend::{device, BlipRunner, ClipRunner},
-    cascade::{Cascade, LocalModels, ResultCacheConfig},
+    cascade::{Captioner, LocalModels, ResultCacheConfig},
     config::EngineArgs,
     engine::{Scheduler, SystemClock},
     images::{FetchLimits, Fetcher, ImageCache},
     models::Numerics,
+    upstream::{RemoteChain, RemoteUpstreams},
+    validate::Validator,
 };
 
 /// Which models a process runs.
@@ -24,20 +26,20 @@ impl ModelSet {
     pub const BOTH: Self = Self { generator: true, ranker: true };
 }
 
-/// Loads both models from their folders and builds the cascade, fetching under the egress
+/// Loads both models from their folders and builds the captioner, fetching under the egress
 /// policy `args` sets (the server's). Blocking: call it off the async runtime.
-pub fn build_cascade(args: &EngineArgs) -> anyhow::Result<Arc<Cascade>> {
-    build_cascade_with(args, args.fetch_limits(), ModelSet::BOTH, ResultCacheConfig::OFF)
+pub fn build_captioner(args: &EngineArgs) -> anyhow::Result<Arc<Captioner>> {
+    build_captioner_with(args, args.fetch_limits(), ModelSet::BOTH, ResultCacheConfig::OFF)
 }
 
-/// As [`build_cascade`], loading only the models in `models`, fetching with `fetch` and keeping
+/// As [`build_captioner`], loading only the models in `models`, fetching with `fetch` and keeping
 /// Caption answers as `results` says.
-pub fn build_cascade_with(
+pub fn build_captioner_with(
     args: &EngineArgs,
     fetch: FetchLimits,
     models: ModelSet,
     results: ResultCacheConfig,
-) -> anyhow::Result<Arc<Cascade>> {
+) -> anyhow::Result<Arc<Captioner>> {
     let (blip, clip) = load_models(args, models)?;
     assemble_with(args, fetch, blip, clip, results)
 }
@@ -68,8 +70,8 @@ fn load_clip(args: &EngineArgs, device: tch::Device, numerics: Numerics) -> anyh
         .map_err(|e| anyhow::anyhow!("cannot load the CLIP model from {}: {e}", args.clip_model.display()))
 }
 
-/// Starts the scheduler over loaded runners and builds the cascade around it.
-pub fn assemble(args: &EngineArgs, blip: BlipRunner, clip: ClipRunner) -> anyhow::Result<Arc<Cascade>> {
+/// Starts the scheduler over loaded runners and builds the captioner around it.
+pub fn assemble(args: &EngineArgs, blip: BlipRunner, clip: ClipRunner) -> anyhow::Result<Arc<Captioner>> {
     assemble_with(args, args.fetch_limits(), Some(blip), Some(clip), ResultCacheConfig::OFF)
 }
 
@@ -79,7 +81,7 @@ fn assemble_with(
     blip: Option<BlipRunner>,
     clip: Option<ClipRunner>,
     results: ResultCacheConfig,
-) -> anyhow::Result<Arc<Cascade>> {
+) -> anyhow::Result<Arc<Captioner>> {
     let device = args.device.resolve().map_err(anyhow::Error::msg)?;
     let init = Arc::new(device::executor_init(device, args.intra_op_threads(device)));
     let (blip, clip) = (blip.map(Arc::new), clip.map(Arc::new));
@@ -88,5 +90,18 @@ fn assemble_with(
     let fetcher = Fetcher::new(fetch).map_err(anyhow::Error::msg)?;
     let cache = ImageCache::new(usize::try_from(args.image_cache_bytes()).unwrap_or(usize::MAX));
     let models = LocalModels { scheduler, blip, clip };
-    Ok(Arc::new(Cascade::new(models, fetcher, cache, args.request_limits()).with_result_cache(results)))
+    Ok(Arc::new(Captioner::new(models, fetcher, cache, args.request_limits()).with_result_cache(results)))
+}
+
+/// A cascade tier's chain over remote models: it fetches under the egress policy `args` sets and
+/// checks requests by the same limit flags as the model tiers.
+pub fn build_chain(
+    args: &EngineArgs,
+    upstreams: RemoteUpstreams,
+    results: ResultCacheConfig,
+) -> anyhow::Result<Arc<RemoteChain>> {
+    let fetcher = Fetcher::new(args.fetch_limits()).map_err(anyhow::Error::msg)?;
+    let limits = args.request_limits();
+    let validator = Validator::new(limits.generation, limits.captions);
+    Ok(Arc::new(RemoteChain::new(upstreams, fetcher, validator, args.max_inflight).with_result_cache(results)))
 }

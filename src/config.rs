@@ -15,7 +15,7 @@ use crate::{
     cascade::{RequestLimits, ResultCacheConfig},
     engine::{QueueConfig, SchedulerConfig},
     images::{DecodeLimits, EgressPolicy, FetchLimits},
-    models::generation::GenerationLimits,
+    validate::{CaptionLimits, GenerationLimits},
 };
 
 /// Models, device, batching and limits: everything needed to build the cascade in-process.
@@ -317,8 +317,7 @@ impl EngineArgs {
     pub fn request_limits(&self) -> RequestLimits {
         RequestLimits {
             generation: GenerationLimits { max_candidates: self.max_candidates, max_length: self.max_length },
-            max_captions: self.max_captions,
-            max_caption_bytes: self.max_caption_bytes,
+            captions: CaptionLimits { max_captions: self.max_captions, max_caption_bytes: self.max_caption_bytes },
             max_inflight: self.max_inflight,
             decode: DecodeLimits {
                 max_pixels: self.max_image_pixels,

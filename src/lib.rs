@@ -1,10 +1,12 @@
 //! caption-cascade: a gRPC serving backend that captions images with a cascade of two models.
 //! BLIP writes candidate captions, CLIP ranks them.
 //!
-//! Layers, top to bottom: [`cli`] → [`api`] (gRPC adapters) → [`cascade`] (use cases) →
-//! [`engine`] (shared batching scheduler) → [`backend`] (model runners) → [`models`] (BLIP, CLIP,
-//! generation) and [`images`] (fetch, cache; decoding and resizing in the `caption-images`
-//! crate). [`app`] assembles them from [`config`]'s settings.
+//! Layers, top to bottom: [`cli`] → [`app`] (assembly from [`config`]'s settings) → [`api`]
+//! (gRPC adapters) → [`upstream`] (the client of remote tiers) → [`cascade`] (use cases) →
+//! [`engine`] (shared batching scheduler) → [`backend`] (model runners) → [`validate`] (requests
+//! into checked values) → [`models`] (BLIP, CLIP, generation) and [`images`] (fetch, cache;
+//! decoding and resizing in the `caption-images` crate). [`pb`], the wire contract, is spoken
+//! by every layer that talks to the outside.
 
 pub mod api;
 pub mod app;
@@ -16,5 +18,7 @@ pub mod engine;
 pub mod hub;
 pub mod images;
 pub mod models;
+pub mod pb;
 pub mod telemetry;
 pub mod upstream;
+pub mod validate;

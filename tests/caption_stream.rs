@@ -13,7 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use caption_cascade::api::pb::{self, cascade_client::CascadeClient, ranker_client::RankerClient};
+use caption_cascade::pb::{self, cascade_client::CascadeClient, ranker_client::RankerClient};
 use common::{free_port, png_image, scenes::draw_scene, shared_channel};
 use rand::{rngs::StdRng, SeedableRng};
 use tokio_stream::StreamExt;

@@ -17,6 +17,7 @@ use caption_cascade::{
         graphs::GraphMode,
         preprocess,
     },
+    validate::{CaptionLimits, GenerationLimits, SeedOrigin, ValidParams, Validator},
 };
 use common::scenes::draw_scene;
 use rand::{rngs::StdRng, SeedableRng};
@@ -29,6 +30,13 @@ fn pixels(seed: u64) -> Tensor {
     let img = decode_image(&scene.png(), &DecodeLimits::default()).unwrap();
     let p = preprocess::load(Path::new(BLIP)).unwrap().pixels(&img).unwrap();
     Tensor::from_slice(&p.data).view([1, 3, i64::from(p.height), i64::from(p.width)])
+}
+
+/// `params`, checked as a server checks a request.
+fn valid(params: GenerationParams) -> ValidParams {
+    let limits = GenerationLimits { max_candidates: 64, max_length: 512 };
+    let captions = CaptionLimits { max_captions: 64, max_caption_bytes: 1024 };
+    Validator::new(limits, captions).params(params, SeedOrigin::Caller).unwrap()
 }
 
 fn special(blip: &Blip) -> SpecialTokens {
@@ -177,7 +185,7 @@ fn the_vision_encoder_runs_once_per_image() {
     let params = GenerationParams { num_candidates: 10, seed: 1, ..Default::default() };
     let prompt = runner.prompt(&params).unwrap();
     let inputs = (0..3)
-        .map(|id| (id, GenerateInput { pixels: px.clone(), params: params.clone(), prompt: prompt.clone() }))
+        .map(|id| (id, GenerateInput { pixels: px.clone(), params: valid(params.clone()), prompt: prompt.clone() }))
         .collect::<Vec<_>>();
     let (mut batch, mut done) = runner.prefill(inputs);
     while batch.requests() > 0 {
@@ -206,7 +214,7 @@ fn requests_with_prompts_of_different_lengths_start_together() {
             .map(|&i| {
                 let params = params(prompts[i]);
                 let prompt = runner.prompt(&params).unwrap();
-                (i as u64, GenerateInput { pixels: px.clone(), params, prompt })
+                (i as u64, GenerateInput { pixels: px.clone(), params: valid(params), prompt })
             })
             .collect::<Vec<_>>();
         let (mut batch, mut done) = runner.prefill(inputs);

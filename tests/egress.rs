@@ -15,7 +15,7 @@ use std::{
     time::Duration,
 };
 
-use caption_cascade::api::pb::{self, cascade_client::CascadeClient};
+use caption_cascade::pb::{self, cascade_client::CascadeClient};
 use common::{channel, engine_args, free_port, scenes::draw_scene, start_server, start_server_with_metrics};
 use rand::{rngs::StdRng, SeedableRng};
 use tokio::{

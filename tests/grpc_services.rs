@@ -8,7 +8,7 @@
 
 mod common;
 
-use caption_cascade::api::pb::{
+use caption_cascade::pb::{
     self, cascade_client::CascadeClient, generator_client::GeneratorClient, ranker_client::RankerClient,
 };
 use common::{png_image, scenes::draw_scene, shared_channel};

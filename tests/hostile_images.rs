@@ -11,8 +11,8 @@ use std::{
 };
 
 use caption_cascade::{
-    api::pb::{self, cascade_client::CascadeClient, ranker_client::RankerClient},
-    cascade::SMALL_IMAGE_PIXELS,
+    images::SMALL_IMAGE_PIXELS,
+    pb::{self, cascade_client::CascadeClient, ranker_client::RankerClient},
 };
 use common::{channel, free_port, png_image, scenes::draw_scene};
 use image::{

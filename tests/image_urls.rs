@@ -5,7 +5,7 @@ mod common;
 
 use std::{net::SocketAddr, time::Duration};
 
-use caption_cascade::api::pb::{self, cascade_client::CascadeClient, generator_client::GeneratorClient};
+use caption_cascade::pb::{self, cascade_client::CascadeClient, generator_client::GeneratorClient};
 use common::{channel, engine_args, scenes::draw_scene, start_server};
 use rand::{rngs::StdRng, SeedableRng};
 use tokio::{

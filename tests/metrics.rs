@@ -5,7 +5,7 @@ mod common;
 
 use std::net::SocketAddr;
 
-use caption_cascade::api::pb::{self, cascade_client::CascadeClient, ranker_client::RankerClient};
+use caption_cascade::pb::{self, cascade_client::CascadeClient, ranker_client::RankerClient};
 use common::{channel, engine_args, free_port, png_image, scenes::draw_scene, start_server_with_metrics};
 use rand::{rngs::StdRng, SeedableRng};
 

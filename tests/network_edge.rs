@@ -13,7 +13,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use caption_cascade::api::pb::{self, cascade_client::CascadeClient};
+use caption_cascade::pb::{self, cascade_client::CascadeClient};
 use common::{free_port, png_image, scenes::draw_scene};
 use prost::Message;
 use rand::{rngs::StdRng, SeedableRng};

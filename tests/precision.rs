@@ -8,7 +8,6 @@ mod common;
 use std::path::Path;
 
 use caption_cascade::{
-    api::pb::{self, generator_client::GeneratorClient, ranker_client::RankerClient},
     models::{
         blip::{Blip, BlipConfig, SelfAttnCache},
         clip::{Clip, ClipConfig},
@@ -16,6 +15,7 @@ use caption_cascade::{
         weights::Weights,
         Numerics,
     },
+    pb::{self, generator_client::GeneratorClient, ranker_client::RankerClient},
 };
 use common::{channel, engine_args, png_image, start_server};
 use tch::{Device, Kind, Tensor};

@@ -16,7 +16,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use caption_cascade::api::pb::{self, cascade_client::CascadeClient};
+use caption_cascade::pb::{self, cascade_client::CascadeClient};
 use common::{channel, free_addr, png_image, spawn_server, ServerProcess};
 use sha2::{Digest, Sha256};
 use tokio::{

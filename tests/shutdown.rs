@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use caption_cascade::api::pb::{self, cascade_client::CascadeClient};
+use caption_cascade::pb::{self, cascade_client::CascadeClient};
 use common::{channel, free_port, png_image, scenes::draw_scene};
 use rand::{rngs::StdRng, SeedableRng};
 use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest};

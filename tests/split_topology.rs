@@ -17,7 +17,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use caption_cascade::api::pb::{self, cascade_client::CascadeClient};
+use caption_cascade::pb::{self, cascade_client::CascadeClient};
 use common::{free_port, png_image, scenes::draw_scene, shared_channel};
 use rand::{rngs::StdRng, SeedableRng};
 use tonic::{transport::Channel, Code};

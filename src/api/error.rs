@@ -2,7 +2,31 @@
 
 use tonic::{Code, Status};
 
-use crate::{cascade::CascadeError, engine::EngineError, images::ImageError};
+use crate::{
+    cascade::{CascadeError, Failed},
+    engine::EngineError,
+    images::ImageError,
+};
+
+/// A refused call: its status, and its image's correlation key when the call got as far as
+/// naming the image (a stream item's answer carries it).
+#[derive(Debug)]
+pub struct Refused {
+    pub key: Option<String>,
+    pub status: Status,
+}
+
+impl From<Failed> for Refused {
+    fn from(Failed { key, error }: Failed) -> Self {
+        Self { key, status: error.into() }
+    }
+}
+
+impl From<Refused> for Status {
+    fn from(refused: Refused) -> Self {
+        refused.status
+    }
+}
 
 impl From<CascadeError> for Status {
     fn from(e: CascadeError) -> Self {
@@ -42,7 +66,7 @@ fn engine_status(e: EngineError) -> Status {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{images::DecodeError, models::generation::InvalidParam};
+    use crate::{images::DecodeError, validate::InvalidParam};
 
     #[test]
     fn each_error_kind_has_its_code() {

@@ -11,8 +11,8 @@ use tonic::{body::Body, service::Routes};
 use tonic_health::ServingStatus;
 use tower::ServiceExt;
 
-use super::{auth::BearerToken, edge, message_limit::MessageLimit, pb, services::Services};
-use crate::{cascade::Cascade, upstream::RemoteChain};
+use super::{auth::BearerToken, captioning::Captioning, edge, message_limit::MessageLimit, services::Services};
+use crate::{cascade::Captioner, pb};
 
 /// Largest gRPC message accepted (inline image bytes travel in one).
 pub const MAX_MESSAGE_BYTES: usize = 32 * 1024 * 1024;
@@ -84,18 +84,16 @@ impl Roles {
     pub const ALL: Self = Self { generator: true, ranker: true, cascade: true };
 }
 
-/// What serves the calls: the models in this process, and for a cascade without them, the
-/// remote generators and rankers.
+/// Which services a process serves, and what answers them.
 pub struct Backends {
     pub roles: Roles,
-    pub local: Option<Arc<Cascade>>,
-    pub chain: Option<Arc<RemoteChain>>,
+    pub captioning: Captioning,
 }
 
 /// All three services over the models in this process.
-impl From<Arc<Cascade>> for Backends {
-    fn from(local: Arc<Cascade>) -> Self {
-        Self { roles: Roles::ALL, local: Some(local), chain: None }
+impl From<Arc<Captioner>> for Backends {
+    fn from(local: Arc<Captioner>) -> Self {
+        Self { roles: Roles::ALL, captioning: Captioning::Local(local) }
     }
 }
 
@@ -107,9 +105,12 @@ pub async fn serve(
     options: ServerOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
-    let Backends { roles, local, chain } = backends.into();
-    let upstreams_ready = chain.as_ref().map(|c| c.upstreams().ready());
-    let services = Services { local, chain, stream_inflight: options.stream_inflight.max(1) };
+    let Backends { roles, captioning } = backends.into();
+    let upstreams_ready = match &captioning {
+        Captioning::Remote(chain) => Some(chain.upstreams().ready()),
+        Captioning::Local(_) => None,
+    };
+    let services = Services { captioning, stream_inflight: options.stream_inflight.max(1) };
     let limit = options.max_message_bytes;
     let (health, health_service) = tonic_health::server::health_reporter();
     let served: Vec<&'static str> =

@@ -11,33 +11,39 @@ use tokio::{
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{convert, pb, services::Services};
-use crate::{cascade, engine::Admission};
+use super::{captioning::Captioning, convert, error::Refused, observe::observed};
+use crate::{
+    cascade::{CascadeError, Failed},
+    engine::Admission,
+    pb,
+    validate::InvalidParam,
+};
 
 pub type AnswerStream = ReceiverStream<Result<pb::CaptionStreamResponse, Status>>;
 
-impl Services {
-    pub(super) async fn caption_stream_call(
-        &self,
-        request: Request<Streaming<pb::CaptionStreamRequest>>,
-    ) -> Result<Response<AnswerStream>, Status> {
-        // The stream's deadline bounds every image in it.
-        let admission = convert::admission(request.metadata());
-        let (tx, rx) = mpsc::channel(self.stream_inflight);
-        tokio::spawn(drive(self.clone(), request.into_inner(), admission, tx));
-        Ok(Response::new(ReceiverStream::new(rx)))
-    }
+/// Starts answering the stream's requests with `captioning`, at most `inflight` at once.
+pub fn answer(
+    captioning: Captioning,
+    inflight: usize,
+    request: Request<Streaming<pb::CaptionStreamRequest>>,
+) -> Response<AnswerStream> {
+    // The stream's deadline bounds every image in it.
+    let admission = convert::admission(request.metadata());
+    let (tx, rx) = mpsc::channel(inflight);
+    tokio::spawn(drive(captioning, inflight, request.into_inner(), admission, tx));
+    Response::new(ReceiverStream::new(rx))
 }
 
 type Answers = mpsc::Sender<Result<pb::CaptionStreamResponse, Status>>;
 
 async fn drive(
-    services: Services,
+    captioning: Captioning,
+    inflight: usize,
     mut inbound: Streaming<pb::CaptionStreamRequest>,
     admission: Admission,
     tx: Answers,
 ) {
-    let slots = Arc::new(Semaphore::new(services.stream_inflight));
+    let slots = Arc::new(Semaphore::new(inflight));
     // Dropped on return, which cancels what is running: the caller is gone.
     let mut running = JoinSet::new();
     loop {
@@ -51,9 +57,9 @@ async fn drive(
         };
         match next {
             Ok(Some(item)) => {
-                let (services, tx) = (services.clone(), tx.clone());
+                let (captioning, tx) = (captioning.clone(), tx.clone());
                 running.spawn(async move {
-                    let answer = answer(&services, item, admission).await;
+                    let answer = answer_one(&captioning, item, admission).await;
                     let _ = tx.send(Ok(answer)).await;
                     drop(slot);
                 });
@@ -72,32 +78,21 @@ async fn drive(
     while running.join_next().await.is_some() {}
 }
 
-/// One request's answer: its response or, whatever went wrong, its status — never the stream's end.
-async fn answer(
-    services: &Services,
+/// One request's answer: its response or, whatever went wrong, its status and the key of its
+/// image if it got as far as naming it — never the stream's end.
+async fn answer_one(
+    captioning: &Captioning,
     item: pb::CaptionStreamRequest,
     admission: Admission,
 ) -> pb::CaptionStreamResponse {
-    let id = item.id;
-    let failed = |key: String, status: Status| pb::CaptionStreamResponse {
-        id: id.clone(),
-        key,
-        result: Some(pb::caption_stream_response::Result::Error(pb::google::rpc::Status {
-            code: status.code() as i32,
-            message: status.message().to_string(),
-            details: Vec::new(),
-        })),
-    };
-    let Some(mut request) = item.request else {
-        return failed(String::new(), Status::invalid_argument("request: set the CaptionRequest to answer"));
-    };
-    let key = super::services::log_key(None, request.image.as_ref());
-    let source = match convert::image_source(request.image.take()) {
-        Ok(source) => source,
-        Err(status) => return failed(String::new(), status),
-    };
-    let call = super::services::observed("CaptionStream", key, admission, |admission| {
-        services.caption_of(source.clone(), request, admission)
+    // Every field by name: one added later must be weighed here.
+    let pb::CaptionStreamRequest { id, request } = item;
+    let call = observed("CaptionStream", None, admission, |admission| async move {
+        let mut request = request.ok_or_else(|| {
+            Failed::from(CascadeError::from(InvalidParam::new("request", "set the CaptionRequest to answer")))
+        })?;
+        let source = convert::image_source(request.image.take()).map_err(CascadeError::from)?;
+        captioning.caption(source, request, admission).await
     });
     match call.await {
         Ok(response) => pb::CaptionStreamResponse {
@@ -105,6 +100,14 @@ async fn answer(
             key: response.key.clone(),
             result: Some(pb::caption_stream_response::Result::Response(response)),
         },
-        Err(status) => failed(cascade::key_of(&source).await.unwrap_or_default(), status),
+        Err(Refused { key, status }) => pb::CaptionStreamResponse {
+            id,
+            key: key.unwrap_or_default(),
+            result: Some(pb::caption_stream_response::Result::Error(pb::google::rpc::Status {
+                code: status.code() as i32,
+                message: status.message().to_string(),
+                details: Vec::new(),
+            })),
+        },
     }
 }

@@ -14,16 +14,17 @@ use crate::{
     engine::{EngineError, RunningBatch, StepWise},
     models::{
         blip::{Blip, DecodeBatch, DecodeRequest, Decoded, SpecialTokens},
-        generation::{GenerationParams, InvalidParam},
+        generation::GenerationParams,
         preprocess::{self, ImageProcessor, Pixels},
         tokenizer::CaptionTokenizer,
         ModelError, Numerics, Shared,
     },
+    validate::{InvalidParam, ValidParams},
 };
 
 pub struct GenerateInput {
     pub pixels: Pixels,
-    pub params: GenerationParams,
+    pub params: ValidParams,
     /// The decoder's input ids and what to strip, from [`BlipRunner::prompt`].
     pub prompt: Prompt,
 }
@@ -180,7 +181,7 @@ impl StepWise for BlipRunner {
                 strip.insert(id, text);
             }
             let prefix = std::mem::take(&mut input.prompt.prefix);
-            let req = DecodeRequest { id, params: input.params.clone(), prefix };
+            let req = DecodeRequest { id, params: input.params.get().clone(), prefix };
             groups.entry(req.prefix.len()).or_default().push((req, input));
         }
         let special = self.special_tokens();

@@ -10,11 +10,11 @@ use crate::{
     engine::{EngineError, OneShot},
     models::{
         clip::Clip,
-        generation::InvalidParam,
         preprocess::{self, ImageProcessor, Pixels},
         tokenizer::{pad_batch, RankTokenizer},
         ModelError, Numerics, Shared,
     },
+    validate::InvalidParam,
 };
 
 pub struct RankInput {

@@ -3,22 +3,7 @@
 //! (its copies' probabilities summed) or one entry per candidate, as the origin prints them.
 
 use super::RankedCaption;
-use crate::backend::RankScore;
-
-/// What a Caption call returns of its ranked candidates.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Listing {
-    /// Entries kept, most probable first.
-    pub top_k: usize,
-    /// One entry per candidate (duplicates included) instead of one per distinct caption.
-    pub each_candidate: bool,
-}
-
-impl Listing {
-    pub fn merged(top_k: usize) -> Self {
-        Self { top_k, each_candidate: false }
-    }
-}
+use crate::{backend::RankScore, validate::Listing};
 
 /// The distinct captions in first-seen order, how many candidates each stands for, and for each
 /// candidate the position of its distinct caption.

@@ -1,6 +1,6 @@
 //! What the use cases need from the two models, behind one seam: each model's preprocessing, the
-//! decoder's position limit, request validation (prompts, captions) and the model calls. The
-//! in-process implementation queues on the shared scheduler; tests put fakes behind it.
+//! decoder's position limit, tokenizing prompts and captions (the checks that need a tokenizer)
+//! and the model calls. The in-process implementation queues on the shared scheduler; tests put fakes behind it.
 //!
 //! Words by layer: the RPCs and use cases are `generate`/`rank`/`caption`; here the roles are
 //! the generator and the ranker (`generate_candidates`, `score_captions`); the engine knows a
@@ -12,10 +12,8 @@ use std::{future::Future, sync::Arc};
 use crate::{
     backend::{BlipRunner, ClipRunner, GenerateInput, GenerateOutput, Prompt, RankInput, RankOutput},
     engine::{Admission, EngineError, Scheduler},
-    models::{
-        generation::{GenerationParams, InvalidParam},
-        preprocess::ImageProcessor,
-    },
+    models::preprocess::ImageProcessor,
+    validate::{InvalidParam, ValidParams},
 };
 
 pub trait Models: Send + Sync + 'static {
@@ -25,8 +23,8 @@ pub trait Models: Send + Sync + 'static {
     fn ranker_processor(&self) -> Option<&ImageProcessor>;
     /// The longest sequence the decoder can produce (no limit without a generator).
     fn max_positions(&self) -> u32;
-    /// A request's prompt, validated and tokenized.
-    fn prompt(&self, params: &GenerationParams) -> Result<Prompt, InvalidParam>;
+    /// A request's prompt, tokenized and checked against its `max_length`.
+    fn prompt(&self, params: &ValidParams) -> Result<Prompt, InvalidParam>;
     /// Captions, validated and tokenized for ranking.
     fn tokenize(&self, captions: &[String]) -> Result<Vec<Vec<i64>>, InvalidParam>;
     /// Candidate captions for one image (the generator's call).
@@ -65,17 +63,17 @@ impl Models for LocalModels {
         self.blip.as_deref().map_or(u32::MAX, BlipRunner::max_positions)
     }
 
-    fn prompt(&self, params: &GenerationParams) -> Result<Prompt, InvalidParam> {
+    fn prompt(&self, params: &ValidParams) -> Result<Prompt, InvalidParam> {
         match &self.blip {
-            Some(blip) => blip.prompt(params),
-            None => Err(InvalidParam { field: "params", reason: "this server runs no generator".into() }),
+            Some(blip) => blip.prompt(params.get()),
+            None => Err(InvalidParam::new("params", "this server runs no generator")),
         }
     }
 
     fn tokenize(&self, captions: &[String]) -> Result<Vec<Vec<i64>>, InvalidParam> {
         match &self.clip {
             Some(clip) => clip.tokenize(captions),
-            None => Err(InvalidParam { field: "captions", reason: "this server runs no ranker".into() }),
+            None => Err(InvalidParam::new("captions", "this server runs no ranker")),
         }
     }
 

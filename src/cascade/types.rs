@@ -1,6 +1,6 @@
 //! Plain result types of the use cases.
 
-use std::{sync::Arc, time::Duration};
+use std::time::Duration;
 
 use crate::{
     backend::GeneratedCaption,
@@ -20,13 +20,6 @@ impl Weighed for PreparedImage {
         let len = |i: &Option<RgbImage>| i.as_ref().map_or(0, |i| i.pixels.len());
         len(&self.generator) + len(&self.ranker) + std::mem::size_of::<Self>()
     }
-}
-
-/// Where an image comes from. Inline bytes are shared, not copied, on their way to the decoder.
-#[derive(Debug, Clone)]
-pub enum ImageSource {
-    Url(String),
-    Bytes(Arc<Vec<u8>>),
 }
 
 #[derive(Debug, Clone, Copy, Default)]

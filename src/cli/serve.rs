@@ -1,19 +1,17 @@
 //! `caption-cascade serve`: one binary, its roles chosen by flags (all three services with both
 //! models, or one tier of a split deployment).
 
-use std::sync::Arc;
-
 use clap::Args;
 use tokio::net::TcpListener;
 
 use crate::{
-    api::{Backends, Reflection, Roles, ServerOptions},
+    api::{Backends, Captioning, Reflection, Roles, ServerOptions},
     app::ModelSet,
-    cascade::{Cascade, ImageSource},
+    cascade::{Captioner, ImageSource},
     config::{EngineArgs, ServerArgs, Service},
     engine::Admission,
-    images::Fetcher,
-    upstream::{RemoteChain, RemoteUpstreams, UpstreamSpec},
+    upstream::{RemoteUpstreams, UpstreamSpec},
+    validate::SeedOrigin,
 };
 
 #[derive(Debug, Args)]
@@ -31,26 +29,22 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     let plan = Plan::of(&args.server)?;
     let results = args.server.result_cache();
-    let local = if plan.models.generator || plan.models.ranker {
-        let (engine, models) = (args.engine.clone(), plan.models);
-        let fetch = engine.fetch_limits();
-        let cascade =
-            tokio::task::spawn_blocking(move || crate::app::build_cascade_with(&engine, fetch, models, results))
-                .await??;
-        warm_up(&cascade).await?;
-        Some(cascade)
-    } else {
-        None
-    };
-    let chain = match plan.upstreams {
+    let captioning = match plan.upstreams {
         Some((generator, ranker)) => {
             let interval = std::time::Duration::from_millis(args.server.upstream_check_interval_ms.max(10));
             let upstreams =
                 RemoteUpstreams::start(generator, ranker, args.server.upstream_token_file.as_deref(), interval)?;
-            let fetcher = Fetcher::new(args.engine.fetch_limits()).map_err(anyhow::Error::msg)?;
-            Some(Arc::new(RemoteChain::new(upstreams, fetcher, args.engine.max_inflight).with_result_cache(results)))
+            Captioning::Remote(crate::app::build_chain(&args.engine, upstreams, results)?)
         }
-        None => None,
+        None => {
+            let (engine, models) = (args.engine.clone(), plan.models);
+            let fetch = engine.fetch_limits();
+            let captioner =
+                tokio::task::spawn_blocking(move || crate::app::build_captioner_with(&engine, fetch, models, results))
+                    .await??;
+            warm_up(&captioner).await?;
+            Captioning::Local(captioner)
+        }
     };
     let listener = bind(args.server.listen).await?;
     let reflection = match args.server.reflection_listen {
@@ -76,15 +70,18 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     tracing::info!(
         addr = %listener.local_addr()?,
         services = ?args.server.services,
-        remote_models = chain.is_some(),
+        remote_models = matches!(captioning, Captioning::Remote(_)),
         tls = options.edge.tls.is_some(),
         token = options.auth.is_some(),
         "serving caption.v1 and health"
     );
-    let backends = Backends { roles: plan.roles, local: local.clone(), chain };
-    crate::api::serve(listener, backends, options, shutdown_signal()).await;
-    if let Some(cascade) = local {
-        let scheduler = cascade.models().scheduler.clone();
+    let local = match &captioning {
+        Captioning::Local(captioner) => Some(captioner.clone()),
+        Captioning::Remote(_) => None,
+    };
+    crate::api::serve(listener, Backends { roles: plan.roles, captioning }, options, shutdown_signal()).await;
+    if let Some(captioner) = local {
+        let scheduler = captioner.models().scheduler.clone();
         tokio::task::spawn_blocking(move || scheduler.shutdown()).await?;
     }
     Ok(())
@@ -135,20 +132,22 @@ async fn bind(addr: std::net::SocketAddr) -> anyhow::Result<TcpListener> {
 
 /// One tiny call to each model this process runs, so the first real request does not pay for
 /// lazy initialisation and a broken model fails at start rather than on traffic.
-pub async fn warm_up(cascade: &Cascade) -> anyhow::Result<()> {
+pub async fn warm_up(captioner: &Captioner) -> anyhow::Result<()> {
     let mut png = std::io::Cursor::new(Vec::new());
     image::RgbImage::from_pixel(32, 32, image::Rgb([128, 128, 128])).write_to(&mut png, image::ImageFormat::Png)?;
     let image = ImageSource::Bytes(png.into_inner().into());
-    let models = cascade.models();
-    let failed = |e: crate::cascade::CascadeError| anyhow::anyhow!("warm-up failed: {e}");
+    let (models, validator) = (captioner.models(), captioner.validator());
+    let failed = |e: &dyn std::fmt::Display| anyhow::anyhow!("warm-up failed: {e}");
     if models.blip.is_some() {
-        let mut params = cascade.default_params();
+        let mut params = validator.defaults().clone();
         params.num_candidates = 2;
         params.max_length = params.max_length.min(4);
-        cascade.generate(image.clone(), params, Admission::default()).await.map_err(failed)?;
+        let params = validator.params(params, SeedOrigin::Server).map_err(|e| failed(&e))?;
+        captioner.generate(image.clone(), params, Admission::default()).await.map_err(|e| failed(&e.error))?;
     }
     if models.clip.is_some() {
-        cascade.rank(image, vec!["a grey square".into()], Admission::default()).await.map_err(failed)?;
+        let captions = validator.captions(vec!["a grey square".into()]).map_err(|e| failed(&e))?;
+        captioner.rank(image, captions, Admission::default()).await.map_err(|e| failed(&e.error))?;
     }
     Ok(())
 }

@@ -43,6 +43,20 @@ impl Default for FetchLimits {
     }
 }
 
+/// A URL [`Fetcher::check_url`] accepted: only such a URL is fetched.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckedUrl {
+    /// As the caller spelled it: the correlation key, and the image cache's key.
+    raw: String,
+    url: Url,
+}
+
+impl CheckedUrl {
+    pub fn as_str(&self) -> &str {
+        &self.raw
+    }
+}
+
 #[derive(Clone)]
 pub struct Fetcher {
     client: reqwest::Client,
@@ -79,9 +93,10 @@ impl Fetcher {
     }
 
     /// Parses `raw` and checks it names something this server may fetch: http(s), or file://
-    /// when `--allow-file-dir` is set. Called before any cache lookup, so a string that is not
-    /// such a URL (say `sha256:…`) can never find a cached image.
-    pub fn check_url(&self, raw: &str) -> Result<Url, ImageError> {
+    /// when `--allow-file-dir` is set. Every fetch takes the [`CheckedUrl`] this returns, so a URL
+    /// is checked once per request, before any cache lookup: a string that is not such a URL (say
+    /// `sha256:…`) can never find a cached image.
+    pub fn check_url(&self, raw: &str) -> Result<CheckedUrl, ImageError> {
         if raw.len() > MAX_URL_BYTES {
             return Err(ImageError::InvalidUrl {
                 url: shown(raw),
@@ -101,8 +116,8 @@ impl Fetcher {
             });
         }
         match url.scheme() {
-            "http" | "https" => Ok(url),
-            "file" if self.allowed_dir.is_some() => Ok(url),
+            "http" | "https" => Ok(CheckedUrl { raw: raw.to_string(), url }),
+            "file" if self.allowed_dir.is_some() => Ok(CheckedUrl { raw: raw.to_string(), url }),
             "file" => Err(ImageError::FileNotAllowed(shown(raw))),
             other => Err(ImageError::InvalidUrl {
                 url: shown(raw),
@@ -111,39 +126,40 @@ impl Fetcher {
         }
     }
 
-    pub async fn fetch(&self, raw: &str) -> Result<Vec<u8>, ImageError> {
-        Ok(self.fetch_fresh(raw).await?.bytes)
-    }
-
-    /// The image at `raw` with the validators of its version, when the origin gave usable ones.
-    pub async fn fetch_fresh(&self, raw: &str) -> Result<Fetched, ImageError> {
-        match self.get(raw, None).await? {
+    /// The image at `url` with the validators of its version, when the origin gave usable ones.
+    pub async fn fetch(&self, url: &CheckedUrl) -> Result<Fetched, ImageError> {
+        match self.get(url, None).await? {
             Conditional::Changed(fetched) => Ok(fetched),
             // Only a request with validators is answered so (a 304 to another is a failure).
             Conditional::NotModified { .. } => Err(ImageError::Fetch {
-                url: shown(raw),
+                url: shown(&url.raw),
                 reason: format!("server answered {}", StatusCode::NOT_MODIFIED),
             }),
         }
     }
 
-    /// Asks the origin for the image at `raw` only if it changed from the version `known`
+    /// Asks the origin for the image at `url` only if it changed from the version `known`
     /// describes (`If-None-Match`, `If-Modified-Since`), through the same client, egress policy,
     /// redirect rule, size and time limits as [`Fetcher::fetch`]. A `file://` URL is read in full:
     /// files have no validators.
-    pub async fn fetch_if_changed(&self, raw: &str, known: &Validators) -> Result<Conditional, ImageError> {
-        self.get(raw, Some(known)).await
+    pub async fn fetch_if_changed(&self, url: &CheckedUrl, known: &Validators) -> Result<Conditional, ImageError> {
+        self.get(url, Some(known)).await
     }
 
-    async fn get(&self, raw: &str, known: Option<&Validators>) -> Result<Conditional, ImageError> {
-        let url = self.check_url(raw)?;
-        match url.scheme() {
+    async fn get(&self, checked: &CheckedUrl, known: Option<&Validators>) -> Result<Conditional, ImageError> {
+        match checked.url.scheme() {
             "file" => {
-                let bytes = self.read_file(raw, &url).await?;
+                let bytes = self.read_file(&checked.raw, &checked.url).await?;
                 Ok(Conditional::Changed(Fetched { bytes, validators: None }))
             }
-            _ => self.fetch_http(url, known).await,
+            _ => self.fetch_http(checked.url.clone(), known).await,
         }
+    }
+
+    /// Checks and fetches `raw` in one go, for the tests of fetching itself.
+    #[cfg(test)]
+    async fn fetch_str(&self, raw: &str) -> Result<Vec<u8>, ImageError> {
+        Ok(self.fetch(&self.check_url(raw)?).await?.bytes)
     }
 
     async fn fetch_http(&self, url: Url, known: Option<&Validators>) -> Result<Conditional, ImageError> {
@@ -373,21 +389,21 @@ mod tests {
         let url = |p: &Path| Url::from_file_path(p).unwrap().to_string();
 
         let off = fetcher(None);
-        assert!(matches!(off.fetch(&url(&inner.join("a.bin"))).await, Err(ImageError::FileNotAllowed(_))));
+        assert!(matches!(off.fetch_str(&url(&inner.join("a.bin"))).await, Err(ImageError::FileNotAllowed(_))));
 
         let on = fetcher(Some(inner.clone()));
-        assert_eq!(on.fetch(&url(&inner.join("a.bin"))).await.unwrap(), b"hello");
+        assert_eq!(on.fetch_str(&url(&inner.join("a.bin"))).await.unwrap(), b"hello");
         let escape = format!("{}/../secret.bin", url(&inner));
-        assert!(matches!(on.fetch(&escape).await, Err(ImageError::Fetch { .. })));
-        assert!(matches!(on.fetch(&url(&inner.join("big.bin"))).await, Err(ImageError::TooLarge { limit: 16 })));
-        assert!(matches!(on.fetch(&url(&inner.join("missing.bin"))).await, Err(ImageError::Fetch { .. })));
+        assert!(matches!(on.fetch_str(&escape).await, Err(ImageError::Fetch { .. })));
+        assert!(matches!(on.fetch_str(&url(&inner.join("big.bin"))).await, Err(ImageError::TooLarge { limit: 16 })));
+        assert!(matches!(on.fetch_str(&url(&inner.join("missing.bin"))).await, Err(ImageError::Fetch { .. })));
         // Missing, outside, a directory and a FIFO (which would block a reader forever) all get
         // the same answer, which names no server path.
         let fifo = inner.join("pipe");
         assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
         let mut answers = Vec::new();
         for u in [url(&inner.join("missing.bin")), escape.clone(), url(&inner), url(&fifo)] {
-            let err = tokio::time::timeout(Duration::from_secs(5), on.fetch(&u)).await.expect("no blocking read");
+            let err = tokio::time::timeout(Duration::from_secs(5), on.fetch_str(&u)).await.expect("no blocking read");
             let text = err.unwrap_err().to_string();
             answers.push(text.split_once(": ").map(|(_, reason)| reason.to_string()).unwrap_or(text));
         }
@@ -399,8 +415,8 @@ mod tests {
     #[tokio::test]
     async fn bad_urls_are_rejected_with_the_reason() {
         let f = fetcher(None);
-        assert!(matches!(f.fetch("not a url").await, Err(ImageError::InvalidUrl { .. })));
-        let err = f.fetch("ftp://example.com/a.png").await.unwrap_err();
+        assert!(matches!(f.fetch_str("not a url").await, Err(ImageError::InvalidUrl { .. })));
+        let err = f.fetch_str("ftp://example.com/a.png").await.unwrap_err();
         assert!(err.to_string().contains("\"ftp\" is not supported"), "{err}");
         assert!(f.check_inline(&[0u8; 17]).is_err());
         let huge = format!("http://example.com/{}", "a".repeat(100_000));
@@ -491,16 +507,16 @@ mod tests {
             ..Default::default()
         })
         .unwrap();
-        let fresh = allowed.fetch_fresh(&url).await.unwrap();
+        let fresh = allowed.fetch(&allowed.check_url(&url).unwrap()).await.unwrap();
         assert_eq!(fresh.bytes, b"img");
         let validators = fresh.validators.expect("a strong ETag");
         assert_eq!((validators.etag.as_deref(), validators.final_url.as_str()), (Some("\"v1\""), url.as_str()));
-        match allowed.fetch_if_changed(&url, &validators).await.unwrap() {
+        match allowed.fetch_if_changed(&allowed.check_url(&url).unwrap(), &validators).await.unwrap() {
             Conditional::NotModified { final_url } => assert_eq!(final_url, url),
             other => panic!("{other:?}"),
         }
         let older = Validators { etag: Some("\"v0\"".into()), ..validators.clone() };
-        match allowed.fetch_if_changed(&url, &older).await.unwrap() {
+        match allowed.fetch_if_changed(&allowed.check_url(&url).unwrap(), &older).await.unwrap() {
             Conditional::Changed(fetched) => assert_eq!(fetched.bytes, b"img"),
             other => panic!("{other:?}"),
         }
@@ -509,7 +525,8 @@ mod tests {
         assert!(!sent[0].contains("if-none-match") && !sent[0].contains("if-modified-since"), "{}", sent[0]);
         assert!(sent[2].contains("if-none-match: \"v0\"\r\n"), "{}", sent[2]);
         // The egress policy applies to conditional fetches as to any other.
-        let denied = fetcher(None).fetch_if_changed(&url, &validators).await.unwrap_err();
+        let strict = fetcher(None);
+        let denied = strict.fetch_if_changed(&strict.check_url(&url).unwrap(), &validators).await.unwrap_err();
         assert!(matches!(denied, ImageError::DestinationDenied { .. }), "{denied}");
         assert_eq!(seen.lock().unwrap().len(), 3, "no connection was made");
     }
@@ -522,7 +539,7 @@ mod tests {
         for host in ["127.0.0.1", "127.1", "2130706433", "0x7f000001", "0177.0.0.1", "[::ffff:127.0.0.1]", "localhost"]
         {
             let raw = format!("http://{host}:{port}/a.png");
-            let err = f.fetch(&raw).await.unwrap_err();
+            let err = f.fetch_str(&raw).await.unwrap_err();
             let shown = Url::parse(&raw).unwrap().to_string();
             assert_eq!(err, ImageError::DestinationDenied { url: shown.clone() }, "{raw}");
             assert_eq!(err.to_string(), format!("image url {shown:?}: destination not allowed"));
@@ -534,8 +551,8 @@ mod tests {
             ..Default::default()
         })
         .unwrap();
-        assert_eq!(allowed.fetch(&format!("http://127.0.0.1:{port}/a.png")).await.unwrap(), b"x");
-        assert_eq!(allowed.fetch(&format!("http://localhost:{port}/a.png")).await.unwrap(), b"x");
+        assert_eq!(allowed.fetch_str(&format!("http://127.0.0.1:{port}/a.png")).await.unwrap(), b"x");
+        assert_eq!(allowed.fetch_str(&format!("http://localhost:{port}/a.png")).await.unwrap(), b"x");
     }
 
     #[tokio::test]
@@ -551,11 +568,11 @@ mod tests {
             other => panic!("{other}"),
         };
         let (ssh, _) = answering(b"SSH-2.0-OpenSSH_9.6\r\n").await;
-        assert_eq!(reason(f.fetch(&format!("http://{ssh}/")).await.unwrap_err()), "not a valid HTTP response");
+        assert_eq!(reason(f.fetch_str(&format!("http://{ssh}/")).await.unwrap_err()), "not a valid HTTP response");
         let (cut, _) = answering(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nshort").await;
-        assert_eq!(reason(f.fetch(&format!("http://{cut}/")).await.unwrap_err()), "connection closed early");
+        assert_eq!(reason(f.fetch_str(&format!("http://{cut}/")).await.unwrap_err()), "connection closed early");
         let (silent, _) = answering(b"").await;
-        assert_eq!(reason(f.fetch(&format!("http://{silent}/")).await.unwrap_err()), "connection closed early");
+        assert_eq!(reason(f.fetch_str(&format!("http://{silent}/")).await.unwrap_err()), "connection closed early");
         // Closed without reading the request: the peer's kernel answers with a reset.
         let reset = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let reset_addr = reset.local_addr().unwrap();
@@ -565,13 +582,16 @@ mod tests {
                 drop(sock);
             }
         });
-        assert_eq!(reason(f.fetch(&format!("http://{reset_addr}/")).await.unwrap_err()), "connection closed early");
+        assert_eq!(reason(f.fetch_str(&format!("http://{reset_addr}/")).await.unwrap_err()), "connection closed early");
         let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-        assert_eq!(reason(f.fetch(&format!("http://{closed}/")).await.unwrap_err()), "could not connect");
+        assert_eq!(reason(f.fetch_str(&format!("http://{closed}/")).await.unwrap_err()), "could not connect");
         let (tls, _) = answering(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nx").await;
-        let err = reason(f.fetch(&format!("https://{tls}/")).await.unwrap_err());
+        let err = reason(f.fetch_str(&format!("https://{tls}/")).await.unwrap_err());
         assert!(err == "TLS handshake failed", "{err}");
         let (missing, _) = answering(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n").await;
-        assert_eq!(reason(f.fetch(&format!("http://{missing}/")).await.unwrap_err()), "server answered 404 Not Found");
+        assert_eq!(
+            reason(f.fetch_str(&format!("http://{missing}/")).await.unwrap_err()),
+            "server answered 404 Not Found"
+        );
     }
 }

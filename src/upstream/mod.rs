@@ -6,7 +6,7 @@
 mod pool;
 mod retry;
 
-use std::{path::Path, sync::Arc, time::Duration};
+use std::{path::Path, time::Duration};
 
 use metrics::{counter, histogram};
 use tonic::{metadata::MetadataValue, transport::Channel, Code, Status};
@@ -15,15 +15,12 @@ pub use pool::{Pool, UpstreamSpec};
 use retry::RetryBudget;
 
 use crate::{
-    api::pb,
     backend::RankScore,
-    cascade::{CascadeError, Chain, Identity, UpstreamCall, Upstreams},
+    cascade::{CascadeError, Chain, UpstreamCall, Upstreams},
     engine::EngineError,
-    models::generation::{GenerationParams, Strategy},
+    pb::{self, KEY_HEADER},
+    validate::SentParams,
 };
-
-/// Metadata that carries the correlation key to the upstreams, which log it with the call.
-pub const KEY_HEADER: &str = "x-caption-key";
 
 /// The Cascade use case over remote models.
 pub type RemoteChain = Chain<RemoteUpstreams>;
@@ -166,12 +163,10 @@ fn is_transport(status: &Status) -> bool {
 }
 
 impl Upstreams for RemoteUpstreams {
-    type Params = Option<pb::GenerationParams>;
-
-    async fn generate(&self, call: &UpstreamCall, params: &Self::Params) -> Result<Vec<String>, CascadeError> {
+    async fn generate(&self, call: &UpstreamCall, params: &SentParams) -> Result<Vec<String>, CascadeError> {
         let message = pb::GenerateRequest {
             image: Some(pb::Image { source: Some(pb::image::Source::Data(call.image.to_vec())) }),
-            params: params.clone(),
+            params: Some(params.get().clone()),
         };
         let out = self
             .call(&self.generator, "Generate", call, message, |channel, request| async move {
@@ -210,64 +205,4 @@ impl Upstreams for RemoteUpstreams {
             .collect::<Option<Vec<_>>>()
             .ok_or_else(|| EngineError::Internal("the ranker did not score every caption".into()).into())
     }
-
-    fn identity(&self, params: &Self::Params) -> Option<Identity> {
-        // No message and an empty one are resolved alike by the generator.
-        sent_identity(params.clone().unwrap_or_default())
-    }
 }
-
-/// The result cache's identity of generation parameters as the generator receives them: every
-/// field, with whether it was set (an unset field takes the generator's default, which is not
-/// known here). Two spellings of the same resolved request are two keys, which costs a hit; two
-/// different requests never share one. The strategy is resolved as the generator resolves it
-/// (`decoding`, else the server default, which the notebook preset keeps); an unknown preset or
-/// decoding value is refused by the generator, so it is never cached.
-fn sent_identity(params: pb::GenerationParams) -> Option<Identity> {
-    // Field by field, without `..`: a field added to the proto does not compile here until it is
-    // weighed.
-    let pb::GenerationParams {
-        num_candidates,
-        max_length,
-        min_length,
-        decoding,
-        temperature,
-        top_k,
-        top_p,
-        repetition_penalty,
-        seed,
-        prompt,
-        strip_prompt,
-        preset,
-        num_beams,
-        length_penalty,
-        early_stopping,
-    } = params;
-    pb::Preset::try_from(preset).ok()?;
-    let strategy = match pb::Decoding::try_from(decoding).ok()? {
-        pb::Decoding::Unspecified => GenerationParams::default().strategy,
-        pb::Decoding::Greedy => Strategy::Greedy,
-        pb::Decoding::Sample => Strategy::Sample,
-        pb::Decoding::Beam => Strategy::Beam,
-    };
-    Some(
-        Identity::deterministic("as-sent", strategy, seed)?
-            .with("preset", &preset)
-            .with("decoding", &decoding)
-            .with("num_candidates", &num_candidates)
-            .with("max_length", &max_length)
-            .with("min_length", &min_length)
-            .with("temperature", &temperature)
-            .with("top_k", &top_k)
-            .with("top_p", &top_p)
-            .with("repetition_penalty", &repetition_penalty)
-            .with("prompt", &prompt)
-            .with("strip_prompt", &strip_prompt)
-            .with("num_beams", &num_beams)
-            .with("length_penalty", &length_penalty)
-            .with("early_stopping", &early_stopping),
-    )
-}
-
-/// Both upstreams of a chain, shared by the services.
-pub type SharedChain = Arc<RemoteChain>;

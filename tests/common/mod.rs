@@ -7,7 +7,7 @@ pub mod scenes;
 
 use std::{net::SocketAddr, sync::OnceLock, time::Duration};
 
-use caption_cascade::{api::pb, config::EngineArgs};
+use caption_cascade::{config::EngineArgs, pb};
 use clap::Parser;
 use tonic::transport::Channel;
 use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest};
@@ -48,7 +48,7 @@ pub fn start_server_with_metrics(engine: EngineArgs, metrics: Option<SocketAddr>
             if let Some(addr) = metrics {
                 caption_cascade::telemetry::install_exporter(addr).expect("metrics exporter");
             }
-            let cascade = caption_cascade::app::build_cascade(&engine).expect("models load");
+            let cascade = caption_cascade::app::build_captioner(&engine).expect("models load");
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
             tx.send(listener.local_addr().expect("addr")).expect("send addr");
             caption_cascade::api::serve(listener, cascade, Default::default(), std::future::pending()).await;

@@ -4,16 +4,11 @@
 
 use sha2::{Digest, Sha256};
 
-use super::super::Listing;
-use crate::models::generation::{GenerationParams, Strategy};
-
-/// Who chose a request's sampling seed. A seed the server drew makes a sampled answer
-/// unrepeatable, so such a request is never answered from the cache.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SeedOrigin {
-    Caller,
-    Server,
-}
+use crate::{
+    models::generation::{GenerationParams, Strategy},
+    pb,
+    validate::{resolved_strategy, Listing, SeedOrigin},
+};
 
 /// A value as the identity encodes it.
 pub trait Field {
@@ -121,6 +116,51 @@ impl Identity {
         let caller_seed = (seed == SeedOrigin::Caller).then_some(*value);
         Some(
             Self::deterministic("resolved", *strategy, caller_seed)?
+                .with("num_candidates", num_candidates)
+                .with("max_length", max_length)
+                .with("min_length", min_length)
+                .with("temperature", temperature)
+                .with("top_k", top_k)
+                .with("top_p", top_p)
+                .with("repetition_penalty", repetition_penalty)
+                .with("prompt", prompt)
+                .with("strip_prompt", strip_prompt)
+                .with("num_beams", num_beams)
+                .with("length_penalty", length_penalty)
+                .with("early_stopping", early_stopping),
+        )
+    }
+
+    /// The identity of parameters a cascade tier passes on as the generator receives them: every
+    /// field, with whether it was set (an unset field takes the generator's default, which is not
+    /// known here). Two spellings of the same resolved request are two keys, which costs a hit;
+    /// two different requests never share one. The strategy is resolved as the generator resolves
+    /// it.
+    pub fn of_sent(params: &pb::GenerationParams) -> Option<Self> {
+        // Field by field, without `..`: a field added to the proto does not compile here until it
+        // is weighed.
+        let pb::GenerationParams {
+            num_candidates,
+            max_length,
+            min_length,
+            decoding,
+            temperature,
+            top_k,
+            top_p,
+            repetition_penalty,
+            seed,
+            prompt,
+            strip_prompt,
+            preset,
+            num_beams,
+            length_penalty,
+            early_stopping,
+        } = params;
+        let strategy = resolved_strategy(*decoding).ok()?;
+        Some(
+            Self::deterministic("as-sent", strategy, *seed)?
+                .with("preset", preset)
+                .with("decoding", decoding)
                 .with("num_candidates", num_candidates)
                 .with("max_length", max_length)
                 .with("min_length", min_length)

@@ -25,10 +25,13 @@ use tokio::sync::OnceCell;
 
 mod identity;
 use identity::{result_key, Key};
-pub use identity::{Field, Identity, SeedOrigin};
+pub use identity::{Field, Identity};
 
-use super::{check_url, digest, inline_key, Captioned, CascadeError, ImageSource, Listing, RankedCaption, Timings};
-use crate::images::{Conditional, Fetched, Fetcher, Validators};
+use super::{
+    image::{digest, Fetch, NamedImage, Origin, Resolver},
+    Captioned, CascadeError, RankedCaption, Timings,
+};
+use crate::{images::Validators, validate::Listing};
 
 /// How much the result cache keeps, and for how long.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,10 +49,20 @@ impl ResultCacheConfig {
 /// The image a Caption computation starts from.
 #[derive(Debug)]
 pub enum ImageInput {
-    /// Not through the result cache: the source as the caller gave it, resolved as ever.
-    Source(ImageSource),
+    /// Not through the result cache: the image as the request named it.
+    Named(NamedImage),
     /// The image's current bytes, as the result cache was given or fetched them.
     Content(Content),
+}
+
+impl ImageInput {
+    /// The request's correlation key.
+    pub fn key(&self) -> &str {
+        match self {
+            ImageInput::Named(named) => &named.key,
+            ImageInput::Content(content) => &content.key,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -179,12 +192,12 @@ impl ResultCache {
     /// A Caption call through the cache: `compute` is called with the image to caption when the
     /// answer is not kept — with the bytes this call fetched or was given when the request is
     /// cacheable (so it never sees pixels cached under a URL for an older version), with the
-    /// source as given otherwise. `identity` is `None` for a request that is not deterministic.
+    /// image as named otherwise. `identity` is `None` for a request that is not deterministic.
     /// Concurrent identical misses compute once.
     pub async fn caption<F, Fut>(
         &self,
-        fetcher: &Fetcher,
-        source: ImageSource,
+        resolver: &Resolver,
+        image: NamedImage,
         identity: Option<Identity>,
         listing: Listing,
         compute: F,
@@ -194,26 +207,19 @@ impl ResultCache {
         Fut: Future<Output = Result<Captioned, CascadeError>>,
     {
         if !self.enabled() {
-            return compute(ImageInput::Source(source)).await;
+            return compute(ImageInput::Named(image)).await;
         }
         let Some(identity) = identity else {
             counter!("caption_result_cache_bypassed_total").increment(1);
-            return compute(ImageInput::Source(source)).await;
+            return compute(ImageInput::Named(image)).await;
         };
         let start = Instant::now();
         let identity = identity.with_listing(listing);
-        let (key, current) = match source {
-            ImageSource::Bytes(data) => {
-                fetcher.check_inline(&data)?;
-                let digest = digest(&data).await?;
-                (inline_key(&digest), Current::Bytes { bytes: data, digest })
-            }
-            ImageSource::Url(url) => {
-                check_url(fetcher, &url)?;
-                let current = self.current(fetcher, &url, &identity).await?;
-                (url, current)
-            }
+        let current = match &image.origin {
+            Origin::Inline { bytes, digest } => Current::Bytes { bytes: bytes.clone(), digest: *digest },
+            Origin::Url(_) => self.current(resolver, &image, &identity).await?,
         };
+        let key = image.key;
         let (bytes, digest) = match current {
             Current::Answered(answer) => return Ok(hit(&answer, key, start)),
             Current::Bytes { bytes, digest } => (bytes, digest),
@@ -226,43 +232,42 @@ impl ResultCache {
         self.compute(result_key, content, compute, start).await
     }
 
-    /// The answer kept for `url`'s unchanged content, or its current bytes.
-    async fn current(&self, fetcher: &Fetcher, url: &str, identity: &Identity) -> Result<Current, CascadeError> {
+    /// The answer kept for the URL's unchanged content, or its current bytes.
+    async fn current(
+        &self,
+        resolver: &Resolver,
+        image: &NamedImage,
+        identity: &Identity,
+    ) -> Result<Current, CascadeError> {
+        let url = image.key.as_str();
         let known = self.lock().known(url);
         let Some((validators, digest)) = known else {
             revalidated("no_validator");
-            return self.fetch(fetcher, url).await;
+            return self.fetch(resolver, image).await;
         };
         let key = result_key(&digest, identity);
         // Revalidating pays only when an answer is kept for that content; otherwise the bytes are
         // needed anyway, and a plain GET brings them in one request.
         if !self.lock().holds(&key, Instant::now(), self.config.ttl) {
-            return self.fetch(fetcher, url).await;
+            return self.fetch(resolver, image).await;
         }
-        let answer = fetcher.fetch_if_changed(url, &validators).await;
-        let outcome = match &answer {
-            Ok(Conditional::Changed(_)) => "ok",
-            Ok(Conditional::NotModified { .. }) => "not_modified",
-            Err(_) => "error",
-        };
-        counter!("caption_images_fetched_total", "outcome" => outcome).increment(1);
-        match answer {
-            Ok(Conditional::NotModified { final_url }) if final_url == validators.final_url => {
+        match resolver.fetch_if_changed(image, &validators).await {
+            Ok(Fetch::NotModified { final_url }) if final_url == validators.final_url => {
                 revalidated("not_modified");
                 if let Some(answer) = self.lock().lookup(&key, Instant::now(), self.config.ttl) {
                     return Ok(Current::Answered(answer));
                 }
                 // The answer left the cache meanwhile (evicted, expired): fetch the bytes.
-                self.fetch(fetcher, url).await
+                self.fetch(resolver, image).await
             }
             // Redirects now lead elsewhere: the validators described another resource.
-            Ok(Conditional::NotModified { .. }) => {
+            Ok(Fetch::NotModified { .. }) => {
                 revalidated("changed");
-                self.fetch(fetcher, url).await
+                self.fetch(resolver, image).await
             }
-            Ok(Conditional::Changed(fresh)) => {
+            Ok(Fetch::Bytes { bytes, validators }) => {
                 revalidated("changed");
-                self.take(url, fresh).await
+                self.take(url, bytes, validators).await
             }
             Err(e) => {
                 self.lock().forget_url(url);
@@ -271,15 +276,12 @@ impl ResultCache {
         }
     }
 
-    /// `url`'s current bytes, fetched in full.
-    async fn fetch(&self, fetcher: &Fetcher, url: &str) -> Result<Current, CascadeError> {
-        let fetched = fetcher.fetch_fresh(url).await;
-        let outcome = if fetched.is_ok() { "ok" } else { "error" };
-        counter!("caption_images_fetched_total", "outcome" => outcome).increment(1);
-        match fetched {
-            Ok(fresh) => self.take(url, fresh).await,
+    /// The URL's current bytes, fetched in full.
+    async fn fetch(&self, resolver: &Resolver, image: &NamedImage) -> Result<Current, CascadeError> {
+        match resolver.fetch(image).await {
+            Ok((bytes, validators)) => self.take(&image.key, bytes, validators).await,
             Err(e) => {
-                self.lock().forget_url(url);
+                self.lock().forget_url(&image.key);
                 Err(e.into())
             }
         }
@@ -287,11 +289,15 @@ impl ResultCache {
 
     /// Fetched bytes, hashed; their validators are remembered for `url` (or, if the origin gave
     /// none, whatever was known of it is forgotten).
-    async fn take(&self, url: &str, fetched: Fetched) -> Result<Current, CascadeError> {
-        let bytes = Arc::new(fetched.bytes);
+    async fn take(
+        &self,
+        url: &str,
+        bytes: Arc<Vec<u8>>,
+        validators: Option<Validators>,
+    ) -> Result<Current, CascadeError> {
         let digest = digest(&bytes).await?;
         let mut state = self.lock();
-        match fetched.validators {
+        match validators {
             Some(validators) => state.remember(url, validators, digest, self.config.capacity_bytes),
             None => state.forget_url(url),
         }

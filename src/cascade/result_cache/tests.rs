@@ -3,15 +3,19 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use sha2::{Digest as _, Sha256};
+
 use super::*;
 use crate::{
+    cascade::image::inline_key,
     engine::EngineError,
-    images::FetchLimits,
+    images::{FetchLimits, Fetcher},
     models::generation::{GenerationParams, Strategy},
+    validate::SeedOrigin,
 };
 
-fn fetcher() -> Fetcher {
-    Fetcher::new(FetchLimits::default()).unwrap()
+fn resolver() -> Resolver {
+    Resolver::new(Fetcher::new(FetchLimits::default()).unwrap())
 }
 
 fn new_cache(capacity_bytes: usize, ttl: Duration) -> ResultCache {
@@ -22,8 +26,11 @@ fn seeded(seed: u64) -> Option<Identity> {
     Identity::of_params(&GenerationParams { seed, ..GenerationParams::default() }, SeedOrigin::Caller)
 }
 
-fn image(byte: u8) -> ImageSource {
-    ImageSource::Bytes(Arc::new(vec![byte; 64]))
+/// Inline bytes, named as the resolver names them.
+fn image(byte: u8) -> NamedImage {
+    let bytes = Arc::new(vec![byte; 64]);
+    let digest: [u8; 32] = Sha256::digest(bytes.as_slice()).into();
+    NamedImage { key: inline_key(&digest), origin: Origin::Inline { bytes, digest } }
 }
 
 /// A computation that counts its calls and answers with a caption naming the image's first
@@ -43,9 +50,9 @@ fn answer(key: String, n: usize) -> Captioned {
     Captioned { key, captions: vec![ranked], candidates: vec![text.clone(), text], timings }
 }
 
-async fn call(cache: &ResultCache, calls: &AtomicUsize, source: ImageSource, id: Option<Identity>) -> Captioned {
+async fn call(cache: &ResultCache, calls: &AtomicUsize, source: NamedImage, id: Option<Identity>) -> Captioned {
     let listing = Listing::merged(3);
-    cache.caption(&fetcher(), source, id, listing, |image| compute(calls, image)).await.unwrap()
+    cache.caption(&resolver(), source, id, listing, |image| compute(calls, image)).await.unwrap()
 }
 
 #[test]
@@ -106,7 +113,7 @@ async fn a_repeated_request_is_answered_from_the_cache_under_its_own_key() {
     call(&cache, &calls, image(2), seeded(5)).await;
     call(&cache, &calls, image(1), seeded(6)).await;
     let listing = Listing::merged(1);
-    cache.caption(&fetcher(), image(1), seeded(5), listing, |i| compute(&calls, i)).await.unwrap();
+    cache.caption(&resolver(), image(1), seeded(5), listing, |i| compute(&calls, i)).await.unwrap();
     assert_eq!(calls.load(Ordering::SeqCst), 4);
     assert_eq!(cache.len(), 4);
     // Not deterministic: computed every time, from the source as given, and not kept.
@@ -179,10 +186,10 @@ async fn concurrent_identical_misses_compute_once() {
         tokio::time::sleep(Duration::from_millis(50)).await;
         compute(&calls, image).await
     };
-    let (listing, fetcher) = (Listing::merged(3), fetcher());
+    let (listing, resolver) = (Listing::merged(3), resolver());
     let (a, b) = tokio::join!(
-        cache.caption(&fetcher, image(1), seeded(5), listing, slow),
-        cache.caption(&fetcher, image(1), seeded(5), listing, slow),
+        cache.caption(&resolver, image(1), seeded(5), listing, slow),
+        cache.caption(&resolver, image(1), seeded(5), listing, slow),
     );
     assert_eq!(calls.load(Ordering::SeqCst), 1);
     assert_eq!(a.unwrap().captions, b.unwrap().captions);
@@ -191,8 +198,8 @@ async fn concurrent_identical_misses_compute_once() {
 #[tokio::test]
 async fn a_computation_whose_caller_left_leaves_nothing_behind() {
     let (cache, calls) = (new_cache(1 << 20, Duration::from_secs(60)), AtomicUsize::new(0));
-    let (listing, fetcher) = (Listing::merged(3), fetcher());
-    let hang = cache.caption(&fetcher, image(1), seeded(5), listing, |_| async {
+    let (listing, resolver) = (Listing::merged(3), resolver());
+    let hang = cache.caption(&resolver, image(1), seeded(5), listing, |_| async {
         tokio::time::sleep(Duration::from_secs(3600)).await;
         Err(EngineError::Internal("never".into()).into())
     });
@@ -200,7 +207,7 @@ async fn a_computation_whose_caller_left_leaves_nothing_behind() {
     assert!(cache.lock().computing.is_empty());
     // A failure is not kept either.
     let failed = cache
-        .caption(&fetcher, image(1), seeded(5), listing, |_| async {
+        .caption(&resolver, image(1), seeded(5), listing, |_| async {
             Err::<Captioned, _>(EngineError::Internal("failed".into()).into())
         })
         .await;

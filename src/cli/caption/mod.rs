@@ -18,11 +18,12 @@ use clap::Args;
 use tokio::sync::mpsc;
 
 use crate::{
-    api::pb,
+    api::Captioning,
     cascade::ResultCacheConfig,
     config::EngineArgs,
     images::{EgressPolicy, FetchLimits},
     models::generation::Strategy,
+    pb, validate,
 };
 use progress::Progress;
 use report::{Mode, Record};
@@ -130,12 +131,12 @@ pub async fn run(args: CaptionArgs) -> anyhow::Result<()> {
             // this process can: the egress policy guards a server's network from its callers, so
             // the --fetch-* flags do not apply.
             let fetch = FetchLimits { egress: EgressPolicy::unrestricted(), ..engine.fetch_limits() };
-            Target::Local(
+            Target::Local(Captioning::Local(
                 tokio::task::spawn_blocking(move || {
-                    crate::app::build_cascade_with(&engine, fetch, crate::app::ModelSet::BOTH, ResultCacheConfig::OFF)
+                    crate::app::build_captioner_with(&engine, fetch, crate::app::ModelSet::BOTH, ResultCacheConfig::OFF)
                 })
                 .await??,
-            )
+            ))
         }
     };
 
@@ -207,8 +208,8 @@ pub async fn run(args: CaptionArgs) -> anyhow::Result<()> {
         if skipped > 0 { format!(", {skipped} skipped") } else { String::new() },
         ok as f64 / secs.max(1e-9),
     );
-    if let Target::Local(cascade) = target {
-        let scheduler = cascade.models().scheduler.clone();
+    if let Target::Local(Captioning::Local(captioner)) = target {
+        let scheduler = captioner.models().scheduler.clone();
         tokio::task::spawn_blocking(move || scheduler.shutdown()).await?;
     }
     if failed > 0 {
@@ -242,11 +243,7 @@ fn read_list(path: &std::path::Path) -> anyhow::Result<Vec<String>> {
 fn request_params(args: &CaptionArgs) -> pb::GenerationParams {
     pb::GenerationParams {
         num_candidates: Some(args.num_candidates),
-        decoding: match strategy(args) {
-            Strategy::Greedy => pb::Decoding::Greedy,
-            Strategy::Sample => pb::Decoding::Sample,
-            Strategy::Beam => pb::Decoding::Beam,
-        } as i32,
+        decoding: validate::decoding(strategy(args)) as i32,
         num_beams: args.beams,
         seed: Some(args.seed),
         prompt: args.prompt.clone(),

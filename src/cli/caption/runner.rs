@@ -18,9 +18,9 @@ use tonic::{
 };
 
 use crate::{
-    api::{convert, pb},
-    cascade::{Cascade, ImageSource, Listing, SeedOrigin},
+    api::{convert, error::Refused, Captioning},
     engine::Admission,
+    pb,
 };
 
 /// One image of the job, by its position in the list.
@@ -82,7 +82,8 @@ impl From<Status> for Failure {
 
 #[derive(Clone)]
 pub enum Target {
-    Local(Arc<Cascade>),
+    /// The models in this process, answering exactly as a server's Cascade service does.
+    Local(Captioning),
     Remote(Remote),
 }
 
@@ -98,8 +99,8 @@ impl Target {
         tx: mpsc::Sender<Done>,
     ) -> Result<(), Status> {
         match self {
-            Target::Local(cascade) => {
-                local(cascade, jobs, shape, concurrency, tx).await;
+            Target::Local(captioning) => {
+                local(captioning, jobs, shape, concurrency, tx).await;
                 Ok(())
             }
             Target::Remote(remote) => remote.run(jobs, shape, concurrency, tx).await,
@@ -107,14 +108,14 @@ impl Target {
     }
 }
 
-async fn local(cascade: Arc<Cascade>, jobs: Vec<Job>, shape: Shape, concurrency: usize, tx: mpsc::Sender<Done>) {
+async fn local(captioning: Captioning, jobs: Vec<Job>, shape: Shape, concurrency: usize, tx: mpsc::Sender<Done>) {
     let slots = Arc::new(Semaphore::new(concurrency));
     let mut running = JoinSet::new();
     for job in jobs {
         let slot = slots.clone().acquire_owned().await.expect("the semaphore is never closed");
-        let (cascade, shape, tx) = (cascade.clone(), shape.clone(), tx.clone());
+        let (captioning, shape, tx) = (captioning.clone(), shape.clone(), tx.clone());
         running.spawn(async move {
-            let result = caption_here(&cascade, &job.name, &shape).await;
+            let result = caption_here(&captioning, &job.name, &shape).await;
             let _ = tx.send(Done { seq: job.seq, name: job.name, result }).await;
             drop(slot);
         });
@@ -123,25 +124,20 @@ async fn local(cascade: Arc<Cascade>, jobs: Vec<Job>, shape: Shape, concurrency:
     while running.join_next().await.is_some() {}
 }
 
-async fn caption_here(cascade: &Cascade, name: &str, shape: &Shape) -> Result<Outcome, Failure> {
-    let source = match source_of(name).await? {
-        pb::image::Source::Url(url) => ImageSource::Url(url),
-        pb::image::Source::Data(data) => ImageSource::Bytes(data.into()),
+/// One job through the same validation and answer as a server's Caption call.
+async fn caption_here(captioning: &Captioning, name: &str, shape: &Shape) -> Result<Outcome, Failure> {
+    let image = Some(pb::Image { source: Some(source_of(name).await?) });
+    let source = convert::image_source(image).map_err(|e| Failure::from(Status::invalid_argument(e.to_string())))?;
+    let request = pb::CaptionRequest {
+        image: None,
+        params: Some(shape.params.clone()),
+        top_k: Some(shape.top_k),
+        each_candidate: shape.each_candidate,
     };
-    // Converted exactly as the server converts a request, so the two paths cannot drift.
-    let params = convert::generation_params(
-        Some(shape.params.clone()),
-        &cascade.default_params(),
-        cascade.limits().generation.max_length,
-    )?;
-    let listing = Listing { top_k: shape.top_k as usize, each_candidate: shape.each_candidate };
-    let seed = if shape.params.seed.is_some() { SeedOrigin::Caller } else { SeedOrigin::Server };
-    let out = cascade.caption(source, params, seed, listing, Admission::default()).await.map_err(Status::from)?;
-    Ok(Outcome {
-        key: out.key,
-        captions: out.captions.into_iter().map(pb::RankedCaption::from).collect(),
-        candidates: out.candidates,
-        total_ms: out.timings.total.as_secs_f64() * 1e3,
+    let answer = captioning.caption(source, request, Admission::default()).await;
+    answer.map(Outcome::from).map_err(|failed| {
+        let Refused { key, status } = failed.into();
+        Failure { key, code: status.code(), message: status.message().to_string() }
     })
 }
 

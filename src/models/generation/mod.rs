@@ -6,4 +6,4 @@ pub mod beam;
 pub mod logits;
 pub mod params;
 
-pub use params::{GenerationLimits, GenerationParams, InvalidParam, Strategy};
+pub use params::{GenerationParams, Strategy};

@@ -1,5 +1,6 @@
-//! Generated protobuf and gRPC code for `caption.v1` (and the `google.rpc.Status` it uses), and
-//! the descriptor set reflection serves.
+//! The wire contract every side speaks: the generated protobuf and gRPC code of `caption.v1` (and
+//! the `google.rpc.Status` it uses), the descriptor set reflection serves, and the metadata that
+//! carries a call's correlation key between tiers.
 
 #![allow(clippy::all, missing_docs)]
 
@@ -20,3 +21,7 @@ pub use caption::v1::*;
 
 /// Encoded `FileDescriptorSet` of the API, for server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("caption_descriptor");
+
+/// Metadata that carries the correlation key from the cascade tier to its upstreams, which log it
+/// with the call.
+pub const KEY_HEADER: &str = "x-caption-key";

@@ -1,7 +1,8 @@
-//! The Cascade use case when the models run in other processes: the image is resolved to bytes
-//! once here (a URL is fetched here, never by the upstreams), sent to the generator, then with the
-//! distinct candidates to the ranker, and the ranked list is built exactly as in-process. Answers
-//! of deterministic requests may come from the same [`ResultCache`] as in-process.
+//! The Caption use case when the models run in other processes: the image is named and its bytes
+//! fetched once here (a URL is fetched here, never by the upstreams), sent to the generator, then
+//! with the distinct candidates to the ranker, and the ranked list is built exactly as
+//! in-process. Answers of deterministic requests may come from the same [`ResultCache`] as
+//! in-process.
 
 use std::{
     future::Future,
@@ -12,14 +13,15 @@ use std::{
 use tokio::sync::Semaphore;
 
 use super::{
-    check_url, key_of, listing, listing::distinct_with_counts, Captioned, CascadeError, Identity, ImageInput,
-    ImageSource, Listing, ResultCache, ResultCacheConfig, Timings,
+    image::Resolver,
+    listing::{distinct_with_counts, rank_candidates},
+    Captioned, CascadeError, Failed, Identity, ImageInput, ImageSource, ResultCache, ResultCacheConfig, Timings,
 };
 use crate::{
     backend::RankScore,
     engine::{Admission, EngineError},
     images::Fetcher,
-    models::generation::InvalidParam,
+    validate::{Listing, SentParams, Validator},
 };
 
 /// One image's calls to the upstreams: its correlation key, its bytes, the caller's deadline.
@@ -31,15 +33,12 @@ pub struct UpstreamCall {
 
 /// The generator and the ranker of another process.
 pub trait Upstreams: Send + Sync + 'static {
-    /// The caller's generation parameters, passed on as given, so the generator applies its own
-    /// defaults and limits exactly as it does for its own callers.
-    type Params: Send + Sync;
-
-    /// The candidates for one image, in generation order.
+    /// The candidates for one image, in generation order; the generator applies its own defaults
+    /// and model-bound rules to the parameters, exactly as it does for its own callers.
     fn generate(
         &self,
         call: &UpstreamCall,
-        params: &Self::Params,
+        params: &SentParams,
     ) -> impl Future<Output = Result<Vec<String>, CascadeError>> + Send;
 
     /// One score per caption, in the order given.
@@ -48,23 +47,27 @@ pub trait Upstreams: Send + Sync + 'static {
         call: &UpstreamCall,
         captions: Vec<String>,
     ) -> impl Future<Output = Result<Vec<RankScore>, CascadeError>> + Send;
-
-    /// The result cache's identity of `params`: every field as sent (the generator resolves
-    /// them), or `None` when they do not make the answer repeatable (sampling without a seed).
-    fn identity(&self, params: &Self::Params) -> Option<Identity>;
 }
 
 pub struct Chain<U: Upstreams> {
     upstreams: U,
-    fetcher: Fetcher,
+    resolver: Resolver,
+    validator: Validator,
     inflight: Semaphore,
     /// Caption answers of deterministic requests (off unless set).
     results: ResultCache,
 }
 
 impl<U: Upstreams> Chain<U> {
-    pub fn new(upstreams: U, fetcher: Fetcher, max_inflight: usize) -> Self {
-        Self { upstreams, fetcher, inflight: Semaphore::new(max_inflight.max(1)), results: ResultCache::off() }
+    /// `validator` holds the same limit flags as the model tiers (see [`crate::validate`]).
+    pub fn new(upstreams: U, fetcher: Fetcher, validator: Validator, max_inflight: usize) -> Self {
+        Self {
+            upstreams,
+            resolver: Resolver::new(fetcher),
+            validator,
+            inflight: Semaphore::new(max_inflight.max(1)),
+            results: ResultCache::off(),
+        }
     }
 
     /// The chain with a result cache for its Caption answers.
@@ -77,48 +80,49 @@ impl<U: Upstreams> Chain<U> {
         &self.upstreams
     }
 
+    /// The rules this tier checks before passing a request on.
+    pub fn validator(&self) -> &Validator {
+        &self.validator
+    }
+
     pub async fn caption(
         &self,
         source: ImageSource,
-        params: U::Params,
+        params: SentParams,
         listing: Listing,
         admission: Admission,
-    ) -> Result<Captioned, CascadeError> {
+    ) -> Result<Captioned, Failed> {
         let start = Instant::now();
-        let _admitted = self.inflight.try_acquire().map_err(|_| EngineError::Overloaded("server"))?;
-        if listing.top_k == 0 {
-            return Err(InvalidParam { field: "top_k", reason: "must be at least 1".into() }.into());
-        }
-        let identity = self.upstreams.identity(&params);
+        let _admitted =
+            self.inflight.try_acquire().map_err(|_| CascadeError::from(EngineError::Overloaded("server")))?;
+        let image = self.resolver.name(source).await?;
+        let key = image.key.clone();
+        let identity = Identity::of_sent(params.get());
         self.results
-            .caption(&self.fetcher, source, identity, listing, |image| {
+            .caption(&self.resolver, image, identity, listing, |image| {
                 self.caption_image(image, &params, listing, admission, start)
             })
             .await
+            .map_err(|e| Failed::keyed(&key, e))
     }
 
     async fn caption_image(
         &self,
         image: ImageInput,
-        params: &U::Params,
+        params: &SentParams,
         listing: Listing,
         admission: Admission,
         start: Instant,
     ) -> Result<Captioned, CascadeError> {
-        let (key, image) = match image {
-            ImageInput::Source(ImageSource::Url(url)) => {
-                check_url(&self.fetcher, &url)?;
-                let bytes = Arc::new(self.fetcher.fetch(&url).await?);
-                (url, bytes)
-            }
-            ImageInput::Source(ImageSource::Bytes(data)) => {
-                self.fetcher.check_inline(&data)?;
-                (key_of(&ImageSource::Bytes(data.clone())).await?, data)
+        let (key, bytes) = match image {
+            ImageInput::Named(named) => {
+                let bytes = self.resolver.bytes(&named).await?;
+                (named.key, bytes)
             }
             ImageInput::Content(content) => (content.key, content.bytes),
         };
         let fetch = start.elapsed();
-        let call = UpstreamCall { key: key.clone(), image, deadline: admission.deadline };
+        let call = UpstreamCall { key: key.clone(), image: bytes, deadline: admission.deadline };
         let t = Instant::now();
         let candidates = self.upstreams.generate(&call, params).await?;
         if candidates.is_empty() {
@@ -131,7 +135,7 @@ impl<U: Upstreams> Chain<U> {
         if scores.len() != distinct.len() {
             return Err(EngineError::Internal("the ranker scored another number of captions".into()).into());
         }
-        let captions = listing::rank_candidates(&candidates, &distinct, &counts, &of, &scores, listing);
+        let captions = rank_candidates(&candidates, &distinct, &counts, &of, &scores, listing);
         Ok(Captioned {
             key,
             captions,
