@@ -17,6 +17,8 @@ pub mod config;
 pub mod engine;
 pub mod hub;
 pub mod images;
+#[cfg(test)]
+mod layering;
 pub mod models;
 pub mod pb;
 pub mod telemetry;

@@ -15,8 +15,8 @@ use reqwest::{header, StatusCode};
 use url::Url;
 
 use super::{
+    conditional::{Conditional, Fetched, Validators},
     egress::{self, Denied, EgressPolicy, RedirectRefused, Unresolved},
-    validators::{Conditional, Fetched, Validators},
     ImageError,
 };
 

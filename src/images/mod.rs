@@ -4,17 +4,17 @@
 //! crate.
 
 pub mod cache;
+pub mod conditional;
 pub mod egress;
 pub mod fetch;
 pub mod lanes;
-pub mod validators;
 
 pub use cache::{CacheKey, ImageCache};
 pub use caption_images::{decode_image, dimensions, resize, DecodeError, DecodeLimits, RgbImage};
+pub use conditional::{Conditional, Fetched, Validators};
 pub use egress::EgressPolicy;
 pub use fetch::{CheckedUrl, FetchLimits, Fetcher};
 pub use lanes::{DecodeLanes, SMALL_IMAGE_PIXELS};
-pub use validators::{Conditional, Fetched, Validators};
 
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum ImageError {

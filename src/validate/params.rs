@@ -168,19 +168,19 @@ pub fn resolved_strategy(decoding: i32) -> Result<Strategy, InvalidParam> {
     Ok(strategy(decoding)?.unwrap_or(GenerationParams::default().strategy))
 }
 
-/// A request's parameters over `defaults` (or the notebook preset, fitted under `max_positions`);
-/// an unset seed is drawn, and said so.
+/// A request's parameters over `defaults` (or the notebook preset, fitted under `max_length`,
+/// the longest a request may ask for); an unset seed is drawn, and said so.
 pub(super) fn merged(
     p: Option<pb::GenerationParams>,
     defaults: &GenerationParams,
-    max_positions: u32,
+    max_length: u32,
 ) -> Result<(GenerationParams, SeedOrigin), InvalidParam> {
     let drawn = rand::random();
     let Some(p) = p else { return Ok((GenerationParams { seed: drawn, ..defaults.clone() }, SeedOrigin::Server)) };
     // Every field by name: one added to the proto does not compile here until it is merged.
     let pb::GenerationParams {
         num_candidates,
-        max_length,
+        max_length: asked_max_length,
         min_length,
         decoding,
         temperature,
@@ -197,13 +197,13 @@ pub(super) fn merged(
     } = p;
     let base = match preset(preset_value)? {
         pb::Preset::Unspecified => defaults.clone(),
-        pb::Preset::Notebook => GenerationParams::notebook(max_positions),
+        pb::Preset::Notebook => GenerationParams::notebook(max_length),
     };
     let origin = if seed.is_some() { SeedOrigin::Caller } else { SeedOrigin::Server };
     let out = GenerationParams {
         strategy: strategy(decoding)?.unwrap_or(defaults.strategy),
         num_candidates: num_candidates.unwrap_or(base.num_candidates),
-        max_length: max_length.unwrap_or(base.max_length),
+        max_length: asked_max_length.unwrap_or(base.max_length),
         min_length: min_length.unwrap_or(base.min_length),
         temperature: temperature.unwrap_or(base.temperature),
         top_k: top_k.unwrap_or(base.top_k),

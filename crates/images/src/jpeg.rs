@@ -7,10 +7,7 @@ use std::ffi::CStr;
 use image::metadata::Orientation;
 use turbojpeg_sys as tj;
 
-use crate::{
-    decode::{orient, DecodeLimits},
-    DecodeError, RgbImage,
-};
+use crate::{limits::DecodeLimits, orient::orient, DecodeError, RgbImage};
 
 /// Progressive scans after which a file is refused; real encoders write about ten. libjpeg-turbo
 /// advises a limit against files that make the decoder repeat its work per scan.

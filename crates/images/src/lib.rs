@@ -5,10 +5,13 @@
 
 pub mod decode;
 mod jpeg;
+pub mod limits;
+mod orient;
 pub mod preprocess;
 pub mod resize;
 
-pub use decode::{decode_image, dimensions, DecodeLimits};
+pub use decode::{decode_image, dimensions};
+pub use limits::DecodeLimits;
 pub use preprocess::{ImageProcessor, Pixels, ResizeTo};
 
 /// A decoded, upright 8-bit RGB image, row-major, 3 bytes per pixel.

@@ -60,11 +60,11 @@ impl Default for GenerationParams {
 
 impl GenerationParams {
     /// The origin notebook's BLIP call (`sample=True, top_p=0.9, max_length=80, min_length=10`,
-    /// repetition penalty 1.1, top_k 50, 10 candidates), with `max_length` capped at `max_positions`.
-    pub fn notebook(max_positions: u32) -> Self {
+    /// repetition penalty 1.1, top_k 50, 10 candidates), with `max_length` capped at `limit`.
+    pub fn notebook(limit: u32) -> Self {
         Self {
             num_candidates: 10,
-            max_length: 80.min(max_positions),
+            max_length: 80.min(limit),
             min_length: 10,
             strategy: Strategy::Sample,
             temperature: 1.0,
