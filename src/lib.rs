@@ -4,7 +4,8 @@
 //! Layers, top to bottom: [`cli`] → [`api`] (gRPC adapters) → [`cascade`] (use cases) →
 //! [`engine`] (shared batching scheduler) → [`backend`] (model runners) → [`models`] (BLIP, CLIP,
 //! generation) and [`images`] (fetch, cache; decoding and resizing in the `caption-images`
-//! crate). [`app`] assembles them from [`config`]'s settings.
+//! crate); beneath them all [`lru`], the byte-bounded store and coalesced loads the caches are
+//! built on. [`app`] assembles them from [`config`]'s settings.
 
 pub mod api;
 pub mod app;
@@ -15,6 +16,7 @@ pub mod config;
 pub mod engine;
 pub mod hub;
 pub mod images;
+pub mod lru;
 pub mod models;
 pub mod telemetry;
 pub mod upstream;
