@@ -5,8 +5,9 @@
 //! (gRPC adapters) → [`upstream`] (the client of remote tiers) → [`cascade`] (use cases) →
 //! [`engine`] (shared batching scheduler) → [`backend`] (model runners) → [`validate`] (requests
 //! into checked values) → [`models`] (BLIP, CLIP, generation) and [`images`] (fetch, cache;
-//! decoding and resizing in the `caption-images` crate). [`pb`], the wire contract, is spoken
-//! by every layer that talks to the outside.
+//! decoding and resizing in the `caption-images` crate); beneath them all [`lru`], the
+//! byte-bounded store and coalesced loads the caches are built on. [`pb`], the wire contract, is
+//! spoken by every layer that talks to the outside.
 
 pub mod api;
 pub mod app;
@@ -19,6 +20,7 @@ pub mod hub;
 pub mod images;
 #[cfg(test)]
 mod layering;
+pub mod lru;
 pub mod models;
 pub mod pb;
 pub mod telemetry;

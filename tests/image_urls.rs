@@ -120,16 +120,16 @@ async fn calls_beyond_max_inflight_are_refused_at_once() {
     let scene = draw_scene(&mut StdRng::seed_from_u64(12));
     let start = std::time::Instant::now();
     let refused = loop {
-        // Admission comes before validation: an invalid probe is refused while the slot is held,
-        // and otherwise fails validation at once, releasing the slot.
+        // Requests are validated before admission, so the probe is a valid, quick one: answered
+        // while the slot is free, refused while the holder has it.
         let probe = pb::GenerateRequest {
             image: common::png_image(scene.png()),
-            params: Some(pb::GenerationParams { top_p: Some(5.0), ..Default::default() }),
+            params: Some(pb::GenerationParams { num_candidates: Some(1), max_length: Some(4), ..Default::default() }),
         };
         match client.generate(probe).await {
             Err(e) if e.code() == Code::ResourceExhausted => break e,
-            Err(e) => assert_eq!(e.code(), Code::InvalidArgument),
-            Ok(_) => panic!("an invalid probe succeeded"),
+            Err(e) => panic!("the probe failed otherwise: {e}"),
+            Ok(_) => {}
         }
         if holder.is_finished() {
             // The holder lost the race for the slot to a probe: send it again.

@@ -3,15 +3,10 @@
 //! followed by a Rank of the same URL does not fetch twice. Failures are never kept, and a load
 //! whose every caller went away leaves nothing behind.
 
-use std::{
-    collections::{BTreeMap, HashMap},
-    future::Future,
-    sync::{Arc, Mutex},
-};
-
-use tokio::sync::OnceCell;
+use std::{future::Future, marker::PhantomData, sync::Arc};
 
 use super::ImageError;
+use crate::lru::{Loaded, Meter, Removal, SingleFlight, Store};
 
 /// What a cached image is known by. URLs and inline bytes live in separate namespaces: inline
 /// bytes are found only by their digest, which only a caller holding the bytes can compute, so
@@ -37,42 +32,36 @@ pub enum Lookup {
     Loaded,
 }
 
-type Slot<V> = Arc<OnceCell<Arc<V>>>;
+/// Weighs images by their own bytes and publishes the cache's metrics.
+struct Metrics<V>(PhantomData<fn(&V)>);
 
-struct Entry<V> {
-    value: Arc<V>,
-    bytes: usize,
-    /// Position in `State::recency`.
-    tick: u64,
-}
+impl<V: Weighed> Meter<CacheKey, Arc<V>> for Metrics<V> {
+    fn weigh(&self, _key: &CacheKey, value: &Arc<V>) -> usize {
+        value.bytes()
+    }
 
-struct State<V> {
-    loading: HashMap<CacheKey, Slot<V>>,
-    ready: HashMap<CacheKey, Entry<V>>,
-    /// Ready keys by last use, oldest first.
-    recency: BTreeMap<u64, CacheKey>,
-    next_tick: u64,
-    bytes: usize,
+    fn removed(&self, _key: &CacheKey, _value: &Arc<V>, why: Removal) {
+        if why == Removal::Evicted {
+            metrics::counter!("caption_image_cache_evictions_total").increment(1);
+        }
+    }
+
+    fn settled(&self, bytes: usize, len: usize) {
+        metrics::gauge!("caption_image_cache_bytes").set(bytes as f64);
+        metrics::gauge!("caption_image_cache_entries").set(len as f64);
+    }
 }
 
 pub struct ImageCache<V> {
-    state: Mutex<State<V>>,
-    capacity_bytes: usize,
+    kept: Store<CacheKey, Arc<V>, Metrics<V>>,
+    loads: SingleFlight<CacheKey, Arc<V>>,
 }
 
 impl<V: Weighed> ImageCache<V> {
     /// A cache keeping at most `capacity_bytes` of values (0 keeps none, concurrent loads of
     /// one key are still shared).
     pub fn new(capacity_bytes: usize) -> Self {
-        let state =
-            State { loading: HashMap::new(), ready: HashMap::new(), recency: BTreeMap::new(), next_tick: 0, bytes: 0 };
-        Self { state: Mutex::new(state), capacity_bytes }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, State<V>> {
-        // The state is consistent after every statement that holds the lock; a panic elsewhere
-        // cannot leave it half-changed.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        Self { kept: Store::new(capacity_bytes, Metrics(PhantomData)), loads: SingleFlight::new() }
     }
 
     pub async fn get_or_load<F, Fut>(&self, key: &CacheKey, load: F) -> Result<(Arc<V>, Lookup), ImageError>
@@ -80,109 +69,39 @@ impl<V: Weighed> ImageCache<V> {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<V, ImageError>>,
     {
-        let slot = {
-            let mut state = self.lock();
-            if let Some(value) = state.touch(key) {
-                return Ok((value, Lookup::Hit));
-            }
-            state.loading.entry(key.clone()).or_default().clone()
-        };
-        let mut guard = LoadGuard { cache: self, key, slot: &slot, armed: true };
-        let mut loaded_here = false;
-        let result = slot
-            .get_or_try_init(|| {
-                loaded_here = true;
-                async { load().await.map(Arc::new) }
-            })
-            .await;
-        guard.armed = false;
-        let mut state = self.lock();
-        state.forget_load(key, &slot);
-        match result {
-            Ok(value) => {
-                if loaded_here {
-                    state.insert(key, value.clone(), self.capacity_bytes);
-                }
-                let lookup = if loaded_here { Lookup::Loaded } else { Lookup::Hit };
-                Ok((value.clone(), lookup))
-            }
-            Err(e) => Err(e),
+        if let Some(value) = self.kept.get(key) {
+            return Ok((value, Lookup::Hit));
         }
+        let loaded = self
+            .loads
+            .get_or_load(key, || async {
+                // A load of the same key may have finished since the look above.
+                if let Some(value) = self.kept.get(key) {
+                    return Ok::<_, ImageError>((value, Lookup::Hit));
+                }
+                let value = Arc::new(load().await?);
+                self.kept.insert(key.clone(), value.clone(), None);
+                Ok((value, Lookup::Loaded))
+            })
+            .await?;
+        Ok(match loaded {
+            Loaded::Own(value, lookup) => (value, lookup),
+            Loaded::Shared(value) => (value, Lookup::Hit),
+        })
     }
 
     /// Bytes held by kept values.
     pub fn bytes(&self) -> usize {
-        self.lock().bytes
+        self.kept.bytes()
     }
 
     /// Kept values plus loads in progress.
     pub fn len(&self) -> usize {
-        let state = self.lock();
-        state.ready.len() + state.loading.len()
+        self.kept.len() + self.loads.len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
-    }
-}
-
-impl<V: Weighed> State<V> {
-    /// The kept value of `key`, marked as just used.
-    fn touch(&mut self, key: &CacheKey) -> Option<Arc<V>> {
-        let tick = self.next_tick;
-        let entry = self.ready.get_mut(key)?;
-        self.recency.remove(&entry.tick);
-        entry.tick = tick;
-        self.recency.insert(tick, key.clone());
-        self.next_tick += 1;
-        Some(entry.value.clone())
-    }
-
-    /// Drops the in-progress marker of `key` if it is still `slot` and holds no value.
-    fn forget_load(&mut self, key: &CacheKey, slot: &Slot<V>) {
-        if self.loading.get(key).is_some_and(|s| Arc::ptr_eq(s, slot)) {
-            self.loading.remove(key);
-        }
-    }
-
-    fn insert(&mut self, key: &CacheKey, value: Arc<V>, capacity: usize) {
-        let bytes = value.bytes();
-        if bytes > capacity || self.ready.contains_key(key) {
-            return;
-        }
-        let tick = self.next_tick;
-        self.next_tick += 1;
-        self.ready.insert(key.clone(), Entry { value, bytes, tick });
-        self.recency.insert(tick, key.clone());
-        self.bytes += bytes;
-        let mut evicted = 0u64;
-        while self.bytes > capacity {
-            let Some((_, oldest)) = self.recency.pop_first() else { break };
-            if let Some(e) = self.ready.remove(&oldest) {
-                self.bytes -= e.bytes;
-                evicted += 1;
-            }
-        }
-        metrics::counter!("caption_image_cache_evictions_total").increment(evicted);
-        metrics::gauge!("caption_image_cache_bytes").set(self.bytes as f64);
-        metrics::gauge!("caption_image_cache_entries").set(self.ready.len() as f64);
-    }
-}
-
-/// Removes the in-progress marker when the loading call is dropped part-way (its caller went
-/// away), so the key does not stay pinned; a caller still waiting on the same load takes it over.
-struct LoadGuard<'a, V: Weighed> {
-    cache: &'a ImageCache<V>,
-    key: &'a CacheKey,
-    slot: &'a Slot<V>,
-    armed: bool,
-}
-
-impl<V: Weighed> Drop for LoadGuard<'_, V> {
-    fn drop(&mut self) {
-        if self.armed && self.slot.get().is_none() {
-            self.cache.lock().forget_load(self.key, self.slot);
-        }
     }
 }
 

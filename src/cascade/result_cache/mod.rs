@@ -13,15 +13,16 @@
 //! in full every time and keyed by its digest.
 
 use std::{
-    collections::{BTreeMap, HashMap},
     future::Future,
     mem::size_of,
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
     time::{Duration, Instant},
 };
 
 use metrics::{counter, gauge};
-use tokio::sync::OnceCell;
 
 mod identity;
 use identity::{result_key, Key};
@@ -31,7 +32,11 @@ use super::{
     image::{digest, Fetch, NamedImage, Origin, Resolver},
     Captioned, CascadeError, RankedCaption, Timings,
 };
-use crate::{images::Validators, validate::Listing};
+use crate::{
+    images::Validators,
+    lru::{self, Loaded, Meter, SingleFlight, Store},
+    validate::Listing,
+};
 
 /// How much the result cache keeps, and for how long.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,8 +89,8 @@ struct Answer {
     candidates: Vec<String>,
 }
 
-/// Bookkeeping bytes per kept item beyond its own fields: its hash-map slot and its nodes in the
-/// recency (and age) indexes, estimated.
+/// Bookkeeping bytes per kept item beyond its own fields and what the store counts for itself:
+/// its hash-map slot and its nodes in the recency (and age) indexes, estimated.
 const INDEX_OVERHEAD: usize = 64;
 
 impl Answer {
@@ -93,12 +98,11 @@ impl Answer {
         Self { captions: out.captions.clone(), candidates: out.candidates.clone() }
     }
 
-    /// Bytes the kept answer holds: its strings, the structs around them, its key (in the map
-    /// and the age index) and the indexes' share.
+    /// Bytes the kept answer's strings and the structs around them hold.
     fn bytes(&self) -> usize {
         let captions: usize = self.captions.iter().map(|c| size_of::<RankedCaption>() + c.text.len()).sum();
         let candidates: usize = self.candidates.iter().map(|c| size_of::<String>() + c.len()).sum();
-        captions + candidates + size_of::<Self>() + size_of::<Entry>() + 2 * size_of::<Key>() + INDEX_OVERHEAD
+        captions + candidates + size_of::<Self>()
     }
 
     fn answer(&self, key: String, timings: Timings) -> Captioned {
@@ -106,59 +110,79 @@ impl Answer {
     }
 }
 
-struct Entry {
-    answer: Arc<Answer>,
-    bytes: usize,
-    stored: Instant,
-    /// Position in `State::recency`.
-    tick: u64,
-    /// Position in `State::by_age`.
-    seq: u64,
-}
-
 /// What the origin said of the content last fetched from a URL.
+#[derive(Clone)]
 struct Known {
     validators: Validators,
     /// SHA-256 of the bytes that came with `validators`.
     digest: Key,
-    bytes: usize,
-    tick: u64,
 }
 
-/// An item of the recency order.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What the store keeps an item under: answers and URLs share one byte budget and one recency
+/// order.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum Held {
     Answer(Key),
     Url(Arc<str>),
 }
 
-type Slot = Arc<OnceCell<Arc<Answer>>>;
-
-#[derive(Default)]
-struct State {
-    answers: HashMap<Key, Entry>,
-    urls: HashMap<Arc<str>, Known>,
-    /// Computations in progress, which identical requests join.
-    computing: HashMap<Key, Slot>,
-    /// Answers and URLs by last use, oldest first.
-    recency: BTreeMap<u64, Held>,
-    /// Answers by when they were stored, oldest first: the order they expire in.
-    by_age: BTreeMap<u64, Key>,
-    next_tick: u64,
-    bytes: usize,
+#[derive(Clone)]
+enum Item {
+    Answer(Arc<Answer>),
+    Url(Known),
 }
 
-/// Caption answers by image content and request identity, with each URL's validators. Its state
-/// sits behind a std `Mutex` that no code holds across an `.await`. Concurrent identical misses
-/// are coalesced (see [`ResultCache::caption`]).
+/// Weighs the kept items, counts the answers among them and publishes both.
+#[derive(Default)]
+struct Tally {
+    answers: AtomicUsize,
+}
+
+impl Meter<Held, Item> for Tally {
+    /// An item's own bytes (for a URL, its string too), the store's record of it and the
+    /// indexes' share.
+    fn weigh(&self, key: &Held, item: &Item) -> usize {
+        let own = match item {
+            Item::Answer(answer) => answer.bytes(),
+            Item::Url(known) => known.validators.bytes() + size_of::<Known>(),
+        };
+        let url = match key {
+            Held::Url(url) => url.len(),
+            Held::Answer(_) => 0,
+        };
+        own + url + lru::bookkeeping::<Held, Item>() + INDEX_OVERHEAD
+    }
+
+    fn added(&self, key: &Held, _item: &Item) {
+        if let Held::Answer(_) = key {
+            self.answers.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn removed(&self, key: &Held, _item: &Item, _why: lru::Removal) {
+        if let Held::Answer(_) = key {
+            self.answers.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    fn settled(&self, bytes: usize, _len: usize) {
+        gauge!("caption_result_cache_bytes").set(bytes as f64);
+        gauge!("caption_result_cache_entries").set(self.answers.load(Ordering::Relaxed) as f64);
+    }
+}
+
+/// Caption answers by image content and request identity, with each URL's validators, in one
+/// [`Store`]. Concurrent identical misses are coalesced (see [`ResultCache::caption`]).
 pub struct ResultCache {
     config: ResultCacheConfig,
-    state: Mutex<State>,
+    kept: Store<Held, Item, Tally>,
+    /// Computations in progress, which identical requests join.
+    computing: SingleFlight<Key, Arc<Answer>>,
 }
 
 impl ResultCache {
     pub fn new(config: ResultCacheConfig) -> Self {
-        Self { config, state: Mutex::default() }
+        Self { config, kept: Store::new(config.capacity_bytes, Tally::default()), computing: SingleFlight::new() }
     }
 
     pub fn off() -> Self {
@@ -171,22 +195,16 @@ impl ResultCache {
 
     /// Bytes held (answers and URLs' validators).
     pub fn bytes(&self) -> usize {
-        self.lock().bytes
+        self.kept.bytes()
     }
 
     /// Answers held, expired ones included until they are next looked at.
     pub fn len(&self) -> usize {
-        self.lock().answers.len()
+        self.kept.meter().answers.load(Ordering::Relaxed)
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
-    }
-
-    fn lock(&self) -> MutexGuard<'_, State> {
-        // Every statement that holds the lock leaves the state consistent; no lock is held
-        // across an await.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// A Caption call through the cache: `compute` is called with the image to caption when the
@@ -225,7 +243,7 @@ impl ResultCache {
             Current::Bytes { bytes, digest } => (bytes, digest),
         };
         let result_key = result_key(&digest, &identity);
-        if let Some(answer) = self.lock().lookup(&result_key, Instant::now(), self.config.ttl) {
+        if let Some(answer) = self.answer(&result_key) {
             return Ok(hit(&answer, key, start));
         }
         let content = Content { key: key.clone(), bytes, digest, fetch: start.elapsed() };
@@ -240,7 +258,7 @@ impl ResultCache {
         identity: &Identity,
     ) -> Result<Current, CascadeError> {
         let url = image.key.as_str();
-        let known = self.lock().known(url);
+        let known = self.known(url);
         let Some((validators, digest)) = known else {
             revalidated("no_validator");
             return self.fetch(resolver, image).await;
@@ -248,13 +266,13 @@ impl ResultCache {
         let key = result_key(&digest, identity);
         // Revalidating pays only when an answer is kept for that content; otherwise the bytes are
         // needed anyway, and a plain GET brings them in one request.
-        if !self.lock().holds(&key, Instant::now(), self.config.ttl) {
+        if !self.kept.contains(&Held::Answer(key)) {
             return self.fetch(resolver, image).await;
         }
         match resolver.fetch_if_changed(image, &validators).await {
             Ok(Fetch::NotModified { final_url }) if final_url == validators.final_url => {
                 revalidated("not_modified");
-                if let Some(answer) = self.lock().lookup(&key, Instant::now(), self.config.ttl) {
+                if let Some(answer) = self.answer(&key) {
                     return Ok(Current::Answered(answer));
                 }
                 // The answer left the cache meanwhile (evicted, expired): fetch the bytes.
@@ -270,7 +288,7 @@ impl ResultCache {
                 self.take(url, bytes, validators).await
             }
             Err(e) => {
-                self.lock().forget_url(url);
+                self.forget(url);
                 Err(e.into())
             }
         }
@@ -281,7 +299,7 @@ impl ResultCache {
         match resolver.fetch(image).await {
             Ok((bytes, validators)) => self.take(&image.key, bytes, validators).await,
             Err(e) => {
-                self.lock().forget_url(&image.key);
+                self.forget(&image.key);
                 Err(e.into())
             }
         }
@@ -296,10 +314,9 @@ impl ResultCache {
         validators: Option<Validators>,
     ) -> Result<Current, CascadeError> {
         let digest = digest(&bytes).await?;
-        let mut state = self.lock();
         match validators {
-            Some(validators) => state.remember(url, validators, digest, self.config.capacity_bytes),
-            None => state.forget_url(url),
+            Some(validators) => self.remember(url, validators, digest),
+            None => self.forget(url),
         }
         Ok(Current::Bytes { bytes, digest })
     }
@@ -320,39 +337,52 @@ impl ResultCache {
         Fut: Future<Output = Result<Captioned, CascadeError>>,
     {
         let correlation = content.key.clone();
-        let slot = self.lock().computing.entry(key).or_default().clone();
-        let mut guard = ComputeGuard { cache: self, key, slot: &slot, armed: true };
-        let (mut ran, mut computed) = (false, None::<Captioned>);
-        let own = &mut computed;
-        let result = slot
-            .get_or_try_init(|| {
-                ran = true;
-                async move {
-                    let out = compute(ImageInput::Content(content)).await?;
-                    let answer = Arc::new(Answer::of(&out));
-                    *own = Some(out);
-                    Ok::<_, CascadeError>(answer)
+        let loaded = self
+            .computing
+            .get_or_load(&key, || async {
+                // An identical computation may have finished since the caller looked.
+                if let Some(answer) = self.answer(&key) {
+                    return Ok::<_, CascadeError>((answer, None));
                 }
+                let out = compute(ImageInput::Content(content)).await;
+                counter!("caption_result_cache_misses_total").increment(1);
+                let out = out?;
+                let answer = Arc::new(Answer::of(&out));
+                // A time to live past what an `Instant` can hold never ends.
+                let expires = Instant::now().checked_add(self.config.ttl);
+                self.kept.insert(Held::Answer(key), Item::Answer(answer.clone()), expires);
+                Ok((answer, Some(out)))
             })
-            .await;
-        guard.armed = false;
-        if ran {
-            counter!("caption_result_cache_misses_total").increment(1);
+            .await?;
+        match loaded {
+            Loaded::Own(_, Some(out)) => Ok(out),
+            // Another call's computation, joined, or its answer, kept meanwhile.
+            Loaded::Own(answer, None) | Loaded::Shared(answer) => Ok(hit(&answer, correlation, start)),
         }
-        let answer = {
-            let mut state = self.lock();
-            state.forget_compute(&key, &slot);
-            let answer = result?.clone();
-            if computed.is_some() {
-                state.insert(key, answer.clone(), Instant::now(), self.config);
-            }
-            answer
-        };
-        match computed {
-            Some(out) => Ok(out),
-            // Another call's computation, joined.
-            None => Ok(hit(&answer, correlation, start)),
+    }
+
+    /// The unexpired answer under `key`, marked as just used.
+    fn answer(&self, key: &Key) -> Option<Arc<Answer>> {
+        match self.kept.get(&Held::Answer(*key))? {
+            Item::Answer(answer) => Some(answer),
+            Item::Url(_) => None,
         }
+    }
+
+    /// What is known of `url`'s content, marked as just used.
+    fn known(&self, url: &str) -> Option<(Validators, Key)> {
+        match self.kept.get(&Held::Url(url.into()))? {
+            Item::Url(known) => Some((known.validators, known.digest)),
+            Item::Answer(_) => None,
+        }
+    }
+
+    fn remember(&self, url: &str, validators: Validators, digest: Key) {
+        self.kept.insert(Held::Url(url.into()), Item::Url(Known { validators, digest }), None);
+    }
+
+    fn forget(&self, url: &str) {
+        self.kept.remove(&Held::Url(url.into()));
     }
 }
 
@@ -375,141 +405,6 @@ fn hit(answer: &Answer, key: String, start: Instant) -> Captioned {
 
 fn revalidated(outcome: &'static str) {
     counter!("caption_result_cache_revalidations_total", "outcome" => outcome).increment(1);
-}
-
-impl State {
-    fn tick(&mut self) -> u64 {
-        self.next_tick += 1;
-        self.next_tick
-    }
-
-    /// Drops the answers that reached the time to live.
-    fn expire(&mut self, now: Instant, ttl: Duration) {
-        while let Some((&seq, &key)) = self.by_age.first_key_value() {
-            match self.answers.get(&key) {
-                Some(entry) if now.duration_since(entry.stored) < ttl => break,
-                Some(_) => self.remove_answer(&key),
-                None => {
-                    self.by_age.remove(&seq);
-                }
-            }
-        }
-        self.publish();
-    }
-
-    /// Whether an answer younger than `ttl` is kept under `key` (its recency unchanged).
-    fn holds(&mut self, key: &Key, now: Instant, ttl: Duration) -> bool {
-        self.expire(now, ttl);
-        self.answers.contains_key(key)
-    }
-
-    /// The answer under `key` if it is younger than `ttl`, marked as just used.
-    fn lookup(&mut self, key: &Key, now: Instant, ttl: Duration) -> Option<Arc<Answer>> {
-        self.expire(now, ttl);
-        let tick = self.tick();
-        let entry = self.answers.get_mut(key)?;
-        self.recency.remove(&entry.tick);
-        entry.tick = tick;
-        self.recency.insert(tick, Held::Answer(*key));
-        Some(entry.answer.clone())
-    }
-
-    fn insert(&mut self, key: Key, answer: Arc<Answer>, now: Instant, config: ResultCacheConfig) {
-        self.expire(now, config.ttl);
-        let bytes = answer.bytes();
-        if bytes > config.capacity_bytes {
-            return;
-        }
-        self.remove_answer(&key);
-        let tick = self.tick();
-        self.answers.insert(key, Entry { answer, bytes, stored: now, tick, seq: tick });
-        self.recency.insert(tick, Held::Answer(key));
-        self.by_age.insert(tick, key);
-        self.bytes += bytes;
-        self.make_room(config.capacity_bytes);
-    }
-
-    /// What is known of `url`'s content, marked as just used.
-    fn known(&mut self, url: &str) -> Option<(Validators, Key)> {
-        let held = self.urls.get_key_value(url)?.0.clone();
-        let tick = self.tick();
-        let known = self.urls.get_mut(url)?;
-        self.recency.remove(&known.tick);
-        known.tick = tick;
-        self.recency.insert(tick, Held::Url(held));
-        Some((known.validators.clone(), known.digest))
-    }
-
-    fn remember(&mut self, url: &str, validators: Validators, digest: Key, capacity: usize) {
-        self.forget_url(url);
-        let bytes = url.len() + validators.bytes() + size_of::<Known>() + size_of::<Held>() + INDEX_OVERHEAD;
-        if bytes > capacity {
-            return;
-        }
-        let url: Arc<str> = url.into();
-        let tick = self.tick();
-        self.urls.insert(url.clone(), Known { validators, digest, bytes, tick });
-        self.recency.insert(tick, Held::Url(url));
-        self.bytes += bytes;
-        self.make_room(capacity);
-    }
-
-    fn forget_url(&mut self, url: &str) {
-        if let Some(known) = self.urls.remove(url) {
-            self.recency.remove(&known.tick);
-            self.bytes -= known.bytes;
-            self.publish();
-        }
-    }
-
-    fn remove_answer(&mut self, key: &Key) {
-        if let Some(entry) = self.answers.remove(key) {
-            self.recency.remove(&entry.tick);
-            self.by_age.remove(&entry.seq);
-            self.bytes -= entry.bytes;
-        }
-    }
-
-    /// Least recently used out until the bytes fit.
-    fn make_room(&mut self, capacity: usize) {
-        while self.bytes > capacity {
-            let Some((_, oldest)) = self.recency.pop_first() else { break };
-            match oldest {
-                Held::Answer(key) => self.remove_answer(&key),
-                Held::Url(url) => self.forget_url(&url),
-            }
-        }
-        self.publish();
-    }
-
-    /// Drops the in-progress marker of `key` if it is still `slot`.
-    fn forget_compute(&mut self, key: &Key, slot: &Slot) {
-        if self.computing.get(key).is_some_and(|s| Arc::ptr_eq(s, slot)) {
-            self.computing.remove(key);
-        }
-    }
-
-    fn publish(&self) {
-        gauge!("caption_result_cache_bytes").set(self.bytes as f64);
-        gauge!("caption_result_cache_entries").set(self.answers.len() as f64);
-    }
-}
-
-/// Removes the in-progress marker when the computing call is dropped part-way (its caller went
-/// away), so the key does not stay pinned; a caller still waiting computes in its place.
-struct ComputeGuard<'a> {
-    cache: &'a ResultCache,
-    key: Key,
-    slot: &'a Slot,
-    armed: bool,
-}
-
-impl Drop for ComputeGuard<'_> {
-    fn drop(&mut self) {
-        if self.armed && self.slot.get().is_none() {
-            self.cache.lock().forget_compute(&self.key, self.slot);
-        }
-    }
 }
 
 #[cfg(test)]
