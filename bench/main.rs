@@ -19,15 +19,9 @@ use std::{
 };
 
 use caption_cascade::{
+    app::WeightSource,
     backend::{BlipRunner, ClipRunner},
     config::EngineArgs,
-    models::{
-        blip::{Blip, BlipConfig},
-        clip::{Clip, ClipConfig},
-        preprocess,
-        tokenizer::{CaptionTokenizer, RankTokenizer},
-        weights::Weights,
-    },
     pb::{self, cascade_client::CascadeClient},
 };
 use clap::{Parser, ValueEnum};
@@ -101,38 +95,14 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn build_runners(e: &EngineArgs, models: Models) -> anyhow::Result<(BlipRunner, ClipRunner)> {
-    let device = e.device.resolve().map_err(anyhow::Error::msg)?;
-    match models {
-        Models::Checkpoints => caption_cascade::app::load_runners(e),
+    let source = match models {
+        Models::Checkpoints => WeightSource::Checkpoints,
         Models::Base => {
             let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/configs");
-            let read =
-                |p: PathBuf| std::fs::read_to_string(&p).map_err(|err| anyhow::anyhow!("{}: {err}", p.display()));
-            let _g = tch::no_grad_guard();
-            let blip_cfg = BlipConfig::from_json(&read(root.join("blip-base/config.json"))?)?;
-            let numerics = e.numerics(device).map_err(anyhow::Error::msg)?;
-            let weights = Weights::random(device, numerics.kind).with_int8_linears(numerics.int8_linears);
-            let mut blip = Blip::new(blip_cfg, &weights)?;
-            blip.text_decoder.set_graph_mode(numerics.graphs);
-            let clip_cfg = ClipConfig::from_json(&read(root.join("clip-vit-base-patch32/config.json"))?)?;
-            let clip_positions = clip_cfg.text_config.max_position_embeddings as usize;
-            let clip = Clip::new(clip_cfg, &weights)?;
-            Ok((
-                BlipRunner::new(
-                    blip,
-                    CaptionTokenizer::load(&e.blip_model)?,
-                    preprocess::load(&root.join("blip-base"))?,
-                    device,
-                )?,
-                ClipRunner::new(
-                    clip,
-                    RankTokenizer::load(&e.clip_model, clip_positions)?,
-                    preprocess::load(&root.join("clip-vit-base-patch32"))?,
-                    device,
-                ),
-            ))
+            WeightSource::Random { blip: root.join("blip-base"), clip: root.join("clip-vit-base-patch32") }
         }
-    }
+    };
+    caption_cascade::app::load_runners(e, &source)
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {

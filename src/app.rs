@@ -2,7 +2,7 @@
 //! benchmark and the tests: models loaded on their device, the scheduler started over them, and
 //! the captioner built around it; or, for a cascade tier, the chain over remote models.
 
-use std::sync::Arc;
+use std::{path::PathBuf, sync::Arc};
 
 use crate::{
     backend::{device, BlipRunner, ClipRunner},
@@ -44,10 +44,34 @@ pub fn build_captioner_with(
     assemble_with(args, fetch, blip, clip, results)
 }
 
-/// Both models' runners, loaded from the folders `args` names onto its device.
-pub fn load_runners(args: &EngineArgs) -> anyhow::Result<(BlipRunner, ClipRunner)> {
-    let (blip, clip) = load_models(args, ModelSet::BOTH)?;
-    blip.zip(clip).ok_or_else(|| anyhow::anyhow!("both models were asked for"))
+/// Where the models' weights come from.
+#[derive(Debug, Clone)]
+pub enum WeightSource {
+    /// The checkpoint folders `args` names.
+    Checkpoints,
+    /// Random weights in the shapes of these config folders, with the tokenizers of the
+    /// checkpoints `args` names: full-size models for the benchmark, computing as loaded ones do.
+    Random { blip: PathBuf, clip: PathBuf },
+}
+
+/// Both models' runners, on the device and with the numerics `args` resolve to.
+pub fn load_runners(args: &EngineArgs, source: &WeightSource) -> anyhow::Result<(BlipRunner, ClipRunner)> {
+    match source {
+        WeightSource::Checkpoints => {
+            let (blip, clip) = load_models(args, ModelSet::BOTH)?;
+            blip.zip(clip).ok_or_else(|| anyhow::anyhow!("both models were asked for"))
+        }
+        WeightSource::Random { blip, clip } => {
+            let device = args.device.resolve().map_err(anyhow::Error::msg)?;
+            let numerics = args.numerics(device).map_err(anyhow::Error::msg)?;
+            let _no_grad = tch::no_grad_guard();
+            let failed = |folder: &PathBuf, e| anyhow::anyhow!("cannot build a model of {}: {e}", folder.display());
+            Ok((
+                BlipRunner::random_as(blip, &args.blip_model, device, numerics).map_err(|e| failed(blip, e))?,
+                ClipRunner::random_as(clip, &args.clip_model, device, numerics).map_err(|e| failed(clip, e))?,
+            ))
+        }
+    }
 }
 
 /// The runners of the models in `models`, on the device and with the numerics `args` resolve to.

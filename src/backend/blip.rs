@@ -68,6 +68,17 @@ impl BlipRunner {
         Self::new(model, CaptionTokenizer::load(folder)?, preprocess::load(folder)?, device)
     }
 
+    /// Random weights in the shapes of `shapes` (a config folder), with `tokenizer`'s tokenizer.
+    pub fn random_as(
+        shapes: &Path,
+        tokenizer: &Path,
+        device: Device,
+        numerics: impl Into<Numerics>,
+    ) -> Result<Self, ModelError> {
+        let model = Blip::random_as(shapes, device, numerics)?;
+        Self::new(model, CaptionTokenizer::load(tokenizer)?, preprocess::load(shapes)?, device)
+    }
+
     pub fn new(
         model: Blip,
         tokenizer: CaptionTokenizer,

@@ -51,9 +51,22 @@ impl ClipRunner {
 
     /// Loads the model to compute as `numerics` says (`--dtype`, `--quantize`).
     pub fn load_as(folder: &Path, device: Device, numerics: impl Into<Numerics>) -> Result<Self, ModelError> {
-        let model = Clip::load_as(folder, device, numerics)?;
-        let tokenizer = RankTokenizer::load(folder, model.config.text_config.max_position_embeddings as usize)?;
-        Ok(Self::new(model, tokenizer, preprocess::load(folder)?, device))
+        Self::with_tokenizer(Clip::load_as(folder, device, numerics)?, folder, folder, device)
+    }
+
+    /// Random weights in the shapes of `shapes` (a config folder), with `tokenizer`'s tokenizer.
+    pub fn random_as(
+        shapes: &Path,
+        tokenizer: &Path,
+        device: Device,
+        numerics: impl Into<Numerics>,
+    ) -> Result<Self, ModelError> {
+        Self::with_tokenizer(Clip::random_as(shapes, device, numerics)?, shapes, tokenizer, device)
+    }
+
+    fn with_tokenizer(model: Clip, shapes: &Path, tokenizer: &Path, device: Device) -> Result<Self, ModelError> {
+        let tokenizer = RankTokenizer::load(tokenizer, model.config.text_config.max_position_embeddings as usize)?;
+        Ok(Self::new(model, tokenizer, preprocess::load(shapes)?, device))
     }
 
     pub fn new(model: Clip, tokenizer: RankTokenizer, processor: ImageProcessor, device: Device) -> Self {

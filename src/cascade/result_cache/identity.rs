@@ -53,6 +53,12 @@ impl Field for str {
     }
 }
 
+impl Field for [u8] {
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(self);
+    }
+}
+
 impl Field for String {
     fn encode(&self, out: &mut Vec<u8>) {
         self.as_str().encode(out);
@@ -131,49 +137,16 @@ impl Identity {
         )
     }
 
-    /// The identity of parameters a cascade tier passes on as the generator receives them: every
-    /// field, with whether it was set (an unset field takes the generator's default, which is not
-    /// known here). Two spellings of the same resolved request are two keys, which costs a hit;
-    /// two different requests never share one. The strategy is resolved as the generator resolves
-    /// it.
+    /// The identity of parameters a cascade tier passes on, as the generator receives them: the
+    /// message as the wire encodes it, which spells every field with whether it was set (an
+    /// unset field takes the generator's default, which is not known here), so a field added to
+    /// the proto is part of it as it stands. Two spellings of the same resolved request are two
+    /// keys, which costs a hit; two different requests never share one. The strategy is resolved
+    /// as the generator resolves it.
     pub fn of_sent(params: &pb::GenerationParams) -> Option<Self> {
-        // Field by field, without `..`: a field added to the proto does not compile here until it
-        // is weighed.
-        let pb::GenerationParams {
-            num_candidates,
-            max_length,
-            min_length,
-            decoding,
-            temperature,
-            top_k,
-            top_p,
-            repetition_penalty,
-            seed,
-            prompt,
-            strip_prompt,
-            preset,
-            num_beams,
-            length_penalty,
-            early_stopping,
-        } = params;
-        let strategy = resolved_strategy(*decoding).ok()?;
-        Some(
-            Self::deterministic("as-sent", strategy, *seed)?
-                .with("preset", preset)
-                .with("decoding", decoding)
-                .with("num_candidates", num_candidates)
-                .with("max_length", max_length)
-                .with("min_length", min_length)
-                .with("temperature", temperature)
-                .with("top_k", top_k)
-                .with("top_p", top_p)
-                .with("repetition_penalty", repetition_penalty)
-                .with("prompt", prompt)
-                .with("strip_prompt", strip_prompt)
-                .with("num_beams", num_beams)
-                .with("length_penalty", length_penalty)
-                .with("early_stopping", early_stopping),
-        )
+        let strategy = resolved_strategy(params.decoding).ok()?;
+        let message = prost::Message::encode_to_vec(params);
+        Some(Self::deterministic("as-sent", strategy, params.seed)?.with("message", message.as_slice()))
     }
 
     /// Appends one field.

@@ -247,7 +247,7 @@ impl ResultCache {
             return Ok(hit(&answer, key, start));
         }
         let content = Content { key: key.clone(), bytes, digest, fetch: start.elapsed() };
-        self.compute(result_key, content, compute, start).await
+        self.compute(result_key, key, compute(ImageInput::Content(content)), start).await
     }
 
     /// The answer kept for the URL's unchanged content, or its current bytes.
@@ -325,18 +325,15 @@ impl ResultCache {
     /// computes, the others wait for its answer (and count as hits, under their own correlation
     /// keys); if it fails or its caller goes away, a waiting call computes in its place. Only a
     /// success is kept.
-    async fn compute<F, Fut>(
+    /// `work` is the computation over this call's content; it is dropped unpolled when the call
+    /// joins another's.
+    async fn compute(
         &self,
         key: Key,
-        content: Content,
-        compute: F,
+        correlation: String,
+        work: impl Future<Output = Result<Captioned, CascadeError>>,
         start: Instant,
-    ) -> Result<Captioned, CascadeError>
-    where
-        F: FnOnce(ImageInput) -> Fut,
-        Fut: Future<Output = Result<Captioned, CascadeError>>,
-    {
-        let correlation = content.key.clone();
+    ) -> Result<Captioned, CascadeError> {
         let loaded = self
             .computing
             .get_or_load(&key, || async {
@@ -344,7 +341,7 @@ impl ResultCache {
                 if let Some(answer) = self.answer(&key) {
                     return Ok::<_, CascadeError>((answer, None));
                 }
-                let out = compute(ImageInput::Content(content)).await;
+                let out = work.await;
                 counter!("caption_result_cache_misses_total").increment(1);
                 let out = out?;
                 let answer = Arc::new(Answer::of(&out));

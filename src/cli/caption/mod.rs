@@ -91,25 +91,9 @@ pub struct CaptionArgs {
 }
 
 pub async fn run(args: CaptionArgs) -> anyhow::Result<()> {
-    let mut names = args.images.clone();
-    if let Some(input) = &args.input {
-        names.extend(read_list(input)?);
-    }
-    let mut output = match &args.output {
-        Some(path) => Some(report::Output::open(path)?),
-        None => None,
-    };
-    let done: HashSet<String> = output.as_ref().map(|o| o.done.clone()).unwrap_or_default();
-    let jobs: Vec<Job> = names
-        .iter()
-        .enumerate()
-        .filter(|(_, name)| !done.contains(*name))
-        .map(|(seq, name)| Job { seq, name: name.clone() })
-        .collect();
-    let skipped = names.len() - jobs.len();
-    if skipped > 0 {
-        eprintln!("caption: {skipped} of {} images already have a result in the output: skipped", names.len());
-    }
+    let names = images(&args)?;
+    let mut output = args.output.as_deref().map(report::Output::open).transpose()?;
+    let (jobs, skipped) = pending(&names, output.as_ref());
     let mode = match (args.json, args.merge) {
         (true, _) => Mode::Json,
         (false, true) => Mode::Merged,
@@ -121,86 +105,30 @@ pub async fn run(args: CaptionArgs) -> anyhow::Result<()> {
         // The origin lists every candidate; JSON and --merge show each distinct caption once.
         each_candidate: mode == Mode::Origin,
     };
-    let target = match &args.endpoint {
-        Some(endpoint) => Target::Remote(
-            Remote::connect(endpoint, args.endpoint_ca.as_deref(), args.endpoint_token_file.as_deref()).await?,
-        ),
-        None => {
-            let engine = args.engine.clone().for_bulk();
-            // Here the fetches act for the user running the command, who can reach every address
-            // this process can: the egress policy guards a server's network from its callers, so
-            // the --fetch-* flags do not apply.
-            let fetch = FetchLimits { egress: EgressPolicy::unrestricted(), ..engine.fetch_limits() };
-            Target::Local(Captioning::Local(
-                tokio::task::spawn_blocking(move || {
-                    crate::app::build_captioner_with(&engine, fetch, crate::app::ModelSet::BOTH, ResultCacheConfig::OFF)
-                })
-                .await??,
-            ))
-        }
-    };
-
+    let target = target(&args).await?;
+    let started = Instant::now();
     let total = jobs.len();
-    let mut remaining: HashSet<usize> = jobs.iter().map(|j| j.seq).collect();
     let names_of: Vec<(usize, String)> = jobs.iter().map(|j| (j.seq, j.name.clone())).collect();
-    let (tx, mut rx) = mpsc::channel::<Done>(args.concurrency.max(1));
     let concurrency = args.concurrency.max(1);
+    let (tx, rx) = mpsc::channel::<Done>(concurrency);
     let worker = tokio::spawn({
         let target = target.clone();
         async move { target.run(jobs, shape, concurrency, tx).await }
     });
-    let started = Instant::now();
-    let mut progress = Progress::new(total as u64);
-    let (mut ok, mut failed) = (0usize, 0usize);
-    // Results arrive in completion order: the output file takes them so, stdout in list order.
-    let order: Vec<usize> = names_of.iter().map(|(seq, _)| *seq).collect();
-    let mut printed = 0;
-    let mut waiting: BTreeMap<usize, Option<String>> = BTreeMap::new();
-    while let Some(done) = rx.recv().await {
-        remaining.remove(&done.seq);
-        let record = Record::of(&done);
-        if let Some(out) = output.as_mut() {
-            out.append(&record)?;
-        }
-        let shown = match &done.result {
-            Ok(outcome) => {
-                ok += 1;
-                Some(report::render(mode, &done.name, outcome, args.top_k, args.num_candidates))
-            }
-            Err(failure) => {
-                failed += 1;
-                progress.eprintln(&format!("Image: {}: error: {}", done.name, failure.message));
-                None
-            }
-        };
-        waiting.insert(done.seq, shown);
-        while let Some(shown) = order.get(printed).and_then(|seq| waiting.remove(seq)) {
-            if let Some(text) = shown {
-                progress.println(&text);
-            }
-            printed += 1;
-        }
-        progress.tick(failed);
-    }
-    // Answers that waited for one that never came are shown now, still in list order.
-    for text in std::mem::take(&mut waiting).into_values().flatten() {
-        progress.println(&text);
-    }
+    let mut shown = Shown { progress: Progress::new(total as u64), output: output.as_mut(), ok: 0, failed: 0 };
+    let render =
+        |outcome: &runner::Outcome, name: &str| report::render(mode, name, outcome, args.top_k, args.num_candidates);
+    let remaining = shown.in_list_order(rx, &names_of, render).await?;
     // Whatever the stream could not answer (the server went away) is recorded as failed, so a
     // rerun with the same output picks it up.
-    let ended = worker.await?;
-    let (code, reason) = match &ended {
+    let (code, reason) = match worker.await? {
         Err(status) => (status.code(), status.message().to_string()),
         Ok(()) => (tonic::Code::Unavailable, "no answer came".to_string()),
     };
     for (seq, name) in names_of.iter().filter(|(seq, _)| remaining.contains(seq)) {
-        let done = Done::failed(*seq, name.clone(), code, reason.clone());
-        if let Some(out) = output.as_mut() {
-            out.append(&Record::of(&done))?;
-        }
-        progress.eprintln(&format!("Image: {name}: error: {reason}"));
-        failed += 1;
+        shown.failure(&Done::failed(*seq, name.clone(), code, reason.clone()))?;
     }
+    let Shown { progress, ok, failed, .. } = shown;
     progress.finish();
     let secs = started.elapsed().as_secs_f64();
     eprintln!(
@@ -216,6 +144,119 @@ pub async fn run(args: CaptionArgs) -> anyhow::Result<()> {
         anyhow::bail!("{failed} of {total} images failed");
     }
     Ok(())
+}
+
+/// The images the command names: its arguments, then the lines of `--input`.
+fn images(args: &CaptionArgs) -> anyhow::Result<Vec<String>> {
+    let mut names = args.images.clone();
+    if let Some(input) = &args.input {
+        names.extend(read_list(input)?);
+    }
+    Ok(names)
+}
+
+/// The images still to caption, by their place in the list, and how many the output already
+/// holds a result for.
+fn pending(names: &[String], output: Option<&report::Output>) -> (Vec<Job>, usize) {
+    let done: HashSet<&String> = output.map(|o| o.done.iter().collect()).unwrap_or_default();
+    let jobs: Vec<Job> = names
+        .iter()
+        .enumerate()
+        .filter(|(_, name)| !done.contains(name))
+        .map(|(seq, name)| Job { seq, name: name.clone() })
+        .collect();
+    let skipped = names.len() - jobs.len();
+    if skipped > 0 {
+        eprintln!("caption: {skipped} of {} images already have a result in the output: skipped", names.len());
+    }
+    (jobs, skipped)
+}
+
+/// Who captions: the server `--endpoint` names, or the models loaded here.
+async fn target(args: &CaptionArgs) -> anyhow::Result<Target> {
+    if let Some(endpoint) = &args.endpoint {
+        let remote = Remote::connect(endpoint, args.endpoint_ca.as_deref(), args.endpoint_token_file.as_deref());
+        return Ok(Target::Remote(remote.await?));
+    }
+    let engine = args.engine.clone().for_bulk();
+    // Here the fetches act for the user running the command, who can reach every address this
+    // process can: the egress policy guards a server's network from its callers, so the
+    // --fetch-* flags do not apply.
+    let fetch = FetchLimits { egress: EgressPolicy::unrestricted(), ..engine.fetch_limits() };
+    let captioner = tokio::task::spawn_blocking(move || {
+        crate::app::build_captioner_with(&engine, fetch, crate::app::ModelSet::BOTH, ResultCacheConfig::OFF)
+    })
+    .await??;
+    Ok(Target::Local(Captioning::Local(captioner)))
+}
+
+/// Where results go as they come: the output file in completion order, stdout in list order,
+/// errors to stderr, and the tallies.
+struct Shown<'a> {
+    progress: Progress,
+    output: Option<&'a mut report::Output>,
+    ok: usize,
+    failed: usize,
+}
+
+impl Shown<'_> {
+    /// Shows every result `rx` brings, each image's text once all before it in the list are
+    /// shown; returns the images no result came for.
+    async fn in_list_order(
+        &mut self,
+        mut rx: mpsc::Receiver<Done>,
+        names_of: &[(usize, String)],
+        render: impl Fn(&runner::Outcome, &str) -> String,
+    ) -> anyhow::Result<HashSet<usize>> {
+        let mut remaining: HashSet<usize> = names_of.iter().map(|(seq, _)| *seq).collect();
+        let order: Vec<usize> = names_of.iter().map(|(seq, _)| *seq).collect();
+        let mut printed = 0;
+        let mut waiting: BTreeMap<usize, Option<String>> = BTreeMap::new();
+        while let Some(done) = rx.recv().await {
+            remaining.remove(&done.seq);
+            let text = match &done.result {
+                Ok(outcome) => {
+                    self.record(&done)?;
+                    self.ok += 1;
+                    Some(render(outcome, &done.name))
+                }
+                Err(_) => {
+                    self.failure(&done)?;
+                    None
+                }
+            };
+            waiting.insert(done.seq, text);
+            while let Some(text) = order.get(printed).and_then(|seq| waiting.remove(seq)) {
+                if let Some(text) = text {
+                    self.progress.println(&text);
+                }
+                printed += 1;
+            }
+            self.progress.tick(self.failed);
+        }
+        // Answers that waited for one that never came are shown now, still in list order.
+        for text in waiting.into_values().flatten() {
+            self.progress.println(&text);
+        }
+        Ok(remaining)
+    }
+
+    fn record(&mut self, done: &Done) -> anyhow::Result<()> {
+        if let Some(out) = self.output.as_mut() {
+            out.append(&Record::of(done))?;
+        }
+        Ok(())
+    }
+
+    /// A failed image: recorded, said on stderr, counted.
+    fn failure(&mut self, done: &Done) -> anyhow::Result<()> {
+        self.record(done)?;
+        if let Err(failure) = &done.result {
+            self.progress.eprintln(&format!("Image: {}: error: {}", done.name, failure.message));
+        }
+        self.failed += 1;
+        Ok(())
+    }
 }
 
 /// The images a list file names, one per line.

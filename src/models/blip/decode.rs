@@ -13,37 +13,15 @@ use std::collections::HashMap;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use tch::{Device, Kind, Tensor};
 
-use super::{BlipTextDecoder, CrossAttnCache, SelfAttnCache};
+use super::{
+    request::{DecodeRequest, Decoded, SpecialTokens},
+    BlipTextDecoder, CrossAttnCache, SelfAttnCache,
+};
 use crate::models::generation::{
     beam::{BeamParams, BeamState},
     logits::{self, RowParams},
     params::{GenerationParams, Strategy},
 };
-
-/// The decoder's special token ids, read from the checkpoint's config.
-#[derive(Debug, Clone, Copy)]
-pub struct SpecialTokens {
-    pub bos: i64,
-    /// Generation stops at this id (BLIP's sep token).
-    pub eos: i64,
-}
-
-/// One image's request to decode.
-#[derive(Debug, Clone)]
-pub struct DecodeRequest {
-    /// Caller's identifier, returned with the result.
-    pub id: u64,
-    pub params: GenerationParams,
-    /// Decoder input before the first generated token: `[bos]`, or `[bos, prompt…]`.
-    pub prefix: Vec<i64>,
-}
-
-/// A request's finished candidates, in candidate order.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Decoded {
-    pub id: u64,
-    pub candidates: Vec<Vec<i64>>,
-}
 
 #[derive(Debug)]
 struct Row {

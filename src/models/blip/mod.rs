@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod decode;
+pub mod request;
 pub mod text;
 pub mod vision;
 
@@ -11,7 +12,8 @@ use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
 pub use config::BlipConfig;
-pub use decode::{DecodeBatch, DecodeRequest, Decoded, SpecialTokens};
+pub use decode::DecodeBatch;
+pub use request::{DecodeRequest, Decoded, SpecialTokens};
 pub use text::{BlipTextDecoder, CrossAttnCache, SelfAttnCache};
 pub use vision::BlipVisionModel;
 
@@ -39,10 +41,20 @@ impl Blip {
     /// [`Kind`] converts), and its linear layers quantized where `numerics` says.
     pub fn load_as(folder: &Path, device: Device, numerics: impl Into<Numerics>) -> Result<Self, ModelError> {
         let numerics = numerics.into();
-        let config = BlipConfig::from_json(&read_config(folder)?)
-            .map_err(|e| ModelError::Config(format!("{}/config.json: {e}", folder.display())))?;
-        let weights = Weights::from_folder(folder, device, numerics.kind)?.with_int8_linears(numerics.int8_linears);
-        let mut blip = Self::new(config, &weights)?;
+        Self::with_numerics(config(folder)?, Weights::from_folder(folder, device, numerics.kind)?, numerics)
+    }
+
+    /// A model of the shapes `folder`'s config gives, with random weights, computing as
+    /// [`Blip::load_as`] would (the benchmark's full-size models).
+    pub fn random_as(folder: &Path, device: Device, numerics: impl Into<Numerics>) -> Result<Self, ModelError> {
+        let numerics = numerics.into();
+        Self::with_numerics(config(folder)?, Weights::random(device, numerics.kind), numerics)
+    }
+
+    /// The one place a model's numerics are applied: weights quantized where they say, decode
+    /// steps graphed where they say.
+    fn with_numerics(config: BlipConfig, weights: Weights, numerics: Numerics) -> Result<Self, ModelError> {
+        let mut blip = Self::new(config, &weights.with_int8_linears(numerics.int8_linears))?;
         blip.text_decoder.set_graph_mode(numerics.graphs);
         Ok(blip)
     }
@@ -56,4 +68,9 @@ impl Blip {
     pub fn encode_image(&self, pixel_values: &Tensor) -> Tensor {
         self.vision_model.forward(pixel_values)
     }
+}
+
+fn config(folder: &Path) -> Result<BlipConfig, ModelError> {
+    BlipConfig::from_json(&read_config(folder)?)
+        .map_err(|e| ModelError::Config(format!("{}/config.json: {e}", folder.display())))
 }

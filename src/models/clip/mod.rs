@@ -122,10 +122,16 @@ impl Clip {
     /// [`Kind`] converts), and its linear layers quantized where `numerics` says.
     pub fn load_as(folder: &Path, device: Device, numerics: impl Into<Numerics>) -> Result<Self, ModelError> {
         let numerics = numerics.into();
-        let config = ClipConfig::from_json(&read_config(folder)?)
-            .map_err(|e| ModelError::Config(format!("{}/config.json: {e}", folder.display())))?;
-        let weights = Weights::from_folder(folder, device, numerics.kind)?.with_int8_linears(numerics.int8_linears);
-        Self::new(config, &weights)
+        let weights = Weights::from_folder(folder, device, numerics.kind)?;
+        Self::new(config(folder)?, &weights.with_int8_linears(numerics.int8_linears))
+    }
+
+    /// A model of the shapes `folder`'s config gives, with random weights, computing as
+    /// [`Clip::load_as`] would (the benchmark's full-size models).
+    pub fn random_as(folder: &Path, device: Device, numerics: impl Into<Numerics>) -> Result<Self, ModelError> {
+        let numerics = numerics.into();
+        let weights = Weights::random(device, numerics.kind);
+        Self::new(config(folder)?, &weights.with_int8_linears(numerics.int8_linears))
     }
 
     /// The floating-point kind the model computes in.
@@ -186,4 +192,9 @@ fn lowest(kind: Kind) -> f64 {
         Kind::BFloat16 => -3.3895313892515355e38,
         _ => f64::from(f32::MIN),
     }
+}
+
+fn config(folder: &Path) -> Result<ClipConfig, ModelError> {
+    ClipConfig::from_json(&read_config(folder)?)
+        .map_err(|e| ModelError::Config(format!("{}/config.json: {e}", folder.display())))
 }
