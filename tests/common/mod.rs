@@ -46,7 +46,8 @@ pub fn start_server_with_metrics(engine: EngineArgs, metrics: Option<SocketAddr>
         let rt = tokio::runtime::Runtime::new().expect("runtime");
         rt.block_on(async move {
             if let Some(addr) = metrics {
-                caption_cascade::telemetry::install_exporter(addr).expect("metrics exporter");
+                let listener = tokio::net::TcpListener::bind(addr).await.expect("metrics listener");
+                caption_cascade::telemetry::install_exporter(listener).expect("metrics exporter");
             }
             let cascade = caption_cascade::app::build_cascade(&engine).expect("models load");
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
