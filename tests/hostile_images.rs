@@ -6,7 +6,6 @@ mod common;
 
 use std::{
     net::SocketAddr,
-    process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -14,7 +13,7 @@ use caption_cascade::{
     api::pb::{self, cascade_client::CascadeClient, ranker_client::RankerClient},
     cascade::SMALL_IMAGE_PIXELS,
 };
-use common::{channel, free_port, png_image, scenes::draw_scene};
+use common::{channel, png_image, scenes::draw_scene, server, ServerProcess};
 use image::{
     codecs::png::{CompressionType, FilterType, PngEncoder},
     ImageEncoder,
@@ -32,42 +31,29 @@ const CACHE_BYTES: u64 = 200_000;
 const ZERO_GIF: &[u8] = b"GIF89a\x00\x00\x00\x00\x00\x00\x00,\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;";
 
 struct Server {
-    child: Child,
+    process: ServerProcess,
     addr: SocketAddr,
     metrics: SocketAddr,
 }
 
 impl Server {
-    fn start() -> Self {
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_caption-cascade"))
-            .args(["serve", "--device", "cpu", "--listen", &addr.to_string(), "--metrics-listen", &metrics.to_string()])
-            .args(["--max-concurrent-decodes", &DECODES.to_string(), "--max-image-pixels", &MAX_PIXELS.to_string()])
-            .args(["--image-cache-bytes", &CACHE_BYTES.to_string()])
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start the server");
-        Self { child, addr, metrics }
+    async fn start() -> Self {
+        let process = server(&["--max-concurrent-decodes", &DECODES.to_string()])
+            .args(&["--max-image-pixels", &MAX_PIXELS.to_string(), "--image-cache-bytes", &CACHE_BYTES.to_string()])
+            .metrics()
+            .start()
+            .await;
+        Self { addr: process.addr(), metrics: process.metrics(), process }
     }
 
     fn status_kb(&self, field: &str) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).expect("server alive");
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.process.id())).expect("server alive");
         let line = status.lines().find(|l| l.starts_with(field)).unwrap_or_else(|| panic!("{field} in {status}"));
         line.split_whitespace().nth(1).unwrap().parse().unwrap()
     }
 
     fn assert_alive(&mut self) {
-        assert!(self.child.try_wait().unwrap().is_none(), "the server process died");
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        assert!(self.process.child().try_wait().unwrap().is_none(), "the server process died");
     }
 }
 
@@ -168,7 +154,7 @@ async fn scrape(addr: SocketAddr, name: &str) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn hostile_images_get_clear_errors_and_the_server_stays_up_inside_its_memory_bound() {
-    let mut server = Server::start();
+    let mut server = Server::start().await;
     let ch = channel(server.addr).await;
     let base_kb = server.status_kb("VmRSS:");
     let quick = Duration::from_secs(3);
@@ -299,7 +285,7 @@ async fn soak_mixed_hostile_and_normal_traffic() {
         Arc,
     };
     let seconds: u64 = std::env::var("SOAK_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(600);
-    let mut server = Server::start();
+    let mut server = Server::start().await;
     let ch = channel(server.addr).await;
     let base_kb = server.status_kb("VmRSS:");
     let bound_kb = memory_bound_kb(base_kb);
@@ -327,7 +313,7 @@ async fn soak_mixed_hostile_and_normal_traffic() {
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let peak = Arc::new(AtomicU64::new(0));
     let done = Arc::new(AtomicBool::new(false));
-    let pid = server.child.id();
+    let pid = server.process.id();
     let sampler = {
         let (peak, done) = (peak.clone(), done.clone());
         std::thread::spawn(move || {
