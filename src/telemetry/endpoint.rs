@@ -38,15 +38,20 @@ pub(super) fn spawn(listener: TcpListener, handle: PrometheusHandle) {
 }
 
 async fn serve(listener: TcpListener, handle: PrometheusHandle) {
+    let mut failing = false;
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
             Err(e) => {
-                tracing::warn!(error = %e, "metrics endpoint: accept failed");
+                // Once per run of failures: out of file descriptors it fails ten times a second.
+                if !std::mem::replace(&mut failing, true) {
+                    tracing::warn!(error = %e, "metrics endpoint: accept failed");
+                }
                 tokio::time::sleep(ACCEPT_PAUSE).await;
                 continue;
             }
         };
+        failing = false;
         let handle = handle.clone();
         let service = service_fn(move |req| answer(handle.clone(), req));
         tokio::spawn(async move {
