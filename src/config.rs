@@ -133,7 +133,8 @@ pub enum Service {
 /// Flags of the server alone.
 #[derive(Debug, Clone, Args)]
 pub struct ServerArgs {
-    /// Address the gRPC server listens on.
+    /// Address the gRPC server listens on. On this and the other listen addresses port 0 takes
+    /// any free port; --ready-file and the start-up log tell which.
     #[arg(long, env = "CAPTION_LISTEN", default_value = "0.0.0.0:50051")]
     pub listen: SocketAddr,
     /// Address of the Prometheus metrics endpoint (`/metrics`); off when unset.
@@ -214,6 +215,11 @@ pub struct ServerArgs {
     /// Kubernetes probes when the main port has TLS or a token).
     #[arg(long, env = "CAPTION_HEALTH_LISTEN")]
     pub health_listen: Option<SocketAddr>,
+    /// Once every listener is bound, write the addresses they got to this file as JSON, e.g.
+    /// {"grpc":"127.0.0.1:41234","metrics":null,"health":null,"reflection":null}; written whole
+    /// (a temporary file renamed over it), and removed at start and on a clean exit.
+    #[arg(long, env = "CAPTION_READY_FILE")]
+    pub ready_file: Option<PathBuf>,
     /// Bytes of Caption answers kept to answer repeated deterministic requests (greedy, beam, or
     /// sampling with a seed; same image content and parameters) without computing; least recently
     /// used out; 0 turns the result cache off. URLs are revalidated with their origin (ETag,

@@ -1,10 +1,13 @@
-//! Prometheus metrics: the exporter on its own listen address, and the bucket layout of every
-//! histogram. Metric names share the `caption_` prefix; the code that measures records through
-//! the `metrics` macros.
+//! Prometheus metrics: the recorder, its `/metrics` endpoint on a listener the caller bound, and
+//! the bucket layout of every histogram. Metric names share the `caption_` prefix; the code that
+//! measures records through the `metrics` macros.
+
+mod endpoint;
 
 use std::net::SocketAddr;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+use tokio::net::TcpListener;
 
 /// Seconds, from a millisecond to a minute.
 const DURATION_BUCKETS: &[f64] =
@@ -12,16 +15,19 @@ const DURATION_BUCKETS: &[f64] =
 /// Requests (or images) per batch.
 const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0];
 
-/// Serves `/metrics` in Prometheus text format on `addr` (from the current tokio runtime).
-pub fn install_exporter(addr: SocketAddr) -> anyhow::Result<()> {
-    PrometheusBuilder::new()
-        .with_http_listener(addr)
+/// Installs the Prometheus recorder as this process's global one and serves `/metrics` in
+/// Prometheus text format on `listener` (from the current tokio runtime). Returns the address
+/// served, which is the one to report when the listener was bound to port 0.
+pub fn install_exporter(listener: TcpListener) -> anyhow::Result<SocketAddr> {
+    let addr = listener.local_addr()?;
+    let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), DURATION_BUCKETS)?
         .set_buckets_for_metric(Matcher::Full("caption_batch_size".into()), BATCH_BUCKETS)?
-        .install()
+        .install_recorder()
         .map_err(|e| anyhow::anyhow!("cannot serve metrics on {addr}: {e}"))?;
     describe();
-    Ok(())
+    endpoint::spawn(listener, handle);
+    Ok(addr)
 }
 
 fn describe() {

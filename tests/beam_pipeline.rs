@@ -7,41 +7,12 @@
 mod common;
 
 use std::{
-    net::SocketAddr,
     path::Path,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
-use common::{channel, free_port};
-
-/// The server binary on a free loopback port, killed when dropped.
-struct Server {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Server {
-    fn spawn(args: &[&str]) -> Self {
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_caption-cascade"))
-            .args(["serve", "--device", "cpu", "--listen", &addr.to_string(), "--fetch-allow", "127.0.0.1/32"])
-            .args(args)
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start the server");
-        Self { child, addr }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use common::{channel, server};
 
 /// Runs `python script args` to completion (at most `limit`); returns (success, stdout, stderr).
 fn run_python(python: &Path, script: &Path, args: &[String], limit: Duration) -> (bool, String, String) {
@@ -87,13 +58,15 @@ async fn origin_beam_pipeline_runs_against_the_service() {
          tests/beam/requirements.txt and installs clients/python into it",
         python.display()
     );
-    let server = Server::spawn(&[]);
+    let allow = ["--fetch-allow", "127.0.0.1/32"];
+    let target = server(&allow).spawn();
     // One admission slot, and time for a parked image fetch to hold it: the retry check.
-    let limited = Server::spawn(&["--max-inflight", "1", "--fetch-timeout-s", "30"]);
-    channel(server.addr).await;
-    channel(limited.addr).await;
+    let limited = server(&allow).args(&["--max-inflight", "1", "--fetch-timeout-s", "30"]).spawn();
+    let (target, limited) = (target.ready().await, limited.ready().await);
+    channel(target.addr()).await;
+    channel(limited.addr()).await;
 
-    let args = vec!["--target".into(), server.addr.to_string(), "--limited".into(), limited.addr.to_string()];
+    let args = vec!["--target".into(), target.addr().to_string(), "--limited".into(), limited.addr().to_string()];
     let script = root.join("tests/beam/test_pipeline.py");
     let started = Instant::now();
     let (ok, stdout, stderr) =

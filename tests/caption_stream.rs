@@ -8,13 +8,11 @@ mod common;
 
 use std::{
     collections::HashMap,
-    net::SocketAddr,
-    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use caption_cascade::pb::{self, cascade_client::CascadeClient, ranker_client::RankerClient};
-use common::{free_port, png_image, scenes::draw_scene, shared_channel};
+use common::{png_image, scenes::draw_scene, server, shared_channel};
 use rand::{rngs::StdRng, SeedableRng};
 use tokio_stream::StreamExt;
 
@@ -130,17 +128,9 @@ async fn a_stream_answers_every_request_by_id_and_goes_on_after_a_failure() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_works_on_a_bounded_number_of_requests_at_once() {
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_caption-cascade"))
-        .args(["serve", "--device", "cpu", "--listen", &addr.to_string(), "--metrics-listen", &metrics.to_string()])
-        .args(["--max-stream-inflight", "2"])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut client = CascadeClient::new(common::channel(addr).await);
+    let server = server(&["--max-stream-inflight", "2"]).metrics().start().await;
+    let metrics = server.metrics();
+    let mut client = CascadeClient::new(common::channel(server.addr()).await);
     let mut rng = StdRng::seed_from_u64(9);
     let items: Vec<_> = (0..12)
         .map(|i| {
@@ -171,7 +161,6 @@ async fn a_stream_works_on_a_bounded_number_of_requests_at_once() {
         tokio::time::sleep(Duration::from_millis(3)).await;
     }
     assert_eq!(answers.await.unwrap(), 12, "every request answered");
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(server);
     assert_eq!(peak, 2.0, "at most --max-stream-inflight at once, and that many in use");
 }

@@ -224,15 +224,7 @@ fn a_bulk_run_from_a_list_records_every_image_and_resumes_where_it_stopped() {
 
 #[test]
 fn a_server_captions_a_list_from_stdin_over_one_stream() {
-    let addr =
-        format!("127.0.0.1:{}", std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port());
-    let mut server = Command::new(env!("CARGO_BIN_EXE_caption-cascade"))
-        .args(["serve", "--device", "cpu", "--listen", &addr])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let server = tokio::runtime::Runtime::new().unwrap().block_on(common::server(&[]).start());
     let expected = expected();
     let mut names: Vec<&String> = expected.keys().collect();
     names.sort();
@@ -240,30 +232,21 @@ fn a_server_captions_a_list_from_stdin_over_one_stream() {
     let mut list: Vec<String> = names.iter().map(|n| format!("examples/images/{n}")).collect();
     list.push(list[0].clone());
     list.push("Cargo.toml".into());
-    let endpoint = format!("http://{addr}");
-    let mut stdout = String::new();
-    let mut stderr = String::new();
-    for _ in 0..100 {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_caption-cascade"))
-            .args(["caption", "--endpoint", &endpoint, "--merge", "--greedy", "-n", "4", "-k", "2", "--input", "-"])
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        use std::io::Write;
-        child.stdin.take().unwrap().write_all(list.join("\n").as_bytes()).unwrap();
-        let out = child.wait_with_output().unwrap();
-        stdout = String::from_utf8_lossy(&out.stdout).into();
-        stderr = String::from_utf8_lossy(&out.stderr).into();
-        if !stderr.contains("cannot connect") {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    let _ = server.kill();
-    let _ = server.wait();
+    // Ready: its listener is bound, so the first connection is accepted.
+    let endpoint = format!("http://{}", server.addr());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_caption-cascade"))
+        .args(["caption", "--endpoint", &endpoint, "--merge", "--greedy", "-n", "4", "-k", "2", "--input", "-"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(list.join("\n").as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    drop(server);
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(stderr.contains("caption: 10 captioned, 1 failed"), "{stderr}");
     assert!(stderr.contains("Cargo.toml: error: image data cannot be decoded"), "{stderr}");
     let blocks: Vec<&str> = stdout.split("\n\n\n").filter(|b| !b.is_empty()).collect();
@@ -284,15 +267,11 @@ fn the_cli_reaches_a_server_over_tls_with_a_token() {
     let tls = common::TlsFiles::new("cli-tls");
     let token = tls.dir.join("token");
     std::fs::write(&token, "cli-secret\n").unwrap();
-    let addr = common::free_addr();
-    let health = common::free_addr();
-    let _server = common::spawn_server(
-        addr,
-        &["--tls-cert", &tls.cert, "--tls-key", &tls.key, "--health-listen", &health.to_string()],
+    let server = tokio::runtime::Runtime::new().unwrap().block_on(common::spawn_server(
+        &["--tls-cert", &tls.cert, "--tls-key", &tls.key],
         &[("CAPTION_AUTH_TOKEN", "cli-secret")],
-    );
-    tokio::runtime::Runtime::new().unwrap().block_on(common::channel(health));
-    let endpoint = format!("https://127.0.0.1:{}", addr.port());
+    ));
+    let endpoint = format!("https://127.0.0.1:{}", server.addr().port());
     let scene = "examples/images/scene_1.png";
     let with_token = run(&[
         "--endpoint",

@@ -7,7 +7,6 @@ mod common;
 
 use std::{
     net::SocketAddr,
-    process::{Child, Command, Stdio},
     sync::{
         atomic::{AtomicUsize, Ordering},
         Arc, Mutex, OnceLock,
@@ -16,7 +15,7 @@ use std::{
 };
 
 use caption_cascade::pb::{self, cascade_client::CascadeClient};
-use common::{channel, engine_args, free_port, scenes::draw_scene, start_server, start_server_with_metrics};
+use common::{channel, engine_args, scenes::draw_scene, server, start_server};
 use rand::{rngs::StdRng, SeedableRng};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -137,10 +136,10 @@ async fn scrape(addr: SocketAddr, name: &str) -> f64 {
 
 #[tokio::test]
 async fn by_default_loopback_in_every_spelling_is_refused_without_a_connection_and_counted() {
-    let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let addr = start_server_with_metrics(engine_args(&[]), Some(metrics));
-    let ch = channel(addr).await;
-    let before = scrape(metrics, "caption_fetch_denied_total").await;
+    // A process of its own: its counters are this test's alone.
+    let server = server(&[]).metrics().start().await;
+    let ch = channel(server.addr()).await;
+    assert_eq!(scrape(server.metrics(), "caption_fetch_denied_total").await, 0.0);
     let target = Recorder::bind("127.0.0.1").await.unwrap();
     let port = target.addr.port();
     let mut urls: Vec<String> =
@@ -159,9 +158,7 @@ async fn by_default_loopback_in_every_spelling_is_refused_without_a_connection_a
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(target.seen(), 0, "the server connected to a denied destination");
     assert_eq!(v6.map_or(0, |r| r.seen()), 0, "the server connected to [::1]");
-    let after = scrape(metrics, "caption_fetch_denied_total").await;
-    // Other tests of this binary may add refusals of their own, never take any away.
-    assert!(after - before >= urls.len() as f64, "caption_fetch_denied_total went from {before} to {after}");
+    assert_eq!(scrape(server.metrics(), "caption_fetch_denied_total").await, urls.len() as f64);
 }
 
 #[tokio::test]
@@ -249,35 +246,21 @@ async fn credentials_in_the_url_are_refused_before_any_connection() {
     assert_eq!(target.seen(), 0, "the server connected with the credentials");
 }
 
-struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_variables_do_not_route_fetches_around_the_policy() {
     let proxy = Recorder::bind("127.0.0.1").await.unwrap();
     let scene = draw_scene(&mut StdRng::seed_from_u64(33));
     let (http, asked) = http_server(scene.png()).await;
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let proxy_url = format!("http://{}", proxy.addr);
-    let mut command = Command::new(env!("CARGO_BIN_EXE_caption-cascade"));
-    command
-        .args(["serve", "--device", "cpu", "--listen", &addr.to_string(), "--fetch-allow", "127.0.0.1/32"])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
+    let mut command = server(&["--fetch-allow", "127.0.0.1/32"]);
     for var in ["HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"] {
-        command.env(var, &proxy_url);
+        command = command.env(var, &proxy_url);
     }
     for var in ["NO_PROXY", "no_proxy"] {
-        command.env_remove(var);
+        command = command.env_remove(var);
     }
-    let _server = Process(command.spawn().expect("start the server"));
+    let server = command.start().await;
+    let addr = server.addr();
     let ch = channel(addr).await;
 
     let url = format!("http://{http}/scene.png");

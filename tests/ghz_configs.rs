@@ -258,8 +258,8 @@ fn call_with_python(addr: SocketAddr, path: &str, input: &str, output: &str, fds
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn configs_call_methods_the_server_reflects_and_their_data_is_accepted() {
-    let addr = common::free_addr();
-    let _server = common::spawn_server(addr, &[], &[]);
+    let server = common::spawn_server(&[], &[]).await;
+    let addr = server.addr();
     let mut reflection = ServerReflectionClient::new(channel(addr).await);
 
     let MessageResponse::ListServicesResponse(list) =

@@ -1,12 +1,13 @@
-//! The Prometheus endpoint after real traffic: request counts by service and code, latency
-//! histograms, batch sizes, decode steps and image cache hits all move.
+//! The Prometheus endpoint of a server process of its own after real traffic: request counts by
+//! service and code, latency histograms, batch sizes, decode steps and image cache hits all move,
+//! by exactly what this test sent; `/health` and the content type are the exporter's.
 
 mod common;
 
 use std::net::SocketAddr;
 
 use caption_cascade::pb::{self, cascade_client::CascadeClient, ranker_client::RankerClient};
-use common::{channel, engine_args, free_port, png_image, scenes::draw_scene, start_server_with_metrics};
+use common::{channel, png_image, scenes::draw_scene, server};
 use rand::{rngs::StdRng, SeedableRng};
 
 async fn scrape(addr: SocketAddr) -> String {
@@ -20,9 +21,9 @@ fn value(text: &str, prefix: &str) -> Option<f64> {
 
 #[tokio::test]
 async fn metrics_move_with_traffic() {
-    let metrics_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let addr = start_server_with_metrics(engine_args(&[]), Some(metrics_addr));
-    let ch = channel(addr).await;
+    let server = server(&[]).metrics().start().await;
+    let metrics_addr = server.metrics();
+    let ch = channel(server.addr()).await;
     let mut cascade = CascadeClient::new(ch.clone());
     let scene = draw_scene(&mut StdRng::seed_from_u64(9));
     for _ in 0..3 {
@@ -51,4 +52,9 @@ async fn metrics_move_with_traffic() {
     assert!(value(&text, "caption_image_cache_hits_total").unwrap() >= 2.0);
     assert_eq!(value(&text, r#"caption_inflight_requests{service="Caption"}"#), Some(0.0));
     assert!(text.contains("caption_queue_depth{model=\"generate\"}"));
+
+    let resp = reqwest::get(format!("http://{metrics_addr}/metrics")).await.unwrap();
+    assert_eq!(resp.headers()["content-type"], "text/plain; version=0.0.4");
+    let health = reqwest::get(format!("http://{metrics_addr}/health")).await.unwrap();
+    assert_eq!((health.status().as_u16(), health.text().await.unwrap().as_str()), (200, "OK"));
 }

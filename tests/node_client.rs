@@ -75,15 +75,14 @@ async fn node_client_calls_every_service() {
 #[tokio::test]
 async fn node_client_calls_over_tls_with_a_bearer_token() {
     let tls = common::TlsFiles::new("node-tls");
-    let addr = common::free_addr();
-    // Readiness on a plaintext health port: the main one needs TLS and the token.
-    let health = common::free_addr();
-    let server = common::spawn_server(
-        addr,
-        &["--health-listen", &health.to_string(), "--tls-cert", &tls.cert, "--tls-key", &tls.key],
-        &[("CAPTION_AUTH_TOKEN", "node-secret")],
-    );
-    channel(health).await;
+    let server = common::server(&["--tls-cert", &tls.cert, "--tls-key", &tls.key])
+        .health()
+        .env("CAPTION_AUTH_TOKEN", "node-secret")
+        .start()
+        .await;
+    let addr = server.addr();
+    // Readiness on the plaintext health port: the main one needs TLS and the token.
+    channel(server.health()).await;
     let seen = node_client(addr, vec!["--tls-ca".into(), tls.ca.clone(), "--token".into(), "node-secret".into()]).await;
     drop(server);
     check(&seen).await;

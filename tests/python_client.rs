@@ -52,12 +52,12 @@ async fn python_stubs_call_every_service() {
 #[tokio::test]
 async fn python_stubs_call_over_tls_with_a_bearer_token() {
     let tls = common::TlsFiles::new("py-tls");
-    let addr = common::free_addr();
     let server = common::spawn_server(
-        addr,
         &["--tls-cert", &tls.cert, "--tls-key", &tls.key],
         &[("CAPTION_AUTH_TOKEN", "python-secret")],
-    );
+    )
+    .await;
+    let addr = server.addr();
     let seen =
         python_client(addr, vec!["--tls-ca".into(), tls.ca.clone(), "--token".into(), "python-secret".into()]).await;
     drop(server);

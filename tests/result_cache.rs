@@ -17,7 +17,7 @@ use std::{
 };
 
 use caption_cascade::pb::{self, cascade_client::CascadeClient};
-use common::{channel, free_addr, png_image, spawn_server, ServerProcess};
+use common::{channel, png_image, server, ServerProcess};
 use sha2::{Digest, Sha256};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -159,13 +159,9 @@ struct Server {
 
 impl Server {
     async fn start(args: &[&str]) -> Self {
-        let (listen, metrics) = (free_addr(), free_addr());
-        let metrics_arg = metrics.to_string();
-        let mut all = vec!["--fetch-allow", "127.0.0.1/32", "--metrics-listen", &metrics_arg];
-        all.extend_from_slice(args);
-        let process = spawn_server(listen, &all, &[]);
-        let channel = channel(listen).await;
-        Self { _process: process, metrics, channel }
+        let process = server(&["--fetch-allow", "127.0.0.1/32"]).args(args).metrics().start().await;
+        let channel = channel(process.addr()).await;
+        Self { metrics: process.metrics(), channel, _process: process }
     }
 
     fn client(&self) -> CascadeClient<Channel> {
@@ -464,11 +460,10 @@ async fn the_cache_is_off_by_default() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_split_cascade_tier_answers_from_the_cache_and_revalidates() {
     let origin = Origin::start(scene("scene_1.png"), Some("\"one\""), None).await;
-    let (g_addr, r_addr, g_metrics) = (free_addr(), free_addr(), free_addr());
-    let g_metrics_arg = g_metrics.to_string();
-    let _generator = spawn_server(g_addr, &["--services", "generator", "--metrics-listen", &g_metrics_arg], &[]);
-    let _ranker = spawn_server(r_addr, &["--services", "ranker"], &[]);
-    let (generator, ranker) = (format!("http://{g_addr}"), format!("http://{r_addr}"));
+    let (g, r) = (server(&["--services", "generator"]).metrics().spawn(), server(&["--services", "ranker"]).spawn());
+    let (g, r) = (g.ready().await, r.ready().await);
+    let g_metrics = g.metrics();
+    let (generator, ranker) = (format!("http://{}", g.addr()), format!("http://{}", r.addr()));
     let cascade = Server::start(&[
         "--services",
         "cascade",

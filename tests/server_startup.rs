@@ -1,9 +1,10 @@
 //! The server as an operator and a load tester meet it: reflection answers (v1 and v1alpha),
-//! health reports each service, and a missing model folder stops start-up with a clear error.
+//! health reports each service, a missing model folder or a listen address in use stops start-up
+//! with a clear error, and `--ready-file` names the ports that port 0 gave every listener.
 
 mod common;
 
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 use common::shared_channel;
 use tokio_stream::StreamExt;
@@ -87,4 +88,61 @@ fn an_incomplete_model_folder_names_what_is_missing() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("cannot load the CLIP model") && stderr.contains("model.safetensors"), "{stderr}");
+}
+
+#[test]
+fn a_listen_address_in_use_stops_the_server_naming_the_flag() {
+    // Held for the whole test, so the address stays in use.
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy = held.local_addr().unwrap().to_string();
+    let runs: Vec<_> = ["--metrics-listen", "--listen", "--health-listen", "--reflection-listen"]
+        .into_iter()
+        .map(|flag| {
+            let mut cmd = Command::new(env!("CARGO_BIN_EXE_caption-cascade"));
+            cmd.args(["serve", "--device", "cpu"]).current_dir(env!("CARGO_MANIFEST_DIR"));
+            if flag != "--listen" {
+                cmd.args(["--listen", "127.0.0.1:0"]);
+            }
+            let child = cmd.args([flag, &busy]).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+            (flag, child)
+        })
+        .collect();
+    for (flag, child) in runs {
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{flag} {busy}: the server started; {stderr}");
+        assert!(stderr.contains(&format!("error: {flag}: cannot listen on {busy}: ")), "{flag}: {stderr}");
+    }
+}
+
+#[tokio::test]
+async fn the_ready_file_names_every_listener_port_0_bound() {
+    let server = common::server(&[]).metrics().health().reflection().env("NO_COLOR", "1").start().await;
+    let bound = server.bound;
+    let ports = [bound.grpc, server.metrics(), server.health(), server.reflection()].map(|a| a.port());
+    assert!(ports.iter().all(|&p| p != 0), "{bound:?}");
+    assert!((1..4).all(|i| !ports[..i].contains(&ports[i])), "four listeners, four ports: {bound:?}");
+    // Each address answers as its listener should.
+    let mut health = HealthClient::new(common::channel(server.health()).await);
+    let req = HealthCheckRequest { service: "caption.v1.Cascade".into() };
+    assert_eq!(health.check(req).await.unwrap().into_inner().status, ServingStatus::Serving as i32);
+    let metrics = reqwest::get(format!("http://{}/metrics", server.metrics())).await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("caption_decode_steps_total"), "the warm-up's steps are counted: {metrics}");
+    let reflection = tonic::transport::Channel::from_shared(format!("http://{}", server.reflection()))
+        .unwrap()
+        .connect()
+        .await
+        .expect("reflection listens");
+    drop(reflection);
+    // The start-up log names the same addresses.
+    let log = server.log();
+    let line = log.lines().find(|l| l.contains("serving caption.v1 and health")).expect("the serving line");
+    for (field, addr) in [
+        ("grpc", bound.grpc),
+        ("metrics", server.metrics()),
+        ("health", server.health()),
+        ("reflection", server.reflection()),
+    ] {
+        assert!(line.contains(&format!("{field}={addr}")), "{field}={addr} missing from {line}");
+    }
 }

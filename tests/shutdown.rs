@@ -4,17 +4,18 @@
 mod common;
 
 use std::{
-    process::{Command, Stdio},
+    net::SocketAddr,
+    process::Command,
     time::{Duration, Instant},
 };
 
 use caption_cascade::pb::{self, cascade_client::CascadeClient};
-use common::{channel, free_port, png_image, scenes::draw_scene};
+use common::{channel, png_image, scenes::draw_scene, server};
 use rand::{rngs::StdRng, SeedableRng};
 use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest};
 
 /// Caption calls the server is serving now, from its metrics endpoint (0 before it answers).
-async fn inflight(metrics: &str) -> f64 {
+async fn inflight(metrics: SocketAddr) -> f64 {
     let Ok(resp) = reqwest::get(format!("http://{metrics}/metrics")).await else { return 0.0 };
     let text = resp.text().await.unwrap_or_default();
     let line = text.lines().find(|l| l.starts_with(r#"caption_inflight_requests{service="Caption"}"#));
@@ -23,16 +24,9 @@ async fn inflight(metrics: &str) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_accepted_calls_then_exits_cleanly() {
-    let addr = format!("127.0.0.1:{}", free_port());
-    let metrics = format!("127.0.0.1:{}", free_port());
-    let mut child = Command::new(env!("CARGO_BIN_EXE_caption-cascade"))
-        .args(["serve", "--device", "cpu", "--listen", &addr, "--metrics-listen", &metrics])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start the server");
-    let ch = channel(addr.parse().unwrap()).await;
+    let mut server = server(&[]).metrics().start().await;
+    let metrics = server.metrics();
+    let ch = channel(server.addr()).await;
     let scene = draw_scene(&mut StdRng::seed_from_u64(21));
     // Enough work that the calls are still running when the signal arrives.
     let params = pb::GenerationParams { num_candidates: Some(32), max_length: Some(40), ..Default::default() };
@@ -55,11 +49,11 @@ async fn sigterm_drains_accepted_calls_then_exits_cleanly() {
         .collect();
     // Signal once the server has accepted all of them, so every one must be drained.
     let start = Instant::now();
-    while inflight(&metrics).await < calls.len() as f64 {
+    while inflight(metrics).await < calls.len() as f64 {
         assert!(start.elapsed() < Duration::from_secs(10), "the calls were never all in flight");
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    let kill = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let kill = Command::new("kill").args(["-TERM", &server.id().to_string()]).status().unwrap();
     assert!(kill.success());
     let signalled = Instant::now();
 
@@ -86,7 +80,7 @@ async fn sigterm_drains_accepted_calls_then_exits_cleanly() {
     }
     let start = Instant::now();
     let code = loop {
-        if let Some(code) = child.try_wait().unwrap() {
+        if let Some(code) = server.child().try_wait().unwrap() {
             break code;
         }
         assert!(start.elapsed() < Duration::from_secs(30), "the server did not exit after draining");

@@ -8,8 +8,7 @@ mod common;
 
 use std::{
     net::SocketAddr,
-    path::PathBuf,
-    process::{Child, Command, Stdio},
+    process::Command,
     sync::{
         atomic::{AtomicBool, AtomicUsize, Ordering},
         Arc,
@@ -18,60 +17,36 @@ use std::{
 };
 
 use caption_cascade::pb::{self, cascade_client::CascadeClient};
-use common::{free_port, png_image, scenes::draw_scene, shared_channel};
+use common::{png_image, scenes::draw_scene, shared_channel, ServerProcess};
 use rand::{rngs::StdRng, SeedableRng};
 use tonic::{transport::Channel, Code};
 use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest};
 
-/// A server process, killed when dropped; its log goes to a file.
-struct Proc {
-    child: Child,
-    metrics: SocketAddr,
-    log: PathBuf,
+/// A server process listening on `listen`, its metrics on a port of their own, logging at INFO.
+fn tier(listen: &str, args: &[&str]) -> common::process::Starting {
+    common::server(args).listen(listen).metrics().env("RUST_LOG", "info").env("NO_COLOR", "1").spawn()
 }
 
-fn addr() -> SocketAddr {
-    format!("127.0.0.1:{}", free_port()).parse().unwrap()
+/// The sum of the samples of `process`'s metrics whose line starts with `prefix`; 0 when the
+/// process does not answer.
+async fn metric(process: &ServerProcess, prefix: &str) -> f64 {
+    let Ok(resp) = reqwest::get(format!("http://{}/metrics", process.metrics())).await else { return 0.0 };
+    let text = resp.text().await.unwrap_or_default();
+    text.lines().filter(|l| l.starts_with(prefix)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
 }
 
-impl Proc {
-    fn start(name: &str, addr: SocketAddr, args: &[&str]) -> Self {
-        let metrics = self::addr();
-        let log = std::env::temp_dir().join(format!("cc-split-{}-{name}.log", std::process::id()));
-        let child = Command::new(env!("CARGO_BIN_EXE_caption-cascade"))
-            .args(["serve", "--device", "cpu", "--listen", &addr.to_string(), "--metrics-listen", &metrics.to_string()])
-            .args(args)
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        Self { child, metrics, log }
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    async fn metric(&self, prefix: &str) -> f64 {
-        let Ok(resp) = reqwest::get(format!("http://{}/metrics", self.metrics)).await else { return 0.0 };
-        let text = resp.text().await.unwrap_or_default();
-        text.lines().filter(|l| l.starts_with(prefix)).filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).sum()
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
+/// A loopback address no other test process listens on: 127.B.C.D from this process's id (every
+/// id below 6.5 million has its own; Linux routes all of 127/8 to lo). A generator killed here is
+/// restarted on the port it had, and on an address of our own nothing else can take that port
+/// while it is free, as any process's port 0 could on 127.0.0.1.
+fn own_loopback_ip() -> String {
+    let pid = std::process::id();
+    format!("127.{}.{}.{}", 100 + pid / 254 / 256 % 100, pid / 254 % 256, 1 + pid % 254)
 }
 
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill();
-        let _ = std::fs::remove_file(&self.log);
-    }
+fn signal(process: &ServerProcess, name: &str) {
+    let sent = Command::new("kill").args([name, &process.id().to_string()]).status().unwrap();
+    assert!(sent.success(), "kill {name}");
 }
 
 async fn health(addr: SocketAddr, service: &str) -> Option<i32> {
@@ -99,23 +74,32 @@ fn request(png: Vec<u8>, seed: u64) -> pb::CaptionRequest {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_split_deployment_captions_like_the_combined_one_and_survives_a_killed_generator() {
-    let (g1_addr, g2_addr, r_addr, c_addr) = (addr(), addr(), addr(), addr());
+    let generator = ["--services", "generator"];
+    let g1 = tier(&format!("{}:0", own_loopback_ip()), &generator);
+    let (g2, ranker) = (tier("127.0.0.1:0", &generator), tier("127.0.0.1:0", &["--services", "ranker"]));
+    let (mut g1, g2, ranker) = (g1.ready().await, g2.ready().await, ranker.ready().await);
+    let (g1_addr, g2_addr) = (g1.addr(), g2.addr());
+    assert!(ranker.log().contains("generator=false ranker=true"), "the ranker loads CLIP only");
+    // The ranker stopped, so the cascade starts with one upstream that does not answer.
+    signal(&ranker, "-STOP");
     let endpoints = format!("http://{g1_addr},http://{g2_addr}");
-    // The cascade first: it holds no model and waits for its upstreams.
-    let cascade = Proc::start(
-        "cascade",
-        c_addr,
+    let ranker_endpoint = format!("http://localhost:{}", ranker.addr().port());
+    let cascade = tier(
+        "127.0.0.1:0",
         &[
             "--services",
             "cascade",
             "--generator-endpoint",
             &endpoints,
             "--ranker-endpoint",
-            &format!("http://localhost:{}", r_addr.port()),
+            &ranker_endpoint,
             "--upstream-check-interval-ms",
             "200",
         ],
-    );
+    )
+    .ready()
+    .await;
+    let c_addr = cascade.addr();
     wait_for("the cascade answers health", Duration::from_secs(30), async || {
         health(c_addr, "caption.v1.Cascade").await.is_some()
     })
@@ -123,22 +107,15 @@ async fn a_split_deployment_captions_like_the_combined_one_and_survives_a_killed
     assert_eq!(
         health(c_addr, "caption.v1.Cascade").await,
         Some(ServingStatus::NotServing as i32),
-        "SERVING without upstreams"
+        "SERVING while its ranker does not answer"
     );
     assert!(!cascade.log().contains("loading models"), "a cascade over remote models loads none");
-    let mut g1 = Proc::start("g1", g1_addr, &["--services", "generator"]);
-    let g2 = Proc::start("g2", g2_addr, &["--services", "generator"]);
-    let ranker = Proc::start("ranker", r_addr, &["--services", "ranker"]);
+    signal(&ranker, "-CONT");
     wait_for("the cascade turns SERVING", Duration::from_secs(60), async || {
         health(c_addr, "caption.v1.Cascade").await == Some(ServingStatus::Serving as i32)
     })
     .await;
-    assert!(ranker.log().contains("generator=false ranker=true"), "the ranker loads CLIP only");
     // A generator process serves Generate only.
-    wait_for("the second generator is up", Duration::from_secs(60), async || {
-        health(g2_addr, "caption.v1.Generator").await == Some(ServingStatus::Serving as i32)
-    })
-    .await;
     let ch = Channel::from_shared(format!("http://{g2_addr}")).unwrap().connect().await.unwrap();
     let err = CascadeClient::new(ch).caption(request(vec![1], 0)).await.unwrap_err();
     assert_eq!(err.code(), Code::Unimplemented);
@@ -160,22 +137,38 @@ async fn a_split_deployment_captions_like_the_combined_one_and_survives_a_killed
             assert!((x.probability - y.probability).abs() < 1e-5);
         }
         // The correlation key is in every tier's log lines for the call.
-        for tier in [&cascade, &ranker] {
-            assert!(tier.log().contains(&a.key), "{} misses the key {}", tier.log.display(), a.key);
+        for process in [&cascade, &ranker] {
+            assert!(process.log().contains(&a.key), "process {} misses the key {}", process.id(), a.key);
         }
         assert!(g1.log().contains(&a.key) || g2.log().contains(&a.key), "no generator logged {}", a.key);
     }
 
     // An expired call never reaches BLIP.
-    let generated = g1.metric("caption_requests_total{service=\"Generate\"").await
-        + g2.metric("caption_requests_total{service=\"Generate\"").await;
+    let generated = metric(&g1, "caption_requests_total{service=\"Generate\"").await
+        + metric(&g2, "caption_requests_total{service=\"Generate\"").await;
     let mut expired = tonic::Request::new(request(scenes[0].clone(), 99));
     expired.set_timeout(Duration::from_nanos(1));
     let err = client.caption(expired).await.unwrap_err();
     assert!(matches!(err.code(), Code::DeadlineExceeded | Code::Cancelled), "{err:?}");
-    let after = g1.metric("caption_requests_total{service=\"Generate\"").await
-        + g2.metric("caption_requests_total{service=\"Generate\"").await;
+    let after = metric(&g1, "caption_requests_total{service=\"Generate\"").await
+        + metric(&g2, "caption_requests_total{service=\"Generate\"").await;
     assert_eq!(generated, after, "an expired call reached a generator");
+
+    // The cascade tier checks what holds whatever the model, with the generators' limit flags:
+    // a bad field is refused there, naming it, and never reaches a generator.
+    for (params, field) in [
+        (pb::GenerationParams { top_p: Some(5.0), ..Default::default() }, "top_p"),
+        (pb::GenerationParams { num_candidates: Some(1000), ..Default::default() }, "num_candidates"),
+        (pb::GenerationParams { decoding: 42, ..Default::default() }, "decoding"),
+    ] {
+        let bad = pb::CaptionRequest { params: Some(params), ..request(scenes[0].clone(), 7) };
+        let err = client.caption(bad).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        assert!(err.message().starts_with(field), "{}", err.message());
+    }
+    let after_invalid = metric(&g1, "caption_requests_total{service=\"Generate\"").await
+        + metric(&g2, "caption_requests_total{service=\"Generate\"").await;
+    assert_eq!(after, after_invalid, "an invalid call reached a generator");
 
     // Concurrent load; one generator is killed in the middle, then restarted.
     let stop = Arc::new(AtomicBool::new(false));
@@ -202,25 +195,25 @@ async fn a_split_deployment_captions_like_the_combined_one_and_survives_a_killed
         })
         .collect();
     wait_for("load is flowing", Duration::from_secs(30), async || ok.load(Ordering::SeqCst) >= 12).await;
-    let g1_inflight = g1.metric("caption_inflight_requests{service=\"Generate\"}").await;
+    let g1_inflight = metric(&g1, "caption_inflight_requests{service=\"Generate\"}").await;
     g1.kill();
     let killed_at = ok.load(Ordering::SeqCst);
     wait_for("calls go on after the kill", Duration::from_secs(30), async || {
         ok.load(Ordering::SeqCst) >= killed_at + 12
     })
     .await;
-    assert_eq!(cascade.metric("caption_upstream_replicas{service=\"caption.v1.Generator\"}").await, 1.0);
+    assert_eq!(metric(&cascade, "caption_upstream_replicas{service=\"caption.v1.Generator\"}").await, 1.0);
     let lost = failed.load(Ordering::SeqCst);
     println!(
         "killed a generator holding {g1_inflight} calls: {lost} calls failed, retries {}",
-        cascade.metric("caption_upstream_retries_total").await
+        metric(&cascade, "caption_upstream_retries_total").await
     );
     // The calls in flight on the killed replica are retried on the other: none fails.
     assert_eq!(lost, 0, "{lost} calls failed across the kill");
     // Back again on the same address: it is found and given traffic.
-    let g1 = Proc::start("g1-again", g1_addr, &["--services", "generator"]);
+    let g1 = tier(&g1_addr.to_string(), &generator).ready().await;
     wait_for("the restarted generator takes traffic", Duration::from_secs(60), async || {
-        g1.metric("caption_requests_total{service=\"Generate\",code=\"Ok\"}").await >= 3.0
+        metric(&g1, "caption_requests_total{service=\"Generate\",code=\"Ok\"}").await >= 3.0
     })
     .await;
     stop.store(true, Ordering::SeqCst);
@@ -241,38 +234,37 @@ async fn the_hop_to_the_upstreams_can_use_tls_and_a_token() {
     std::fs::write(&token, "inner-secret\n").unwrap();
     let wrong = dir.join("wrong");
     std::fs::write(&wrong, "guess\n").unwrap();
-    let (g, r) = (addr(), addr());
-    // Both upstreams serve TLS and want the token.
+    // Both upstreams serve TLS and want the token; the cascades start once their ports are known.
     let secured =
         ["--tls-cert", cert.as_str(), "--tls-key", key.as_str(), "--auth-token-file", token.to_str().unwrap()];
-    let _generator = Proc::start("tls-g", g, &[&["--services", "generator"][..], &secured].concat());
-    let _ranker = Proc::start("tls-r", r, &[&["--services", "ranker"][..], &secured].concat());
-    let cascade_with = |name: &str, token_file: &std::path::Path| {
-        let c = addr();
-        let p = Proc::start(
-            name,
-            c,
-            &[
-                "--services",
-                "cascade",
-                "--generator-endpoint",
-                &format!("https://localhost:{}", g.port()),
-                "--ranker-endpoint",
-                &format!("https://localhost:{}", r.port()),
-                "--upstream-ca",
-                ca,
-                "--upstream-token-file",
-                token_file.to_str().unwrap(),
-                "--upstream-check-interval-ms",
-                "200",
-            ],
-        );
-        (p, c)
+    let generator = tier("127.0.0.1:0", &[&["--services", "generator"][..], &secured].concat());
+    let ranker = tier("127.0.0.1:0", &[&["--services", "ranker"][..], &secured].concat());
+    let (generator, ranker) = (generator.ready().await, ranker.ready().await);
+    let (generator_endpoint, ranker_endpoint) = (
+        format!("https://localhost:{}", generator.addr().port()),
+        format!("https://localhost:{}", ranker.addr().port()),
+    );
+    let cascade_with = |token_file: &std::path::Path| {
+        let args = [
+            "--services",
+            "cascade",
+            "--generator-endpoint",
+            &generator_endpoint,
+            "--ranker-endpoint",
+            &ranker_endpoint,
+            "--upstream-ca",
+            ca,
+            "--upstream-token-file",
+            token_file.to_str().unwrap(),
+            "--upstream-check-interval-ms",
+            "200",
+        ];
+        tier("127.0.0.1:0", &args)
     };
-    let (_good, good_addr) = cascade_with("tls-c", &token);
-    let (_bad, bad_addr) = cascade_with("tls-c-wrong", &wrong);
+    let (good, bad) = (cascade_with(&token), cascade_with(&wrong));
+    let (good, bad) = (good.ready().await, bad.ready().await);
     let png = draw_scene(&mut StdRng::seed_from_u64(4)).png();
-    for (addr, want) in [(good_addr, Code::Ok), (bad_addr, Code::Unauthenticated)] {
+    for (addr, want) in [(good.addr(), Code::Ok), (bad.addr(), Code::Unauthenticated)] {
         wait_for("the cascade turns SERVING over TLS", Duration::from_secs(60), async || {
             health(addr, "caption.v1.Cascade").await == Some(ServingStatus::Serving as i32)
         })

@@ -69,12 +69,7 @@ impl BlipRunner {
     }
 
     /// Random weights in the shapes of `shapes` (a config folder), with `tokenizer`'s tokenizer.
-    pub fn random_as(
-        shapes: &Path,
-        tokenizer: &Path,
-        device: Device,
-        numerics: impl Into<Numerics>,
-    ) -> Result<Self, ModelError> {
+    pub fn random_as(shapes: &Path, tokenizer: &Path, device: Device, numerics: Numerics) -> Result<Self, ModelError> {
         let model = Blip::random_as(shapes, device, numerics)?;
         Self::new(model, CaptionTokenizer::load(tokenizer)?, preprocess::load(shapes)?, device)
     }

@@ -55,12 +55,7 @@ impl ClipRunner {
     }
 
     /// Random weights in the shapes of `shapes` (a config folder), with `tokenizer`'s tokenizer.
-    pub fn random_as(
-        shapes: &Path,
-        tokenizer: &Path,
-        device: Device,
-        numerics: impl Into<Numerics>,
-    ) -> Result<Self, ModelError> {
+    pub fn random_as(shapes: &Path, tokenizer: &Path, device: Device, numerics: Numerics) -> Result<Self, ModelError> {
         Self::with_tokenizer(Clip::random_as(shapes, device, numerics)?, shapes, tokenizer, device)
     }
 

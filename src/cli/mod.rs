@@ -2,6 +2,7 @@
 
 mod caption;
 mod models;
+mod ready;
 mod serve;
 
 use clap::{Parser, Subcommand};

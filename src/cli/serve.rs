@@ -4,6 +4,7 @@
 use clap::Args;
 use tokio::net::TcpListener;
 
+use super::ready;
 use crate::{
     api::{Backends, Captioning, Reflection, Roles, ServerOptions},
     app::ModelSet,
@@ -23,10 +24,18 @@ pub struct ServeArgs {
 }
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
-    if let Some(addr) = args.server.metrics_listen {
-        crate::telemetry::install_exporter(addr)?;
-        tracing::info!(%addr, "serving Prometheus metrics");
+    let ready_file = args.server.ready_file.as_deref();
+    if let Some(path) = ready_file {
+        ready::clear(path)?;
     }
+    let metrics = match args.server.metrics_listen {
+        Some(addr) => {
+            let addr = crate::telemetry::install_exporter(bind("--metrics-listen", addr).await?)?;
+            tracing::info!(%addr, "serving Prometheus metrics");
+            Some(addr)
+        }
+        None => None,
+    };
     let plan = Plan::of(&args.server)?;
     let results = args.server.result_cache();
     let captioning = match plan.upstreams {
@@ -46,15 +55,24 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             Captioning::Local(captioner)
         }
     };
-    let listener = bind(args.server.listen).await?;
+    let listener = bind("--listen", args.server.listen).await?;
     let reflection = match args.server.reflection_listen {
         _ if args.server.no_reflection => Reflection::Off,
-        Some(addr) => {
-            let listener = bind(addr).await?;
-            tracing::info!(addr = %listener.local_addr()?, "serving reflection");
-            Reflection::Separate(listener)
-        }
+        Some(addr) => Reflection::Separate(bind("--reflection-listen", addr).await?),
         None => Reflection::Main,
+    };
+    let health_listener = match args.server.health_listen {
+        Some(addr) => Some(bind("--health-listen", addr).await?),
+        None => None,
+    };
+    let bound = ready::Bound {
+        grpc: listener.local_addr()?,
+        metrics,
+        health: health_listener.as_ref().map(TcpListener::local_addr).transpose()?,
+        reflection: match &reflection {
+            Reflection::Separate(listener) => Some(listener.local_addr()?),
+            _ => None,
+        },
     };
     let options = ServerOptions {
         max_message_bytes: args.server.max_message_bytes,
@@ -62,13 +80,14 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         edge: args.server.edge_config().map_err(anyhow::Error::msg)?,
         auth: args.server.auth().map_err(anyhow::Error::msg)?,
         reflection,
-        health_listener: match args.server.health_listen {
-            Some(addr) => Some(bind(addr).await?),
-            None => None,
-        },
+        health_listener,
     };
+    let shown = |addr: Option<std::net::SocketAddr>| addr.map(tracing::field::display);
     tracing::info!(
-        addr = %listener.local_addr()?,
+        grpc = %bound.grpc,
+        metrics = shown(bound.metrics),
+        health = shown(bound.health),
+        reflection = shown(bound.reflection),
         services = ?args.server.services,
         remote_models = matches!(captioning, Captioning::Remote(_)),
         tls = options.edge.tls.is_some(),
@@ -79,7 +98,14 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         Captioning::Local(captioner) => Some(captioner.clone()),
         Captioning::Remote(_) => None,
     };
+    if let Some(path) = ready_file {
+        ready::write(path, &bound)?;
+    }
     crate::api::serve(listener, Backends { roles: plan.roles, captioning }, options, shutdown_signal()).await;
+    if let Some(path) = ready_file {
+        // The addresses no longer answer; a supervisor reading the file would be misled.
+        let _ = std::fs::remove_file(path);
+    }
     if let Some(captioner) = local {
         let scheduler = captioner.models().scheduler.clone();
         tokio::task::spawn_blocking(move || scheduler.shutdown()).await?;
@@ -126,8 +152,8 @@ impl Plan {
     }
 }
 
-async fn bind(addr: std::net::SocketAddr) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))
+async fn bind(flag: &str, addr: std::net::SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("{flag}: cannot listen on {addr}: {e}"))
 }
 
 /// One tiny call to each model this process runs, so the first real request does not pay for

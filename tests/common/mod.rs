@@ -1,9 +1,15 @@
 //! Shared test harness: one in-process server per test binary on 127.0.0.1:0, running on its
-//! own runtime thread so every test's runtime can reach it, and clients for it.
+//! own runtime thread so every test's runtime can reach it, and clients for it. Server processes,
+//! for tests that read a server's metrics or need a process of their own, are in [`process`].
 
 #![allow(dead_code)]
 
+pub mod process;
 pub mod scenes;
+
+// Each test binary uses part of the harness.
+#[allow(unused_imports)]
+pub use process::{server, spawn_server, ServerProcess};
 
 use std::{net::SocketAddr, sync::OnceLock, time::Duration};
 
@@ -34,20 +40,14 @@ pub fn server_addr() -> SocketAddr {
     *ADDR.get_or_init(|| start_server(engine_args(&[])))
 }
 
-/// Starts a server with `engine` on a runtime thread of its own; returns once it listens.
+/// Starts a server with `engine` on a runtime thread of its own; returns once it listens. It has
+/// no metrics: the recorder is global to a process, so every in-process server of a test binary
+/// would count into the same series. Tests that read counters start a [`process`] of their own.
 pub fn start_server(engine: EngineArgs) -> SocketAddr {
-    start_server_with_metrics(engine, None)
-}
-
-/// As [`start_server`], also serving Prometheus metrics on `metrics` when given.
-pub fn start_server_with_metrics(engine: EngineArgs, metrics: Option<SocketAddr>) -> SocketAddr {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let rt = tokio::runtime::Runtime::new().expect("runtime");
         rt.block_on(async move {
-            if let Some(addr) = metrics {
-                caption_cascade::telemetry::install_exporter(addr).expect("metrics exporter");
-            }
             let cascade = caption_cascade::app::build_captioner(&engine).expect("models load");
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
             tx.send(listener.local_addr().expect("addr")).expect("send addr");
@@ -56,11 +56,6 @@ pub fn start_server_with_metrics(engine: EngineArgs, metrics: Option<SocketAddr>
     });
     // Each test runs its own runtime; readiness is polled there by `channel`.
     rx.recv().expect("server thread started")
-}
-
-/// A port that was free a moment ago, for listeners that cannot bind port 0 themselves.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// A channel to `addr` once its health check reports SERVING (polled, no fixed sleep).
@@ -87,34 +82,6 @@ pub async fn shared_channel() -> Channel {
 
 pub fn png_image(bytes: Vec<u8>) -> Option<pb::Image> {
     Some(pb::Image { source: Some(pb::image::Source::Data(bytes)) })
-}
-
-/// A server process of the binary under test, killed when dropped.
-pub struct ServerProcess(pub std::process::Child);
-
-impl Drop for ServerProcess {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Starts `caption-cascade serve --device cpu --listen ADDR ARGS…` from the repository root, with
-/// `env` set and its output discarded.
-pub fn spawn_server(listen: SocketAddr, args: &[&str], env: &[(&str, &str)]) -> ServerProcess {
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_caption-cascade"));
-    cmd.args(["serve", "--device", "cpu", "--listen", &listen.to_string()])
-        .args(args)
-        .envs(env.iter().copied())
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null());
-    ServerProcess(cmd.spawn().expect("start the server"))
-}
-
-/// A free loopback address.
-pub fn free_addr() -> SocketAddr {
-    format!("127.0.0.1:{}", free_port()).parse().unwrap()
 }
 
 /// PEM files for TLS tests, written to a folder removed when this is dropped.

@@ -14,8 +14,9 @@ user, with the image's environment, working directory and entrypoint, all read f
     CUDA library beyond the libcudart and libcupti libtorch_cpu itself needs, a binary that does
     not link libtorch_cuda;
   * `caption --device cpu --json` on every sample scene gives the caption in expected.json;
-  * `serve` on loopback ports: the gRPC health check (main and health port, when grpcio is
-    importable) and the same captions through `caption --endpoint`, then a clean exit on SIGTERM.
+  * `serve` on loopback ports it picks itself (port 0, named in its --ready-file): the gRPC health
+    check (main and health port, when grpcio is importable) and the same captions through
+    `caption --endpoint`, then a clean exit on SIGTERM.
 
 Where runc is installed (`make image` installs it), the image is also run as a real container:
 `podman run --runtime runc`, with rlimits below the sandbox's hard limits (podman's defaults are
@@ -32,7 +33,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -66,23 +66,36 @@ def needed(path):
     return re.findall(r"\(NEEDED\).*\[(.*)\]", out)
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# serve binds port 0 on every listener and names the ports it got in --ready-file: a port picked
+# here and handed over could be taken by anything else starting at the same time.
+SERVE_LISTEN = {"CAPTION_LISTEN": "127.0.0.1:0", "CAPTION_HEALTH_LISTEN": "127.0.0.1:0"}
 
 
-def wait_for_port(port, proc, timeout):
+def wait_for_ready(path, running, timeout):
+    """The addresses serve's --ready-file names once it is written (serve renames it into place
+    whole, so it parses once it exists); None if the server stops first or `timeout` passes."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            return False
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return True
-        except OSError:
-            time.sleep(0.5)
-    return False
+            return json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            pass
+        if not running():
+            return None
+        time.sleep(0.2)
+    return None
+
+
+def port_of(addr):
+    return int(addr.rsplit(":", 1)[1])
+
+
+def ready_dir(path):
+    """`path`, made a folder the image's user can write its ready file to."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    os.chown(path, UID, UID)
+    return path
 
 
 def health(port, service):
@@ -125,29 +138,28 @@ def container_run(image, expected):
     if result.returncode == 0:
         compare(result.stdout, expected, "podman run")
 
-    port, health_port = free_port(), free_port()
-    listen = ["-e", f"CAPTION_LISTEN=127.0.0.1:{port}", "-e", f"CAPTION_HEALTH_LISTEN=127.0.0.1:{health_port}"]
+    ready = ready_dir(tempfile.mkdtemp(prefix="caption-image-test-"))
+    listen = [a for k, v in SERVE_LISTEN.items() for a in ("-e", f"{k}={v}")]
+    listen += ["-v", f"{ready}:/ready", "-e", "CAPTION_READY_FILE=/ready/serve.json"]
     name = f"caption-image-test-{os.getpid()}"
     # No command: the image's CMD (serve).
     started = subprocess.run(PODMAN_RUN + ["-d", "--name", name, "--network", "host", *listen, image], text=True, capture_output=True)
     check(started.returncode == 0, f"podman run -d (serve){': ' + started.stderr[-2000:] if started.returncode else ''}")
     if started.returncode != 0:
+        shutil.rmtree(ready)
         return
     try:
         t = time.monotonic()
-        up = False
-        while time.monotonic() - t < 300 and not up:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    up = True
-            except OSError:
-                if sh("podman", "inspect", "--format", "{{.State.Running}}", name) != "true":
-                    break
-                time.sleep(0.5)
-        check(up, f"podman run: serve listens on 127.0.0.1:{port} ({time.monotonic() - t:.1f} s)")
-        if not up:
+
+        def running():
+            return sh("podman", "inspect", "--format", "{{.State.Running}}", name) == "true"
+
+        bound = wait_for_ready(ready / "serve.json", running, 300)
+        check(bound is not None, f"podman run: serve is ready: {bound} ({time.monotonic() - t:.1f} s)")
+        if bound is None:
             print(subprocess.run(["podman", "logs", name], text=True, capture_output=True).stderr[-3000:])
             return
+        port, health_port = port_of(bound["grpc"]), port_of(bound["health"])
         try:
             import grpc  # noqa: F401
         except ImportError:
@@ -167,6 +179,7 @@ def container_run(image, expected):
         check(code == "0", f"podman stop: serve drains and exits 0 (exit {code}, {time.monotonic() - t:.1f} s)")
     finally:
         subprocess.run(["podman", "rm", "--force", name], capture_output=True)
+        shutil.rmtree(ready)
 
 
 def main():
@@ -260,17 +273,20 @@ def run():
         if result.returncode == 0:
             compare(result.stdout, expected, "in-process")
 
-        port, health_port = free_port(), free_port()
-        serve_env = {**run_env, "CAPTION_LISTEN": f"127.0.0.1:{port}", "CAPTION_HEALTH_LISTEN": f"127.0.0.1:{health_port}"}
+        # The ready file is written inside the chroot and read here through the mount.
+        ready_in_image = f"/tmp/caption-ready-{os.getpid()}"
+        ready = ready_dir(mnt / ready_in_image.lstrip("/"))
+        serve_env = {**run_env, **SERVE_LISTEN, "CAPTION_READY_FILE": f"{ready_in_image}/serve.json"}
         log = tempfile.TemporaryFile(mode="w+")
         t = time.monotonic()
         server = subprocess.Popen(prefix + entry + config["Cmd"], env=serve_env, stdout=log, stderr=subprocess.STDOUT)
-        up = wait_for_port(port, server, args.startup_timeout)
-        check(up, f"serve listens on 127.0.0.1:{port} ({time.monotonic() - t:.1f} s)")
-        if not up:
+        bound = wait_for_ready(ready / "serve.json", lambda: server.poll() is None, args.startup_timeout)
+        check(bound is not None, f"serve is ready: {bound} ({time.monotonic() - t:.1f} s)")
+        if bound is None:
             log.seek(0)
             print(log.read()[-3000:])
             return
+        port, health_port = port_of(bound["grpc"]), port_of(bound["health"])
         try:
             import grpc  # noqa: F401
         except ImportError:
