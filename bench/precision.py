@@ -15,9 +15,10 @@ import argparse
 import concurrent.futures
 import io
 import json
-import socket
+import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -57,17 +58,21 @@ def eval_scenes():
     return pngs, truths, sets
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def serve(binary, variant, port):
+def serve(binary, variant, ready_file):
+    """The server on a port it chose, and that port, read from its ready file once it serves."""
     numerics = ["--dtype", "fp32", "--quantize", "int8"] if variant == "int8" else ["--dtype", variant]
-    return subprocess.Popen(
-        [binary, "serve", "--listen", f"127.0.0.1:{port}", "--device", "cpu", *numerics],
+    server = subprocess.Popen(
+        [binary, "serve", "--listen", "127.0.0.1:0", "--ready-file", ready_file, "--device", "cpu", *numerics],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(1200):  # loading the models takes a while
+        if os.path.exists(ready_file):
+            with open(ready_file) as f:
+                return server, int(json.load(f)["grpc"].rsplit(":", 1)[1])
+        if server.poll() is not None:
+            raise RuntimeError(f"{binary} serve exited with {server.returncode} before it served")
+        time.sleep(0.1)
+    server.terminate()
+    raise RuntimeError(f"{binary} serve did not write {ready_file} within 120 s")
 
 
 def run(pb, rpc, port, pngs, sets):
@@ -107,8 +112,7 @@ def main():
     pngs, truths, sets = eval_scenes()
     results = {}
     for dtype in ["fp32"] + args.dtypes.split(","):
-        port = free_port()
-        server = serve(args.bin, dtype, port)
+        server, port = serve(args.bin, dtype, os.path.join(tempfile.mkdtemp(prefix="cc-precision-"), "ready.json"))
         try:
             t = time.perf_counter()
             results[dtype] = run(pb, rpc, port, pngs, sets)

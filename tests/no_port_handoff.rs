@@ -4,7 +4,8 @@
 //! bind port 0 themselves and name the ports they got (`serve --ready-file`); listeners a test runs
 //! itself keep their socket for as long as the port is used.
 //!
-//! This scans the test sources (tests/**/*.rs, *.py, *.js, *.sh) and names file:line for each way
+//! This scans the test sources (tests/**/*.rs, *.py, *.js, *.sh; the benchmark's scripts; the fetch
+//! tests in src/) and names file:line for each way
 //! a port has been handed on. It is a lexical scan, not a parser, and it recognises:
 //! * a helper named like free_port or free_addr, in any of these languages;
 //! * in Rust, a listener asked its address in the statement that binds it (dropped at once), one
@@ -29,7 +30,9 @@ fn no_test_hands_a_closed_port_on() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut found = Vec::new();
     let mut scanned = 0;
-    for path in sources(&root.join("tests")) {
+    // The benchmark's scripts and the unit tests in src/ start servers and listeners too.
+    let tested = [root.join("tests"), root.join("bench"), root.join("src/images/fetch")];
+    for path in tested.iter().flat_map(|dir| sources(dir)) {
         if path.file_name() == Some(std::ffi::OsStr::new("no_port_handoff.rs")) {
             continue;
         }

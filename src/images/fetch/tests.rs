@@ -208,7 +208,10 @@ async fn transport_failures_are_told_in_fixed_words() {
         }
     });
     assert_eq!(reason(f.fetch_str(&format!("http://{reset_addr}/")).await.unwrap_err()), "connection closed early");
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    // Bound but never listening: the port stays held, and every connection to it is refused.
+    let held = tokio::net::TcpSocket::new_v4().unwrap();
+    held.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let closed = held.local_addr().unwrap();
     assert_eq!(reason(f.fetch_str(&format!("http://{closed}/")).await.unwrap_err()), "could not connect");
     let (tls, _) = answering(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nx").await;
     let err = reason(f.fetch_str(&format!("https://{tls}/")).await.unwrap_err());
