@@ -12,7 +12,7 @@
 
 mod params;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 pub use params::{decoding, resolved_strategy, MAX_BEAMS, MAX_PROMPT_BYTES};
 

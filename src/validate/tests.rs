@@ -97,7 +97,7 @@ fn some<T: Copy>(rng: &mut StdRng, values: &[T]) -> Option<T> {
 }
 
 /// A request with each field unset or one of the values at and around its limits.
-fn any_request(rng: &mut StdRng) -> pb::GenerationParams {
+pub(crate) fn any_request(rng: &mut StdRng) -> pb::GenerationParams {
     let counts = [0, 1, 2, 3, 10, 15, 16, 17, 39, 40, 41, u32::MAX];
     let reals = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -1.0, 0.0, -0.0, 1e-30, 0.5, 1.0, 1.5, 1e30];
     let prompts = ["", "a photo of", "  ", "x"];

@@ -132,3 +132,25 @@ async fn a_url_is_named_once_and_an_unfetchable_one_fails_with_its_key() {
     assert_eq!(refused.key, None, "a URL that is not fetchable names no image");
     assert_eq!(c.models().calls.load(Ordering::SeqCst), 0);
 }
+
+/// What passed validation is never refused later for its parameters: only the prompt's tokens,
+/// which need the tokenizer, are checked after it.
+#[tokio::test]
+async fn a_validated_request_is_never_refused_later_for_its_parameters() {
+    use rand::{rngs::StdRng, SeedableRng};
+    let c = captioner(vec!["a cat", "a dog"]);
+    let mut rng = StdRng::seed_from_u64(26);
+    let mut accepted = 0;
+    for _ in 0..3000 {
+        let request = crate::validate::tests::any_request(&mut rng);
+        let Ok(params) = c.validator().request(Some(request.clone())) else { continue };
+        accepted += 1;
+        let listing = c.validator().listing(Some(2), false).unwrap();
+        match c.caption(png(), params, listing, Admission::default()).await {
+            Ok(_) => {}
+            Err(Failed { error: CascadeError::Invalid(e), .. }) => panic!("{e} for the validated {request:?}"),
+            Err(other) => panic!("{other:?}"),
+        }
+    }
+    assert!(accepted > 50, "only {accepted} requests validated");
+}
