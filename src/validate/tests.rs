@@ -1,3 +1,6 @@
+//! The rules on their own: each field named when refused, defaults and presets, captions and
+//! listings, and a property test over random requests.
+
 use rand::{rngs::StdRng, Rng, SeedableRng};
 
 use super::*;

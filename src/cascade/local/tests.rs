@@ -1,3 +1,6 @@
+//! The captioner on fake models: merging and ranking, what is refused before the models are
+//! reached, the key a failure carries, and that validated requests are never refused later.
+
 use std::sync::{
     atomic::{AtomicUsize, Ordering},
     Arc,

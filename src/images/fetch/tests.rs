@@ -1,3 +1,6 @@
+//! Fetching on its own: file:// confinement, URL checks, conditional fetches, the egress policy
+//! and the few fixed words each kind of transport failure is told in.
+
 use super::*;
 
 fn fetcher(dir: Option<PathBuf>) -> Fetcher {
