@@ -95,34 +95,27 @@ impl Resolver {
     pub async fn fetch(&self, image: &NamedImage) -> Result<(Arc<Vec<u8>>, Option<Validators>), ImageError> {
         match &image.origin {
             Origin::Inline { bytes, .. } => Ok((bytes.clone(), None)),
-            Origin::Url(url) => match self.fetched(self.fetcher.fetch(url).await.map(Conditional::Changed))? {
-                Fetch::Bytes { bytes, validators } => Ok((bytes, validators)),
-                // Only a fetch with validators is answered so; the fetcher refuses a 304 otherwise.
-                Fetch::NotModified { .. } => Err(ImageError::Fetch {
-                    url: url.as_str().to_string(),
-                    reason: "the origin answered 304 unasked".into(),
-                }),
-            },
+            Origin::Url(url) => {
+                let fetched = self.fetcher.fetch(url).await;
+                counted(fetched.as_ref().map(|_| "ok"));
+                let fetched = fetched?;
+                Ok((Arc::new(fetched.bytes), fetched.validators))
+            }
         }
     }
 
     /// The image's bytes only if they changed from the version `known` describes; inline bytes
     /// are as given.
     pub async fn fetch_if_changed(&self, image: &NamedImage, known: &Validators) -> Result<Fetch, ImageError> {
-        match &image.origin {
-            Origin::Inline { bytes, .. } => Ok(Fetch::Bytes { bytes: bytes.clone(), validators: None }),
-            Origin::Url(url) => self.fetched(self.fetcher.fetch_if_changed(url, known).await),
-        }
-    }
-
-    /// A fetch's answer, counted by outcome.
-    fn fetched(&self, answer: Result<Conditional, ImageError>) -> Result<Fetch, ImageError> {
-        let outcome = match &answer {
-            Ok(Conditional::Changed(_)) => "ok",
-            Ok(Conditional::NotModified { .. }) => "not_modified",
-            Err(_) => "error",
+        let url = match &image.origin {
+            Origin::Inline { bytes, .. } => return Ok(Fetch::Bytes { bytes: bytes.clone(), validators: None }),
+            Origin::Url(url) => url,
         };
-        metrics::counter!("caption_images_fetched_total", "outcome" => outcome).increment(1);
+        let answer = self.fetcher.fetch_if_changed(url, known).await;
+        counted(answer.as_ref().map(|a| match a {
+            Conditional::Changed(_) => "ok",
+            Conditional::NotModified { .. } => "not_modified",
+        }));
         Ok(match answer? {
             Conditional::Changed(fetched) => {
                 Fetch::Bytes { bytes: Arc::new(fetched.bytes), validators: fetched.validators }
@@ -130,6 +123,12 @@ impl Resolver {
             Conditional::NotModified { final_url } => Fetch::NotModified { final_url },
         })
     }
+}
+
+/// Counts a fetch by its outcome.
+fn counted(outcome: Result<&'static str, &ImageError>) {
+    let outcome = outcome.unwrap_or("error");
+    metrics::counter!("caption_images_fetched_total", "outcome" => outcome).increment(1);
 }
 
 /// SHA-256 of image bytes; hashing 20 MB takes tens of milliseconds, so not on an async worker.
