@@ -31,16 +31,16 @@ pub struct EngineArgs {
     #[arg(long, env = "CAPTION_DEVICE", value_enum, default_value_t = DeviceChoice::Auto)]
     pub device: DeviceChoice,
     /// Precision the models compute in: fp32 (the reference's numbers), bf16, fp16, or auto (bf16
-    /// where the device computes it natively, else fp32; logged at start). README, Precision.
+    /// where the device computes it natively, else fp32; logged at start). docs/benchmark.md, Precision.
     #[arg(long, env = "CAPTION_DTYPE", value_enum, default_value_t = Precision::Fp32)]
     pub dtype: Precision,
     /// int8: every linear layer of both models holds int8 weights and quantizes each input row on
-    /// the fly (CPU with --dtype fp32 only). Faster on CPUs; captions move slightly: README,
-    /// Precision, has both.
+    /// the fly (CPU with --dtype fp32 only). Faster on CPUs; captions move slightly:
+    /// docs/benchmark.md, Precision, has both.
     #[arg(long, env = "CAPTION_QUANTIZE", value_enum, default_value_t = Quantize::None)]
     pub quantize: Quantize,
     /// Replay BLIP's one-token decode steps from CUDA graphs (captured per executor and row
-    /// bucket on first use), which saves most kernel launches; CUDA only. README, Benchmark.
+    /// bucket on first use), which saves most kernel launches; CUDA only. docs/benchmark.md.
     #[arg(long, env = "CAPTION_CUDA_GRAPHS")]
     pub cuda_graphs: bool,
     /// Executor threads that run model batches (each runs one batch at a time). Default: 1 for

@@ -7,7 +7,7 @@
 //! batch, so int8 adds no dependence on batch mates (which would move a request's captions with
 //! the load), and one row with large values does not coarsen its neighbours' grid. A decode step's
 //! products are limited by reading their weights, and int8 weights are a quarter of fp32's:
-//! README, Precision, has the speed and what it does to the captions.
+//! docs/benchmark.md, Precision, has the speed and what it does to the captions.
 
 use tch::{Device, Kind, Tensor};
 
