@@ -1,8 +1,11 @@
 //! Prometheus metrics: the recorder, its `/metrics` endpoint on a listener the caller bound, and
 //! the bucket layout of every histogram. Metric names share the `caption_` prefix; the code that
-//! measures records through the `metrics` macros.
+//! measures records through the `metrics` macros. Also how untrusted text enters a log field.
 
 mod endpoint;
+mod field;
+
+pub use field::{untrusted, Untrusted};
 
 use std::net::SocketAddr;
 

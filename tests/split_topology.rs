@@ -17,7 +17,7 @@ use std::{
 };
 
 use caption_cascade::pb::{self, cascade_client::CascadeClient};
-use common::{png_image, scenes::draw_scene, shared_channel, ServerProcess};
+use common::{http::http_server, png_image, scenes::draw_scene, shared_channel, ServerProcess};
 use rand::{rngs::StdRng, SeedableRng};
 use tonic::{transport::Channel, Code};
 use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest};
@@ -95,6 +95,8 @@ async fn a_split_deployment_captions_like_the_combined_one_and_survives_a_killed
             &ranker_endpoint,
             "--upstream-check-interval-ms",
             "200",
+            "--fetch-allow",
+            "127.0.0.1/32",
         ],
     )
     .ready()
@@ -141,6 +143,19 @@ async fn a_split_deployment_captions_like_the_combined_one_and_survives_a_killed
             assert!(process.log().contains(&a.key), "process {} misses the key {}", process.id(), a.key);
         }
         assert!(g1.log().contains(&a.key) || g2.log().contains(&a.key), "no generator logged {}", a.key);
+    }
+    // A URL's key reaches the upstreams as scheme, host and path: its query may be a credential.
+    let http = http_server(scenes[0].clone()).await;
+    let url = format!("http://{http}/scene.png?X-Amz-Signature=SIGNED");
+    let by_url = pb::CaptionRequest {
+        image: Some(pb::Image { source: Some(pb::image::Source::Url(url.clone())) }),
+        ..request(vec![], 0)
+    };
+    assert_eq!(client.caption(by_url).await.unwrap().into_inner().key, url);
+    let sent = format!("sent_key=http://{http}/scene.png ");
+    assert!(ranker.log().contains(&sent), "the ranker logs the label of the key:\n{}", ranker.log());
+    for process in [&cascade, &ranker, &g1, &g2] {
+        assert!(!process.log().contains("SIGNED"), "process {} logged a URL's query", process.id());
     }
 
     // An expired call never reaches BLIP.

@@ -6,6 +6,7 @@ use crate::{
     cascade::{CascadeError, Failed},
     engine::EngineError,
     images::ImageError,
+    telemetry::untrusted,
 };
 
 /// A refused call: its status, and its image's correlation key when the call got as far as
@@ -57,7 +58,7 @@ fn engine_status(e: EngineError) -> Status {
         EngineError::ShuttingDown => Status::unavailable(e.to_string()),
         EngineError::NotServed(_) => Status::unimplemented(e.to_string()),
         EngineError::Internal(msg) => {
-            tracing::error!(%msg, "internal error");
+            tracing::error!(msg = %untrusted(msg.as_bytes(), 2000), "internal error");
             Status::internal(msg)
         }
     }

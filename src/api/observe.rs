@@ -1,5 +1,6 @@
 //! How every call is observed: counted by service and final status, timed, tracked as in flight,
-//! bounded by the caller's deadline, and logged inside a span carrying its correlation key.
+//! bounded by the caller's deadline, and logged inside a span carrying its correlation key (the
+//! server's own, as its label) and, apart, the key a caller sent in metadata.
 
 use std::{future::Future, time::Instant};
 
@@ -9,9 +10,10 @@ use tracing::Instrument;
 
 use super::error::Refused;
 use crate::{
-    cascade::{CascadeError, Failed},
+    cascade::{image::label, CascadeError, Failed},
     engine::{Admission, EngineError},
     pb,
+    telemetry::{untrusted, Untrusted},
 };
 
 /// Answers that carry their image's correlation key.
@@ -37,12 +39,15 @@ impl Keyed for pb::CaptionResponse {
     }
 }
 
-/// The correlation key a cascade tier sent along with a call to its upstreams, if any: their log
-/// lines carry the tier's key rather than the digest of the bytes they were sent.
-pub fn sent_key(metadata: &MetadataMap) -> Option<String> {
-    let key = metadata.get(pb::KEY_HEADER)?.to_str().ok()?;
-    Some(key.chars().take(200).collect())
+/// The correlation key a cascade tier sends along with a call to its upstreams, so that their
+/// log lines for it can be found. Any caller can set it, so it is logged escaped and cut, beside
+/// the key the server derives itself and never instead of it.
+pub fn sent_key(metadata: &MetadataMap) -> Option<Untrusted> {
+    Some(untrusted(metadata.get(pb::KEY_HEADER)?.as_bytes(), SENT_KEY_CHARS))
 }
+
+/// Enough for the label of any URL a cascade tier accepts by default.
+const SENT_KEY_CHARS: usize = 256;
 
 /// Counts a call by service and final status, times it and tracks it as in flight. A call whose
 /// future is dropped (client cancelled, deadline) is counted as CANCELLED.
@@ -70,11 +75,11 @@ impl Drop for CallObserver {
 }
 
 /// Runs `call` observed and bounded by the caller's deadline, so an expired deadline is answered
-/// DEADLINE_EXCEEDED wherever the call is (fetching, queued, computing). Its span carries the key
-/// the cascade tier sent (`sent`), else the key the call named its image by, once known.
+/// DEADLINE_EXCEEDED wherever the call is (fetching, queued, computing). Its span carries the
+/// label of the key the call named its image by, once known, and the key sent in metadata.
 pub async fn observed<T, F>(
     service: &'static str,
-    sent: Option<String>,
+    sent: Option<Untrusted>,
     admission: Admission,
     call: impl FnOnce(Admission) -> F,
 ) -> Result<T, Refused>
@@ -82,9 +87,9 @@ where
     T: Keyed,
     F: Future<Output = Result<T, Failed>>,
 {
-    let span = tracing::info_span!("call", service, key = tracing::field::Empty);
-    if let Some(key) = &sent {
-        span.record("key", key.as_str());
+    let span = tracing::info_span!("call", service, key = tracing::field::Empty, sent_key = tracing::field::Empty);
+    if let Some(sent) = &sent {
+        span.record("sent_key", tracing::field::display(sent));
     }
     async move {
         let mut observer = CallObserver::new(service);
@@ -99,8 +104,8 @@ where
             Ok(answer) => (Code::Ok, Some(answer.key())),
             Err(refused) => (refused.status.code(), refused.key.as_deref()),
         };
-        if let (None, Some(key)) = (&sent, key) {
-            tracing::Span::current().record("key", key);
+        if let Some(key) = key {
+            tracing::Span::current().record("key", tracing::field::display(label(key)));
         }
         observer.code = Some(code);
         tracing::info!(code = ?code, ms = observer.start.elapsed().as_millis() as u64, "answered");

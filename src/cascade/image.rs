@@ -27,7 +27,7 @@ pub enum ImageSource {
 }
 
 /// An image a request names, checked, with its correlation key: the URL as given, or
-/// `sha256:<hex>` of the inline bytes.
+/// `sha256:<hex>` of the inline bytes. Logs show the key's [`label`].
 #[derive(Debug, Clone)]
 pub struct NamedImage {
     pub key: String,
@@ -139,10 +139,32 @@ pub async fn digest(data: &Arc<Vec<u8>>) -> Result<Digest, EngineError> {
         .map_err(|e| EngineError::Internal(format!("hashing task failed: {e}")))
 }
 
+/// How a key appears in the server's logs and in the key a cascade tier sends its upstreams: a
+/// URL as scheme, host, port and path only, since its userinfo, query and fragment may be
+/// credentials (a pre-signed URL is one); the key of inline bytes as it is. Only a named image
+/// has a key, so a URL key has passed the URL check and parses.
+pub fn label(key: &str) -> String {
+    if key.starts_with(INLINE_PREFIX) {
+        return key.to_string();
+    }
+    match url::Url::parse(key) {
+        Ok(mut url) => {
+            let _ = url.set_username("");
+            let _ = url.set_password(None);
+            url.set_query(None);
+            url.set_fragment(None);
+            url.into()
+        }
+        Err(_) => "(not a url)".into(),
+    }
+}
+
+const INLINE_PREFIX: &str = "sha256:";
+
 /// The correlation key of inline bytes.
 pub(super) fn inline_key(digest: &Digest) -> String {
     let mut key = String::with_capacity(7 + 64);
-    key.push_str("sha256:");
+    key.push_str(INLINE_PREFIX);
     for b in digest {
         key.push_str(&format!("{b:02x}"));
     }

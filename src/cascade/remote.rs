@@ -13,7 +13,7 @@ use std::{
 use tokio::sync::Semaphore;
 
 use super::{
-    image::Resolver,
+    image::{self, Resolver},
     listing::{distinct_with_counts, rank_candidates},
     Captioned, CascadeError, Failed, Identity, ImageInput, ImageSource, ResultCache, ResultCacheConfig, Timings,
 };
@@ -24,7 +24,8 @@ use crate::{
     validate::{Listing, SentParams, Validator},
 };
 
-/// One image's calls to the upstreams: its correlation key, its bytes, the caller's deadline.
+/// One image's calls to the upstreams: its correlation key's label (what the upstreams log it
+/// by: never the query of a URL), its bytes, the caller's deadline.
 pub struct UpstreamCall {
     pub key: String,
     pub image: Arc<Vec<u8>>,
@@ -122,7 +123,7 @@ impl<U: Upstreams> Chain<U> {
             ImageInput::Content(content) => (content.key, content.bytes),
         };
         let fetch = start.elapsed();
-        let call = UpstreamCall { key: key.clone(), image: bytes, deadline: admission.deadline };
+        let call = UpstreamCall { key: image::label(&key), image: bytes, deadline: admission.deadline };
         let t = Instant::now();
         let candidates = self.upstreams.generate(&call, params).await?;
         if candidates.is_empty() {
