@@ -31,6 +31,8 @@ fn compile_protos() -> Result<(), Box<dyn std::error::Error>> {
     }
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
     tonic_prost_build::configure()
+        // Says whose fault a message that does not decode is (src/pb/codec.rs).
+        .codec_path("crate::pb::Codec")
         .file_descriptor_set_path(out_dir.join("caption_descriptor.bin"))
         .compile_protos(&["proto/caption/v1/caption.proto"], &["proto"])?;
     println!("cargo:rerun-if-changed=proto");

@@ -1,8 +1,12 @@
 //! The wire contract every side speaks: the generated protobuf and gRPC code of `caption.v1` (and
-//! the `google.rpc.Status` it uses), the descriptor set reflection serves, and the metadata that
-//! carries a call's correlation key between tiers.
+//! the `google.rpc.Status` it uses), its codec, the descriptor set reflection serves, and the
+//! metadata that carries a call's correlation key between tiers.
 
 #![allow(clippy::all, missing_docs)]
+
+mod codec;
+
+pub use codec::Codec;
 
 /// Modules mirror the proto packages, so generated cross-package paths resolve.
 pub mod google {
