@@ -10,6 +10,7 @@ use crate::{
     api::{
         auth::BearerToken,
         edge::{EdgeConfig, TlsFiles},
+        StreamLimits,
     },
     backend::{DeviceChoice, Precision, Quantize},
     cascade::{RequestLimits, ResultCacheConfig},
@@ -165,8 +166,16 @@ pub struct ServerArgs {
     #[arg(long, env = "CAPTION_UPSTREAM_CHECK_INTERVAL_MS", default_value_t = 2000)]
     pub upstream_check_interval_ms: u64,
     /// Requests of one CaptionStream call worked on at once; further ones wait unread.
-    #[arg(long, env = "CAPTION_MAX_STREAM_INFLIGHT", default_value_t = crate::api::server::STREAM_INFLIGHT)]
+    #[arg(long, env = "CAPTION_MAX_STREAM_INFLIGHT", default_value_t = StreamLimits::default().inflight)]
     pub max_stream_inflight: usize,
+    /// CaptionStream calls open at once in this process (each costs about 20 KB while open);
+    /// further ones are refused RESOURCE_EXHAUSTED. Their requests also count toward --max-inflight.
+    #[arg(long, env = "CAPTION_MAX_OPEN_STREAMS", default_value_t = StreamLimits::default().max_open)]
+    pub max_open_streams: usize,
+    /// Seconds a CaptionStream with no request in flight may wait for its next one before it is
+    /// ended with DEADLINE_EXCEEDED (0: never).
+    #[arg(long, env = "CAPTION_STREAM_IDLE_TIMEOUT_S", default_value_t = StreamLimits::default().idle_timeout.as_secs())]
+    pub stream_idle_timeout_s: u64,
     /// Open connections at most; further ones are closed as soon as they are accepted.
     #[arg(long, env = "CAPTION_MAX_CONNECTIONS", default_value_t = EdgeConfig::default().max_connections)]
     pub max_connections: usize,
@@ -234,6 +243,14 @@ pub struct ServerArgs {
 
 impl ServerArgs {
     /// The edge's settings; loads the TLS files, so a bad one stops the server at start.
+    pub fn stream_limits(&self) -> StreamLimits {
+        StreamLimits {
+            inflight: self.max_stream_inflight,
+            max_open: self.max_open_streams,
+            idle_timeout: Duration::from_secs(self.stream_idle_timeout_s),
+        }
+    }
+
     pub fn edge_config(&self) -> Result<EdgeConfig, String> {
         let secs = Duration::from_secs;
         let tls = match (&self.tls_cert, &self.tls_key) {

@@ -38,6 +38,7 @@ fn describe() {
     describe_counter!("caption_requests_total", "gRPC calls by service and status code");
     describe_histogram!("caption_request_duration_seconds", Unit::Seconds, "gRPC call latency by service");
     describe_gauge!("caption_inflight_requests", "gRPC calls being served, by service");
+    describe_gauge!("caption_open_streams", "CaptionStream calls open (bounded by --max-open-streams)");
     describe_histogram!("caption_queue_duration_seconds", Unit::Seconds, "time requests wait in a model queue");
     describe_histogram!(
         "caption_compute_duration_seconds",

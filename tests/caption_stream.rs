@@ -2,7 +2,7 @@
 //! softmax over all N candidates (checked against Rank's softmax over the same N captions,
 //! duplicates included), merged or listed per candidate; CaptionStream answers every request by
 //! its id in completion order, one failure never ends it, and a stream works on a bounded number
-//! of requests at once.
+//! of requests at once; open streams are capped process-wide and an idle one ends.
 
 mod common;
 
@@ -163,4 +163,62 @@ async fn a_stream_works_on_a_bounded_number_of_requests_at_once() {
     assert_eq!(answers.await.unwrap(), 12, "every request answered");
     drop(server);
     assert_eq!(peak, 2.0, "at most --max-stream-inflight at once, and that many in use");
+}
+
+/// Open streams are bounded process-wide, and one with nothing in flight ends once idle for
+/// `--stream-idle-timeout-s`, while one waiting on its requests' answers does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_streams_are_capped_and_idle_ones_end() {
+    let http = common::http::http_server(Vec::new()).await;
+    let args = ["--max-open-streams", "2", "--stream-idle-timeout-s", "1", "--fetch-timeout-s", "3"];
+    let server = server(&args).args(&["--fetch-allow", "127.0.0.1/32"]).metrics().start().await;
+    let ch = common::channel(server.addr()).await;
+    let open = |items: Vec<pb::CaptionStreamRequest>| {
+        let mut client = CascadeClient::new(ch.clone());
+        async move {
+            // Sends `items`, then keeps the request side open.
+            let outbound = futures::stream::iter(items).chain(futures::stream::pending());
+            client.caption_stream(outbound).await
+        }
+    };
+    let open_gauge = || async {
+        let text = reqwest::get(format!("http://{}/metrics", server.metrics())).await.unwrap().text().await.unwrap();
+        text.lines().find_map(|l| l.strip_prefix("caption_open_streams ")?.parse::<f64>().ok()).unwrap_or(0.0)
+    };
+
+    // One stream waits 3 s on an image that never comes; the other sends nothing.
+    let hang = pb::CaptionRequest {
+        image: Some(pb::Image { source: Some(pb::image::Source::Url(format!("http://{http}/hang"))) }),
+        ..Default::default()
+    };
+    let start = Instant::now();
+    let mut busy = open(vec![stream_item("hang", hang)]).await.unwrap().into_inner();
+    let mut idle = open(Vec::new()).await.unwrap().into_inner();
+    assert_eq!(open_gauge().await, 2.0);
+    let refused = open(Vec::new()).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted, "{refused:?}");
+    assert!(refused.message().contains("--max-open-streams"), "{}", refused.message());
+
+    let ended = idle.message().await.unwrap_err();
+    assert_eq!(ended.code(), tonic::Code::DeadlineExceeded, "{ended:?}");
+    assert!(ended.message().contains("--stream-idle-timeout-s"), "{}", ended.message());
+    let waited = start.elapsed();
+    assert!(waited >= Duration::from_millis(900) && waited < Duration::from_secs(3), "{waited:?}");
+    // Its place is free again.
+    let mut again = open(Vec::new()).await.unwrap().into_inner();
+
+    // The busy stream outlives the idle timeout while its item is in flight, answers it, and
+    // only then, idle, ends.
+    let answer = busy.message().await.unwrap().expect("the item is answered");
+    assert_eq!(answer.id, "hang");
+    assert!(start.elapsed() >= Duration::from_secs(3), "answered when the fetch timed out");
+    assert!(matches!(answer.result, Some(pb::caption_stream_response::Result::Error(_))), "{answer:?}");
+    assert_eq!(busy.message().await.unwrap_err().code(), tonic::Code::DeadlineExceeded);
+    assert_eq!(again.message().await.unwrap_err().code(), tonic::Code::DeadlineExceeded);
+    // A stream's place is given back just after its last message: poll.
+    let start = Instant::now();
+    while open_gauge().await != 0.0 {
+        assert!(start.elapsed() < Duration::from_secs(5), "a place was never given back");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

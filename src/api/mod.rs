@@ -15,3 +15,4 @@ mod stream;
 
 pub use captioning::Captioning;
 pub use server::{serve, Backends, Reflection, Roles, ServerOptions};
+pub use stream::StreamLimits;

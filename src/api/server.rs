@@ -11,15 +11,18 @@ use tonic::{body::Body, service::Routes};
 use tonic_health::ServingStatus;
 use tower::ServiceExt;
 
-use super::{auth::BearerToken, captioning::Captioning, edge, message_limit::MessageLimit, services::Services};
+use super::{
+    auth::BearerToken,
+    captioning::Captioning,
+    edge,
+    message_limit::MessageLimit,
+    services::Services,
+    stream::{StreamLimits, Streams},
+};
 use crate::{cascade::Captioner, pb};
 
 /// Largest gRPC message accepted (inline image bytes travel in one).
 pub const MAX_MESSAGE_BYTES: usize = 32 * 1024 * 1024;
-
-/// Requests of one CaptionStream worked on at once by default: enough to fill a batch of the
-/// largest usual size several times over.
-pub const STREAM_INFLIGHT: usize = 64;
 
 const SERVICE_NAMES: [&str; 3] = ["caption.v1.Generator", "caption.v1.Ranker", "caption.v1.Cascade"];
 
@@ -35,8 +38,7 @@ pub enum Reflection {
 /// Everything about serving except the models.
 pub struct ServerOptions {
     pub max_message_bytes: usize,
-    /// Requests of one CaptionStream worked on at once.
-    pub stream_inflight: usize,
+    pub streams: StreamLimits,
     pub edge: edge::EdgeConfig,
     /// Calls other than health checks must carry this token when set.
     pub auth: Option<BearerToken>,
@@ -50,7 +52,7 @@ impl Default for ServerOptions {
     fn default() -> Self {
         Self {
             max_message_bytes: MAX_MESSAGE_BYTES,
-            stream_inflight: STREAM_INFLIGHT,
+            streams: StreamLimits::default(),
             edge: edge::EdgeConfig::default(),
             auth: None,
             reflection: Reflection::Main,
@@ -110,7 +112,7 @@ pub async fn serve(
         Captioning::Remote(chain) => Some(chain.upstreams().ready()),
         Captioning::Local(_) => None,
     };
-    let services = Services { captioning, stream_inflight: options.stream_inflight.max(1) };
+    let services = Services { captioning, streams: Streams::new(options.streams) };
     let limit = options.max_message_bytes;
     let (health, health_service) = tonic_health::server::health_reporter();
     let served: Vec<&'static str> =

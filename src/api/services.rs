@@ -18,8 +18,7 @@ use crate::{
 #[derive(Clone)]
 pub struct Services {
     pub captioning: Captioning,
-    /// Requests of one CaptionStream worked on at once.
-    pub stream_inflight: usize,
+    pub streams: stream::Streams,
 }
 
 #[tonic::async_trait]
@@ -48,7 +47,7 @@ impl pb::cascade_server::Cascade for Services {
         &self,
         request: Request<tonic::Streaming<pb::CaptionStreamRequest>>,
     ) -> Result<Response<Self::CaptionStreamStream>, Status> {
-        Ok(stream::answer(self.captioning.clone(), self.stream_inflight, request))
+        self.streams.answer(self.captioning.clone(), request)
     }
 
     async fn caption(&self, request: Request<pb::CaptionRequest>) -> Result<Response<pb::CaptionResponse>, Status> {

@@ -1,11 +1,13 @@
 //! `Cascade.CaptionStream`: many images over one stream for bulk callers. Each request is answered
 //! on its own, in completion order, with a bounded number in flight per stream: further requests
-//! are read only as slots free up, so a fast sender is held back by HTTP/2 flow control.
+//! are read only as slots free up, so a fast sender is held back by HTTP/2 flow control. Open
+//! streams are bounded process-wide, and one with nothing in flight is ended when it stays idle.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
+use metrics::gauge;
 use tokio::{
-    sync::{mpsc, Semaphore},
+    sync::{mpsc, OwnedSemaphorePermit, Semaphore},
     task::JoinSet,
 };
 use tokio_stream::wrappers::ReceiverStream;
@@ -21,29 +23,86 @@ use crate::{
 
 pub type AnswerStream = ReceiverStream<Result<pb::CaptionStreamResponse, Status>>;
 
-/// Starts answering the stream's requests with `captioning`, at most `inflight` at once.
-pub fn answer(
-    captioning: Captioning,
-    inflight: usize,
-    request: Request<Streaming<pb::CaptionStreamRequest>>,
-) -> Response<AnswerStream> {
-    // The stream's deadline bounds every image in it.
-    let admission = convert::admission(request.metadata());
-    let (tx, rx) = mpsc::channel(inflight);
-    tokio::spawn(drive(captioning, inflight, request.into_inner(), admission, tx));
-    Response::new(ReceiverStream::new(rx))
+/// What bounds CaptionStreams.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamLimits {
+    /// Requests of one stream worked on at once; further ones wait unread.
+    pub inflight: usize,
+    /// Streams open at once in this process; further ones are refused RESOURCE_EXHAUSTED.
+    pub max_open: usize,
+    /// How long a stream with nothing in flight may wait for its next request.
+    pub idle_timeout: Duration,
+}
+
+impl Default for StreamLimits {
+    /// A stream costs about 20 KB while open (docs/security.md measures it): a thousand of them
+    /// cost tens of megabytes, not the gigabytes the HTTP/2 limits alone would allow.
+    fn default() -> Self {
+        Self { inflight: 64, max_open: 1024, idle_timeout: Duration::from_secs(120) }
+    }
+}
+
+/// The CaptionStreams of this process.
+#[derive(Clone)]
+pub struct Streams {
+    limits: StreamLimits,
+    open: Arc<Semaphore>,
+}
+
+impl Streams {
+    pub fn new(limits: StreamLimits) -> Self {
+        let limits = StreamLimits { inflight: limits.inflight.max(1), max_open: limits.max_open.max(1), ..limits };
+        Self { limits, open: Arc::new(Semaphore::new(limits.max_open)) }
+    }
+
+    /// Starts answering the stream's requests with `captioning`, or refuses the stream when as
+    /// many as the limit are open.
+    pub fn answer(
+        &self,
+        captioning: Captioning,
+        request: Request<Streaming<pb::CaptionStreamRequest>>,
+    ) -> Result<Response<AnswerStream>, Status> {
+        let open = self.open.clone().try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted(format!(
+                "{} CaptionStreams are open, this server's limit (--max-open-streams): retry later",
+                self.limits.max_open
+            ))
+        })?;
+        // The stream's deadline bounds every image in it.
+        let admission = convert::admission(request.metadata());
+        let (tx, rx) = mpsc::channel(self.limits.inflight);
+        tokio::spawn(drive(captioning, self.limits, request.into_inner(), admission, tx, Open::new(open)));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// A stream's place among the open ones, given back when its driver ends.
+struct Open(#[allow(dead_code)] OwnedSemaphorePermit);
+
+impl Open {
+    fn new(permit: OwnedSemaphorePermit) -> Self {
+        gauge!("caption_open_streams").increment(1.0);
+        Self(permit)
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        gauge!("caption_open_streams").decrement(1.0);
+    }
 }
 
 type Answers = mpsc::Sender<Result<pb::CaptionStreamResponse, Status>>;
 
 async fn drive(
     captioning: Captioning,
-    inflight: usize,
+    limits: StreamLimits,
     mut inbound: Streaming<pb::CaptionStreamRequest>,
     admission: Admission,
     tx: Answers,
+    _open: Open,
 ) {
-    let slots = Arc::new(Semaphore::new(inflight));
+    let slots = Arc::new(Semaphore::new(limits.inflight));
     // Dropped on return, which cancels what is running: the caller is gone.
     let mut running = JoinSet::new();
     loop {
@@ -51,9 +110,30 @@ async fn drive(
             slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
             _ = tx.closed() => return,
         };
+        // Only a stream with nothing in flight can be idle: a caller waiting on answers is not.
+        let idle = async {
+            loop {
+                if running.is_empty() {
+                    if limits.idle_timeout.is_zero() {
+                        std::future::pending::<()>().await;
+                    }
+                    tokio::time::sleep(limits.idle_timeout).await;
+                    return;
+                }
+                running.join_next().await;
+            }
+        };
         let next = tokio::select! {
             next = inbound.message() => next,
             _ = tx.closed() => return,
+            () = idle => {
+                let _ = tx.send(Err(Status::deadline_exceeded(format!(
+                    "the stream sent no request for {} s with none in flight (--stream-idle-timeout-s)",
+                    limits.idle_timeout.as_secs()
+                ))))
+                .await;
+                return;
+            }
         };
         match next {
             Ok(Some(item)) => {

@@ -76,7 +76,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     };
     let options = ServerOptions {
         max_message_bytes: args.server.max_message_bytes,
-        stream_inflight: args.server.max_stream_inflight,
+        streams: args.server.stream_limits(),
         edge: args.server.edge_config().map_err(anyhow::Error::msg)?,
         auth: args.server.auth().map_err(anyhow::Error::msg)?,
         reflection,
