@@ -11,7 +11,7 @@ use tonic::{body::Body, service::Routes};
 use tonic_health::ServingStatus;
 use tower::ServiceExt;
 
-use super::{auth::BearerToken, captioning::Captioning, edge, message_limit::MessageLimit, services::Services};
+use super::{auth::BearerAuth, captioning::Captioning, edge, message_limit::MessageLimit, services::Services};
 use crate::{cascade::Captioner, pb};
 
 /// Largest gRPC message accepted (inline image bytes travel in one).
@@ -38,8 +38,8 @@ pub struct ServerOptions {
     /// Requests of one CaptionStream worked on at once.
     pub stream_inflight: usize,
     pub edge: edge::EdgeConfig,
-    /// Calls other than health checks must carry this token when set.
-    pub auth: Option<BearerToken>,
+    /// Calls other than health checks must carry one of these tokens when set.
+    pub auth: Option<BearerAuth>,
     pub reflection: Reflection,
     /// A second listener serving only grpc.health.v1, in plaintext and without a token: for
     /// Kubernetes probes, which speak neither TLS nor bearer tokens.
@@ -212,7 +212,7 @@ async fn follow_upstreams(
 /// The routes behind the token check and the message limit, both answered before any handler runs.
 fn guarded(
     routes: Routes,
-    auth: Option<BearerToken>,
+    auth: Option<BearerAuth>,
     max_message_bytes: usize,
 ) -> impl tower::Service<
     Request<Incoming>,
