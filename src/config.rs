@@ -8,7 +8,7 @@ use ipnet::IpNet;
 
 use crate::{
     api::{
-        auth::BearerToken,
+        auth::BearerAuth,
         edge::{EdgeConfig, TlsFiles},
         StreamLimits,
     },
@@ -16,7 +16,9 @@ use crate::{
     cascade::{RequestLimits, ResultCacheConfig},
     engine::{QueueConfig, SchedulerConfig},
     images::{DecodeLimits, EgressPolicy, FetchLimits},
+    upstream::UpstreamToken,
     validate::{CaptionLimits, GenerationLimits},
+    watched,
 };
 
 /// Models, device, batching and limits: everything needed to build the cascade in-process.
@@ -158,7 +160,10 @@ pub struct ServerArgs {
     /// PEM CA certificate the upstreams' TLS certificates chain to (for https:// endpoints).
     #[arg(long, env = "CAPTION_UPSTREAM_CA")]
     pub upstream_ca: Option<PathBuf>,
-    /// File holding the bearer token the upstreams ask for.
+    /// File holding the bearer token the upstreams ask for (its first line, when it has several).
+    /// Read again when its content changes, so the token can be rotated without a restart; a file
+    /// that becomes empty, missing or malformed keeps the last good token sent (with a warning in
+    /// the log) until the upstreams refuse it. Empty or missing at start: an error.
     #[arg(long, env = "CAPTION_UPSTREAM_TOKEN_FILE")]
     pub upstream_token_file: Option<PathBuf>,
     /// Milliseconds between looks at the upstreams' replicas (DNS and health); a failed call
@@ -207,11 +212,14 @@ pub struct ServerArgs {
     /// PEM CA certificates that client certificates must chain to (mutual TLS); needs --tls-cert.
     #[arg(long, env = "CAPTION_TLS_CLIENT_CA", requires = "tls_cert")]
     pub tls_client_ca: Option<PathBuf>,
-    /// File holding the bearer token every call except health checks must carry.
+    /// File holding the bearer token every call except health checks must carry; one token a line
+    /// accepts each (while a rotation is under way). Read again within a second when its content
+    /// changes, so tokens rotate without a restart; while it is empty, missing or malformed every
+    /// call but health checks is refused (and the log says so). Empty or missing at start: an error.
     #[arg(long, env = "CAPTION_AUTH_TOKEN_FILE", conflicts_with = "auth_token")]
     pub auth_token_file: Option<PathBuf>,
-    /// The bearer token itself (prefer the environment variable or --auth-token-file: a flag's
-    /// value shows in the process list).
+    /// The bearer token itself, fixed for the process's life (prefer the environment variable or
+    /// --auth-token-file: a flag's value shows in the process list).
     #[arg(long, env = "CAPTION_AUTH_TOKEN", hide_env_values = true)]
     pub auth_token: Option<String>,
     /// Do not serve gRPC reflection.
@@ -239,6 +247,10 @@ pub struct ServerArgs {
     /// result cache off).
     #[arg(long, env = "CAPTION_RESULT_CACHE_TTL_S", default_value_t = 300)]
     pub result_cache_ttl_s: u64,
+    /// Milliseconds between looks at the TLS and token files, which are read again when their
+    /// content changes. Hidden: the tests shorten it.
+    #[arg(long, hide = true, default_value_t = watched::RECHECK.as_millis() as u64)]
+    pub file_recheck_ms: u64,
 }
 
 impl ServerArgs {
@@ -254,7 +266,9 @@ impl ServerArgs {
     pub fn edge_config(&self) -> Result<EdgeConfig, String> {
         let secs = Duration::from_secs;
         let tls = match (&self.tls_cert, &self.tls_key) {
-            (Some(cert), Some(key)) => Some(TlsFiles::load(cert, key, self.tls_client_ca.as_deref())?),
+            (Some(cert), Some(key)) => {
+                Some(TlsFiles::load(cert, key, self.tls_client_ca.as_deref(), self.file_recheck())?)
+            }
             _ => None,
         };
         Ok(EdgeConfig {
@@ -278,12 +292,22 @@ impl ServerArgs {
         }
     }
 
-    pub fn auth(&self) -> Result<Option<BearerToken>, String> {
+    /// The tokens calls must carry; a token file without one stops the server at start.
+    pub fn auth(&self) -> Result<Option<BearerAuth>, String> {
         match (&self.auth_token_file, &self.auth_token) {
-            (Some(path), _) => BearerToken::from_file(path).map(Some),
-            (None, Some(token)) => BearerToken::new(token).map(Some),
+            (Some(path), _) => BearerAuth::from_file(path, self.file_recheck()).map(Some),
+            (None, Some(token)) => BearerAuth::fixed(token).map(Some),
             (None, None) => Ok(None),
         }
+    }
+
+    /// The token a cascade tier sends its upstreams; a token file without one stops it at start.
+    pub fn upstream_token(&self) -> Result<Option<UpstreamToken>, String> {
+        self.upstream_token_file.as_deref().map(|path| UpstreamToken::load(path, self.file_recheck())).transpose()
+    }
+
+    fn file_recheck(&self) -> Duration {
+        Duration::from_millis(self.file_recheck_ms.max(1))
     }
 }
 

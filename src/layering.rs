@@ -21,7 +21,7 @@ const LAYERS: &[&[&str]] = &[
     &["validate"],
     &["models"],
     &["images", "hub", "telemetry"],
-    &["lru", "pb"],
+    &["lru", "pb", "watched"],
 ];
 
 type ModPath = Vec<String>;

@@ -6,8 +6,9 @@
 //! [`engine`] (shared batching scheduler) → [`backend`] (model runners) → [`validate`] (requests
 //! into checked values) → [`models`] (BLIP, CLIP, generation) and [`images`] (fetch, cache;
 //! decoding and resizing in the `caption-images` crate); beneath them all [`lru`], the
-//! byte-bounded store and coalesced loads the caches are built on. [`pb`], the wire contract, is
-//! spoken by every layer that talks to the outside.
+//! byte-bounded store and coalesced loads the caches are built on, and [`watched`], the files read
+//! again when they change (TLS, tokens). [`pb`], the wire contract, is spoken by every layer that
+//! talks to the outside.
 
 pub mod api;
 pub mod app;
@@ -26,3 +27,4 @@ pub mod pb;
 pub mod telemetry;
 pub mod upstream;
 pub mod validate;
+pub mod watched;

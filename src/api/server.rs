@@ -12,7 +12,7 @@ use tonic_health::ServingStatus;
 use tower::ServiceExt;
 
 use super::{
-    auth::BearerToken,
+    auth::BearerAuth,
     captioning::Captioning,
     edge,
     message_limit::MessageLimit,
@@ -40,8 +40,8 @@ pub struct ServerOptions {
     pub max_message_bytes: usize,
     pub streams: StreamLimits,
     pub edge: edge::EdgeConfig,
-    /// Calls other than health checks must carry this token when set.
-    pub auth: Option<BearerToken>,
+    /// Calls other than health checks must carry one of these tokens when set.
+    pub auth: Option<BearerAuth>,
     pub reflection: Reflection,
     /// A second listener serving only grpc.health.v1, in plaintext and without a token: for
     /// Kubernetes probes, which speak neither TLS nor bearer tokens.
@@ -214,7 +214,7 @@ async fn follow_upstreams(
 /// The routes behind the token check and the message limit, both answered before any handler runs.
 fn guarded(
     routes: Routes,
-    auth: Option<BearerToken>,
+    auth: Option<BearerAuth>,
     max_message_bytes: usize,
 ) -> impl tower::Service<
     Request<Incoming>,

@@ -41,8 +41,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let captioning = match plan.upstreams {
         Some((generator, ranker)) => {
             let interval = std::time::Duration::from_millis(args.server.upstream_check_interval_ms.max(10));
-            let upstreams =
-                RemoteUpstreams::start(generator, ranker, args.server.upstream_token_file.as_deref(), interval)?;
+            let token = args.server.upstream_token().map_err(anyhow::Error::msg)?;
+            let upstreams = RemoteUpstreams::start(generator, ranker, token, interval)?;
             Captioning::Remote(crate::app::build_chain(&args.engine, upstreams, results)?)
         }
         None => {

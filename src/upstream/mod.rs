@@ -5,14 +5,16 @@
 
 mod pool;
 mod retry;
+mod token;
 
-use std::{path::Path, time::Duration};
+use std::time::Duration;
 
 use metrics::{counter, histogram};
 use tonic::{metadata::MetadataValue, transport::Channel, Code, Status};
 
 pub use pool::{Pool, UpstreamSpec};
 use retry::RetryBudget;
+pub use token::UpstreamToken;
 
 use crate::{
     backend::RankScore,
@@ -28,7 +30,7 @@ pub type RemoteChain = Chain<RemoteUpstreams>;
 pub struct RemoteUpstreams {
     generator: Pool,
     ranker: Pool,
-    token: Option<MetadataValue<tonic::metadata::Ascii>>,
+    token: Option<UpstreamToken>,
     budget: RetryBudget,
 }
 
@@ -37,21 +39,9 @@ impl RemoteUpstreams {
     pub fn start(
         generator: UpstreamSpec,
         ranker: UpstreamSpec,
-        token_file: Option<&Path>,
+        token: Option<UpstreamToken>,
         check_interval: Duration,
     ) -> anyhow::Result<Self> {
-        let token = match token_file {
-            Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .map_err(|e| anyhow::anyhow!("--upstream-token-file {}: {e}", path.display()))?;
-                Some(
-                    format!("Bearer {}", text.trim())
-                        .parse()
-                        .map_err(|_| anyhow::anyhow!("--upstream-token-file: not a valid header value"))?,
-                )
-            }
-            None => None,
-        };
         Ok(Self {
             generator: Pool::start("caption.v1.Generator", generator, check_interval),
             ranker: Pool::start("caption.v1.Ranker", ranker, check_interval),
@@ -98,7 +88,7 @@ impl RemoteUpstreams {
                 request.metadata_mut().insert(KEY_HEADER, key);
             }
             if let Some(token) = &self.token {
-                request.metadata_mut().insert("authorization", token.clone());
+                request.metadata_mut().insert("authorization", token.header());
             }
             let started = std::time::Instant::now();
             // With no SERVING replica the balancer would wait for one until the deadline.

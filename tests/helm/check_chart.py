@@ -8,7 +8,8 @@ not have, is checked field by field), and asserts what a deployer relies on: eac
 `serve` with the services and models of its part, the gRPC probes reach the plaintext health port
 and each Service the port the server listens on and only its own pods, the cascade's endpoints
 name the generator's and ranker's headless Services and their pods' port, the server settings come
-from the values (TLS, mutual TLS and the tokens from their Secrets, the preStop sleep and the
+from the values (TLS, mutual TLS and the tokens as files of their mounted Secrets, whole volumes
+that the kubelet updates, never subPath or environment variables, the preStop sleep and the
 drain inside the grace period, the metrics port, the result cache on the pods that answer Caption), every pod runs non-root on a read-only root
 filesystem, each HPA and PodDisruptionBudget targets its own Deployment's pods. Bad values
 (schema violations and combinations only the templates catch) must be refused.
@@ -537,14 +538,21 @@ def check_pod(component: str, deployment: dict, values: dict, services: dict[str
             expect(secret_of(env.get(name)) == (secret, key), f"{what}: {name}={env.get(name)!r} is not {key} of Secret {secret!r}")
         else:
             expect(name not in env, f"{what}: {name} is set without its Secret")
-    token = next((e for e in container.get("env", []) if e["name"] == "CAPTION_AUTH_TOKEN"), None)
+    # The token is a file of a mounted Secret, which the kubelet updates and the server reads again;
+    # an environment variable would keep a revoked token until the pod restarts.
     want = required_token(values, component)
     if want:
-        ref = ((token or {}).get("valueFrom") or {}).get("secretKeyRef") or {}
-        expect({k: ref.get(k) for k in want} == want, f"{what}: CAPTION_AUTH_TOKEN comes from {ref}, want {want}")
+        got = secret_of(env.get("CAPTION_AUTH_TOKEN_FILE"))
+        want_ref = (want["name"], want["key"])
+        expect(got == want_ref, f"{what}: CAPTION_AUTH_TOKEN_FILE={env.get('CAPTION_AUTH_TOKEN_FILE')!r} comes from {got}, want {want_ref}")
     else:
-        expect(token is None, f"{what}: CAPTION_AUTH_TOKEN is set without a token Secret")
-    expect("CAPTION_AUTH_TOKEN_FILE" not in env, f"{what}: CAPTION_AUTH_TOKEN_FILE is set")
+        expect("CAPTION_AUTH_TOKEN_FILE" not in env, f"{what}: CAPTION_AUTH_TOKEN_FILE is set without a token Secret")
+    expect("CAPTION_AUTH_TOKEN" not in names, f"{what}: CAPTION_AUTH_TOKEN is set: a rotated token would not reach the pod")
+    # The kubelet updates a Secret's files in place only in whole-volume mounts, never through subPath.
+    for mount in container.get("volumeMounts", []):
+        if "secret" in volumes.get(mount["name"], {}):
+            expect(not mount.get("subPath") and not mount.get("subPathExpr"), f"{what}: Secret volume {mount['name']} is mounted by subPath, which the kubelet never updates")
+            expect(mount.get("readOnly") is True, f"{what}: Secret volume {mount['name']} is mounted writable")
     expect((env.get("CAPTION_NO_REFLECTION") == "true") == (not values["reflection"]), f"{what}: reflection not wired")
 
     # The cascade's hop: endpoints on the headless Services and the pods' own port, TLS and token.

@@ -144,12 +144,11 @@ spec:
         - name: CAPTION_TLS_CLIENT_CA
           value: /etc/caption/client-ca/ca.crt
         {{- end }}
-        {{- with $token }}
-        - name: CAPTION_AUTH_TOKEN
-          valueFrom:
-            secretKeyRef:
-              name: {{ index (splitList "/" .) 0 | quote }}
-              key: {{ index (splitList "/" .) 1 | quote }}
+        {{- if $token }}
+        # A file, not an environment variable: the kubelet updates a mounted Secret's files and the
+        # server reads the file again when it changes, so a rotated token needs no restart.
+        - name: CAPTION_AUTH_TOKEN_FILE
+          value: /etc/caption/auth-token/token
         {{- end }}
         {{- if not $v.reflection }}
         - name: CAPTION_NO_REFLECTION
@@ -210,6 +209,12 @@ spec:
         {{- if $upstreamTLS }}
         - name: upstream-ca
           mountPath: /etc/caption/upstream-ca
+          readOnly: true
+        {{- end }}
+        {{- if $token }}
+        # The whole volume, never a subPath: files mounted by subPath are not updated.
+        - name: auth-token
+          mountPath: /etc/caption/auth-token
           readOnly: true
         {{- end }}
         {{- if $upstreamToken }}
@@ -302,6 +307,14 @@ spec:
         items:
           - key: ca.crt
             path: ca.crt
+    {{- end }}
+    {{- if $token }}
+    - name: auth-token
+      secret:
+        secretName: {{ index (splitList "/" $token) 0 | quote }}
+        items:
+          - key: {{ index (splitList "/" $token) 1 | quote }}
+            path: token
     {{- end }}
     {{- if $upstreamToken }}
     - name: upstream-token
