@@ -95,13 +95,7 @@ impl RemoteUpstreams {
         Fut: std::future::Future<Output = Result<T, Status>>,
     {
         self.budget.deposit();
-        // The caller's deadline, or this tier's bound on the call when that comes first.
-        let bound = Instant::now().checked_add(self.limits.timeout);
-        let (deadline, bounded_here) = match (call.deadline, bound) {
-            (Some(caller), Some(bound)) if bound < caller => (Some(bound), true),
-            (None, Some(bound)) => (Some(bound), true),
-            (caller, _) => (caller, false),
-        };
+        let (deadline, bounded_here) = call_deadline(call.deadline, Instant::now().checked_add(self.limits.timeout));
         let expired = || -> CascadeError {
             if bounded_here {
                 let message = format!(
@@ -188,6 +182,16 @@ impl RemoteUpstreams {
     }
 }
 
+/// When a call must end: the caller's deadline, or this tier's `bound` when that comes first (and
+/// then `true`).
+fn call_deadline(caller: Option<Instant>, bound: Option<Instant>) -> (Option<Instant>, bool) {
+    match (caller, bound) {
+        (Some(caller), Some(bound)) if bound < caller => (Some(bound), true),
+        (None, Some(bound)) => (Some(bound), true),
+        (caller, _) => (caller, false),
+    }
+}
+
 /// Whether `status` is tonic's refusal of an answer longer than the client's decoding limit (read
 /// from its length prefix, so the answer was never buffered whole).
 fn is_too_large(status: &Status) -> bool {
@@ -243,5 +247,30 @@ impl Upstreams for RemoteUpstreams {
             score: RankScore { probability: c.probability, cosine: c.cosine, logit: c.logit },
         };
         Ok(out.into_inner().captions.into_iter().map(scored).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_call_ends_at_the_earlier_of_the_callers_deadline_and_the_tiers_bound() {
+        let now = Instant::now();
+        let (soon, later) = (now + Duration::from_secs(1), now + Duration::from_secs(30));
+        assert_eq!(call_deadline(None, Some(later)), (Some(later), true));
+        assert_eq!(call_deadline(Some(soon), Some(later)), (Some(soon), false));
+        assert_eq!(call_deadline(Some(later), Some(soon)), (Some(soon), true));
+        assert_eq!(call_deadline(Some(soon), None), (Some(soon), false));
+        assert_eq!(call_deadline(None, None), (None, false));
+    }
+
+    #[test]
+    fn only_tonics_decoding_limit_reads_as_an_answer_too_large() {
+        let tonic =
+            Status::out_of_range("Error, decoded message length too large: found 9 bytes, the limit is: 8 bytes");
+        assert!(is_too_large(&tonic));
+        assert!(!is_too_large(&Status::out_of_range("top_k: out of range")));
+        assert!(!is_too_large(&Status::resource_exhausted("queue full")));
     }
 }
