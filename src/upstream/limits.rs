@@ -51,7 +51,10 @@ impl AnswerBounds {
     /// The bounds of the answers a model tier with these limits gives this tier: a Generate
     /// answer has at most `max_candidates` candidates, each a caption of at most
     /// `max_caption_bytes` and the token ids of at most `max_length` tokens; a Rank answer scores
-    /// at most `max_captions` captions, each with its text, three floats and two integers.
+    /// the captions sent, each with its text, three floats and two integers: no more than a ranker
+    /// takes (`max_captions`) nor than this tier sends (the distinct candidates, at most
+    /// `max_candidates`), counted as the larger of the two so that a ranker whose flags differ
+    /// from this tier's is not refused an honest answer.
     pub fn of(generation: &GenerationLimits, captions: &CaptionLimits) -> Self {
         let text = DELIMITED.saturating_add(captions.max_caption_bytes);
         let token_ids = DELIMITED.saturating_add(TOKEN_ID.saturating_mul(generation.max_length as usize));
@@ -60,7 +63,7 @@ impl AnswerBounds {
         let list = |n: usize, item: usize| n.saturating_mul(item).saturating_add(ENVELOPE);
         Self {
             generate: list(generation.max_candidates as usize, candidate),
-            rank: list(captions.max_captions, scored),
+            rank: list(captions.max_captions.max(generation.max_candidates as usize), scored),
         }
     }
 }
@@ -111,6 +114,15 @@ mod tests {
         assert_eq!((bounds.generate, bounds.rank), (50_720, 73_408));
         // A 60 MB answer is far over either bound.
         assert!(bounds.generate.max(bounds.rank) < 100 << 10);
+    }
+
+    #[test]
+    fn a_rank_answer_may_score_every_candidate_sent() {
+        let few_captions = CaptionLimits { max_captions: 8, ..CAPTIONS };
+        assert_eq!(
+            AnswerBounds::of(&GENERATION, &few_captions).rank,
+            AnswerBounds::of(&GENERATION, &CaptionLimits { max_captions: 32, ..CAPTIONS }).rank
+        );
     }
 
     #[test]
