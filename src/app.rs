@@ -2,7 +2,7 @@
 //! benchmark and the tests: models loaded on their device, the scheduler started over them, and
 //! the captioner built around it; or, for a cascade tier, the chain over remote models.
 
-use std::{path::PathBuf, sync::Arc};
+use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use crate::{
     backend::{device, BlipRunner, ClipRunner},
@@ -11,7 +11,7 @@ use crate::{
     engine::{Scheduler, SystemClock},
     images::{FetchLimits, Fetcher, ImageCache},
     models::Numerics,
-    upstream::{RemoteChain, RemoteUpstreams},
+    upstream::{AnswerBounds, CallLimits, RemoteChain, RemoteUpstreams},
     validate::Validator,
 };
 
@@ -117,15 +117,19 @@ fn assemble_with(
     Ok(Arc::new(Captioner::new(models, fetcher, cache, args.request_limits()).with_result_cache(results)))
 }
 
-/// A cascade tier's chain over remote models: it fetches under the egress policy `args` sets and
-/// checks requests by the same limit flags as the model tiers.
+/// A cascade tier's chain over remote models: it fetches under the egress policy `args` sets,
+/// checks requests and bounds its upstreams' answers by the same limit flags as the model tiers,
+/// and gives each upstream call at most `upstream_timeout`.
 pub fn build_chain(
     args: &EngineArgs,
     upstreams: RemoteUpstreams,
     results: ResultCacheConfig,
+    upstream_timeout: Duration,
 ) -> anyhow::Result<Arc<RemoteChain>> {
     let fetcher = Fetcher::new(args.fetch_limits()).map_err(anyhow::Error::msg)?;
     let limits = args.request_limits();
+    let answers = AnswerBounds::of(&limits.generation, &limits.captions);
+    let upstreams = upstreams.with_limits(CallLimits { answers, timeout: upstream_timeout });
     let validator = Validator::new(limits.generation, limits.captions);
     Ok(Arc::new(RemoteChain::new(upstreams, fetcher, validator, args.max_inflight).with_result_cache(results)))
 }

@@ -166,6 +166,11 @@ pub struct ServerArgs {
     /// the log) until the upstreams refuse it. Empty or missing at start: an error.
     #[arg(long, env = "CAPTION_UPSTREAM_TOKEN_FILE")]
     pub upstream_token_file: Option<PathBuf>,
+    /// Milliseconds one upstream call (a cascade tier's Generate or Rank, retries included) may
+    /// take; it bounds the wait for an upstream that does not answer when the caller set no
+    /// deadline (or a later one). A caller's earlier deadline still applies.
+    #[arg(long, env = "CAPTION_UPSTREAM_TIMEOUT_MS", default_value_t = crate::upstream::DEFAULT_TIMEOUT.as_millis() as u64)]
+    pub upstream_timeout_ms: u64,
     /// Milliseconds between looks at the upstreams' replicas (DNS and health); a failed call
     /// also triggers one at once.
     #[arg(long, env = "CAPTION_UPSTREAM_CHECK_INTERVAL_MS", default_value_t = 2000)]
@@ -282,6 +287,11 @@ impl ServerArgs {
             tls,
             ..EdgeConfig::default()
         })
+    }
+
+    /// How long one upstream call may take (`--upstream-timeout-ms`, at least a millisecond).
+    pub fn upstream_timeout(&self) -> Duration {
+        Duration::from_millis(self.upstream_timeout_ms.max(1))
     }
 
     /// The result cache's settings (off when either is 0).

@@ -53,6 +53,10 @@ fn describe() {
         "caption_dropped_requests_total",
         "accepted requests dropped before completion (cancelled, deadline)"
     );
+    describe_counter!(
+        "caption_upstream_invalid_answers_total",
+        "a cascade tier's upstream answers refused as breaking the contract, by service and reason"
+    );
     describe_counter!("caption_images_fetched_total", "images fetched by URL, by outcome");
     describe_counter!("caption_fetch_denied_total", "image fetches refused by the egress policy (--fetch-allow/-deny)");
     describe_counter!("caption_image_cache_hits_total", "image lookups served from the cache or a shared fetch");

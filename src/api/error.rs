@@ -37,6 +37,9 @@ impl From<CascadeError> for Status {
             CascadeError::Engine(e) => engine_status(e),
             // Passed through as the upstream answered it: the caller sees the same status either way.
             CascadeError::Upstream { code, message } => Status::new(Code::from_i32(code), message),
+            // The upstream is up but broke the contract: asking again would not help, so not
+            // UNAVAILABLE (which callers retry); the chain has logged and counted it.
+            CascadeError::BrokenAnswer(e) => Status::internal(e.to_string()),
         }
     }
 }
@@ -67,7 +70,7 @@ fn engine_status(e: EngineError) -> Status {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{images::DecodeError, validate::InvalidParam};
+    use crate::{cascade::BrokenAnswer, images::DecodeError, validate::InvalidParam};
 
     #[test]
     fn each_error_kind_has_its_code() {
@@ -80,5 +83,9 @@ mod tests {
         assert_eq!(code(EngineError::DeadlineExceeded.into()), Code::DeadlineExceeded);
         assert_eq!(code(EngineError::ShuttingDown.into()), Code::Unavailable);
         assert_eq!(code(EngineError::Internal("x".into()).into()), Code::Internal);
+        let broken = BrokenAnswer::new("Rank", "duplicate_index", "caption 1 is scored twice");
+        let status = Status::from(CascadeError::from(broken));
+        assert_eq!(status.code(), Code::Internal);
+        assert_eq!(status.message(), "the Rank upstream's answer is invalid: caption 1 is scored twice");
     }
 }

@@ -1,4 +1,5 @@
-//! What a use case fails with: one error per cause below, and the failed call's correlation key.
+//! What a use case fails with: one error per cause below (an upstream's broken answer among
+//! them), and the failed call's correlation key.
 
 use crate::{engine::EngineError, images::ImageError, validate::InvalidParam};
 
@@ -10,9 +11,30 @@ pub enum CascadeError {
     Image(#[from] ImageError),
     #[error(transparent)]
     Engine(#[from] EngineError),
-    /// What another process serving a model answered (its gRPC status code and message).
+    /// What a call to another process serving a model came to (its gRPC status code and message).
     #[error("{message}")]
     Upstream { code: i32, message: String },
+    /// An upstream answered, but not as the contract says: the answer is not used.
+    #[error(transparent)]
+    BrokenAnswer(#[from] BrokenAnswer),
+}
+
+/// An upstream's answer that breaks the contract of its service (too large, too many candidates,
+/// a score that is not a number, a caption scored twice or not at all...).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("the {service} upstream's answer is invalid: {detail}")]
+pub struct BrokenAnswer {
+    /// The upstream's method as the upstream metrics name it: `Generate` or `Rank`.
+    pub service: &'static str,
+    /// What was wrong, as a metric label (`too_large`, `too_many_candidates`...).
+    pub reason: &'static str,
+    pub detail: String,
+}
+
+impl BrokenAnswer {
+    pub fn new(service: &'static str, reason: &'static str, detail: impl Into<String>) -> Self {
+        Self { service, reason, detail: detail.into() }
+    }
 }
 
 /// A failed call, with its image's correlation key when the call got as far as naming the image,

@@ -2,27 +2,26 @@
 //! duplicates included, as the origin job computes it; then either one entry per distinct caption
 //! (its copies' probabilities summed) or one entry per candidate, as the origin prints them.
 
+use std::collections::HashMap;
+
 use super::RankedCaption;
 use crate::{backend::RankScore, validate::Listing};
 
 /// The distinct captions in first-seen order, how many candidates each stands for, and for each
-/// candidate the position of its distinct caption.
+/// candidate the position of its distinct caption. Linear in the candidates (one map lookup
+/// each); the chain checks an upstream's answer holds at most --max-candidates first.
 pub fn distinct_with_counts(candidates: &[String]) -> (Vec<String>, Vec<u32>, Vec<usize>) {
+    let mut position: HashMap<&str, usize> = HashMap::with_capacity(candidates.len());
     let mut distinct: Vec<String> = Vec::new();
     let mut counts: Vec<u32> = Vec::new();
     let mut of = Vec::with_capacity(candidates.len());
     for c in candidates {
-        let i = match distinct.iter().position(|d| d == c) {
-            Some(i) => {
-                counts[i] += 1;
-                i
-            }
-            None => {
-                distinct.push(c.clone());
-                counts.push(1);
-                distinct.len() - 1
-            }
-        };
+        let i = *position.entry(c.as_str()).or_insert_with(|| {
+            distinct.push(c.clone());
+            counts.push(0);
+            distinct.len() - 1
+        });
+        counts[i] += 1;
         of.push(i);
     }
     (distinct, counts, of)
@@ -88,6 +87,16 @@ mod tests {
         assert_eq!(d, ["b", "a", "c"]);
         assert_eq!(n, [3, 1, 1]);
         assert_eq!(of, [0, 1, 0, 2, 0]);
+    }
+
+    #[test]
+    fn merging_is_linear_in_the_candidates() {
+        // 80,000 distinct candidates took seconds when each was compared with those before it.
+        let many: Vec<String> = (0..80_000).map(|i| format!("caption {i}")).chain(["caption 7".into()]).collect();
+        let start = std::time::Instant::now();
+        let (d, n, of) = distinct_with_counts(&many);
+        assert!(start.elapsed() < std::time::Duration::from_secs(2), "{:?}", start.elapsed());
+        assert_eq!((d.len(), n[7], of[80_000]), (80_000, 2, 7));
     }
 
     #[test]

@@ -1,10 +1,12 @@
 //! The captioning use cases behind the three services, usable in-process by the CLI too. The
 //! folder reads as its jobs: [`local`] (the models in this process), [`remote`] (the split tier's
-//! chain over other processes' models), [`image`] (how a request's image becomes its key and
+//! chain over other processes' models), [`answer`] (what the chain accepts of an upstream's
+//! answer), [`image`] (how a request's image becomes its key and
 //! bytes), [`listing`] (how candidates become the ranked list), [`result_cache`] (answers of
 //! deterministic Caption requests), and [`models`] (the seam to the models). Requests arrive
 //! validated ([`crate::validate`]).
 
+mod answer;
 mod error;
 pub mod image;
 mod listing;
@@ -14,7 +16,8 @@ mod remote;
 mod result_cache;
 mod types;
 
-pub use error::{CascadeError, Failed};
+pub use answer::{IndexedScore, GENERATE, RANK};
+pub use error::{BrokenAnswer, CascadeError, Failed};
 pub use image::ImageSource;
 pub use local::{Captioner, RequestLimits};
 pub use models::{LocalModels, ModelScheduler, Models};

@@ -1,8 +1,9 @@
 //! The Caption use case when the models run in other processes: the image is named and its bytes
 //! fetched once here (a URL is fetched here, never by the upstreams), sent to the generator, then
 //! with the distinct candidates to the ranker, and the ranked list is built exactly as
-//! in-process. Answers of deterministic requests may come from the same [`ResultCache`] as
-//! in-process.
+//! in-process. Each upstream's answer is checked ([`super::answer`]) before it is used; a broken
+//! one fails the call, is counted, and is never cached. Answers of deterministic requests may come
+//! from the same [`ResultCache`] as in-process.
 
 use std::{
     future::Future,
@@ -10,9 +11,11 @@ use std::{
     time::{Duration, Instant},
 };
 
+use metrics::counter;
 use tokio::sync::Semaphore;
 
 use super::{
+    answer::{self, IndexedScore},
     image::{self, Resolver},
     listing::{distinct_with_counts, rank_candidates},
     Captioned, CascadeError, Failed, Identity, ImageInput, ImageSource, ResultCache, ResultCacheConfig, Timings,
@@ -42,12 +45,13 @@ pub trait Upstreams: Send + Sync + 'static {
         params: &SentParams,
     ) -> impl Future<Output = Result<Vec<String>, CascadeError>> + Send;
 
-    /// One score per caption, in the order given.
+    /// The ranker's scores of the captions, each with its caption's position among those given,
+    /// in the ranker's order (most probable first).
     fn rank(
         &self,
         call: &UpstreamCall,
         captions: Vec<String>,
-    ) -> impl Future<Output = Result<Vec<RankScore>, CascadeError>> + Send;
+    ) -> impl Future<Output = Result<Vec<IndexedScore>, CascadeError>> + Send;
 }
 
 pub struct Chain<U: Upstreams> {
@@ -125,17 +129,12 @@ impl<U: Upstreams> Chain<U> {
         let fetch = start.elapsed();
         let call = UpstreamCall { key: image::label(&key), image: bytes, deadline: admission.deadline };
         let t = Instant::now();
-        let candidates = self.upstreams.generate(&call, params).await?;
-        if candidates.is_empty() {
-            return Err(EngineError::Internal("the generator returned no candidates".into()).into());
-        }
+        let candidates = self.generate(&call, params).await?;
         let generate = t.elapsed();
+        // At most --max-candidates (checked just above), so merging them runs inline.
         let (distinct, counts, of) = distinct_with_counts(&candidates);
         let t = Instant::now();
-        let scores = self.upstreams.rank(&call, distinct.clone()).await?;
-        if scores.len() != distinct.len() {
-            return Err(EngineError::Internal("the ranker scored another number of captions".into()).into());
-        }
+        let scores = self.rank(&call, distinct.clone()).await?;
         let captions = rank_candidates(&candidates, &distinct, &counts, &of, &scores, listing);
         Ok(Captioned {
             key,
@@ -144,4 +143,36 @@ impl<U: Upstreams> Chain<U> {
             timings: Timings { fetch, preprocess: Duration::ZERO, generate, rank: t.elapsed(), total: start.elapsed() },
         })
     }
+
+    /// The generator's candidates, no more than a generator with this tier's flags answers
+    /// `params` with, each a caption this tier would accept.
+    async fn generate(&self, call: &UpstreamCall, params: &SentParams) -> Result<Vec<String>, CascadeError> {
+        let asked = self.validator.candidates_asked(params);
+        let max_caption_bytes = self.validator.caption_limits().max_caption_bytes;
+        let out = match self.upstreams.generate(call, params).await {
+            Ok(candidates) => answer::candidates(candidates, asked, max_caption_bytes).map_err(CascadeError::from),
+            Err(e) => Err(e),
+        };
+        out.map_err(|e| noted(call, e))
+    }
+
+    /// The ranker's scores of `captions`, in their order.
+    async fn rank(&self, call: &UpstreamCall, captions: Vec<String>) -> Result<Vec<RankScore>, CascadeError> {
+        let sent = captions.len();
+        let out = match self.upstreams.rank(call, captions).await {
+            Ok(scores) => answer::scores(scores, sent).map_err(CascadeError::from),
+            Err(e) => Err(e),
+        };
+        out.map_err(|e| noted(call, e))
+    }
+}
+
+/// Counts and logs an upstream's broken answer (whether the chain or the [`Upstreams`] found it)
+/// on its way to the caller.
+fn noted(call: &UpstreamCall, e: CascadeError) -> CascadeError {
+    if let CascadeError::BrokenAnswer(b) = &e {
+        counter!("caption_upstream_invalid_answers_total", "service" => b.service, "reason" => b.reason).increment(1);
+        tracing::warn!(key = %call.key, service = b.service, reason = b.reason, detail = %b.detail, "invalid upstream answer");
+    }
+    e
 }

@@ -43,7 +43,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             let interval = std::time::Duration::from_millis(args.server.upstream_check_interval_ms.max(10));
             let token = args.server.upstream_token().map_err(anyhow::Error::msg)?;
             let upstreams = RemoteUpstreams::start(generator, ranker, token, interval)?;
-            Captioning::Remote(crate::app::build_chain(&args.engine, upstreams, results)?)
+            let timeout = args.server.upstream_timeout();
+            Captioning::Remote(crate::app::build_chain(&args.engine, upstreams, results, timeout)?)
         }
         None => {
             let (engine, models) = (args.engine.clone(), plan.models);

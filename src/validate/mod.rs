@@ -146,6 +146,10 @@ impl Validator {
         &self.generation
     }
 
+    pub fn caption_limits(&self) -> &CaptionLimits {
+        &self.captions
+    }
+
     /// What an unset field of a request takes.
     pub fn defaults(&self) -> &GenerationParams {
         &self.defaults
@@ -170,6 +174,16 @@ impl Validator {
         let p = p.unwrap_or_default();
         params::check_sent(&p, &self.generation)?;
         Ok(SentParams(p))
+    }
+
+    /// How many candidates a generator with these flags answers `sent` with: the number it asks
+    /// for, or the one its preset or the defaults fill in, as a generator fills it in.
+    pub fn candidates_asked(&self, sent: &SentParams) -> u32 {
+        match params::merged(Some(sent.0.clone()), &self.defaults, self.generation.max_length) {
+            Ok((params, _)) => params.num_candidates,
+            // Not for a checked `SentParams`, whose preset and decoding are known.
+            Err(_) => self.generation.max_candidates,
+        }
     }
 
     /// Captions for Rank.

@@ -85,6 +85,16 @@ fn unset_fields_keep_defaults_and_set_fields_override() {
 }
 
 #[test]
+fn a_cascade_tier_knows_how_many_candidates_a_generator_answers_with() {
+    let v = validator();
+    let asked = |p: pb::GenerationParams| v.candidates_asked(&v.sent(Some(p)).unwrap());
+    assert_eq!(asked(Default::default()), v.defaults().num_candidates);
+    assert_eq!(asked(pb::GenerationParams { num_candidates: Some(3), ..Default::default() }), 3);
+    let notebook = GenerationParams::notebook(LIMITS.max_length).num_candidates;
+    assert_eq!(asked(pb::GenerationParams { preset: pb::Preset::Notebook as i32, ..Default::default() }), notebook);
+}
+
+#[test]
 fn captions_and_listing_have_their_limits() {
     let v = validator();
     assert_eq!(v.captions(vec![]).unwrap_err().field, "captions");
