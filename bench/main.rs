@@ -115,7 +115,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 let engine = engine.clone();
                 tokio::task::spawn_blocking(move || build_runners(&engine, models)).await??
             };
-            let cascade = caption_cascade::app::assemble(&engine, blip, clip)?;
+            let cascade =
+                caption_cascade::app::assemble(&engine, &caption_cascade::config::Policy::bulk(), blip, clip)?;
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
             let addr = listener.local_addr()?;
             tokio::spawn(caption_cascade::api::serve(listener, cascade, Default::default(), std::future::pending()));

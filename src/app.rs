@@ -7,9 +7,9 @@ use std::{path::PathBuf, sync::Arc, time::Duration};
 use crate::{
     backend::{device, BlipRunner, ClipRunner},
     cascade::{Captioner, LocalModels, ResultCacheConfig},
-    config::EngineArgs,
+    config::{EngineArgs, Policy},
     engine::{Scheduler, SystemClock},
-    images::{FetchLimits, Fetcher, ImageCache},
+    images::{Fetcher, ImageCache},
     models::Numerics,
     upstream::{AnswerBounds, CallLimits, RemoteChain, RemoteUpstreams},
     validate::Validator,
@@ -26,22 +26,22 @@ impl ModelSet {
     pub const BOTH: Self = Self { generator: true, ranker: true };
 }
 
-/// Loads both models from their folders and builds the captioner, fetching under the egress
-/// policy `args` sets (the server's). Blocking: call it off the async runtime.
-pub fn build_captioner(args: &EngineArgs) -> anyhow::Result<Arc<Captioner>> {
-    build_captioner_with(args, args.fetch_limits(), ModelSet::BOTH, ResultCacheConfig::OFF)
+/// Loads both models from their folders and builds the captioner, serving its callers under
+/// `policy`. Blocking: call it off the async runtime.
+pub fn build_captioner(args: &EngineArgs, policy: &Policy) -> anyhow::Result<Arc<Captioner>> {
+    build_captioner_with(args, policy, ModelSet::BOTH, ResultCacheConfig::OFF)
 }
 
-/// As [`build_captioner`], loading only the models in `models`, fetching with `fetch` and keeping
-/// Caption answers as `results` says.
+/// As [`build_captioner`], loading only the models in `models` and keeping Caption answers as
+/// `results` says.
 pub fn build_captioner_with(
     args: &EngineArgs,
-    fetch: FetchLimits,
+    policy: &Policy,
     models: ModelSet,
     results: ResultCacheConfig,
 ) -> anyhow::Result<Arc<Captioner>> {
     let (blip, clip) = load_models(args, models)?;
-    assemble_with(args, fetch, blip, clip, results)
+    assemble_with(args, policy, blip, clip, results)
 }
 
 /// Where the models' weights come from.
@@ -95,13 +95,18 @@ fn load_clip(args: &EngineArgs, device: tch::Device, numerics: Numerics) -> anyh
 }
 
 /// Starts the scheduler over loaded runners and builds the captioner around it.
-pub fn assemble(args: &EngineArgs, blip: BlipRunner, clip: ClipRunner) -> anyhow::Result<Arc<Captioner>> {
-    assemble_with(args, args.fetch_limits(), Some(blip), Some(clip), ResultCacheConfig::OFF)
+pub fn assemble(
+    args: &EngineArgs,
+    policy: &Policy,
+    blip: BlipRunner,
+    clip: ClipRunner,
+) -> anyhow::Result<Arc<Captioner>> {
+    assemble_with(args, policy, Some(blip), Some(clip), ResultCacheConfig::OFF)
 }
 
 fn assemble_with(
     args: &EngineArgs,
-    fetch: FetchLimits,
+    policy: &Policy,
     blip: Option<BlipRunner>,
     clip: Option<ClipRunner>,
     results: ResultCacheConfig,
@@ -111,25 +116,26 @@ fn assemble_with(
     let (blip, clip) = (blip.map(Arc::new), clip.map(Arc::new));
     let scheduler =
         Scheduler::start_with(args.scheduler_config(), blip.clone(), clip.clone(), Arc::new(SystemClock), init);
-    let fetcher = Fetcher::new(fetch).map_err(anyhow::Error::msg)?;
+    let fetcher = Fetcher::new(args.fetch_limits(policy)).map_err(anyhow::Error::msg)?;
     let cache = ImageCache::new(usize::try_from(args.image_cache_bytes()).unwrap_or(usize::MAX));
     let models = LocalModels { scheduler, blip, clip };
-    Ok(Arc::new(Captioner::new(models, fetcher, cache, args.request_limits()).with_result_cache(results)))
+    Ok(Arc::new(Captioner::new(models, fetcher, cache, args.request_limits(policy)).with_result_cache(results)))
 }
 
-/// A cascade tier's chain over remote models: it fetches under the egress policy `args` sets,
-/// checks requests and bounds its upstreams' answers by the same limit flags as the model tiers,
-/// and gives each upstream call at most `upstream_timeout`.
+/// A cascade tier's chain over remote models: it serves its callers under `policy`, checks
+/// requests and bounds its upstreams' answers by the same limit flags as the model tiers, and
+/// gives each upstream call at most `upstream_timeout`.
 pub fn build_chain(
     args: &EngineArgs,
+    policy: &Policy,
     upstreams: RemoteUpstreams,
     results: ResultCacheConfig,
     upstream_timeout: Duration,
 ) -> anyhow::Result<Arc<RemoteChain>> {
-    let fetcher = Fetcher::new(args.fetch_limits()).map_err(anyhow::Error::msg)?;
-    let limits = args.request_limits();
+    let fetcher = Fetcher::new(args.fetch_limits(policy)).map_err(anyhow::Error::msg)?;
+    let limits = args.request_limits(policy);
     let answers = AnswerBounds::of(&limits.generation, &limits.captions);
     let upstreams = upstreams.with_limits(CallLimits { answers, timeout: upstream_timeout });
     let validator = Validator::new(limits.generation, limits.captions);
-    Ok(Arc::new(RemoteChain::new(upstreams, fetcher, validator, args.max_inflight).with_result_cache(results)))
+    Ok(Arc::new(RemoteChain::new(upstreams, fetcher, validator, policy.max_inflight).with_result_cache(results)))
 }

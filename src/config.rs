@@ -6,6 +6,10 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use clap::Args;
 use ipnet::IpNet;
 
+mod units;
+
+pub use units::{Size, Span};
+
 use crate::{
     api::{
         auth::BearerAuth,
@@ -25,101 +29,138 @@ use crate::{
 #[derive(Debug, Clone, Args)]
 pub struct EngineArgs {
     /// BLIP checkpoint folder (Hugging Face layout: config.json, model.safetensors, tokenizer.json, preprocessor_config.json).
-    #[arg(long, env = "CAPTION_BLIP_MODEL", default_value = "models/shapes-blip")]
+    #[arg(help_heading = "Models and device", long, env = "CAPTION_BLIP_MODEL", default_value = "models/shapes-blip")]
     pub blip_model: PathBuf,
     /// CLIP checkpoint folder (Hugging Face layout).
-    #[arg(long, env = "CAPTION_CLIP_MODEL", default_value = "models/shapes-clip")]
+    #[arg(help_heading = "Models and device", long, env = "CAPTION_CLIP_MODEL", default_value = "models/shapes-clip")]
     pub clip_model: PathBuf,
     /// Device the models run on.
-    #[arg(long, env = "CAPTION_DEVICE", value_enum, default_value_t = DeviceChoice::Auto)]
+    #[arg(help_heading = "Models and device", long, env = "CAPTION_DEVICE", value_enum, default_value_t = DeviceChoice::Auto)]
     pub device: DeviceChoice,
     /// Precision the models compute in: fp32 (the reference's numbers), bf16, fp16, or auto (bf16
     /// where the device computes it natively, else fp32; logged at start). docs/benchmark.md, Precision.
-    #[arg(long, env = "CAPTION_DTYPE", value_enum, default_value_t = Precision::Fp32)]
+    #[arg(help_heading = "Models and device", long, env = "CAPTION_DTYPE", value_enum, default_value_t = Precision::Fp32)]
     pub dtype: Precision,
     /// int8: every linear layer of both models holds int8 weights and quantizes each input row on
     /// the fly (CPU with --dtype fp32 only). Faster on CPUs; captions move slightly:
     /// docs/benchmark.md, Precision, has both.
-    #[arg(long, env = "CAPTION_QUANTIZE", value_enum, default_value_t = Quantize::None)]
+    #[arg(help_heading = "Models and device", long, env = "CAPTION_QUANTIZE", value_enum, default_value_t = Quantize::None)]
     pub quantize: Quantize,
     /// Replay BLIP's one-token decode steps from CUDA graphs (captured per executor and row
     /// bucket on first use), which saves most kernel launches; CUDA only. docs/benchmark.md.
-    #[arg(long, env = "CAPTION_CUDA_GRAPHS")]
+    #[arg(help_heading = "Models and device", long, env = "CAPTION_CUDA_GRAPHS")]
     pub cuda_graphs: bool,
     /// Executor threads that run model batches (each runs one batch at a time). Default: 1 for
     /// `serve`, whose one image then has every core (lowest latency); the `caption` bulk job on a
     /// CPU runs one per core with one thread each (highest throughput; README, Command line).
-    #[arg(long, env = "CAPTION_EXECUTORS")]
+    #[arg(help_heading = "Batching", long, env = "CAPTION_EXECUTORS")]
     pub executors: Option<usize>,
     /// libtorch intra-op threads per executor on CPU; default: the cores divided among executors.
-    #[arg(long, env = "CAPTION_INTRA_OP_THREADS")]
+    #[arg(help_heading = "Batching", long, env = "CAPTION_INTRA_OP_THREADS")]
     pub intra_op_threads: Option<i32>,
     /// Largest number of images BLIP decodes together.
-    #[arg(long, env = "CAPTION_GENERATE_MAX_BATCH", default_value_t = 8)]
+    #[arg(help_heading = "Batching", long, env = "CAPTION_GENERATE_MAX_BATCH", default_value_t = 8)]
     pub generate_max_batch: usize,
     /// Largest number of images CLIP ranks together.
-    #[arg(long, env = "CAPTION_RANK_MAX_BATCH", default_value_t = 32)]
+    #[arg(help_heading = "Batching", long, env = "CAPTION_RANK_MAX_BATCH", default_value_t = 32)]
     pub rank_max_batch: usize,
-    /// How long the oldest queued request waits for its batch to fill, in milliseconds.
-    #[arg(long, env = "CAPTION_MAX_QUEUE_DELAY_MS", default_value_t = 5)]
-    pub max_queue_delay_ms: u64,
+    /// How long the oldest queued request waits for its batch to fill (a bare number: milliseconds).
+    #[arg(help_heading = "Batching", long, env = "CAPTION_MAX_QUEUE_DELAY_MS", visible_alias = "max-queue-delay-ms", value_parser = units::millis, default_value_t = Span(Duration::from_millis(5)))]
+    pub max_queue_delay: Span,
     /// Requests allowed to wait per model; beyond it calls fail fast with RESOURCE_EXHAUSTED.
-    #[arg(long, env = "CAPTION_MAX_QUEUE_SIZE", default_value_t = 256)]
+    #[arg(help_heading = "Batching", long, env = "CAPTION_MAX_QUEUE_SIZE", default_value_t = 256)]
     pub max_queue_size: usize,
     /// Most candidate captions one request may ask for.
-    #[arg(long, env = "CAPTION_MAX_CANDIDATES", default_value_t = 32)]
+    #[arg(help_heading = "Request limits", long, env = "CAPTION_MAX_CANDIDATES", default_value_t = 32)]
     pub max_candidates: u32,
     /// Longest token sequence a request may ask for (also capped by the model's positions).
-    #[arg(long, env = "CAPTION_MAX_LENGTH", default_value_t = 80)]
+    #[arg(help_heading = "Request limits", long, env = "CAPTION_MAX_LENGTH", default_value_t = 80)]
     pub max_length: u32,
     /// Most captions one Rank request may carry.
-    #[arg(long, env = "CAPTION_MAX_CAPTIONS", default_value_t = 64)]
+    #[arg(help_heading = "Request limits", long, env = "CAPTION_MAX_CAPTIONS", default_value_t = 64)]
     pub max_captions: usize,
     /// Longest caption a Rank request may carry, in bytes.
-    #[arg(long, env = "CAPTION_MAX_CAPTION_BYTES", default_value_t = 1024)]
+    #[arg(help_heading = "Request limits", long, env = "CAPTION_MAX_CAPTION_BYTES", default_value_t = 1024)]
     pub max_caption_bytes: usize,
-    /// Calls admitted at once (fetching, queued or computing); beyond it calls fail fast with RESOURCE_EXHAUSTED.
-    #[arg(long, env = "CAPTION_MAX_INFLIGHT", default_value_t = 1024)]
-    pub max_inflight: usize,
-    /// Largest encoded image accepted, inline or fetched, in bytes.
-    #[arg(long, env = "CAPTION_MAX_IMAGE_BYTES", default_value_t = 20 * 1024 * 1024)]
-    pub max_image_bytes: u64,
-    /// Timeout of one image fetch (http(s) or file://), in seconds.
-    #[arg(long, env = "CAPTION_FETCH_TIMEOUT_S", default_value_t = 10)]
-    pub fetch_timeout_s: u64,
-    /// Directory whose files may be named by file:// URLs; file:// is refused without it.
-    #[arg(long, env = "CAPTION_ALLOW_FILE_DIR")]
-    pub allow_file_dir: Option<PathBuf>,
-    /// Let http(s) image fetches reach this CIDR (or single address) although the egress policy
-    /// denies it by default, e.g. 127.0.0.1/32 for a sidecar. Repeatable or comma-separated. Beats
-    /// --fetch-allow-private and the defaults, loses to --fetch-deny. Applies to `serve`;
-    /// `caption` without --endpoint fetches with its user's own rights, unrestricted.
-    #[arg(long, env = "CAPTION_FETCH_ALLOW", value_name = "CIDR", value_delimiter = ',', value_parser = parse_cidr)]
-    pub fetch_allow: Vec<IpNet>,
-    /// Keep http(s) image fetches away from this CIDR (or single address) on top of the defaults
-    /// (loopback, private, link-local, metadata and other special ranges). Repeatable or
-    /// comma-separated; beats every allow. Applies to `serve`.
-    #[arg(long, env = "CAPTION_FETCH_DENY", value_name = "CIDR", value_delimiter = ',', value_parser = parse_cidr)]
-    pub fetch_deny: Vec<IpNet>,
-    /// Let http(s) image fetches reach the private ranges 10/8, 172.16/12, 192.168/16 and fc00::/7
-    /// (in-cluster stores); cloud metadata addresses in them stay denied. Applies to `serve`.
-    #[arg(long, env = "CAPTION_FETCH_ALLOW_PRIVATE")]
-    pub fetch_allow_private: bool,
+    /// Largest encoded image accepted, inline or fetched (bytes, or with a unit: 20MiB).
+    #[arg(help_heading = "Images and fetching", long, env = "CAPTION_MAX_IMAGE_BYTES", value_parser = units::bytes, default_value_t = Size(20 << 20))]
+    pub max_image_bytes: Size,
+    /// Timeout of one image fetch, http(s) or file:// (a bare number: seconds).
+    #[arg(help_heading = "Images and fetching", long, env = "CAPTION_FETCH_TIMEOUT_S", visible_alias = "fetch-timeout-s", value_parser = units::seconds, default_value_t = Span(Duration::from_secs(10)))]
+    pub fetch_timeout: Span,
     /// Most pixels an image may have; larger ones are refused before decoding.
-    #[arg(long, env = "CAPTION_MAX_IMAGE_PIXELS", default_value_t = DecodeLimits::default().max_pixels)]
+    #[arg(help_heading = "Images and fetching", long, env = "CAPTION_MAX_IMAGE_PIXELS", default_value_t = DecodeLimits::default().max_pixels)]
     pub max_image_pixels: u64,
     /// Most pixels per encoded byte an image above 4 Mpx may declare (bounds the decode work a small
     /// file can cause; even a blank RGB PNG uses under 300, only blank palette PNGs and GIFs go beyond).
-    #[arg(long, env = "CAPTION_MAX_IMAGE_PIXELS_PER_BYTE", default_value_t = DecodeLimits::default().max_pixels_per_byte)]
+    #[arg(help_heading = "Images and fetching", long, env = "CAPTION_MAX_IMAGE_PIXELS_PER_BYTE", default_value_t = DecodeLimits::default().max_pixels_per_byte)]
     pub max_image_pixels_per_byte: u64,
     /// Image decodes running at once in each of two lanes (images up to 4 Mpx, larger ones); a
     /// large one holds up to --max-image-pixels × 11 bytes. Default: the CPU count.
-    #[arg(long, env = "CAPTION_MAX_CONCURRENT_DECODES")]
+    #[arg(help_heading = "Images and fetching", long, env = "CAPTION_MAX_CONCURRENT_DECODES")]
     pub max_concurrent_decodes: Option<usize>,
-    /// Bytes of model-ready images kept so repeated URLs are fetched once (0 disables);
-    /// default: 2% of the memory limit (cgroup, else physical memory), at least 16 MiB.
-    #[arg(long, env = "CAPTION_IMAGE_CACHE_BYTES")]
-    pub image_cache_bytes: Option<u64>,
+    /// Bytes of model-ready images kept so repeated URLs are fetched once (a unit may follow:
+    /// 256MiB; 0 disables); default: 2% of the memory limit (cgroup, else physical memory), at
+    /// least 16 MiB.
+    #[arg(help_heading = "Images and fetching", long, env = "CAPTION_IMAGE_CACHE_BYTES", value_parser = units::bytes)]
+    pub image_cache_bytes: Option<Size>,
+}
+
+/// What a server lets its callers do, which the `caption` command does for its own user without
+/// these bounds: how many calls at once, which files and addresses an image may come from.
+#[derive(Debug, Clone, Args)]
+pub struct PolicyArgs {
+    /// Calls admitted at once (fetching, queued or computing); beyond it calls fail fast with RESOURCE_EXHAUSTED.
+    #[arg(help_heading = "Request limits", long, env = "CAPTION_MAX_INFLIGHT", default_value_t = 1024)]
+    pub max_inflight: usize,
+    /// Directory whose files may be named by file:// URLs; file:// is refused without it.
+    #[arg(help_heading = "Images and fetching", long, env = "CAPTION_ALLOW_FILE_DIR")]
+    pub allow_file_dir: Option<PathBuf>,
+    /// Let http(s) image fetches reach this CIDR (or single address) although the egress policy
+    /// denies it by default, e.g. 127.0.0.1/32 for a sidecar. Repeatable or comma-separated. Beats
+    /// --fetch-allow-private and the defaults, loses to --fetch-deny.
+    #[arg(help_heading = "Images and fetching", long, env = "CAPTION_FETCH_ALLOW", value_name = "CIDR", value_delimiter = ',', value_parser = parse_cidr)]
+    pub fetch_allow: Vec<IpNet>,
+    /// Keep http(s) image fetches away from this CIDR (or single address) on top of the defaults
+    /// (loopback, private, link-local, metadata and other special ranges). Repeatable or
+    /// comma-separated; beats every allow.
+    #[arg(help_heading = "Images and fetching", long, env = "CAPTION_FETCH_DENY", value_name = "CIDR", value_delimiter = ',', value_parser = parse_cidr)]
+    pub fetch_deny: Vec<IpNet>,
+    /// Let http(s) image fetches reach the private ranges 10/8, 172.16/12, 192.168/16 and fc00::/7
+    /// (in-cluster stores); cloud metadata addresses in them stay denied.
+    #[arg(help_heading = "Images and fetching", long, env = "CAPTION_FETCH_ALLOW_PRIVATE")]
+    pub fetch_allow_private: bool,
+}
+
+/// The bounds [`PolicyArgs`] set, as the engine takes them.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub max_inflight: usize,
+    pub allow_file_dir: Option<PathBuf>,
+    pub egress: EgressPolicy,
+}
+
+impl PolicyArgs {
+    pub fn policy(&self) -> Policy {
+        Policy {
+            max_inflight: self.max_inflight,
+            allow_file_dir: self.allow_file_dir.clone(),
+            egress: EgressPolicy::new(self.fetch_allow.clone(), self.fetch_deny.clone(), self.fetch_allow_private),
+        }
+    }
+}
+
+impl Policy {
+    /// The `caption` command's: its user can already read every file and reach every address
+    /// this process can (the egress policy guards a server's network from its callers), and its
+    /// `--concurrency` bounds its calls.
+    pub fn bulk() -> Self {
+        Self {
+            max_inflight: tokio::sync::Semaphore::MAX_PERMITS,
+            allow_file_dir: None,
+            egress: EgressPolicy::unrestricted(),
+        }
+    }
 }
 
 /// A service a process can serve.
@@ -138,138 +179,147 @@ pub enum Service {
 pub struct ServerArgs {
     /// Address the gRPC server listens on. On this and the other listen addresses port 0 takes
     /// any free port; --ready-file and the start-up log tell which.
-    #[arg(long, env = "CAPTION_LISTEN", default_value = "0.0.0.0:50051")]
+    #[arg(help_heading = "Listeners", long, env = "CAPTION_LISTEN", default_value = "0.0.0.0:50051")]
     pub listen: SocketAddr,
     /// Address of the Prometheus metrics endpoint (`/metrics`); off when unset.
-    #[arg(long, env = "CAPTION_METRICS_LISTEN")]
+    #[arg(help_heading = "Listeners", long, env = "CAPTION_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
-    /// Largest gRPC request message, in bytes; a larger one is refused with RESOURCE_EXHAUSTED.
-    #[arg(long, env = "CAPTION_MAX_MESSAGE_BYTES", default_value_t = crate::api::server::MAX_MESSAGE_BYTES)]
-    pub max_message_bytes: usize,
+    /// Largest gRPC request message (bytes, or with a unit: 32MiB); a larger one is refused with
+    /// RESOURCE_EXHAUSTED.
+    #[arg(help_heading = "Connections", long, env = "CAPTION_MAX_MESSAGE_BYTES", value_parser = units::bytes, default_value_t = Size(crate::api::server::MAX_MESSAGE_BYTES as u64))]
+    pub max_message_bytes: Size,
     /// The services this process serves; it loads only the models they need (a cascade whose
     /// generator and ranker are remote loads none).
-    #[arg(long, env = "CAPTION_SERVICES", value_enum, value_delimiter = ',', default_values_t = [Service::Generator, Service::Ranker, Service::Cascade])]
+    #[arg(help_heading = "Services and split topology", long, env = "CAPTION_SERVICES", value_enum, value_delimiter = ',', default_values_t = [Service::Generator, Service::Ranker, Service::Cascade])]
     pub services: Vec<Service>,
     /// Where a cascade without a local generator sends Generate calls: http(s)://HOST:PORT, where
     /// HOST may resolve to many replicas (a headless Service), or a comma-separated list of URLs.
-    #[arg(long, env = "CAPTION_GENERATOR_ENDPOINT")]
+    #[arg(help_heading = "Services and split topology", long, env = "CAPTION_GENERATOR_ENDPOINT")]
     pub generator_endpoint: Option<String>,
     /// Where a cascade without a local ranker sends Rank calls (as --generator-endpoint).
-    #[arg(long, env = "CAPTION_RANKER_ENDPOINT")]
+    #[arg(help_heading = "Services and split topology", long, env = "CAPTION_RANKER_ENDPOINT")]
     pub ranker_endpoint: Option<String>,
     /// PEM CA certificate the upstreams' TLS certificates chain to (for https:// endpoints).
-    #[arg(long, env = "CAPTION_UPSTREAM_CA")]
+    #[arg(help_heading = "Services and split topology", long, env = "CAPTION_UPSTREAM_CA")]
     pub upstream_ca: Option<PathBuf>,
     /// File holding the bearer token the upstreams ask for (its first line, when it has several).
     /// Read again when its content changes, so the token can be rotated without a restart; a file
     /// that becomes empty, missing or malformed keeps the last good token sent (with a warning in
     /// the log) until the upstreams refuse it. Empty or missing at start: an error.
-    #[arg(long, env = "CAPTION_UPSTREAM_TOKEN_FILE")]
+    #[arg(help_heading = "Services and split topology", long, env = "CAPTION_UPSTREAM_TOKEN_FILE")]
     pub upstream_token_file: Option<PathBuf>,
-    /// Milliseconds one upstream call (a cascade tier's Generate or Rank, retries included) may
-    /// take; it bounds the wait for an upstream that does not answer when the caller set no
-    /// deadline (or a later one). A caller's earlier deadline still applies.
-    #[arg(long, env = "CAPTION_UPSTREAM_TIMEOUT_MS", default_value_t = crate::upstream::DEFAULT_TIMEOUT.as_millis() as u64)]
-    pub upstream_timeout_ms: u64,
-    /// Milliseconds between looks at the upstreams' replicas (DNS and health); a failed call
-    /// also triggers one at once.
-    #[arg(long, env = "CAPTION_UPSTREAM_CHECK_INTERVAL_MS", default_value_t = 2000)]
-    pub upstream_check_interval_ms: u64,
+    /// How long one upstream call (a cascade tier's Generate or Rank, retries included) may take
+    /// (a bare number: milliseconds); it bounds the wait for an upstream that does not answer when
+    /// the caller set no deadline (or a later one). A caller's earlier deadline still applies.
+    #[arg(help_heading = "Services and split topology", long, env = "CAPTION_UPSTREAM_TIMEOUT_MS", visible_alias = "upstream-timeout-ms", value_parser = units::millis, default_value_t = Span(crate::upstream::DEFAULT_TIMEOUT))]
+    pub upstream_timeout: Span,
+    /// Time between looks at the upstreams' replicas, DNS and health (a bare number:
+    /// milliseconds); a failed call also triggers one at once.
+    #[arg(help_heading = "Services and split topology", long, env = "CAPTION_UPSTREAM_CHECK_INTERVAL_MS", visible_alias = "upstream-check-interval-ms", value_parser = units::millis, default_value_t = Span(Duration::from_secs(2)))]
+    pub upstream_check_interval: Span,
     /// Requests of one CaptionStream call worked on at once; further ones wait unread.
-    #[arg(long, env = "CAPTION_MAX_STREAM_INFLIGHT", default_value_t = StreamLimits::default().inflight)]
+    #[arg(help_heading = "Streams", long, env = "CAPTION_MAX_STREAM_INFLIGHT", default_value_t = StreamLimits::default().inflight)]
     pub max_stream_inflight: usize,
     /// CaptionStream calls open at once in this process (each costs about 20 KB while open);
     /// further ones are refused RESOURCE_EXHAUSTED. Their requests also count toward --max-inflight.
-    #[arg(long, env = "CAPTION_MAX_OPEN_STREAMS", default_value_t = StreamLimits::default().max_open)]
+    #[arg(help_heading = "Streams", long, env = "CAPTION_MAX_OPEN_STREAMS", default_value_t = StreamLimits::default().max_open)]
     pub max_open_streams: usize,
-    /// Seconds a CaptionStream with no request in flight may wait for its next one before it is
-    /// ended with DEADLINE_EXCEEDED (0: never).
-    #[arg(long, env = "CAPTION_STREAM_IDLE_TIMEOUT_S", default_value_t = StreamLimits::default().idle_timeout.as_secs())]
-    pub stream_idle_timeout_s: u64,
+    /// How long a CaptionStream with no request in flight may wait for its next one before it is
+    /// ended with DEADLINE_EXCEEDED (a bare number: seconds; 0: never).
+    #[arg(help_heading = "Streams", long, env = "CAPTION_STREAM_IDLE_TIMEOUT_S", visible_alias = "stream-idle-timeout-s", value_parser = units::seconds, default_value_t = Span(StreamLimits::default().idle_timeout))]
+    pub stream_idle_timeout: Span,
     /// Open connections at most; further ones are closed as soon as they are accepted.
-    #[arg(long, env = "CAPTION_MAX_CONNECTIONS", default_value_t = EdgeConfig::default().max_connections)]
+    #[arg(help_heading = "Connections", long, env = "CAPTION_MAX_CONNECTIONS", default_value_t = EdgeConfig::default().max_connections)]
     pub max_connections: usize,
-    /// Seconds a new connection has to send its first request (TLS handshake included).
-    #[arg(long, env = "CAPTION_HANDSHAKE_TIMEOUT_S", default_value_t = EdgeConfig::default().handshake_timeout.as_secs())]
-    pub handshake_timeout_s: u64,
-    /// Seconds a connection may stay without any call before it is sent GOAWAY and closed.
-    #[arg(long, env = "CAPTION_IDLE_TIMEOUT_S", default_value_t = EdgeConfig::default().idle_timeout.as_secs())]
-    pub idle_timeout_s: u64,
-    /// Seconds between HTTP/2 PINGs that check a connection's peer is alive (0: none).
-    #[arg(long, env = "CAPTION_KEEPALIVE_INTERVAL_S", default_value_t = 60)]
-    pub keepalive_interval_s: u64,
-    /// Seconds a PING may go unanswered before the connection is closed.
-    #[arg(long, env = "CAPTION_KEEPALIVE_TIMEOUT_S", default_value_t = EdgeConfig::default().keepalive_timeout.as_secs())]
-    pub keepalive_timeout_s: u64,
+    /// How long a new connection has to send its first request, TLS handshake included (a bare
+    /// number: seconds).
+    #[arg(help_heading = "Connections", long, env = "CAPTION_HANDSHAKE_TIMEOUT_S", visible_alias = "handshake-timeout-s", value_parser = units::seconds, default_value_t = Span(EdgeConfig::default().handshake_timeout))]
+    pub handshake_timeout: Span,
+    /// How long a connection may stay without any call before it is sent GOAWAY and closed (a bare
+    /// number: seconds).
+    #[arg(help_heading = "Connections", long, env = "CAPTION_IDLE_TIMEOUT_S", visible_alias = "idle-timeout-s", value_parser = units::seconds, default_value_t = Span(EdgeConfig::default().idle_timeout))]
+    pub idle_timeout: Span,
+    /// Time between HTTP/2 PINGs that check a connection's peer is alive (a bare number: seconds;
+    /// 0: none).
+    #[arg(help_heading = "Connections", long, env = "CAPTION_KEEPALIVE_INTERVAL_S", visible_alias = "keepalive-interval-s", value_parser = units::seconds, default_value_t = Span(Duration::from_secs(60)))]
+    pub keepalive_interval: Span,
+    /// How long a PING may go unanswered before the connection is closed (a bare number: seconds).
+    #[arg(help_heading = "Connections", long, env = "CAPTION_KEEPALIVE_TIMEOUT_S", visible_alias = "keepalive-timeout-s", value_parser = units::seconds, default_value_t = Span(EdgeConfig::default().keepalive_timeout))]
+    pub keepalive_timeout: Span,
     /// Calls at once on one connection (HTTP/2 max concurrent streams).
-    #[arg(long, env = "CAPTION_MAX_CONCURRENT_STREAMS", default_value_t = EdgeConfig::default().max_concurrent_streams)]
+    #[arg(help_heading = "Connections", long, env = "CAPTION_MAX_CONCURRENT_STREAMS", default_value_t = EdgeConfig::default().max_concurrent_streams)]
     pub max_concurrent_streams: u32,
-    /// Seconds in-flight calls get to finish after SIGTERM before their connections are closed
-    /// (keep it below the pod's terminationGracePeriodSeconds).
-    #[arg(long, env = "CAPTION_DRAIN_TIMEOUT_S", default_value_t = EdgeConfig::default().drain_timeout.as_secs())]
-    pub drain_timeout_s: u64,
+    /// How long in-flight calls get to finish after SIGTERM before their connections are closed (a
+    /// bare number: seconds; keep it below the pod's terminationGracePeriodSeconds).
+    #[arg(help_heading = "Connections", long, env = "CAPTION_DRAIN_TIMEOUT_S", visible_alias = "drain-timeout-s", value_parser = units::seconds, default_value_t = Span(EdgeConfig::default().drain_timeout))]
+    pub drain_timeout: Span,
     /// PEM certificate chain to serve TLS with (with --tls-key); reloaded when the file changes.
-    #[arg(long, env = "CAPTION_TLS_CERT", requires = "tls_key")]
+    #[arg(help_heading = "TLS and authentication", long, env = "CAPTION_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
     /// PEM private key of --tls-cert; reloaded when the file changes.
-    #[arg(long, env = "CAPTION_TLS_KEY", requires = "tls_cert")]
+    #[arg(help_heading = "TLS and authentication", long, env = "CAPTION_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
     /// PEM CA certificates that client certificates must chain to (mutual TLS); needs --tls-cert.
-    #[arg(long, env = "CAPTION_TLS_CLIENT_CA", requires = "tls_cert")]
+    #[arg(help_heading = "TLS and authentication", long, env = "CAPTION_TLS_CLIENT_CA", requires = "tls_cert")]
     pub tls_client_ca: Option<PathBuf>,
     /// File holding the bearer token every call except health checks must carry; one token a line
     /// accepts each (while a rotation is under way). Read again within a second when its content
     /// changes, so tokens rotate without a restart; while it is empty, missing or malformed every
     /// call but health checks is refused (and the log says so). Empty or missing at start: an error.
-    #[arg(long, env = "CAPTION_AUTH_TOKEN_FILE", conflicts_with = "auth_token")]
+    #[arg(
+        help_heading = "TLS and authentication",
+        long,
+        env = "CAPTION_AUTH_TOKEN_FILE",
+        conflicts_with = "auth_token"
+    )]
     pub auth_token_file: Option<PathBuf>,
     /// The bearer token itself, fixed for the process's life (prefer the environment variable or
     /// --auth-token-file: a flag's value shows in the process list).
-    #[arg(long, env = "CAPTION_AUTH_TOKEN", hide_env_values = true)]
+    #[arg(help_heading = "TLS and authentication", long, env = "CAPTION_AUTH_TOKEN", hide_env_values = true)]
     pub auth_token: Option<String>,
     /// Do not serve gRPC reflection.
-    #[arg(long, env = "CAPTION_NO_REFLECTION", conflicts_with = "reflection_listen")]
+    #[arg(help_heading = "Listeners", long, env = "CAPTION_NO_REFLECTION", conflicts_with = "reflection_listen")]
     pub no_reflection: bool,
     /// Serve gRPC reflection on this address instead of beside the services.
-    #[arg(long, env = "CAPTION_REFLECTION_LISTEN")]
+    #[arg(help_heading = "Listeners", long, env = "CAPTION_REFLECTION_LISTEN")]
     pub reflection_listen: Option<SocketAddr>,
     /// Also serve the gRPC health check on this address, in plaintext and without a token (for
     /// Kubernetes probes when the main port has TLS or a token).
-    #[arg(long, env = "CAPTION_HEALTH_LISTEN")]
+    #[arg(help_heading = "Listeners", long, env = "CAPTION_HEALTH_LISTEN")]
     pub health_listen: Option<SocketAddr>,
     /// Once every listener is bound, write the addresses they got to this file as JSON, e.g.
     /// {"grpc":"127.0.0.1:41234","metrics":null,"health":null,"reflection":null}; written whole
     /// (a temporary file renamed over it), and removed at start and on a clean exit.
-    #[arg(long, env = "CAPTION_READY_FILE")]
+    #[arg(help_heading = "Listeners", long, env = "CAPTION_READY_FILE")]
     pub ready_file: Option<PathBuf>,
-    /// Bytes of Caption answers kept to answer repeated deterministic requests (greedy, beam, or
+    /// Bytes of Caption answers (a unit may follow: 64MiB) kept to answer repeated deterministic requests (greedy, beam, or
     /// sampling with a seed; same image content and parameters) without computing; least recently
     /// used out; 0 turns the result cache off. URLs are revalidated with their origin (ETag,
     /// Last-Modified) or fetched again, so a changed image is never answered from it.
-    #[arg(long, env = "CAPTION_RESULT_CACHE_BYTES", default_value_t = 0)]
-    pub result_cache_bytes: u64,
-    /// Seconds a cached Caption answer may be served; older ones are computed again (0 turns the
-    /// result cache off).
-    #[arg(long, env = "CAPTION_RESULT_CACHE_TTL_S", default_value_t = 300)]
-    pub result_cache_ttl_s: u64,
-    /// Milliseconds between looks at the TLS and token files, which are read again when their
-    /// content changes. Hidden: the tests shorten it.
-    #[arg(long, hide = true, default_value_t = watched::RECHECK.as_millis() as u64)]
-    pub file_recheck_ms: u64,
+    #[arg(help_heading = "Result cache", long, env = "CAPTION_RESULT_CACHE_BYTES", value_parser = units::bytes, default_value_t = Size(0))]
+    pub result_cache_bytes: Size,
+    /// How long a cached Caption answer may be served; older ones are computed again (a bare
+    /// number: seconds; 0 turns the result cache off).
+    #[arg(help_heading = "Result cache", long, env = "CAPTION_RESULT_CACHE_TTL_S", visible_alias = "result-cache-ttl-s", value_parser = units::seconds, default_value_t = Span(Duration::from_secs(300)))]
+    pub result_cache_ttl: Span,
+    /// Time between looks at the TLS and token files, which are read again when their content
+    /// changes (a bare number: milliseconds). Hidden: the tests shorten it.
+    #[arg(long, hide = true, alias = "file-recheck-ms", value_parser = units::millis, default_value_t = Span(watched::RECHECK))]
+    pub file_recheck: Span,
 }
 
 impl ServerArgs {
-    /// The edge's settings; loads the TLS files, so a bad one stops the server at start.
     pub fn stream_limits(&self) -> StreamLimits {
         StreamLimits {
             inflight: self.max_stream_inflight,
             max_open: self.max_open_streams,
-            idle_timeout: Duration::from_secs(self.stream_idle_timeout_s),
+            idle_timeout: self.stream_idle_timeout.0,
         }
     }
 
+    /// The edge's settings; loads the TLS files, so a bad one stops the server at start.
     pub fn edge_config(&self) -> Result<EdgeConfig, String> {
-        let secs = Duration::from_secs;
+        let at_least_a_second = |span: Span| span.0.max(Duration::from_secs(1));
         let tls = match (&self.tls_cert, &self.tls_key) {
             (Some(cert), Some(key)) => {
                 Some(TlsFiles::load(cert, key, self.tls_client_ca.as_deref(), self.file_recheck())?)
@@ -278,28 +328,30 @@ impl ServerArgs {
         };
         Ok(EdgeConfig {
             max_connections: self.max_connections.max(1),
-            handshake_timeout: secs(self.handshake_timeout_s.max(1)),
-            idle_timeout: secs(self.idle_timeout_s.max(1)),
-            keepalive_interval: (self.keepalive_interval_s > 0).then(|| secs(self.keepalive_interval_s)),
-            keepalive_timeout: secs(self.keepalive_timeout_s.max(1)),
+            handshake_timeout: at_least_a_second(self.handshake_timeout),
+            idle_timeout: at_least_a_second(self.idle_timeout),
+            keepalive_interval: (!self.keepalive_interval.0.is_zero()).then_some(self.keepalive_interval.0),
+            keepalive_timeout: at_least_a_second(self.keepalive_timeout),
             max_concurrent_streams: self.max_concurrent_streams.max(1),
-            drain_timeout: secs(self.drain_timeout_s),
+            drain_timeout: self.drain_timeout.0,
             tls,
             ..EdgeConfig::default()
         })
     }
 
-    /// How long one upstream call may take (`--upstream-timeout-ms`, at least a millisecond).
+    /// How long one upstream call may take (`--upstream-timeout`, at least a millisecond).
     pub fn upstream_timeout(&self) -> Duration {
-        Duration::from_millis(self.upstream_timeout_ms.max(1))
+        self.upstream_timeout.0.max(Duration::from_millis(1))
+    }
+
+    /// Time between looks at the upstreams' replicas (at least 10 ms).
+    pub fn upstream_check_interval(&self) -> Duration {
+        self.upstream_check_interval.0.max(Duration::from_millis(10))
     }
 
     /// The result cache's settings (off when either is 0).
     pub fn result_cache(&self) -> ResultCacheConfig {
-        ResultCacheConfig {
-            capacity_bytes: usize::try_from(self.result_cache_bytes).unwrap_or(usize::MAX),
-            ttl: Duration::from_secs(self.result_cache_ttl_s),
-        }
+        ResultCacheConfig { capacity_bytes: self.result_cache_bytes.usize(), ttl: self.result_cache_ttl.0 }
     }
 
     /// The tokens calls must carry; a token file without one stops the server at start.
@@ -317,7 +369,7 @@ impl ServerArgs {
     }
 
     fn file_recheck(&self) -> Duration {
-        Duration::from_millis(self.file_recheck_ms.max(1))
+        self.file_recheck.0.max(Duration::from_millis(1))
     }
 }
 
@@ -346,7 +398,7 @@ impl EngineArgs {
     }
 
     pub fn scheduler_config(&self) -> SchedulerConfig {
-        let delay = Duration::from_millis(self.max_queue_delay_ms);
+        let delay = self.max_queue_delay.0;
         SchedulerConfig {
             executors: self.executors(),
             generate: QueueConfig {
@@ -362,20 +414,20 @@ impl EngineArgs {
         }
     }
 
-    pub fn fetch_limits(&self) -> FetchLimits {
+    pub fn fetch_limits(&self, policy: &Policy) -> FetchLimits {
         FetchLimits {
-            max_bytes: self.max_image_bytes,
-            timeout: Duration::from_secs(self.fetch_timeout_s),
-            allow_file_dir: self.allow_file_dir.clone(),
-            egress: EgressPolicy::new(self.fetch_allow.clone(), self.fetch_deny.clone(), self.fetch_allow_private),
+            max_bytes: self.max_image_bytes.0,
+            timeout: self.fetch_timeout.0,
+            allow_file_dir: policy.allow_file_dir.clone(),
+            egress: policy.egress.clone(),
         }
     }
 
-    pub fn request_limits(&self) -> RequestLimits {
+    pub fn request_limits(&self, policy: &Policy) -> RequestLimits {
         RequestLimits {
             generation: GenerationLimits { max_candidates: self.max_candidates, max_length: self.max_length },
             captions: CaptionLimits { max_captions: self.max_captions, max_caption_bytes: self.max_caption_bytes },
-            max_inflight: self.max_inflight,
+            max_inflight: policy.max_inflight,
             decode: DecodeLimits {
                 max_pixels: self.max_image_pixels,
                 max_pixels_per_byte: self.max_image_pixels_per_byte,
@@ -389,7 +441,7 @@ impl EngineArgs {
     }
 
     pub fn image_cache_bytes(&self) -> u64 {
-        self.image_cache_bytes.unwrap_or_else(|| (memory_limit() / 50).max(16 << 20))
+        self.image_cache_bytes.map_or_else(|| (memory_limit() / 50).max(16 << 20), |size| size.0)
     }
 
     pub fn intra_op_threads(&self, device: tch::Device) -> Option<i32> {

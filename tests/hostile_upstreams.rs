@@ -3,7 +3,7 @@
 //! repeated, missing or out of range, no answer at all). Each bad answer fails the call with
 //! INTERNAL naming the upstream and what was wrong, is asked once (never retried), is counted,
 //! and is never cached; an upstream that never answers costs a caller without a deadline
-//! `--upstream-timeout-ms`, not forever.
+//! `--upstream-timeout`, not forever.
 
 mod common;
 
@@ -25,7 +25,7 @@ use caption_cascade::pb::{
 use common::{png_image, ServerProcess};
 use tonic::{Code, Request, Response, Status};
 
-/// How long the cascade under test gives an upstream call (`--upstream-timeout-ms`).
+/// How long the cascade under test gives an upstream call (`--upstream-timeout`).
 const UPSTREAM_TIMEOUT: Duration = Duration::from_millis(400);
 
 /// What the fake upstreams answer.
@@ -253,7 +253,7 @@ async fn bad_upstream_answers_fail_the_call_clearly_once_and_are_never_cached() 
     }
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
 
-    // An upstream that never answers a caller without a deadline costs --upstream-timeout-ms.
+    // An upstream that never answers a caller without a deadline costs --upstream-timeout.
     fake.set(Mode::Hang);
     let start = Instant::now();
     let err = client.caption(request(None)).await.unwrap_err();
@@ -261,7 +261,7 @@ async fn bad_upstream_answers_fail_the_call_clearly_once_and_are_never_cached() 
     assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
     assert_eq!(
         err.message(),
-        format!("the Generate upstream did not answer within --upstream-timeout-ms ({timeout_ms} ms)")
+        format!("the Generate upstream did not answer within --upstream-timeout ({timeout_ms} ms)")
     );
     assert!(waited >= UPSTREAM_TIMEOUT && waited < UPSTREAM_TIMEOUT + Duration::from_secs(2), "{waited:?}");
 

@@ -128,7 +128,7 @@ async fn drive(
             _ = tx.closed() => return,
             () = idle => {
                 let _ = tx.send(Err(Status::deadline_exceeded(format!(
-                    "the stream sent no request for {} s with none in flight (--stream-idle-timeout-s)",
+                    "the stream sent no request for {} s with none in flight (--stream-idle-timeout)",
                     limits.idle_timeout.as_secs()
                 ))))
                 .await;

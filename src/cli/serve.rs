@@ -9,7 +9,7 @@ use crate::{
     api::{Backends, Captioning, Reflection, Roles, ServerOptions},
     app::ModelSet,
     cascade::{Captioner, ImageSource},
-    config::{EngineArgs, ServerArgs, Service},
+    config::{EngineArgs, PolicyArgs, ServerArgs, Service},
     engine::Admission,
     upstream::{RemoteUpstreams, UpstreamSpec},
     validate::SeedOrigin,
@@ -21,6 +21,8 @@ pub struct ServeArgs {
     pub server: ServerArgs,
     #[command(flatten)]
     pub engine: EngineArgs,
+    #[command(flatten)]
+    pub policy: PolicyArgs,
 }
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
@@ -38,20 +40,21 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     };
     let plan = Plan::of(&args.server)?;
     let results = args.server.result_cache();
+    let policy = args.policy.policy();
     let captioning = match plan.upstreams {
         Some((generator, ranker)) => {
-            let interval = std::time::Duration::from_millis(args.server.upstream_check_interval_ms.max(10));
+            let interval = args.server.upstream_check_interval();
             let token = args.server.upstream_token().map_err(anyhow::Error::msg)?;
             let upstreams = RemoteUpstreams::start(generator, ranker, token, interval)?;
             let timeout = args.server.upstream_timeout();
-            Captioning::Remote(crate::app::build_chain(&args.engine, upstreams, results, timeout)?)
+            Captioning::Remote(crate::app::build_chain(&args.engine, &policy, upstreams, results, timeout)?)
         }
         None => {
             let (engine, models) = (args.engine.clone(), plan.models);
-            let fetch = engine.fetch_limits();
-            let captioner =
-                tokio::task::spawn_blocking(move || crate::app::build_captioner_with(&engine, fetch, models, results))
-                    .await??;
+            let captioner = tokio::task::spawn_blocking(move || {
+                crate::app::build_captioner_with(&engine, &policy, models, results)
+            })
+            .await??;
             warm_up(&captioner).await?;
             Captioning::Local(captioner)
         }
@@ -76,7 +79,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         },
     };
     let options = ServerOptions {
-        max_message_bytes: args.server.max_message_bytes,
+        max_message_bytes: args.server.max_message_bytes.usize(),
         streams: args.server.stream_limits(),
         edge: args.server.edge_config().map_err(anyhow::Error::msg)?,
         auth: args.server.auth().map_err(anyhow::Error::msg)?,

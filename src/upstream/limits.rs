@@ -1,6 +1,6 @@
 //! How much an upstream may answer and how long it may take: the size bound of each answer,
 //! derived from the request limit flags this tier shares with the model tiers, and the wait an
-//! upstream call gets when its caller set no deadline (`--upstream-timeout-ms`).
+//! upstream call gets when its caller set no deadline (`--upstream-timeout`).
 
 use std::time::Duration;
 

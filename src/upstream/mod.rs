@@ -1,6 +1,6 @@
 //! The cascade tier's client of remote generators and rankers: client-side load balancing over
 //! every address an endpoint resolves to, health-checked and re-resolved as pods come and go;
-//! the caller's remaining deadline passed down, bounded by `--upstream-timeout-ms`; answers
+//! the caller's remaining deadline passed down, bounded by `--upstream-timeout`; answers
 //! bounded in size by the request limits ([`limits`]); retries on UNAVAILABLE and
 //! RESOURCE_EXHAUSTED under a retry budget with jittered backoff; the correlation key in
 //! metadata; and metrics. What an answer holds is checked by the chain, not here.
@@ -86,7 +86,7 @@ impl RemoteUpstreams {
         let expired = || -> CascadeError {
             if bounded_here {
                 let message = format!(
-                    "the {service} upstream did not answer within --upstream-timeout-ms ({} ms)",
+                    "the {service} upstream did not answer within --upstream-timeout ({} ms)",
                     self.limits.timeout.as_millis()
                 );
                 CascadeError::Upstream { code: Code::DeadlineExceeded as i32, message }

@@ -14,25 +14,31 @@ pub use process::{server, spawn_server, ServerProcess};
 
 use std::{net::SocketAddr, sync::OnceLock, time::Duration};
 
-use caption_cascade::{config::EngineArgs, pb};
+use caption_cascade::{
+    config::{EngineArgs, PolicyArgs},
+    pb,
+};
 use clap::Parser;
 use tonic::transport::Channel;
 use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest};
 
+/// What `serve` would run an in-process server with.
 #[derive(Parser)]
-struct EngineCli {
+pub struct EngineCli {
     #[command(flatten)]
     engine: EngineArgs,
+    #[command(flatten)]
+    policy: PolicyArgs,
 }
 
-/// Engine settings as the CLI would parse them from `args`, with the embedded models.
-pub fn engine_args(args: &[&str]) -> EngineArgs {
+/// Engine settings as `serve` would parse them from `args`, with the embedded models.
+pub fn engine_args(args: &[&str]) -> EngineCli {
     let root = env!("CARGO_MANIFEST_DIR");
     let blip = format!("{root}/models/shapes-blip");
     let clip = format!("{root}/models/shapes-clip");
     let mut argv = vec!["test", "--device", "cpu", "--blip-model", &blip, "--clip-model", &clip];
     argv.extend_from_slice(args);
-    EngineCli::parse_from(argv).engine
+    EngineCli::parse_from(argv)
 }
 
 /// Address of the shared test server, started on first use.
@@ -41,15 +47,16 @@ pub fn server_addr() -> SocketAddr {
     *ADDR.get_or_init(|| start_server(engine_args(&[])))
 }
 
-/// Starts a server with `engine` on a runtime thread of its own; returns once it listens. It has
+/// Starts a server with `settings` on a runtime thread of its own; returns once it listens. It has
 /// no metrics: the recorder is global to a process, so every in-process server of a test binary
 /// would count into the same series. Tests that read counters start a [`process`] of their own.
-pub fn start_server(engine: EngineArgs) -> SocketAddr {
+pub fn start_server(settings: EngineCli) -> SocketAddr {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let rt = tokio::runtime::Runtime::new().expect("runtime");
         rt.block_on(async move {
-            let cascade = caption_cascade::app::build_captioner(&engine).expect("models load");
+            let EngineCli { engine, policy } = settings;
+            let cascade = caption_cascade::app::build_captioner(&engine, &policy.policy()).expect("models load");
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
             tx.send(listener.local_addr().expect("addr")).expect("send addr");
             caption_cascade::api::serve(listener, cascade, Default::default(), std::future::pending()).await;

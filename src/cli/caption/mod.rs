@@ -20,8 +20,7 @@ use tokio::sync::mpsc;
 use crate::{
     api::Captioning,
     cascade::ResultCacheConfig,
-    config::EngineArgs,
-    images::{EgressPolicy, FetchLimits},
+    config::{EngineArgs, Policy},
     models::generation::Strategy,
     pb, validate,
 };
@@ -179,12 +178,8 @@ async fn target(args: &CaptionArgs) -> anyhow::Result<Target> {
         return Ok(Target::Remote(remote.await?));
     }
     let engine = args.engine.clone().for_bulk();
-    // Here the fetches act for the user running the command, who can reach every address this
-    // process can: the egress policy guards a server's network from its callers, so the
-    // --fetch-* flags do not apply.
-    let fetch = FetchLimits { egress: EgressPolicy::unrestricted(), ..engine.fetch_limits() };
     let captioner = tokio::task::spawn_blocking(move || {
-        crate::app::build_captioner_with(&engine, fetch, crate::app::ModelSet::BOTH, ResultCacheConfig::OFF)
+        crate::app::build_captioner_with(&engine, &Policy::bulk(), crate::app::ModelSet::BOTH, ResultCacheConfig::OFF)
     })
     .await??;
     Ok(Target::Local(Captioning::Local(captioner)))
