@@ -20,6 +20,7 @@ Exits 0 with a one-line summary, or 1 with what failed (the first failure of eac
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 import time
@@ -265,6 +266,22 @@ REFUSED = [
     ("HPA with zero replicas", {**SPLIT_ON, "cascade": {"autoscaling": {"minReplicas": 0}}}, "minimum"),
 ]
 
+# The selectors of every Deployment, Service, PodDisruptionBudget and ServiceMonitor as the chart
+# rendered them before its labels were reworked (selectors.golden.json, by value set): a
+# Deployment's selector cannot change on upgrade, and a changed Service or budget selector would
+# drop or orphan the running pods. New objects may come; these may not change.
+GOLDEN_SELECTORS = Path(__file__).with_name("selectors.golden.json")
+SELECTOR_CASES = [
+    ("combined", "demo", None),
+    ("combined, release named after the chart", "caption-cascade-prod", None),
+    ("combined, longest release", LONGEST_RELEASE, None),
+    ("combined, monitored", "demo", {"serviceMonitor": {"enabled": True}}),
+    ("split", "demo", {"topology": "split"}),
+    ("split, longest release", LONGEST_RELEASE, {"topology": "split"}),
+    ("split, monitored", "demo", {"topology": "split", "serviceMonitor": {"enabled": True}}),
+]
+SELECTING_KINDS = ("Deployment", "Service", "PodDisruptionBudget", "ServiceMonitor")
+
 LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")  # Service names must be RFC 1035 labels
 
@@ -339,6 +356,37 @@ def check_names_and_labels(docs: list[dict]) -> None:
         expect(len(name) <= 63 and DNS_LABEL.match(name), f"name {name!r} is not a DNS label")
         expect((doc["kind"], name) not in names, f"two {doc['kind']}s are named {name!r}")
         names.add((doc["kind"], name))
+
+
+def selectors(docs: list[dict]) -> dict[str, dict]:
+    """Each selecting object's selector, by kind/name."""
+    found = {}
+    for doc in docs:
+        if doc["kind"] not in SELECTING_KINDS:
+            continue
+        spec = doc["spec"]
+        selector = spec.get("selector") or {}
+        if doc["kind"] != "Service":
+            selector = selector.get("matchLabels") or {}
+        found[f"{doc['kind']}/{doc['metadata']['name']}"] = selector
+    return found
+
+
+def check_golden_selectors(chart: helm.Chart) -> list[str]:
+    """Every object of selectors.golden.json renders with the same selector as it had."""
+    golden = json.loads(GOLDEN_SELECTORS.read_text())
+    failures = []
+    expect_cases = {name for name, _, _ in SELECTOR_CASES}
+    if set(golden) != expect_cases:
+        failures.append(f"{GOLDEN_SELECTORS.name} holds {sorted(golden)}, want {sorted(expect_cases)}")
+    for name, release, overrides in SELECTOR_CASES:
+        now = selectors(render(chart, release, overrides))
+        for what, selector in (golden.get(name) or {}).items():
+            if what not in now:
+                failures.append(f"selectors ({name}): {what} is gone")
+            elif now[what] != selector:
+                failures.append(f"selectors ({name}): {what} selects {now[what]}, upgrades need {selector}")
+    return failures
 
 
 def selects(selector: dict | None, labels: dict) -> bool:
@@ -858,6 +906,10 @@ def main() -> int:
         expect_topologies = {"combined", "split"}
         if topologies != expect_topologies and not failures:
             failures.append(f"the scenarios render topologies {sorted(topologies)}, want both")
+        try:
+            failures += check_golden_selectors(chart)
+        except (OSError, ValueError, helm.HelmError) as e:
+            failures.append(f"{GOLDEN_SELECTORS.name}: {e}")
         for name, overrides, reason in REFUSED:
             why = refused(chart, overrides)
             if why is None:
