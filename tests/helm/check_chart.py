@@ -34,6 +34,8 @@ try:
 except ImportError as e:
     sys.exit(f"{e}: install tests/helm/requirements.txt (make test does)")
 
+import chart_docs
+
 ROOT = Path(__file__).resolve().parents[2]
 # A recent Kubernetes whose schemas kubernetes-validate ships; the chart's kubeVersion floor is
 # validated as well, so the chart must hold on every version it claims.
@@ -1287,9 +1289,9 @@ def check_service_monitor(by_kind: dict[str, list[dict]], deployments: dict[str,
         expect(target == int(values["metrics"]["port"]), f"the metrics Service reaches {component} on port {target}")
 
 
-def check_value_set(chart: helm.Chart, release: str, overrides: dict | None, versions: list[str]) -> int:
+def check_value_set(chart: helm.Chart, release: str, overrides: dict | None, versions: list[str]) -> list[dict]:
     """Renders an install with `overrides`, validates every manifest and checks all of it against
-    the values Helm coalesces (the expectations). Returns the number of manifests."""
+    the values Helm coalesces (the expectations). Returns the manifests."""
     chart.validate_schema(overrides)
     docs, notes = render_all(chart, release, overrides)
     validate(docs, versions)
@@ -1303,6 +1305,20 @@ def check_value_set(chart: helm.Chart, release: str, overrides: dict | None, ver
     check_policy(docs, values)
     check_test_hook(docs, values)
     check_notes(notes, values)
+    return docs
+
+
+def check_documented(chart: helm.Chart, command: chart_docs.Command, versions: list[str]) -> int:
+    """A documented command renders, validates and passes every check, and each tier gets the
+    device, GPUs and image the documentation says it does."""
+    docs = check_value_set(chart, command.release, command.values, versions)
+    deployments = {component_of(d): d for d in docs if d["kind"] == "Deployment"}
+    expect(set(command.expected) == set(deployments), f"it says what {sorted(command.expected) or 'no tier'} get(s), it renders {sorted(deployments)}: add a `# → TIER: device D, N RESOURCE|no GPU, image I` line for each")
+    for tier, (device, gpus, image) in command.expected.items():
+        container = main_container(deployments[tier])
+        env = {e["name"]: e.get("value") for e in container.get("env", [])}
+        got = (env.get("CAPTION_DEVICE"), {k: int(v) for k, v in gpu_limits(container).items()}, container["image"])
+        expect(got == (device, gpus, image), f"{tier}: renders device {got[0]}, GPUs {got[1]}, image {got[2]}; the documentation says {device}, {gpus}, {image}")
     return len(docs)
 
 
@@ -1340,13 +1356,27 @@ def main() -> int:
         for name, release, overrides in SCENARIOS:
             try:
                 notes.update(lint(chart_dir, overrides))
-                manifests += check_value_set(chart, release, overrides, versions)
+                manifests += len(check_value_set(chart, release, overrides, versions))
                 topologies.add(chart.merge_values(overrides)["topology"])
             except (Failed, helm.HelmError) as e:
                 failures.append(f"{name}: {e}")
         expect_topologies = {"combined", "split"}
         if topologies != expect_topologies and not failures:
             failures.append(f"the scenarios render topologies {sorted(topologies)}, want both")
+        try:
+            commands = chart_docs.documented_commands()
+        except (chart_docs.DocError, helm.HelmError, ValueError) as e:
+            failures.append(f"documented commands: {e}")
+            commands = []
+        for command in commands:
+            try:
+                manifests += check_documented(chart, command, versions)
+            except (Failed, helm.HelmError) as e:
+                failures.append(f"{command.where} `{command.text}`: {e}")
+        try:
+            failures += chart_docs.check_values_documented(chart_dir, chart.schema)
+        except (chart_docs.DocError, OSError) as e:
+            failures.append(f"values documentation: {e}")
         try:
             failures += check_golden_selectors(chart)
         except (OSError, ValueError, helm.HelmError) as e:
@@ -1366,7 +1396,7 @@ def main() -> int:
     info = f" (info: {'; '.join(sorted(notes))})" if notes else ""
     print(
         f"helm chart OK: lint clean{info}, "
-        f"{len(SCENARIOS)} value sets (combined and split) -> {manifests} manifests valid on Kubernetes "
+        f"{len(SCENARIOS)} value sets (combined and split) and {len(commands)} documented commands -> {manifests} manifests valid on Kubernetes "
         f"{' and '.join(versions)} (strict schemas; ServiceMonitor checked by field), "
         f"{len(REFUSED)} bad value sets refused, {time.monotonic() - started:.2f}s"
     )
