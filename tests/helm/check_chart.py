@@ -2,17 +2,24 @@
 """Checks the Helm chart without a helm binary or a cluster.
 
 Lints it, renders it with the default values and with overrides, in both topologies (combined:
-one Deployment serves every service; split: generator, ranker and cascade Deployments), validates
-every rendered manifest against the Kubernetes schemas (the ServiceMonitor, a CRD the schemas do
-not have, is checked field by field), and asserts what a deployer relies on: each container runs
-`serve` with the services and models of its part, the gRPC probes reach the plaintext health port
-and each Service the port the server listens on and only its own pods, the cascade's endpoints
-name the generator's and ranker's headless Services and their pods' port, the server settings come
-from the values (TLS, mutual TLS and the tokens as files of their mounted Secrets, whole volumes
-that the kubelet updates, never subPath or environment variables, the preStop sleep and the
-drain inside the grace period, the metrics port, the result cache on the pods that answer Caption), every pod runs non-root on a read-only root
-filesystem, each HPA and PodDisruptionBudget targets its own Deployment's pods. Bad values
-(schema violations and combinations only the templates catch) must be refused.
+one Deployment serves every service; split: generator, ranker and cascade Deployments), and with
+every `helm install` command the documentation shows (chart_docs.py), validates every rendered
+manifest, the test hook's included, against the Kubernetes schemas (the ServiceMonitor, a CRD the
+schemas do not have, is checked field by field), and asserts what a deployer relies on: each
+container runs `serve` with the services and models of its part, on the device, GPUs and image its
+tier resolves to (settings() is the rule, written apart from the templates), the gRPC probes reach
+the plaintext health port and each Service the port the server listens on and only its own pods, the
+cascade's endpoints name the generator's and ranker's headless Services and their pods' port, the
+server settings come from the values (TLS, mutual TLS and the tokens as files of their mounted
+Secrets, whole volumes that the kubelet updates, never subPath or environment variables, the preStop
+sleep and the drain inside the grace period, the metrics port, the result cache on the pods that
+answer Caption), every pod runs non-root on a read-only root filesystem, each HPA and
+PodDisruptionBudget targets its own Deployment's pods, every object carries the recommended labels
+while the selectors stay those of selectors.golden.json, every container has requests, a memory
+limit and a pinned tag and every server container its probes, the `helm test` Pod captions the
+shipped scene through the callers' Service with their CA and token, NOTES.txt says how to reach the
+release, and the chart's README documents every value. Bad values (schema violations and
+combinations only the templates catch) must be refused.
 
 Usage: check_chart.py [CHART_DIR]   (default: helm/caption-cascade)
 Exits 0 with a one-line summary, or 1 with what failed (the first failure of each value set).
