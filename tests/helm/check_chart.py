@@ -1329,6 +1329,21 @@ def check_documented(chart: helm.Chart, command: chart_docs.Command, versions: l
     return len(docs)
 
 
+def check_package(chart_dir: Path) -> list[str]:
+    """`helm package` keeps what the templates read (the test hook's scene) and the README, and
+    .helmignore exists to keep editor and VCS files out."""
+    import tempfile
+
+    if not (chart_dir / ".helmignore").is_file():
+        return [f"{chart_dir.name} has no .helmignore"]
+    with tempfile.TemporaryDirectory() as out:
+        archive = helm.package(str(chart_dir), destination=out)
+        with helm.Chart.load(archive) as packaged:
+            files = {f["name"] for f in packaged.files}
+    missing = {"files/scene.png", "README.md"} - files
+    return [f"the packaged chart lacks {sorted(missing)}"] if missing else []
+
+
 def refused(chart: helm.Chart, overrides: dict) -> str | None:
     """Why the chart refuses these values at install (schema, then templates); None if it doesn't."""
     try:
@@ -1384,6 +1399,10 @@ def main() -> int:
             failures += chart_docs.check_values_documented(chart_dir, chart.schema)
         except (chart_docs.DocError, OSError) as e:
             failures.append(f"values documentation: {e}")
+        try:
+            failures += check_package(chart_dir)
+        except (OSError, helm.HelmError) as e:
+            failures.append(f"helm package: {e}")
         try:
             failures += check_golden_selectors(chart)
         except (OSError, ValueError, helm.HelmError) as e:
