@@ -27,9 +27,11 @@ Exits 0 with a one-line summary, or 1 with what failed (the first failure of eac
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import sys
+import tempfile
 import time
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -1051,8 +1053,6 @@ def check_test_hook(docs: list[dict], values: dict) -> None:
     files = mounted_files(pod, container, docs)
     image = argv[-1]
     expect(files.get(image) == ("configMap", scene["metadata"]["name"], "scene.png"), f"the test pod captions {image}, which is {files.get(image)}")
-    import base64
-
     data = base64.b64decode(scene.get("binaryData", {}).get("scene.png", ""))
     expect(data == TEST_SCENE.read_bytes(), f"the ConfigMap's scene.png is not {TEST_SCENE.relative_to(ROOT)}")
     if scheme == "https":
@@ -1332,8 +1332,6 @@ def check_documented(chart: helm.Chart, command: chart_docs.Command, versions: l
 def check_package(chart_dir: Path) -> list[str]:
     """`helm package` keeps what the templates read (the test hook's scene) and the README, and
     .helmignore exists to keep editor and VCS files out."""
-    import tempfile
-
     if not (chart_dir / ".helmignore").is_file():
         return [f"{chart_dir.name} has no .helmignore"]
     with tempfile.TemporaryDirectory() as out:
