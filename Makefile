@@ -159,7 +159,7 @@ image: setup image-base ## build the container image caption-cascade:<appVersion
 		--target host -t $(IMAGE) .
 	@podman image inspect --format '{{.Size}}' $(IMAGE) | numfmt --to=si --suffix=B | sed 's|^|$(IMAGE): |'
 
-test-image: image $(CLIENT_STAMP) ## build the image, check its config and contents, caption the sample scenes inside it
+test-image: image $(CLIENT_STAMP) $(HELM_STAMP) ## build the image, check its config and contents, caption the sample scenes inside it
 	$(VENV)/bin/python tests/image/test_image.py --image $(IMAGE) --variant $(IMAGE_VARIANT)
 
 clean:

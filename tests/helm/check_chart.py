@@ -2,17 +2,24 @@
 """Checks the Helm chart without a helm binary or a cluster.
 
 Lints it, renders it with the default values and with overrides, in both topologies (combined:
-one Deployment serves every service; split: generator, ranker and cascade Deployments), validates
-every rendered manifest against the Kubernetes schemas (the ServiceMonitor, a CRD the schemas do
-not have, is checked field by field), and asserts what a deployer relies on: each container runs
-`serve` with the services and models of its part, the gRPC probes reach the plaintext health port
-and each Service the port the server listens on and only its own pods, the cascade's endpoints
-name the generator's and ranker's headless Services and their pods' port, the server settings come
-from the values (TLS, mutual TLS and the tokens as files of their mounted Secrets, whole volumes
-that the kubelet updates, never subPath or environment variables, the preStop sleep and the
-drain inside the grace period, the metrics port, the result cache on the pods that answer Caption), every pod runs non-root on a read-only root
-filesystem, each HPA and PodDisruptionBudget targets its own Deployment's pods. Bad values
-(schema violations and combinations only the templates catch) must be refused.
+one Deployment serves every service; split: generator, ranker and cascade Deployments), and with
+every `helm install` command the documentation shows (chart_docs.py), validates every rendered
+manifest, the test hook's included, against the Kubernetes schemas (the ServiceMonitor, a CRD the
+schemas do not have, is checked field by field), and asserts what a deployer relies on: each
+container runs `serve` with the services and models of its part, on the device, GPUs and image its
+tier resolves to (settings() is the rule, written apart from the templates), the gRPC probes reach
+the plaintext health port and each Service the port the server listens on and only its own pods, the
+cascade's endpoints name the generator's and ranker's headless Services and their pods' port, the
+server settings come from the values (TLS, mutual TLS and the tokens as files of their mounted
+Secrets, whole volumes that the kubelet updates, never subPath or environment variables, the preStop
+sleep and the drain inside the grace period, the metrics port, the result cache on the pods that
+answer Caption), every pod runs non-root on a read-only root filesystem, each HPA and
+PodDisruptionBudget targets its own Deployment's pods, every object carries the recommended labels
+while the selectors stay those of selectors.golden.json, every container has requests, a memory
+limit and a pinned tag and every server container its probes, the `helm test` Pod captions the
+shipped scene through the callers' Service with their CA and token, NOTES.txt says how to reach the
+release, and the chart's README documents every value. Bad values (schema violations and
+combinations only the templates catch) must be refused.
 
 Usage: check_chart.py [CHART_DIR]   (default: helm/caption-cascade)
 Exits 0 with a one-line summary, or 1 with what failed (the first failure of each value set).
@@ -20,8 +27,11 @@ Exits 0 with a one-line summary, or 1 with what failed (the first failure of eac
 
 from __future__ import annotations
 
+import base64
+import json
 import re
 import sys
+import tempfile
 import time
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -32,6 +42,8 @@ try:
     from kubernetes_validate import utils as schemas
 except ImportError as e:
     sys.exit(f"{e}: install tests/helm/requirements.txt (make test does)")
+
+import chart_docs
 
 ROOT = Path(__file__).resolve().parents[2]
 # A recent Kubernetes whose schemas kubernetes-validate ships; the chart's kubeVersion floor is
@@ -54,7 +66,7 @@ READINESS_SERVICE = {
     "cascade": "caption.v1.Cascade",
 }
 # The server's caption_queue_depth gauge labels its queues model="generate" / "rank".
-QUEUE_MODEL = {"generator": "generate", "ranker": "rank"}
+QUEUE_MODEL = {"combined": "generate", "generator": "generate", "ranker": "rank"}
 # Kinds the Kubernetes schemas do not know (CRDs): checked by hand instead.
 CRD_KINDS = {"ServiceMonitor"}
 
@@ -179,6 +191,93 @@ SCENARIOS = [
         },
     ),
     (
+        # What an operator adds: a private registry, a service account of their own, a GPU runtime
+        # and MIG slices, scheduling priority, metadata, env from a ConfigMap, a volume; scaled
+        # like split.
+        "combined, an operator's values",
+        "demo",
+        {
+            "fullnameOverride": "captions",
+            "image": {"repository": "registry.example.com/ml/caption-cascade", "tag": "0.1.0", "pullPolicy": "Always"},
+            "imagePullSecrets": [{"name": "regcred"}],
+            "serviceAccount": {"create": False, "name": "captioner", "automount": True},
+            "podAnnotations": {"cluster-autoscaler.kubernetes.io/safe-to-evict": "true"},
+            "podLabels": {"team": "vision"},
+            "service": {"type": "LoadBalancer", "annotations": {"networking.gke.io/load-balancer-type": "Internal"}},
+            "extraEnv": [
+                {"name": "CAPTION_MAX_INFLIGHT", "valueFrom": {"configMapKeyRef": {"name": "caption-tuning", "key": "max-inflight"}}},
+                {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+            ],
+            "extraVolumes": [{"name": "scratch", "emptyDir": {"sizeLimit": "2Gi"}}],
+            "extraVolumeMounts": [{"name": "scratch", "mountPath": "/scratch"}],
+            "priorityClassName": "inference-high",
+            "runtimeClassName": "nvidia",
+            "device": "cuda",
+            "gpus": 1,
+            "gpuResource": "nvidia.com/mig-3g.40gb",
+            "autoscaling": {"enabled": True, "maxReplicas": 6, "queueDepth": {"enabled": True, "averageValue": "4"}},
+            "podDisruptionBudget": {"enabled": True, "minAvailable": 1, "maxUnavailable": None},
+            "topologySpread": [{"topologyKey": "kubernetes.io/hostname", "whenUnsatisfiable": "DoNotSchedule"}],
+        },
+    ),
+    # replicaCount, the count's former name, still wins (and NOTES.txt says it is deprecated).
+    ("combined, the deprecated replicaCount", "caption-cascade-prod", {"replicaCount": 3, "replicas": 2, "nameOverride": "captioner"}),
+    (
+        # The callers' TLS and token without mutual TLS: the test hook verifies the Service with a
+        # CA of its own and sends the first line of the token.
+        "combined, TLS and a token, the test hook secured",
+        "demo",
+        {
+            "tls": {"secretName": "caption-tls"},
+            "auth": {"tokenSecretName": "caption-token", "tokenSecretKey": "bearer"},
+            "helmTest": {"caSecretName": "caption-ca"},
+            "podDisruptionBudget": {"enabled": True},
+        },
+    ),
+    ("combined, no test hook, no chart resources", "demo", {"helmTest": {"enabled": False, "resources": None}, "resources": None, "models": {"source": "pull", "pull": {"resources": None}}}),
+    (
+        # Every tier placed on its own: the generator on full GPUs it names cuda itself, the ranker
+        # on a MIG slice with the global device (auto), the cascade from another repository.
+        "split, each tier placed on its own",
+        "demo",
+        {
+            "topology": "split",
+            "image": {"repository": "registry.example.com/caption-cascade", "tag": "0.1.0"},
+            "runtimeClassName": "",
+            "podAnnotations": {"a": "1"},
+            "extraEnv": [{"name": "RUST_BACKTRACE", "value": "1"}],
+            "extraVolumes": [{"name": "shared", "emptyDir": {}}],
+            "extraVolumeMounts": [{"name": "shared", "mountPath": "/shared"}],
+            "generator": {
+                "device": "cuda",
+                "gpus": 2,
+                "runtimeClassName": "nvidia",
+                "priorityClassName": "gpu-high",
+                "podAnnotations": {"a": "2", "b": "3"},
+                "podLabels": {"pool": "gpu"},
+                "extraEnv": [{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}}],
+                "extraVolumes": [{"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}}],
+                "extraVolumeMounts": [{"name": "shm", "mountPath": "/dev/shm"}],
+                "serviceAnnotations": {"service.kubernetes.io/topology-mode": "Auto"},
+                "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [{"matchExpressions": [{"key": "gpu", "operator": "In", "values": ["a100"]}]}]}}},
+            },
+            "ranker": {"gpus": 1, "gpuResource": "nvidia.com/mig-1g.10gb", "runtimeClassName": "nvidia", "image": {"tag": "0.1.1"}},
+            "cascade": {"image": {"repository": "registry.example.com/caption-cascade-edge"}, "priorityClassName": "edge"},
+        },
+    ),
+    (
+        # A registry whose tags name the variant themselves: no suffix, the GPU tier's tag given.
+        "split, the registry's own CUDA tags",
+        "demo",
+        {
+            "topology": "split",
+            "device": "cuda",
+            "image": {"cudaTagSuffix": "", "tag": "0.1.0-cpu"},
+            "generator": {"gpus": 1, "image": {"tag": "0.1.0-gpu"}},
+            "ranker": {"gpus": 1, "device": "cpu"},
+        },
+    ),
+    (
         "split, fixed replicas, models from a PVC",
         "demo",
         {
@@ -234,7 +333,7 @@ REFUSED = [
     ("port 0", {"port": 0}, "minimum"),
     ("negative replicas", {**SPLIT_ON, "generator": {"replicas": -1}}, "minimum"),
     ("GPUs as a string", {"generator": {"gpus": "1"}}, "want integer"),
-    ("a misspelt value", {"replicas": 3}, "additional properties 'replicas' not allowed"),
+    ("a misspelt value", {"replica": 3}, "additional properties 'replica' not allowed"),
     ("a misspelt component value", {"ranker": {"replica": 3}}, "additional properties 'replica' not allowed"),
     ("bad metrics port", {"metrics": {"port": 70000}}, "maximum"),
     ("bad scrape interval", {"serviceMonitor": {"interval": "often"}}, "does not match pattern"),
@@ -263,7 +362,62 @@ REFUSED = [
         "set cascade.resources.requests.cpu",
     ),
     ("HPA with zero replicas", {**SPLIT_ON, "cascade": {"autoscaling": {"minReplicas": 0}}}, "minimum"),
+    # A device the pods cannot have fails the render, not the pod's start.
+    ("cuda without a GPU", {"device": "cuda"}, "device is cuda but gpus is 0"),
+    ("a tier's cuda without a GPU", {**SPLIT_ON, "ranker": {"device": "cuda"}}, "ranker.device is cuda but ranker.gpus is 0"),
+    ("global cuda, no tier with a GPU", {**SPLIT_ON, "device": "cuda"}, "and none does: set generator.gpus"),
+    ("cuda on the cpu image", {"gpus": 1, "device": "cuda", "image": {"variant": "cpu"}}, "holds no CUDA libraries: set image.variant"),
+    (
+        "a tier's cuda on the cpu image",
+        {**SPLIT_ON, "generator": {"gpus": 1, "device": "cuda", "image": {"variant": "cpu"}}},
+        "set generator.image.variant",
+    ),
+    ("the cascade has no GPUs", {**SPLIT_ON, "cascade": {"gpus": 1}}, "additional properties 'gpus' not allowed"),
+    ("a misspelt tier image key", {**SPLIT_ON, "generator": {"image": {"tags": "0.1.0"}}}, "additional properties 'tags' not allowed"),
+    ("a GPU resource without a domain", {"gpuResource": "gpu"}, "does not match pattern"),
+    ("an image tag with a slash", {"image": {"tag": "v1/cuda"}}, "does not match pattern"),
+    ("imagePullSecrets as names", {"imagePullSecrets": ["regcred"]}, "want object"),
+    ("podLabels replace a chart label", {"podLabels": {"app.kubernetes.io/name": "x"}}, "is the chart's own label"),
+    ("a tier's podLabels replace a chart label", {**SPLIT_ON, "ranker": {"podLabels": {"helm.sh/chart": "x"}}}, "is the chart's own label"),
+    ("extraEnv duplicates CAPTION_DEVICE", {"extraEnv": [{"name": "CAPTION_DEVICE", "value": "cpu"}]}, "use the value device"),
+    ("extraEnv repeats an env name", {"env": {"RUST_LOG": "info"}, "extraEnv": [{"name": "RUST_LOG", "value": "debug"}]}, "is set twice"),
+    (
+        "a tier's extraEnv repeats the global one",
+        {**SPLIT_ON, "extraEnv": [{"name": "A", "value": "1"}], "cascade": {"extraEnv": [{"name": "A", "value": "2"}]}},
+        "is set twice",
+    ),
+    ("extraEnv with a misspelt key", {"extraEnv": [{"name": "A", "valuefrom": {}}]}, "additional properties 'valuefrom' not allowed"),
+    ("an extra volume named like the chart's", {"extraVolumes": [{"name": "tmp", "emptyDir": {}}]}, "names a volume tmp itself"),
+    ("a mount outside the tree", {"extraVolumeMounts": [{"name": "x", "mountPath": "cache"}]}, "does not match pattern"),
+    (
+        "combined HPA max below min",
+        {"autoscaling": {"enabled": True, "minReplicas": 3, "maxReplicas": 2}},
+        "autoscaling.maxReplicas (2) is below minReplicas (3)",
+    ),
+    (
+        "combined CPU HPA without a CPU request",
+        {"autoscaling": {"enabled": True}, "resources": {"requests": {"cpu": None}}},
+        "set resources.requests.cpu",
+    ),
+    ("a negative replicaCount", {"replicaCount": -1}, "minimum"),
+    ("a service account name that is no name", {"serviceAccount": {"name": "Caption_SA"}}, "does not match pattern"),
 ]
+
+# The selectors of every Deployment, Service, PodDisruptionBudget and ServiceMonitor as the chart
+# rendered them before its labels were reworked (selectors.golden.json, by value set): a
+# Deployment's selector cannot change on upgrade, and a changed Service or budget selector would
+# drop or orphan the running pods. New objects may come; these may not change.
+GOLDEN_SELECTORS = Path(__file__).with_name("selectors.golden.json")
+SELECTOR_CASES = [
+    ("combined", "demo", None),
+    ("combined, release named after the chart", "caption-cascade-prod", None),
+    ("combined, longest release", LONGEST_RELEASE, None),
+    ("combined, monitored", "demo", {"serviceMonitor": {"enabled": True}}),
+    ("split", "demo", {"topology": "split"}),
+    ("split, longest release", LONGEST_RELEASE, {"topology": "split"}),
+    ("split, monitored", "demo", {"topology": "split", "serviceMonitor": {"enabled": True}}),
+]
+SELECTING_KINDS = ("Deployment", "Service", "PodDisruptionBudget", "ServiceMonitor")
 
 LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")  # Service names must be RFC 1035 labels
@@ -297,9 +451,23 @@ def lint(chart_dir: Path, values: dict | None) -> list[str]:
     return [f"{m['path']}: {m['error']}" for m in report["messages"]]
 
 
+NAMESPACE = "captioning"
+
+
+def render_all(chart: helm.Chart, release: str, values: dict | None) -> tuple[list[dict], str]:
+    """The manifests (hooks included) and NOTES.txt an install with `values` renders."""
+    manifests = chart.render(values, name=release, namespace=NAMESPACE)
+    notes = "".join(text for path, text in manifests.items() if path.endswith("/NOTES.txt"))
+    docs = [doc for path, text in manifests.items() if not path.endswith("/NOTES.txt") for doc in yaml.safe_load_all(text) if doc]
+    return docs, notes
+
+
 def render(chart: helm.Chart, release: str, values: dict | None) -> list[dict]:
-    manifests = chart.render(values, name=release, namespace="captioning")
-    return [doc for text in manifests.values() for doc in yaml.safe_load_all(text) if doc]
+    return render_all(chart, release, values)[0]
+
+
+def is_hook(doc: dict) -> bool:
+    return "helm.sh/hook" in (doc["metadata"].get("annotations") or {})
 
 
 def validate(docs: list[dict], versions: list[str]) -> None:
@@ -315,6 +483,54 @@ def validate(docs: list[dict], versions: list[str]) -> None:
                 raise Failed(f"{what} is invalid on Kubernetes {version}: {path}: {e.message}") from None
             except schemas.SchemaNotFoundError as e:
                 raise Failed(e.message) from None
+
+
+RECOMMENDED_LABELS = (
+    "app.kubernetes.io/name",
+    "app.kubernetes.io/instance",
+    "app.kubernetes.io/version",
+    "app.kubernetes.io/component",
+    "app.kubernetes.io/part-of",
+    "app.kubernetes.io/managed-by",
+    "helm.sh/chart",
+)
+
+
+def check_labels(docs: list[dict], values: dict) -> None:
+    """Kubernetes' recommended labels and helm.sh/chart on every object and pod template, with this
+    release's values; and no selector of the release takes a test hook's pod for one of its own."""
+    want = {
+        "app.kubernetes.io/instance": values["_release"],
+        "app.kubernetes.io/version": values["_app_version"],
+        "app.kubernetes.io/part-of": chart_name(values),
+        "app.kubernetes.io/managed-by": "Helm",
+        "helm.sh/chart": f"caption-cascade-{values['_chart_version']}",
+    }
+    for doc in docs:
+        what = f"{doc['kind']}/{doc['metadata']['name']}"
+        maps = [(what, doc["metadata"].get("labels") or {})]
+        if doc["kind"] == "Deployment":
+            maps.append((f"{what}'s pods", pod_labels(doc)))
+        for where, labels in maps:
+            missing = [key for key in RECOMMENDED_LABELS if not labels.get(key)]
+            expect(not missing, f"{where}: no {', '.join(missing)} label")
+            wrong = {k: labels[k] for k, v in want.items() if labels[k] != v}
+            expect(not wrong, f"{where}: labels {wrong}, want {[want[k] for k in wrong]}")
+            if not is_hook(doc):
+                expect(labels["app.kubernetes.io/name"] == chart_name(values), f"{where}: app.kubernetes.io/name {labels['app.kubernetes.io/name']}")
+    selectors_of = [(f"{d['kind']}/{d['metadata']['name']}", sel) for d in docs for sel in [selector_of(d)] if sel]
+    for pod in (d for d in docs if d["kind"] == "Pod"):
+        taken = [name for name, sel in selectors_of if selects(sel, pod["metadata"].get("labels") or {})]
+        expect(not taken, f"{', '.join(taken)} select the test pod {pod['metadata']['name']}")
+
+
+def selector_of(doc: dict) -> dict | None:
+    """The pod selector of an object that selects pods."""
+    if doc["kind"] == "Service":
+        return doc["spec"].get("selector")
+    if doc["kind"] in ("Deployment", "PodDisruptionBudget"):
+        return doc["spec"]["selector"].get("matchLabels")
+    return None
 
 
 def check_names_and_labels(docs: list[dict]) -> None:
@@ -339,6 +555,37 @@ def check_names_and_labels(docs: list[dict]) -> None:
         expect(len(name) <= 63 and DNS_LABEL.match(name), f"name {name!r} is not a DNS label")
         expect((doc["kind"], name) not in names, f"two {doc['kind']}s are named {name!r}")
         names.add((doc["kind"], name))
+
+
+def selectors(docs: list[dict]) -> dict[str, dict]:
+    """Each selecting object's selector, by kind/name."""
+    found = {}
+    for doc in docs:
+        if doc["kind"] not in SELECTING_KINDS:
+            continue
+        spec = doc["spec"]
+        selector = spec.get("selector") or {}
+        if doc["kind"] != "Service":
+            selector = selector.get("matchLabels") or {}
+        found[f"{doc['kind']}/{doc['metadata']['name']}"] = selector
+    return found
+
+
+def check_golden_selectors(chart: helm.Chart) -> list[str]:
+    """Every object of selectors.golden.json renders with the same selector as it had."""
+    golden = json.loads(GOLDEN_SELECTORS.read_text())
+    failures = []
+    expect_cases = {name for name, _, _ in SELECTOR_CASES}
+    if set(golden) != expect_cases:
+        failures.append(f"{GOLDEN_SELECTORS.name} holds {sorted(golden)}, want {sorted(expect_cases)}")
+    for name, release, overrides in SELECTOR_CASES:
+        now = selectors(render(chart, release, overrides))
+        for what, selector in (golden.get(name) or {}).items():
+            if what not in now:
+                failures.append(f"selectors ({name}): {what} is gone")
+            elif now[what] != selector:
+                failures.append(f"selectors ({name}): {what} selects {now[what]}, upgrades need {selector}")
+    return failures
 
 
 def selects(selector: dict | None, labels: dict) -> bool:
@@ -376,15 +623,58 @@ def model_path(values: dict, model: str) -> str:
 
 
 def settings(values: dict, component: str) -> dict:
-    """The part's own settings, as the chart reads them."""
-    if component == "combined":
-        return {
-            "replicas": values["replicaCount"],
-            "resources": values.get("resources"),
-            "gpus": values.get("gpus"),
-            "env": {},
-        }
-    return values[component]
+    """The part's settings, resolved as the chart must: a split tier's own values over the ones every
+    pod gets; combined, the top-level values. Device: a tier's own, else the global one when the tier
+    has GPUs, else cpu (combined: the top-level device is its own). Image: the tier's repository and
+    tag, else the global ones (tag: appVersion), with the cuda suffix when the variant is cuda (auto:
+    a tier with GPUs whose device is not cpu)."""
+    split = component != "combined"
+    if split:
+        own = values[component]
+    else:
+        replicas = values["replicaCount"] if values.get("replicaCount") is not None else values["replicas"]
+        own = {key: values.get(key) for key in ("device", "gpus", "resources", "nodeSelector", "tolerations", "affinity", "autoscaling", "podDisruptionBudget", "topologySpread")}
+        own["replicas"] = replicas
+    gpus = int(own.get("gpus") or 0)
+    device = own.get("device") or (values["device"] if gpus > 0 else "cpu")
+    image = own.get("image") or {}
+    variant = image.get("variant") or values["image"]["variant"]
+    if variant == "auto":
+        variant = "cuda" if gpus > 0 and device != "cpu" else "cpu"
+    tag = str(image.get("tag") or values["image"]["tag"] or values["_app_version"])
+    tag += values["image"]["cudaTagSuffix"] if variant == "cuda" else ""
+
+    def inherited(key: str) -> object:
+        return (own.get(key) if split else None) or values.get(key) or None
+
+    def added(key: str, empty: type) -> object:
+        mine = (own.get(key) if split else None) or empty()
+        common = values.get(key) or empty()
+        return {**common, **mine} if empty is dict else [*common, *mine]
+
+    return {
+        "replicas": own.get("replicas"),
+        "device": device,
+        "gpus": gpus,
+        "gpuResource": (own.get("gpuResource") if split else None) or values["gpuResource"],
+        "variant": variant,
+        "image": f"{image.get('repository') or values['image']['repository']}:{tag}",
+        "resources": own.get("resources"),
+        "nodeSelector": own.get("nodeSelector") or None,
+        "tolerations": own.get("tolerations") or None,
+        "affinity": own.get("affinity") or None,
+        "runtimeClassName": inherited("runtimeClassName"),
+        "priorityClassName": inherited("priorityClassName"),
+        "podAnnotations": added("podAnnotations", dict),
+        "podLabels": added("podLabels", dict),
+        "env": added("env", dict),
+        "extraEnv": added("extraEnv", list),
+        "extraVolumes": added("extraVolumes", list),
+        "extraVolumeMounts": added("extraVolumeMounts", list),
+        "autoscaling": own.get("autoscaling") or {"enabled": False},
+        "podDisruptionBudget": own.get("podDisruptionBudget") or {"enabled": False},
+        "topologySpread": own.get("topologySpread") or [],
+    }
 
 
 def serving_tls(values: dict, component: str) -> str:
@@ -460,12 +750,15 @@ def check_pod(component: str, deployment: dict, values: dict, services: dict[str
             expect(env.get(name) == want, f"{what}: {name}={env.get(name)!r}, want {want!r}")
         else:
             expect(name not in env, f"{what}: {name} is set but {component} does not load {model}")
-    device = "cpu" if component == "cascade" else values["device"]
+    device = own["device"]
     expect(env.get("CAPTION_DEVICE") == device, f"{what}: CAPTION_DEVICE={env.get('CAPTION_DEVICE')!r}, want {device!r}")
-    expect(values["device"] in DEVICES, f"device {values['device']!r} is not one of {sorted(DEVICES)}")
-    extra = {**(values.get("env") or {}), **(own.get("env") or {})}  # the part's own env wins
-    for name, value in extra.items():
+    expect(device in DEVICES, f"device {device!r} is not one of {sorted(DEVICES)}")
+    expect(component != "cascade" or device == "cpu", f"{what}: the cascade loads no models, yet runs on {device!r}")
+    for name, value in own["env"].items():  # the part's own env wins
         expect(env.get(name) == str(value), f"{what}: env.{name}: the container has {env.get(name)!r}, want {str(value)!r}")
+    entries = {e["name"]: e for e in container.get("env", [])}
+    for extra in own["extraEnv"]:
+        expect(entries.get(extra["name"]) == extra, f"{what}: extraEnv {extra['name']}: the container has {entries.get(extra['name'])}, want {extra}")
 
     ports = {p.get("name"): p for p in container.get("ports", [])}
     expect("grpc" in ports and ports["grpc"]["containerPort"] == port, f"{what}: ports {ports}, want grpc: {port}")
@@ -636,21 +929,210 @@ def check_pod(component: str, deployment: dict, values: dict, services: dict[str
                 cache = (init_env.get("HF_HUB_CACHE") or {}).get("value") or ""
                 expect(cache.startswith(models["mountPath"].rstrip("/") + "/"), f"{what}: the hub cache {cache!r} is not on a writable volume")
 
+    check_placement(component, deployment, own, values)
+
+
+def gpu_limits(container: dict) -> dict:
+    """The extended resources of a container's limits that name a GPU (or a slice of one)."""
     limits = (container.get("resources") or {}).get("limits") or {}
-    gpus = int(own.get("gpus") or 0)
-    if gpus > 0:
-        expect(str(limits.get("nvidia.com/gpu")) == str(gpus), f"{what}: gpus: {gpus} but limits are {limits}")
-    else:
-        expect("nvidia.com/gpu" not in limits, f"{what}: gpus: 0 but limits ask for a GPU: {limits}")
+    return {k: v for k, v in limits.items() if "/" in k}
+
+
+def check_placement(component: str, deployment: dict, own: dict, values: dict) -> None:
+    """Where a part's pods run and with what: GPUs, image, scheduling, the pod's metadata, the service
+    account, pull secrets and extra volumes."""
+    what = deployment["metadata"]["name"]
+    container = main_container(deployment)
+    spec = deployment["spec"]["template"]["spec"]
+    gpus = own["gpus"]
+    want_gpus = {own["gpuResource"]: gpus} if gpus > 0 else {}
+    got = {k: int(v) for k, v in gpu_limits(container).items()}
+    expect(got == want_gpus, f"{what}: GPU limits {got}, want {want_gpus}")
+    expect(container["image"] == own["image"], f"{what}: image {container['image']!r}, want {own['image']!r}")
+    if own["device"] == "cuda":
+        expect(gpus > 0 and own["variant"] == "cuda", f"{what}: device cuda with {gpus} GPUs on the {own['variant']} image")
+    for key in ("nodeSelector", "tolerations", "affinity", "runtimeClassName", "priorityClassName"):
+        expect((spec.get(key) or None) == own[key], f"{what}: {key} {spec.get(key)}, want {own[key]}")
+    spread = spec.get("topologySpreadConstraints") or []
+    want = own["topologySpread"]
+    expect([c["topologyKey"] for c in spread] == [w["topologyKey"] for w in want], f"{what}: spread over {spread}, want {want}")
+    for c in spread:
+        expect(selects(c["labelSelector"]["matchLabels"], pod_labels(deployment)), f"{what}: a spread constraint misses its own pods")
+    meta = deployment["spec"]["template"]["metadata"]
+    expect((meta.get("annotations") or {}) == own["podAnnotations"], f"{what}: pod annotations {meta.get('annotations')}, want {own['podAnnotations']}")
+    expect(own["podLabels"].items() <= pod_labels(deployment).items(), f"{what}: pod labels {pod_labels(deployment)} miss {own['podLabels']}")
+    account = values["serviceAccount"]
+    want_account = (account["name"] or fullname(values)) if account["create"] else (account["name"] or "default")
+    expect(spec.get("serviceAccountName") == want_account, f"{what}: service account {spec.get('serviceAccountName')!r}, want {want_account!r}")
+    expect(spec.get("automountServiceAccountToken") is bool(account["automount"]), f"{what}: automountServiceAccountToken {spec.get('automountServiceAccountToken')}")
+    expect((spec.get("imagePullSecrets") or []) == values["imagePullSecrets"], f"{what}: imagePullSecrets {spec.get('imagePullSecrets')}")
+    volumes = spec.get("volumes") or []
+    for extra in own["extraVolumes"]:
+        expect(extra in volumes, f"{what}: extra volume {extra['name']} is missing")
+    mounts = container.get("volumeMounts") or []
+    for extra in own["extraVolumeMounts"]:
+        expect(extra in mounts, f"{what}: extra volume mount {extra['mountPath']} is missing")
+    expect(len({v["name"] for v in volumes}) == len(volumes), f"{what}: two volumes share a name")
+
+
+def image_tag(image: str) -> str:
+    """The tag of an image reference ("" when it has none)."""
+    name = image.split("@", 1)[0]
+    last = name.rsplit("/", 1)[-1]
+    return last.split(":", 1)[1] if ":" in last else ""
+
+
+def check_policy(docs: list[dict], values: dict) -> None:
+    """What admission policies (Kyverno's and Gatekeeper's best-practice sets, kube-linter) refuse:
+    a container without CPU and memory requests or a memory limit (unless the values drop the
+    resources on purpose, null), a server container without probes, an image without a tag or
+    tagged latest."""
+    deliberate = {"models.pull.resources": values["models"]["pull"].get("resources") is None, "helmTest.resources": values["helmTest"].get("resources") is None}
+    for doc in docs:
+        if doc["kind"] == "Deployment":
+            spec = doc["spec"]["template"]["spec"]
+            component = component_of(doc)
+            owner = f"{component}.resources" if component in SPLIT else "resources"
+            deliberate[owner] = settings(values, component)["resources"] is None
+            groups = [(owner, [c]) for c in spec["containers"]] + [("models.pull.resources", [c]) for c in spec.get("initContainers", [])]
+            for c in spec["containers"]:
+                missing = [p for p in ("startupProbe", "readinessProbe", "livenessProbe") if not c.get(p)]
+                expect(not missing, f"{doc['metadata']['name']} container {c['name']}: no {', '.join(missing)}")
+        elif doc["kind"] == "Pod":
+            spec = doc["spec"]
+            groups = [("helmTest.resources", [c]) for c in spec["containers"]]
+        else:
+            continue
+        for owner, containers in groups:
+            for c in containers:
+                what = f"{doc['kind']}/{doc['metadata']['name']} container {c['name']}"
+                tag = image_tag(c["image"])
+                expect(tag and tag != "latest", f"{what}: image {c['image']!r} has no pinned tag")
+                if deliberate[owner]:
+                    continue
+                resources = c.get("resources") or {}
+                requests, limits = resources.get("requests") or {}, resources.get("limits") or {}
+                expect(requests.get("cpu") and requests.get("memory"), f"{what}: requests {requests}: set a CPU and a memory request ({owner})")
+                expect(limits.get("memory"), f"{what}: limits {limits}: set a memory limit ({owner})")
+
+
+# The sample scene the test hook captions, and what the embedded models say of it.
+TEST_SCENE = ROOT / "examples" / "images" / "scene_1.png"
+
+
+def check_test_hook(docs: list[dict], values: dict) -> None:
+    """`helm test`: a Pod running the callers' tier's image that captions the shipped scene through
+    the callers' Service, with the CA and token callers need; none with mutual TLS or when off."""
+    hooks = [d for d in docs if is_hook(d)]
+    tls = values["tls"]
+    if not values["helmTest"]["enabled"] or tls.get("clientCASecretName"):
+        expect(not hooks, f"test hooks {[h['metadata']['name'] for h in hooks]} with helmTest off or mutual TLS")
+        return
+    for hook in hooks:
+        annotations = hook["metadata"]["annotations"]
+        expect(annotations["helm.sh/hook"] == "test", f"{hook['metadata']['name']}: hook {annotations['helm.sh/hook']}")
+    pods = [h for h in hooks if h["kind"] == "Pod"]
+    maps = [h for h in hooks if h["kind"] == "ConfigMap"]
+    expect(len(pods) == 1 and len(maps) == 1 and len(hooks) == 2, f"test hooks {[(h['kind'], h['metadata']['name']) for h in hooks]}, want a Pod and its ConfigMap")
+    pod, scene = pods[0], maps[0]
+    weight = lambda h: int(h["metadata"]["annotations"].get("helm.sh/hook-weight", "0"))  # noqa: E731
+    expect(weight(scene) < weight(pod), "the scene's ConfigMap is not created before the test Pod")
     spec = pod["spec"]
-    if component != "combined":
-        for key in ("nodeSelector", "tolerations", "affinity"):
-            expect((spec.get(key) or None) == (own.get(key) or None), f"{what}: {key} {spec.get(key)}, want {component}.{key} {own.get(key)}")
-        spread = spec.get("topologySpreadConstraints") or []
-        want = own.get("topologySpread") or []
-        expect([c["topologyKey"] for c in spread] == [w["topologyKey"] for w in want], f"{what}: spread over {spread}, want {want}")
-        for c in spread:
-            expect(selects(c["labelSelector"]["matchLabels"], pod_labels(deployment)), f"{what}: a spread constraint misses its own pods")
+    expect(spec.get("restartPolicy") == "Never", f"test pod restartPolicy {spec.get('restartPolicy')}")
+    check_security(pod, "the test pod")
+    (container,) = spec["containers"]
+    callers = settings(values, "combined" if values["topology"] == "combined" else "cascade")
+    expect(container["image"] == callers["image"], f"the test pod runs {container['image']}, want the callers' tier's {callers['image']}")
+    expect((spec.get("imagePullSecrets") or []) == values["imagePullSecrets"], f"test pod imagePullSecrets {spec.get('imagePullSecrets')}")
+    argv = hook_argv(container)
+    expect(argv[:2] == ["caption-cascade", "caption"], f"the test pod runs {argv[:2]}, want caption-cascade caption")
+    flags = dict(zip(argv, argv[1:]))
+    scheme = "https" if tls.get("secretName") else "http"
+    want = f"{scheme}://{fullname(values)}:{values['service']['port']}"
+    expect(flags.get("--endpoint") == want, f"the test pod dials {flags.get('--endpoint')}, want the callers' Service {want}")
+    files = mounted_files(pod, container, docs)
+    image = argv[-1]
+    expect(files.get(image) == ("configMap", scene["metadata"]["name"], "scene.png"), f"the test pod captions {image}, which is {files.get(image)}")
+    data = base64.b64decode(scene.get("binaryData", {}).get("scene.png", ""))
+    expect(data == TEST_SCENE.read_bytes(), f"the ConfigMap's scene.png is not {TEST_SCENE.relative_to(ROOT)}")
+    if scheme == "https":
+        ca = values["helmTest"].get("caSecretName") or tls["secretName"]
+        expect(files.get(flags.get("--endpoint-ca")) == ("secret", ca, "ca.crt"), f"--endpoint-ca {flags.get('--endpoint-ca')} is {files.get(flags.get('--endpoint-ca'))}, want ca.crt of {ca}")
+    else:
+        expect("--endpoint-ca" not in flags, "--endpoint-ca without TLS")
+    token = required_token(values, "cascade")
+    if token:
+        expect("--endpoint-token-file" in flags, "the test pod sends no token, the Service requires one")
+        expect(token_source(container, files) == ("secret", token["name"], token["key"]), f"the test pod's token comes from {token_source(container, files)}, want {token}")
+    else:
+        expect("--endpoint-token-file" not in flags and not container.get("command"), "the test pod sends a token the Service does not ask for")
+
+
+def hook_argv(container: dict) -> list[str]:
+    """The command line the test container runs: its command's `exec caption-cascade "$@"`
+    wrapper stands for caption-cascade itself (the image's entrypoint)."""
+    command = container.get("command") or ["caption-cascade"]
+    if command[:2] == ["sh", "-c"]:
+        expect(command[2].endswith('exec caption-cascade "$@"') and len(command) == 4, f"test pod command {command}")
+        command = ["caption-cascade"]
+    return command + [str(a) for a in container.get("args") or []]
+
+
+def token_source(container: dict, files: dict) -> tuple | None:
+    """Where the token file the test pod sends comes from: the first line of a mounted key, copied
+    to /tmp by its command."""
+    argv = hook_argv(container)
+    path = argv[argv.index("--endpoint-token-file") + 1]
+    command = container.get("command") or []
+    if command[:2] == ["sh", "-c"]:
+        copied = re.fullmatch(r"head -n 1 (\S+) > (\S+) && exec caption-cascade \"\$@\"", command[2])
+        expect(copied and copied.group(2) == path, f"the token file {path} is not the first line of a mounted key: {command}")
+        return files.get(copied.group(1))
+    return files.get(path)
+
+
+def mounted_files(pod: dict, container: dict, docs: list[dict]) -> dict[str, tuple[str, str, str]]:
+    """Each file a container sees through a ConfigMap or Secret volume: path -> (kind, name, key)."""
+    volumes = {v["name"]: v for v in pod["spec"].get("volumes", [])}
+    files = {}
+    for mount in container.get("volumeMounts", []):
+        volume = volumes[mount["name"]]
+        for kind, name_key in (("configMap", "name"), ("secret", "secretName")):
+            source = volume.get(kind)
+            if not source:
+                continue
+            name = source[name_key]
+            items = source.get("items")
+            if items is None:
+                owned = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == name]
+                keys = list((owned[0].get("data") or {}) | (owned[0].get("binaryData") or {})) if owned else []
+                items = [{"key": k, "path": k} for k in keys]
+            for item in items:
+                files[f"{mount['mountPath'].rstrip('/')}/{item['path']}"] = (kind, name, item["key"])
+    return files
+
+
+def check_notes(notes: str, values: dict) -> None:
+    """NOTES.txt says where the callers' Service is, how to reach it from a workstation (a
+    port-forward and one call), whether `helm test` is there, and that replicaCount is deprecated."""
+    name, namespace = fullname(values), NAMESPACE
+    scheme = "https" if values["tls"].get("secretName") else "http"
+    for text in (
+        f"{scheme}://{name}.{namespace}.svc:{values['service']['port']}",
+        f"kubectl -n {namespace} port-forward svc/{name} 50051:{values['service']['port']}",
+        "caption-cascade caption --endpoint ",
+    ):
+        expect(text in notes, f"NOTES.txt does not say {text!r}:\n{notes}")
+    for component in (["combined"] if values["topology"] == "combined" else SPLIT):
+        own = settings(values, component)
+        expect(f"device {own['device']}," in notes and f"image {own['image']}," in notes, f"NOTES.txt does not give the {component}'s device {own['device']} and image {own['image']}")
+    hook = values["helmTest"]["enabled"] and not values["tls"].get("clientCASecretName")
+    expect((f"helm test {values['_release']} -n {namespace}" in notes) == hook, f"NOTES.txt and the test hook disagree (hook: {hook})")
+    if values["helmTest"]["enabled"] and not hook:
+        expect("`helm test` is not installed: with mutual TLS" in notes, "NOTES.txt does not say why there is no test hook")
+    expect(("replicaCount" in notes) == (values.get("replicaCount") is not None), "NOTES.txt and replicaCount's deprecation disagree")
+    if values["auth"].get("tokenSecretName"):
+        expect("--endpoint-token-file" in notes, "NOTES.txt's call sends no token")
 
 
 def check_deployer_contract(docs: list[dict], values: dict) -> None:
@@ -683,7 +1165,7 @@ def check_deployer_contract(docs: list[dict], values: dict) -> None:
     callers = "combined" if topology == "combined" else "cascade"
     expect(set(served) == ({"combined"} if topology == "combined" else set(SPLIT)), f"gRPC Services for {sorted(served)}")
     front = served[callers]
-    expect(front["metadata"]["name"] == fullname(values["_release"]), f"the callers' Service is {front['metadata']['name']}, want the release's fullname")
+    expect(front["metadata"]["name"] == fullname(values), f"the callers' Service is {front['metadata']['name']}, want the release's fullname")
     expect(front["spec"].get("clusterIP") != "None" and front["spec"]["type"] == values["service"]["type"], "the callers' Service is not of service.type")
     exposed = [p for p in front["spec"]["ports"] if p["name"] == "grpc"][0]["port"]
     expect(exposed == values["service"]["port"], f"the Service port is {exposed}, want service.port {values['service']['port']}")
@@ -703,22 +1185,26 @@ def check_deployer_contract(docs: list[dict], values: dict) -> None:
     check_service_monitor(by_kind, deployments, values)
 
 
-def fullname(release: str) -> str:
-    name = release if "caption-cascade" in release else f"{release}-caption-cascade"
-    return name[:63].rstrip("-")
+def chart_name(values: dict) -> str:
+    return (values.get("nameOverride") or "caption-cascade")[:63].rstrip("-")
+
+
+def fullname(values: dict) -> str:
+    """The object names' prefix: fullnameOverride, else <release>-<name> (<release> when it holds the name)."""
+    if values.get("fullnameOverride"):
+        return values["fullnameOverride"][:63].rstrip("-")
+    release, name = values["_release"], chart_name(values)
+    full = release if name in release else f"{release}-{name}"
+    return full[:63].rstrip("-")
 
 
 def check_autoscaling(by_kind: dict[str, list[dict]], deployments: dict[str, dict], values: dict) -> None:
-    """Split: each part's HPA scales its own Deployment; each PDB covers its own pods only."""
+    """Each part's HPA scales its own Deployment; each PDB covers its own pods only (both topologies,
+    behind the same values)."""
     hpas = by_kind.get("HorizontalPodAutoscaler", [])
     pdbs = by_kind.get("PodDisruptionBudget", [])
-    if values["topology"] == "combined":
-        expect(not hpas and not pdbs, "HPAs or PDBs in topology: combined")
-        replicas = deployments["combined"]["spec"].get("replicas")
-        expect(replicas == values["replicaCount"], f"replicas {replicas}, want replicaCount {values['replicaCount']}")
-        return
-    for component in SPLIT:
-        own = values[component]
+    tiers = {component: settings(values, component) for component in deployments}
+    for component, own in tiers.items():
         deployment = deployments[component]
         name = deployment["metadata"]["name"]
         mine = [h for h in hpas if h["spec"]["scaleTargetRef"]["name"] == name]
@@ -744,7 +1230,7 @@ def check_autoscaling(by_kind: dict[str, list[dict]], deployments: dict[str, dic
                 metric = queue[0]["pods"]
                 expect(metric["metric"]["name"] == "caption_queue_depth", f"{component}: metric {metric['metric']}")
                 label = metric["metric"]["selector"]["matchLabels"].get("model")
-                expect(label == QUEUE_MODEL[component], f"{component}: queue depth of model {label!r}, want {QUEUE_MODEL[component]!r}")
+                expect(label == QUEUE_MODEL.get(component), f"{component}: queue depth of model {label!r}, want {QUEUE_MODEL[component]!r}")
                 expect(str(metric["target"]["averageValue"]) == str(auto["queueDepth"]["averageValue"]), f"{component}: queue target {metric['target']}")
             else:
                 expect(not queue, f"{component}: custom metrics without queueDepth.enabled")
@@ -765,8 +1251,8 @@ def check_autoscaling(by_kind: dict[str, list[dict]], deployments: dict[str, dic
                 expect(pdb["spec"].get("maxUnavailable") == budget["maxUnavailable"] and "minAvailable" not in pdb["spec"], f"{component}: PDB {pdb['spec']}")
         else:
             expect(not covering, f"{component}: a PDB with podDisruptionBudget disabled")
-    expect(len(hpas) == sum(values[c]["autoscaling"]["enabled"] for c in SPLIT), "HPAs that target no part")
-    expect(len(pdbs) == sum(values[c]["podDisruptionBudget"]["enabled"] for c in SPLIT), "PDBs that cover no part")
+    expect(len(hpas) == sum(t["autoscaling"]["enabled"] for t in tiers.values()), "HPAs that target no part")
+    expect(len(pdbs) == sum(t["podDisruptionBudget"]["enabled"] for t in tiers.values()), "PDBs that cover no part")
 
 
 def check_service_monitor(by_kind: dict[str, list[dict]], deployments: dict[str, dict], values: dict) -> None:
@@ -810,6 +1296,52 @@ def check_service_monitor(by_kind: dict[str, list[dict]], deployments: dict[str,
         expect(target == int(values["metrics"]["port"]), f"the metrics Service reaches {component} on port {target}")
 
 
+def check_value_set(chart: helm.Chart, release: str, overrides: dict | None, versions: list[str]) -> list[dict]:
+    """Renders an install with `overrides`, validates every manifest and checks all of it against
+    the values Helm coalesces (the expectations). Returns the manifests."""
+    chart.validate_schema(overrides)
+    docs, notes = render_all(chart, release, overrides)
+    validate(docs, versions)
+    check_names_and_labels(docs)
+    values = chart.merge_values(overrides)
+    values["_release"] = release
+    values["_app_version"] = str(chart.metadata["appVersion"])
+    values["_chart_version"] = str(chart.metadata["version"])
+    check_labels(docs, values)
+    check_deployer_contract([d for d in docs if not is_hook(d)], values)
+    check_policy(docs, values)
+    check_test_hook(docs, values)
+    check_notes(notes, values)
+    return docs
+
+
+def check_documented(chart: helm.Chart, command: chart_docs.Command, versions: list[str]) -> int:
+    """A documented command renders, validates and passes every check, and each tier gets the
+    device, GPUs and image the documentation says it does."""
+    docs = check_value_set(chart, command.release, command.values, versions)
+    deployments = {component_of(d): d for d in docs if d["kind"] == "Deployment"}
+    expect(set(command.expected) == set(deployments), f"it says what {sorted(command.expected) or 'no tier'} get(s), it renders {sorted(deployments)}: add a `# → TIER: device D, N RESOURCE|no GPU, image I` line for each")
+    for tier, (device, gpus, image) in command.expected.items():
+        container = main_container(deployments[tier])
+        env = {e["name"]: e.get("value") for e in container.get("env", [])}
+        got = (env.get("CAPTION_DEVICE"), {k: int(v) for k, v in gpu_limits(container).items()}, container["image"])
+        expect(got == (device, gpus, image), f"{tier}: renders device {got[0]}, GPUs {got[1]}, image {got[2]}; the documentation says {device}, {gpus}, {image}")
+    return len(docs)
+
+
+def check_package(chart_dir: Path) -> list[str]:
+    """`helm package` keeps what the templates read (the test hook's scene) and the README, and
+    .helmignore exists to keep editor and VCS files out."""
+    if not (chart_dir / ".helmignore").is_file():
+        return [f"{chart_dir.name} has no .helmignore"]
+    with tempfile.TemporaryDirectory() as out:
+        archive = helm.package(str(chart_dir), destination=out)
+        with helm.Chart.load(archive) as packaged:
+            files = {f["name"] for f in packaged.files}
+    missing = {"files/scene.png", "README.md"} - files
+    return [f"the packaged chart lacks {sorted(missing)}"] if missing else []
+
+
 def refused(chart: helm.Chart, overrides: dict) -> str | None:
     """Why the chart refuses these values at install (schema, then templates); None if it doesn't."""
     try:
@@ -844,20 +1376,35 @@ def main() -> int:
         for name, release, overrides in SCENARIOS:
             try:
                 notes.update(lint(chart_dir, overrides))
-                docs = render(chart, release, overrides)
-                validate(docs, versions)
-                check_names_and_labels(docs)
-                # The values Helm coalesces for an install: the expectations.
-                values = chart.merge_values(overrides)
-                values["_release"] = release
-                check_deployer_contract(docs, values)
-                topologies.add(values["topology"])
-                manifests += len(docs)
+                manifests += len(check_value_set(chart, release, overrides, versions))
+                topologies.add(chart.merge_values(overrides)["topology"])
             except (Failed, helm.HelmError) as e:
                 failures.append(f"{name}: {e}")
         expect_topologies = {"combined", "split"}
         if topologies != expect_topologies and not failures:
             failures.append(f"the scenarios render topologies {sorted(topologies)}, want both")
+        try:
+            commands = chart_docs.documented_commands()
+        except (chart_docs.DocError, helm.HelmError, ValueError) as e:
+            failures.append(f"documented commands: {e}")
+            commands = []
+        for command in commands:
+            try:
+                manifests += check_documented(chart, command, versions)
+            except (Failed, helm.HelmError) as e:
+                failures.append(f"{command.where} `{command.text}`: {e}")
+        try:
+            failures += chart_docs.check_values_documented(chart_dir, chart.schema)
+        except (chart_docs.DocError, OSError) as e:
+            failures.append(f"values documentation: {e}")
+        try:
+            failures += check_package(chart_dir)
+        except (OSError, helm.HelmError) as e:
+            failures.append(f"helm package: {e}")
+        try:
+            failures += check_golden_selectors(chart)
+        except (OSError, ValueError, helm.HelmError) as e:
+            failures.append(f"{GOLDEN_SELECTORS.name}: {e}")
         for name, overrides, reason in REFUSED:
             why = refused(chart, overrides)
             if why is None:
@@ -873,7 +1420,7 @@ def main() -> int:
     info = f" (info: {'; '.join(sorted(notes))})" if notes else ""
     print(
         f"helm chart OK: lint clean{info}, "
-        f"{len(SCENARIOS)} value sets (combined and split) -> {manifests} manifests valid on Kubernetes "
+        f"{len(SCENARIOS)} value sets (combined and split) and {len(commands)} documented commands -> {manifests} manifests valid on Kubernetes "
         f"{' and '.join(versions)} (strict schemas; ServiceMonitor checked by field), "
         f"{len(REFUSED)} bad value sets refused, {time.monotonic() - started:.2f}s"
     )

@@ -16,12 +16,15 @@ user, with the image's environment, working directory and entrypoint, all read f
   * `caption --device cpu --json` on every sample scene gives the caption in expected.json;
   * `serve` on loopback ports it picks itself (port 0, named in its --ready-file): the gRPC health
     check (main and health port, when grpcio is importable) and the same captions through
-    `caption --endpoint`, then a clean exit on SIGTERM.
+    `caption --endpoint`, the Helm chart's `helm test` Pod's command as the chart renders it (its
+    ConfigMap's scene laid out where the Pod mounts it, the Service's address replaced by the
+    server's), then a clean exit on SIGTERM.
 
 Where runc is installed (`make image` installs it), the image is also run as a real container:
 `podman run --runtime runc`, with rlimits below the sandbox's hard limits (podman's defaults are
 above them, and crun also refuses the sandbox's hybrid cgroups): the captions in-process, then the
-default command (serve) on the host's loopback, health, captions through it, and `podman stop`.
+default command (serve) on the host's loopback, health, captions through it, the `helm test` Pod's
+command in a container of its own, and `podman stop`.
 
 The cuda variant gets the same runs, on the CPU: without a GPU (or the NVIDIA container toolkit
 that mounts the driver) that proves its libraries load, not that CUDA works.
@@ -41,6 +44,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 SCENES = ROOT / "examples" / "images"
+sys.path.insert(0, str(ROOT / "tests" / "helm"))
 UID = 10001
 # CUDA libraries the cpu image must not carry. libcudart and libcupti are allowed: the PyPI wheel's
 # libtorch_cpu.so itself has DT_NEEDED entries for them.
@@ -121,6 +125,25 @@ def compare(stdout, expected, how):
         check(got.get(name) == caption, f"{how}: {name} -> {got.get(name)!r}")
 
 
+def hook_argv(folder, inside, port):
+    """The chart's test Pod command line (default values: plaintext, no token) against 127.0.0.1:port,
+    its volumes laid out in `folder`, which the command sees at `inside`."""
+    import run_hook  # the Helm SDK: make test-image installs tests/helm/requirements.txt
+
+    folder = Path(folder)
+    folder.mkdir(mode=0o755, parents=True, exist_ok=True)
+    folder.chmod(0o755)
+    return run_hook.hook_command(None, {}, folder, inside, f"127.0.0.1:{port}"), run_hook.SCENE_CAPTION
+
+
+def check_hook_output(result, caption, how):
+    ok = result.returncode == 0
+    check(ok, f"{how}: the helm test Pod's command{': ' + result.stderr[-2000:] if not ok else ''}")
+    if ok:
+        got = [c["text"] for line in result.stdout.splitlines() if line.strip() for c in json.loads(line).get("captions") or []]
+        check(got == [caption], f"{how}: the helm test Pod's command captions the sample scene {got}")
+
+
 # podman's default rlimits (nofile 1048576, nproc 4194304) are above the sandbox's hard limits.
 PODMAN_RUN = ["podman", "run", "--runtime", "runc", "--ulimit", "nofile=4096:4096", "--ulimit", "nproc=4096:4096"]
 
@@ -173,6 +196,17 @@ def container_run(image, expected):
         check(result.returncode == 0, f"podman run: caption --endpoint{': ' + result.stderr[-2000:] if result.returncode else ''}")
         if result.returncode == 0:
             compare(result.stdout, expected, "podman run, through serve")
+        hook = Path(tempfile.mkdtemp(prefix="caption-hook-"))
+        try:
+            argv, caption = hook_argv(hook / "volumes", "/hook", port)
+            entry = [] if argv[0] == "caption-cascade" else ["--entrypoint", json.dumps(argv[:1])]
+            result = subprocess.run(
+                PODMAN_RUN + ["--rm", "--network", "host", "-v", f"{hook / 'volumes'}:/hook", *entry, image, *argv[1:]],
+                text=True, capture_output=True, timeout=600,
+            )
+            check_hook_output(result, caption, "podman run")
+        finally:
+            shutil.rmtree(hook)
         t = time.monotonic()
         subprocess.run(["podman", "stop", "--time", "30", name], capture_output=True)
         code = sh("podman", "inspect", "--format", "{{.State.ExitCode}}", name)
@@ -302,6 +336,11 @@ def run():
         check(result.returncode == 0, f"caption --endpoint in the image ({time.monotonic() - t:.1f} s){': ' + result.stderr[-2000:] if result.returncode else ''}")
         if result.returncode == 0:
             compare(result.stdout, expected, "through serve")
+        inside = f"/tmp/caption-hook-{os.getpid()}"
+        argv, caption = hook_argv(mnt / inside.lstrip("/"), inside, port)
+        result = subprocess.run(prefix + argv, env=run_env, text=True, capture_output=True, timeout=600)
+        shutil.rmtree(mnt / inside.lstrip("/"))
+        check_hook_output(result, caption, "in the image")
         server.send_signal(signal.SIGTERM)
         try:
             code = server.wait(timeout=60)

@@ -29,10 +29,32 @@ service in one process, topology: combined) or generator / ranker / cascade (top
 {{- if lt $grace (add $preStop 6) -}}
 {{- fail (printf "terminationGracePeriodSeconds must be at least %d: the preStop hook sleeps %d s, then the server drains for what is left less 5 s" (add $preStop 6) $preStop) -}}
 {{- end -}}
+{{- $labels := fromYaml (include "caption-cascade.componentLabels" .) -}}
+{{- range $name, $_ := $s.podLabels -}}
+{{- if hasKey $labels $name -}}
+{{- fail (printf "podLabels: %s is the chart's own label (app.kubernetes.io/*, helm.sh/chart): the selectors and tools rely on it" $name) -}}
+{{- end -}}
+{{- end -}}
 metadata:
   labels:
-    {{- include "caption-cascade.componentSelectorLabels" . | nindent 4 }}
+    {{- toYaml (merge $labels $s.podLabels) | nindent 4 }}
+  {{- with $s.podAnnotations }}
+  annotations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
 spec:
+  serviceAccountName: {{ include "caption-cascade.serviceAccountName" $root }}
+  automountServiceAccountToken: {{ $v.serviceAccount.automount }}
+  {{- with $v.imagePullSecrets }}
+  imagePullSecrets:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $s.runtimeClassName }}
+  runtimeClassName: {{ . }}
+  {{- end }}
+  {{- with $s.priorityClassName }}
+  priorityClassName: {{ . }}
+  {{- end }}
   terminationGracePeriodSeconds: {{ $v.terminationGracePeriodSeconds }}
   {{- with $v.podSecurityContext }}
   securityContext:
@@ -44,7 +66,7 @@ spec:
     {{- range $model := $models }}
     {{- $pull := index $v.models.pull $model }}
     - name: pull-{{ $model }}
-      image: "{{ $v.image.repository }}:{{ $v.image.tag | default $root.Chart.AppVersion }}"
+      image: {{ $s.image | quote }}
       imagePullPolicy: {{ $v.image.pullPolicy }}
       args: ["models", "pull", {{ $pull.repo | quote }}, "--revision", {{ $pull.revision | default "main" | quote }}, "--models-dir", {{ $v.models.mountPath | quote }}]
       env:
@@ -79,7 +101,7 @@ spec:
   {{- end }}
   containers:
     - name: caption-cascade
-      image: "{{ $v.image.repository }}:{{ $v.image.tag | default $root.Chart.AppVersion }}"
+      image: {{ $s.image | quote }}
       imagePullPolicy: {{ $v.image.pullPolicy }}
       args: ["serve"]
       env:
@@ -99,7 +121,7 @@ spec:
           value: {{ include "caption-cascade.modelPath" (dict "root" $root "model" "clip") | quote }}
         {{- end }}
         - name: CAPTION_DEVICE
-          value: {{ ternary "cpu" $v.device (eq $component "cascade") | quote }}
+          value: {{ $s.device | quote }}
         - name: CAPTION_HEALTH_LISTEN
           value: "0.0.0.0:{{ $v.healthPort }}"
         - name: CAPTION_DRAIN_TIMEOUT_S
@@ -158,13 +180,24 @@ spec:
                server-side apply may refuse it) and CAPTION_LISTEN would move the server away
                from the probes' port, so point at the value to use instead. */}}
         {{- $own := dict "CAPTION_LISTEN" "port" "CAPTION_HEALTH_LISTEN" "healthPort" "CAPTION_BLIP_MODEL" "models.blip" "CAPTION_CLIP_MODEL" "models.clip" "CAPTION_DEVICE" "device" "CAPTION_DRAIN_TIMEOUT_S" "terminationGracePeriodSeconds" "CAPTION_TLS_CERT" "tls.secretName" "CAPTION_TLS_KEY" "tls.secretName" "CAPTION_TLS_CLIENT_CA" "tls.clientCASecretName" "CAPTION_AUTH_TOKEN" "auth.tokenSecretName" "CAPTION_AUTH_TOKEN_FILE" "auth.tokenSecretName" "CAPTION_NO_REFLECTION" "reflection" "CAPTION_METRICS_LISTEN" "metrics.port" "CAPTION_SERVICES" "topology" "CAPTION_GENERATOR_ENDPOINT" "topology" "CAPTION_RANKER_ENDPOINT" "topology" "CAPTION_UPSTREAM_CA" "upstream.tls.caSecretName" "CAPTION_UPSTREAM_TOKEN_FILE" "upstream.token.secretName" "CAPTION_RESULT_CACHE_BYTES" "resultCache.bytes" "CAPTION_RESULT_CACHE_TTL_S" "resultCache.ttlSeconds" }}
-        {{- $env := merge (deepCopy ($s.env | default dict)) (deepCopy ($v.env | default dict)) }}
-        {{- range $name, $value := $env }}
+        {{- $named := dict }}
+        {{- range $name, $value := $s.env }}
         {{- if hasKey $own $name }}
         {{- fail (printf "env.%s is set by the chart: use the value %s instead" $name (get $own $name)) }}
         {{- end }}
+        {{- $_ := set $named $name "env" }}
         - name: {{ $name }}
           value: {{ $value | quote }}
+        {{- end }}
+        {{- range $s.extraEnv }}
+        {{- if hasKey $own .name }}
+        {{- fail (printf "extraEnv %s is set by the chart: use the value %s instead" .name (get $own .name)) }}
+        {{- end }}
+        {{- if hasKey $named .name }}
+        {{- fail (printf "extraEnv %s is set twice (env and extraEnv, or twice in extraEnv): the last would silently win" .name) }}
+        {{- end }}
+        {{- $_ := set $named .name "extraEnv" }}
+        - {{- toYaml . | nindent 10 }}
         {{- end }}
       ports:
         - name: grpc
@@ -222,6 +255,9 @@ spec:
           mountPath: /etc/caption/upstream-token
           readOnly: true
         {{- end }}
+        {{- with $s.extraVolumeMounts }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
       {{- $service := get (dict "combined" "caption.v1.Cascade" "generator" "caption.v1.Generator" "ranker" "caption.v1.Ranker" "cascade" "caption.v1.Cascade") $component }}
       {{- if eq $component "cascade" }}
       # The probes use the health port: they speak neither TLS nor bearer tokens. The cascade's
@@ -264,14 +300,7 @@ spec:
         failureThreshold: 6
       {{- end }}
       resources:
-        {{- /* `--set resources=null` removes the key; deepCopy of nothing would fail. */}}
-        {{- $res := deepCopy ($s.resources | default dict) }}
-        {{- if gt (int $s.gpus) 0 }}
-        {{- $limits := default dict $res.limits }}
-        {{- $_ := set $limits "nvidia.com/gpu" (int $s.gpus) }}
-        {{- $_ := set $res "limits" $limits }}
-        {{- end }}
-        {{- toYaml $res | nindent 8 }}
+        {{- toYaml $s.resources | nindent 8 }}
   volumes:
     # The root filesystem is read-only; /tmp is the one scratch folder.
     - name: tmp
@@ -324,6 +353,12 @@ spec:
           - key: {{ index (splitList "/" $upstreamToken) 1 | quote }}
             path: token
     {{- end }}
+    {{- range $s.extraVolumes }}
+    {{- if has .name (list "tmp" "models" "tls" "client-ca" "upstream-ca" "auth-token" "upstream-token") }}
+    {{- fail (printf "extraVolumes: the chart names a volume %s itself: choose another name" .name) }}
+    {{- end }}
+    - {{- toYaml . | nindent 6 }}
+    {{- end }}
   {{- with $s.nodeSelector }}
   nodeSelector:
     {{- toYaml . | nindent 4 }}
@@ -336,7 +371,6 @@ spec:
   affinity:
     {{- toYaml . | nindent 4 }}
   {{- end }}
-  {{- if $split }}
   {{- with $s.topologySpread }}
   # Spread this component's pods; pod-template-hash limits the count to the current rollout.
   topologySpreadConstraints:
@@ -349,6 +383,5 @@ spec:
           {{- include "caption-cascade.componentSelectorLabels" $ | nindent 10 }}
       matchLabelKeys: ["pod-template-hash"]
     {{- end }}
-  {{- end }}
   {{- end }}
 {{- end -}}
