@@ -192,8 +192,9 @@ pub struct ServerArgs {
     /// generator and ranker are remote loads none).
     #[arg(help_heading = "Services and split topology", long, env = "CAPTION_SERVICES", value_enum, value_delimiter = ',', default_values_t = [Service::Generator, Service::Ranker, Service::Cascade])]
     pub services: Vec<Service>,
-    /// Where a cascade without a local generator sends Generate calls: http(s)://HOST:PORT, where
-    /// HOST may resolve to many replicas (a headless Service), or a comma-separated list of URLs.
+    /// Where a cascade without a local generator sends Generate calls: HOST:PORT (https when
+    /// --upstream-ca is set) or http(s)://HOST:PORT, where HOST may resolve to many replicas (a
+    /// headless Service), or a comma-separated list of them.
     #[arg(help_heading = "Services and split topology", long, env = "CAPTION_GENERATOR_ENDPOINT")]
     pub generator_endpoint: Option<String>,
     /// Where a cascade without a local ranker sends Rank calls (as --generator-endpoint).

@@ -232,8 +232,9 @@ fn a_server_captions_a_list_from_stdin_over_one_stream() {
     let mut list: Vec<String> = names.iter().map(|n| format!("examples/images/{n}")).collect();
     list.push(list[0].clone());
     list.push("Cargo.toml".into());
-    // Ready: its listener is bound, so the first connection is accepted.
-    let endpoint = format!("http://{}", server.addr());
+    // Ready: its listener is bound, so the first connection is accepted. HOST:PORT, as gRPC tools
+    // write an endpoint.
+    let endpoint = server.addr().to_string();
     let mut child = Command::new(env!("CARGO_BIN_EXE_caption-cascade"))
         .args(["caption", "--endpoint", &endpoint, "--merge", "--greedy", "-n", "4", "-k", "2", "--input", "-"])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
@@ -290,4 +291,42 @@ fn the_cli_reaches_a_server_over_tls_with_a_token() {
     let without = run(&["--endpoint", &endpoint, "--endpoint-ca", &tls.ca, "--json", scene]);
     assert!(!without.0);
     assert!(without.2.contains("bearer token"), "{}", without.2);
+}
+
+#[test]
+fn a_rerun_resumes_only_with_the_parameters_its_results_were_made_with() {
+    let results = std::env::temp_dir().join(format!("cc-resume-{}.jsonl", std::process::id()));
+    let _ = std::fs::remove_file(&results);
+    let out = results.to_str().unwrap();
+    let scene = "examples/images/scene_1.png";
+    let (ok, stdout, stderr) = run(&["--quiet", "--seed", "5", "-n", "4", "--output", out, scene]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.is_empty(), "--quiet prints nothing per image: {stdout}");
+    assert!(stderr.contains("1 captioned"), "{stderr}");
+    let record: serde_json::Value =
+        serde_json::from_str(std::fs::read_to_string(&results).unwrap().lines().next().unwrap()).unwrap();
+    assert_eq!(record["params"]["num_candidates"], 4, "{record}");
+    assert_eq!(record["params"]["seed"], 5, "{record}");
+
+    let (ok, _, stderr) = run(&["--seed", "5", "-n", "4", "--output", out, scene]);
+    assert!(ok && stderr.contains("1 of 1 images already have a result"), "{stderr}");
+    let (ok, stdout, stderr) = run(&["--seed", "5", "-n", "3", "--output", out, scene]);
+    assert!(!ok && stdout.is_empty(), "{stdout}");
+    assert!(stderr.contains("made with other parameters"), "{stderr}");
+    assert_eq!(std::fs::read_to_string(&results).unwrap().lines().count(), 1, "nothing was appended");
+    let _ = std::fs::remove_file(&results);
+}
+
+#[test]
+fn json_lists_every_candidate_unless_merged() {
+    let scene = "examples/images/scene_1.png";
+    let (ok, each, _) = run(&["--json", "--greedy", "-n", "4", "-k", "10", scene]);
+    assert!(ok);
+    let each: serde_json::Value = serde_json::from_str(each.trim()).unwrap();
+    assert_eq!(each["captions"].as_array().unwrap().len(), 4, "greedy: four identical candidates, each listed");
+    let (ok, merged, _) = run(&["--json", "--merge", "--greedy", "-n", "4", "-k", "10", scene]);
+    assert!(ok);
+    let merged: serde_json::Value = serde_json::from_str(merged.trim()).unwrap();
+    assert_eq!(merged["captions"].as_array().unwrap().len(), 1, "{merged}");
+    assert_eq!(merged["captions"][0]["count"], 4);
 }

@@ -16,7 +16,7 @@ use metrics::{counter, histogram};
 use tonic::{metadata::MetadataValue, transport::Channel, Code, Status};
 
 pub use limits::{AnswerBounds, CallLimits, DEFAULT_TIMEOUT};
-pub use pool::{Pool, UpstreamSpec};
+pub use pool::{endpoint_url, Pool, UpstreamSpec};
 use retry::RetryBudget;
 pub use token::UpstreamToken;
 

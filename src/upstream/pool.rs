@@ -35,12 +35,15 @@ impl UpstreamSpec {
     pub fn parse(list: &str, ca: Option<&Path>) -> Result<Self, String> {
         let mut urls = Vec::new();
         for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-            let url = Url::parse(item).map_err(|e| format!("upstream endpoint {item:?}: {e}"))?;
+            let url = Url::parse(&endpoint_url(item, ca.is_some()))
+                .map_err(|e| format!("upstream endpoint {item:?}: {e}"))?;
             if !matches!(url.scheme(), "http" | "https")
                 || url.host_str().is_none()
                 || url.port_or_known_default().is_none()
             {
-                return Err(format!("upstream endpoint {item:?}: expected http://HOST:PORT or https://HOST:PORT"));
+                return Err(format!(
+                    "upstream endpoint {item:?}: expected HOST:PORT, http://HOST:PORT or https://HOST:PORT"
+                ));
             }
             urls.push(url);
         }
@@ -184,4 +187,14 @@ async fn is_serving(channel: Channel, service: &str) -> bool {
         tokio::time::timeout(CHECK_TIMEOUT, check).await,
         Ok(Ok(resp)) if resp.get_ref().status == ServingStatus::Serving as i32
     )
+}
+
+/// An endpoint as gRPC tools write it, `HOST:PORT`, or as a URL: a bare `HOST:PORT` is `http://`,
+/// or `https://` when a CA for TLS was given.
+pub fn endpoint_url(endpoint: &str, tls: bool) -> String {
+    if endpoint.contains("://") {
+        endpoint.to_string()
+    } else {
+        format!("{}://{endpoint}", if tls { "https" } else { "http" })
+    }
 }

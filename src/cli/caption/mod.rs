@@ -44,8 +44,9 @@ pub struct CaptionArgs {
     /// Images in flight at once; enough to keep the batcher's batches full.
     #[arg(long, default_value_t = 32)]
     pub concurrency: usize,
-    /// Call a running server at this address (e.g. http://127.0.0.1:50051, or https://… for TLS)
-    /// over one CaptionStream call, instead of loading the models here.
+    /// Call a running server at this address (HOST:PORT, e.g. 127.0.0.1:50051, plaintext unless
+    /// --endpoint-ca is given; or http://… / https://…) over one CaptionStream call, instead of
+    /// loading the models here.
     #[arg(long, env = "CAPTION_ENDPOINT")]
     pub endpoint: Option<String>,
     /// PEM CA certificate the --endpoint server's TLS certificate must chain to.
@@ -60,9 +61,10 @@ pub struct CaptionArgs {
     /// Ranked captions printed per image.
     #[arg(long, short = 'k', default_value_t = 3)]
     pub top_k: u32,
-    /// Print each distinct caption once, with its copies' probabilities summed and how many
-    /// candidates it was, instead of one line per candidate as the origin job prints them.
-    #[arg(long, conflicts_with = "json")]
+    /// Show each distinct caption once, with its copies' probabilities summed and how many
+    /// candidates it was, instead of one entry per candidate as the origin job prints them (in
+    /// text and with --json alike).
+    #[arg(long)]
     pub merge: bool,
     /// Decode greedily instead of sampling.
     #[arg(long, conflicts_with = "beams")]
@@ -79,20 +81,24 @@ pub struct CaptionArgs {
     /// Use the origin notebook's decoding settings (sampling, top_p 0.9, repetition penalty 1.1, min_length 10, max_length 80).
     #[arg(long)]
     pub notebook: bool,
-    /// Seed of the sampler, for reproducible candidates.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    /// Print one JSON object per image (merged captions) instead of text.
+    /// Seed of the sampler, for reproducible candidates. Default: a random one for each image,
+    /// as the API and the Beam pipeline do.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Print one JSON object per image (every candidate's entry, or with --merge each distinct
+    /// caption's) instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Print nothing per image on stdout (the progress bar, the errors and the summary stay on
+    /// stderr); with --output, the results are in the file.
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
     #[command(flatten)]
     pub engine: EngineArgs,
 }
 
 pub async fn run(args: CaptionArgs) -> anyhow::Result<()> {
     let names = images(&args)?;
-    let mut output = args.output.as_deref().map(report::Output::open).transpose()?;
-    let (jobs, skipped) = pending(&names, output.as_ref());
     let mode = match (args.json, args.merge) {
         (true, _) => Mode::Json,
         (false, true) => Mode::Merged,
@@ -101,9 +107,12 @@ pub async fn run(args: CaptionArgs) -> anyhow::Result<()> {
     let shape = Shape {
         params: request_params(&args),
         top_k: args.top_k,
-        // The origin lists every candidate; JSON and --merge show each distinct caption once.
-        each_candidate: mode == Mode::Origin,
+        // The origin lists every candidate; --merge shows each distinct caption once.
+        each_candidate: !args.merge,
     };
+    let recipe = report::Recipe::of(&shape);
+    let mut output = args.output.as_deref().map(|path| report::Output::open(path, &recipe)).transpose()?;
+    let (jobs, skipped) = pending(&names, output.as_ref());
     let target = target(&args).await?;
     let started = Instant::now();
     let total = jobs.len();
@@ -114,7 +123,14 @@ pub async fn run(args: CaptionArgs) -> anyhow::Result<()> {
         let target = target.clone();
         async move { target.run(jobs, shape, concurrency, tx).await }
     });
-    let mut shown = Shown { progress: Progress::new(total as u64), output: output.as_mut(), ok: 0, failed: 0 };
+    let mut shown = Shown {
+        progress: Progress::new(total as u64),
+        output: output.as_mut(),
+        recipe: &recipe,
+        quiet: args.quiet,
+        ok: 0,
+        failed: 0,
+    };
     let render =
         |outcome: &runner::Outcome, name: &str| report::render(mode, name, outcome, args.top_k, args.num_candidates);
     let remaining = shown.in_list_order(rx, &names_of, render).await?;
@@ -190,6 +206,9 @@ async fn target(args: &CaptionArgs) -> anyhow::Result<Target> {
 struct Shown<'a> {
     progress: Progress,
     output: Option<&'a mut report::Output>,
+    /// What every record says it was made with.
+    recipe: &'a report::Recipe,
+    quiet: bool,
     ok: usize,
     failed: usize,
 }
@@ -222,7 +241,7 @@ impl Shown<'_> {
             };
             waiting.insert(done.seq, text);
             while let Some(text) = order.get(printed).and_then(|seq| waiting.remove(seq)) {
-                if let Some(text) = text {
+                if let Some(text) = text.filter(|_| !self.quiet) {
                     self.progress.println(&text);
                 }
                 printed += 1;
@@ -230,7 +249,7 @@ impl Shown<'_> {
             self.progress.tick(self.failed);
         }
         // Answers that waited for one that never came are shown now, still in list order.
-        for text in waiting.into_values().flatten() {
+        for text in waiting.into_values().flatten().filter(|_| !self.quiet) {
             self.progress.println(&text);
         }
         Ok(remaining)
@@ -238,7 +257,7 @@ impl Shown<'_> {
 
     fn record(&mut self, done: &Done) -> anyhow::Result<()> {
         if let Some(out) = self.output.as_mut() {
-            out.append(&Record::of(done))?;
+            out.append(&Record::of(done, self.recipe))?;
         }
         Ok(())
     }
@@ -281,7 +300,7 @@ fn request_params(args: &CaptionArgs) -> pb::GenerationParams {
         num_candidates: Some(args.num_candidates),
         decoding: validate::decoding(strategy(args)) as i32,
         num_beams: args.beams,
-        seed: Some(args.seed),
+        seed: args.seed,
         prompt: args.prompt.clone(),
         strip_prompt: Some(args.strip_prompt),
         preset: if args.notebook { pb::Preset::Notebook } else { pb::Preset::Unspecified } as i32,

@@ -12,7 +12,7 @@ use std::{
 use serde_json::{json, Value};
 use tonic::Code;
 
-use super::runner::{is_url, Done, Outcome};
+use super::runner::{is_url, Done, Outcome, Shape};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -53,19 +53,40 @@ pub fn origin_name(name: &str) -> &str {
     base.split('.').next().unwrap_or(base)
 }
 
+/// What a result was made with: the generation parameters as sent, how many captions are
+/// listed and whether each candidate is. Every line of the output file carries it, so a rerun
+/// with other parameters cannot take results it would not have made for its own.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Recipe(Value);
+
+impl Recipe {
+    pub fn of(shape: &Shape) -> Self {
+        let p = &shape.params;
+        Self(json!({
+            "num_candidates": p.num_candidates, "max_length": p.max_length, "min_length": p.min_length,
+            "decoding": p.decoding, "temperature": p.temperature, "top_k": p.top_k, "top_p": p.top_p,
+            "repetition_penalty": p.repetition_penalty, "seed": p.seed, "prompt": p.prompt,
+            "strip_prompt": p.strip_prompt, "preset": p.preset, "num_beams": p.num_beams,
+            "length_penalty": p.length_penalty, "listed": shape.top_k, "each_candidate": shape.each_candidate,
+        }))
+    }
+}
+
 /// One image's line in the output file.
 pub struct Record(Value);
 
 impl Record {
-    pub fn of(done: &Done) -> Self {
-        match &done.result {
+    pub fn of(done: &Done, recipe: &Recipe) -> Self {
+        let mut record = match &done.result {
             Ok(out) => Self::success(&done.name, out),
             Err(f) => Self(json!({
                 "image": done.name,
                 "key": f.key.clone().or_else(|| url_key(&done.name)),
                 "error": {"code": code_name(f.code), "message": f.message},
             })),
-        }
+        };
+        record.0["params"] = recipe.0.clone();
+        record
     }
 
     fn success(name: &str, out: &Outcome) -> Self {
@@ -119,16 +140,31 @@ pub struct Output {
 }
 
 impl Output {
-    pub fn open(path: &Path) -> anyhow::Result<Self> {
+    /// The file at `path`, to resume a run made with `recipe`; one whose results were made with
+    /// other parameters is refused, saying how to go on.
+    pub fn open(path: &Path, recipe: &Recipe) -> anyhow::Result<Self> {
         let fail = |e: std::io::Error| anyhow::anyhow!("--output {}: {e}", path.display());
         let mut file = OpenOptions::new().read(true).append(true).create(true).open(path).map_err(fail)?;
         let mut done = HashSet::new();
+        let mut other = 0;
         for line in BufReader::new(&file).lines() {
             // A line cut by an interrupted run does not parse and is simply not counted as done.
             let Ok(record) = serde_json::from_str::<Value>(&line.map_err(fail)?) else { continue };
             if let (Some(image), None) = (record["image"].as_str(), record.get("error")) {
-                done.insert(image.to_string());
+                if record.get("params") == Some(&recipe.0) {
+                    done.insert(image.to_string());
+                } else {
+                    other += 1;
+                }
             }
+        }
+        if other > 0 {
+            anyhow::bail!(
+                "--output {}: {other} of its results were made with other parameters than these (or by an \
+                 older version, which did not record them); run again with the same parameters to resume, \
+                 or give another --output file (or remove this one) to caption every image with these",
+                path.display()
+            );
         }
         // Start on a fresh line if the previous run was cut mid-line.
         let len = file.seek(SeekFrom::End(0)).map_err(fail)?;

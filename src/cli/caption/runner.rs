@@ -169,8 +169,8 @@ pub struct Remote {
 
 impl Remote {
     pub async fn connect(endpoint: &str, ca: Option<&Path>, token_file: Option<&Path>) -> anyhow::Result<Self> {
-        let mut builder =
-            Channel::from_shared(endpoint.to_string()).map_err(|e| anyhow::anyhow!("--endpoint {endpoint}: {e}"))?;
+        let url = crate::upstream::endpoint_url(endpoint, ca.is_some());
+        let mut builder = Channel::from_shared(url).map_err(|e| anyhow::anyhow!("--endpoint {endpoint}: {e}"))?;
         if let Some(ca) = ca {
             let pem = std::fs::read(ca).map_err(|e| anyhow::anyhow!("--endpoint-ca {}: {e}", ca.display()))?;
             builder = builder
@@ -178,12 +178,12 @@ impl Remote {
                 .map_err(|e| anyhow::anyhow!("--endpoint-ca {}: {e}", ca.display()))?;
         }
         let token = match token_file {
-            Some(path) => Some(
-                std::fs::read_to_string(path)
-                    .map_err(|e| anyhow::anyhow!("--endpoint-token-file {}: {e}", path.display()))?
-                    .trim()
-                    .to_string(),
-            ),
+            // A file a server also reads may hold several tokens during a rotation: the first is sent.
+            Some(path) => {
+                let fail = |e: String| anyhow::anyhow!("--endpoint-token-file {}: {e}", path.display());
+                let bytes = std::fs::read(path).map_err(|e| fail(e.to_string()))?;
+                Some(crate::watched::tokens::parse(&bytes).map_err(fail)?[0].to_string())
+            }
             None => None,
         };
         let channel = builder.connect().await.map_err(|e| anyhow::anyhow!("cannot connect to {endpoint}: {e}"))?;
