@@ -81,7 +81,12 @@ fn install_in_fresh_venv(dir: &Path) -> PathBuf {
     let python = root.join(".venv/bin/python");
     let run = |cmd: &mut Command| {
         let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e} (make test installs .venv)"));
-        assert!(out.status.success(), "{cmd:?} failed:\n{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{cmd:?} failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
     };
     let src = dir.join("src");
     copy_tree(&root.join("proto"), &src.join("proto"));
@@ -90,8 +95,10 @@ fn install_in_fresh_venv(dir: &Path) -> PathBuf {
     run(Command::new(&python).args(["-m", "venv", "--without-pip"]).arg(&venv));
     let site = |prefix: &Path| {
         let lib = prefix.join("lib");
-        let version = std::fs::read_dir(&lib).unwrap().flatten().find(|e| e.file_name().to_string_lossy().starts_with("python3"));
-        lib.join(version.unwrap_or_else(|| panic!("no python3* in {}", lib.display())).file_name()).join("site-packages")
+        let version =
+            std::fs::read_dir(&lib).unwrap().flatten().find(|e| e.file_name().to_string_lossy().starts_with("python3"));
+        lib.join(version.unwrap_or_else(|| panic!("no python3* in {}", lib.display())).file_name())
+            .join("site-packages")
     };
     std::fs::write(site(&venv).join("project-venv.pth"), format!("{}\n", site(&root.join(".venv")).display())).unwrap();
     run(Command::new(venv.join("bin/python"))
@@ -124,13 +131,19 @@ async fn the_package_installs_in_a_fresh_venv_and_captions_what_users_have() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let images = root.join("examples/images");
     let server =
-        common::spawn_server(&["--allow-file-dir", images.to_str().unwrap(), "--max-message-bytes", "65536"], &[]).await;
+        common::spawn_server(&["--allow-file-dir", images.to_str().unwrap(), "--max-message-bytes", "65536"], &[])
+            .await;
     let addr = server.addr();
     let dir = std::env::temp_dir().join(format!("cc-py-package-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let script = root.join("tests/clients/python_package.py");
-    let (out, dir) = tokio::task::spawn_blocking(move || {
+    // The package README's snippet, as written but for the server's port.
+    let readme = std::fs::read_to_string(root.join("clients/python/README.md")).unwrap();
+    let snippet = readme.split("```python\n").nth(1).and_then(|rest| rest.split("```").next()).expect("a python block");
+    assert!(snippet.contains("localhost:50051"), "{snippet}");
+    let snippet = snippet.replace("localhost:50051", &addr.to_string());
+    let (out, readme_out, dir) = tokio::task::spawn_blocking(move || {
         let venv = install_in_fresh_venv(&dir);
         // From outside the checkout, so the import can only find the installed package.
         let out = Command::new(venv.join("bin/python"))
@@ -139,12 +152,25 @@ async fn the_package_installs_in_a_fresh_venv_and_captions_what_users_have() {
             .current_dir(&dir)
             .output()
             .unwrap();
-        (out, dir)
+        // The README says to run it from the repository's root.
+        let readme_out =
+            Command::new(venv.join("bin/python")).args(["-c", &snippet]).current_dir(root).output().unwrap();
+        (out, readme_out, dir)
     })
     .await
     .unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
     assert!(out.status.success(), "the installed package failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        readme_out.status.success(),
+        "the README's snippet failed:\n{}",
+        String::from_utf8_lossy(&readme_out.stderr)
+    );
+    let printed = String::from_utf8_lossy(&readme_out.stdout);
+    // Two images, each its key and then its captions (up to three: identical ones are merged).
+    let (captions, keys): (Vec<&str>, Vec<&str>) = printed.lines().partition(|l| l.starts_with("  "));
+    assert!(keys.len() == 2 && keys[0].starts_with("sha256:") && keys[1].starts_with("file://"), "{printed}");
+    assert!((2..=6).contains(&captions.len()) && captions.iter().all(|l| l.contains("  cosine ")), "{printed}");
     let seen: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(seen["bad_image"], serde_json::json!({"code": "INVALID_ARGUMENT", "reason": "IMAGE_UNDECODABLE"}));
     assert_eq!(
