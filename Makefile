@@ -52,6 +52,9 @@ build: setup ## compile the server and CLI
 demo: build ## caption the sample scenes with the embedded models
 	$(CARGO_ENV) cargo run --locked --quiet -- caption $(DEMO_IMAGES)
 
+# The Python client test's packages (tests/clients/requirements.txt): grpcio-tools for its stubs,
+# and what tests/python_client.rs's fresh venv sees (through a .pth file) when it pip-installs
+# clients/python offline, as a user's `pip install ./clients/python` would.
 $(CLIENT_STAMP): $(TORCH_STAMP)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r tests/clients/requirements.txt
 	touch $@

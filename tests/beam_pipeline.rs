@@ -1,7 +1,9 @@
 //! Beam users run the origin's pipeline against the service: the Python client package
 //! (clients/python) and its RunInference model handler, on Beam's DirectRunner, caption the
-//! example scenes through a real server process and print the origin's blocks; the client
-//! retries RESOURCE_EXHAUSTED from a full server and never INVALID_ARGUMENT. The checks are in
+//! example scenes through a real server process and print the origin's blocks; a URL the server
+//! may not fetch goes to the failure output and the --output file with its code while the
+//! pipeline succeeds; the client retries RESOURCE_EXHAUSTED from a full server (its details
+//! carry a RetryInfo) and never INVALID_ARGUMENT. The checks are in
 //! tests/beam/test_pipeline.py, run with .venv-beam (`make beam-env`, part of `make test`).
 
 mod common;
@@ -83,4 +85,5 @@ async fn origin_beam_pipeline_runs_against_the_service() {
     assert_eq!(summary["blocks"], 9, "{summary}");
     assert!(summary["true_top"].as_u64().unwrap() >= 7, "{summary}");
     assert!(summary["retry_real"]["refused_then_retried"].as_u64().unwrap() >= 1, "{summary}");
+    assert_eq!(summary["failed"]["code"], "PERMISSION_DENIED", "{summary}");
 }

@@ -13,6 +13,7 @@ use std::{
 
 use caption_cascade::pb::{self, cascade_client::CascadeClient, ranker_client::RankerClient};
 use common::{png_image, scenes::draw_scene, server, shared_channel};
+use prost::Message;
 use rand::{rngs::StdRng, SeedableRng};
 use tokio_stream::StreamExt;
 
@@ -122,6 +123,10 @@ async fn a_stream_answers_every_request_by_id_and_goes_on_after_a_failure() {
     let bad = err("bad");
     assert_eq!(bad.code, tonic::Code::InvalidArgument as i32, "{bad:?}");
     assert!(by_id["bad"].key.starts_with("sha256:"), "a failed image still has its key");
+    // With the details a unary call's status carries: what went wrong, for a program to read.
+    let info = bad.details.iter().find(|a| a.type_url == "type.googleapis.com/google.rpc.ErrorInfo");
+    let info = tonic_types::pb::ErrorInfo::decode(info.expect("an ErrorInfo").value.as_slice()).unwrap();
+    assert_eq!((info.reason.as_str(), info.domain.as_str()), ("IMAGE_UNDECODABLE", "caption.v1"));
     assert_eq!(err("empty").code, tonic::Code::InvalidArgument as i32);
     assert_eq!(err("no-request").code, tonic::Code::InvalidArgument as i32);
 }

@@ -7,6 +7,7 @@ use caption_cascade::pb::{self, cascade_client::CascadeClient, generator_client:
 use common::{channel, engine_args, http::http_server, scenes::draw_scene, start_server};
 use rand::{rngs::StdRng, SeedableRng};
 use tonic::Code;
+use tonic_types::StatusExt;
 
 fn url_image(url: String) -> Option<pb::Image> {
     Some(pb::Image { source: Some(pb::image::Source::Url(url)) })
@@ -101,5 +102,10 @@ async fn calls_beyond_max_inflight_are_refused_at_once() {
         assert!(start.elapsed() < std::time::Duration::from_secs(10), "never refused");
     };
     assert!(refused.message().contains("full"), "{}", refused.message());
+    // Worth asking again, and the details say so and which flag set the limit.
+    let details = refused.get_error_details();
+    let info = details.error_info().expect("an ErrorInfo");
+    assert_eq!((info.reason.as_str(), info.metadata["flag"].as_str()), ("SERVER_BUSY", "--max-inflight"));
+    assert!(details.retry_info().and_then(|r| r.retry_delay).is_some(), "{details:?}");
     holder.abort();
 }

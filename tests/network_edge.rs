@@ -26,6 +26,7 @@ use tonic::{
     Code,
 };
 use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+use tonic_types::StatusExt;
 
 /// The server binary, its metrics on a port of their own.
 struct Server {
@@ -350,6 +351,12 @@ async fn a_message_over_the_limit_is_resource_exhausted() {
     let err = client.caption(req).await.unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
     assert!(err.message().contains("limit of 4096 bytes") && err.message().len() < 200, "{}", err.message());
+    // The same code as a full server's, but the details say it is no use asking again.
+    let details = err.get_error_details();
+    let info = details.error_info().expect("an ErrorInfo");
+    assert_eq!((info.reason.as_str(), info.domain.as_str()), ("MESSAGE_TOO_LARGE", "caption.v1"));
+    assert_eq!(info.metadata["flag"], "--max-message-bytes");
+    assert!(details.retry_info().is_none(), "{details:?}");
     // Under the limit the same service answers normally (here: the bytes are no image).
     let req = pb::CaptionRequest { image: png_image(vec![7u8; 1000]), ..Default::default() };
     assert_eq!(client.caption(req).await.unwrap_err().code(), Code::InvalidArgument);

@@ -9,7 +9,6 @@ use std::{
 
 use bytes::{Buf, Bytes};
 use http_body::{Body, Frame, SizeHint};
-use tonic::Status;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -64,10 +63,7 @@ where
                     *this.prefix_seen = 0;
                     let len = u32::from_be_bytes([this.prefix[1], this.prefix[2], this.prefix[3], this.prefix[4]]);
                     if len as u64 > *this.limit as u64 {
-                        let status = Status::resource_exhausted(format!(
-                            "request message of {len} bytes is over this server's limit of {} bytes",
-                            this.limit
-                        ));
+                        let status = super::error::message_too_large(len, *this.limit);
                         return Poll::Ready(Some(Err(Box::new(status))));
                     }
                     *this.remaining = len as u64;
@@ -90,6 +86,7 @@ where
 mod tests {
     use super::*;
     use http_body_util::{BodyExt, StreamBody};
+    use tonic::Status;
 
     fn message(len: usize) -> Vec<u8> {
         let mut m = vec![0u8];

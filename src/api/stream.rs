@@ -13,7 +13,12 @@ use tokio::{
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{captioning::Captioning, convert, error::Refused, observe::observed};
+use super::{
+    captioning::Captioning,
+    convert,
+    error::{self, Refused},
+    observe::observed,
+};
 use crate::{
     cascade::{CascadeError, Failed},
     engine::Admission,
@@ -62,12 +67,7 @@ impl Streams {
         captioning: Captioning,
         request: Request<Streaming<pb::CaptionStreamRequest>>,
     ) -> Result<Response<AnswerStream>, Status> {
-        let open = self.open.clone().try_acquire_owned().map_err(|_| {
-            Status::resource_exhausted(format!(
-                "{} CaptionStreams are open, this server's limit (--max-open-streams): retry later",
-                self.limits.max_open
-            ))
-        })?;
+        let open = self.open.clone().try_acquire_owned().map_err(|_| error::too_many_streams(self.limits.max_open))?;
         // The stream's deadline bounds every image in it.
         let admission = convert::admission(request.metadata());
         let (tx, rx) = mpsc::channel(self.limits.inflight);
@@ -183,11 +183,7 @@ async fn answer_one(
         Err(Refused { key, status }) => pb::CaptionStreamResponse {
             id,
             key: key.unwrap_or_default(),
-            result: Some(pb::caption_stream_response::Result::Error(pb::google::rpc::Status {
-                code: status.code() as i32,
-                message: status.message().to_string(),
-                details: Vec::new(),
-            })),
+            result: Some(pb::caption_stream_response::Result::Error(error::stream_error(&status))),
         },
     }
 }

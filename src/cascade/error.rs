@@ -11,9 +11,10 @@ pub enum CascadeError {
     Image(#[from] ImageError),
     #[error(transparent)]
     Engine(#[from] EngineError),
-    /// What a call to another process serving a model came to (its gRPC status code and message).
+    /// What a call to another process serving a model came to: its gRPC status code, message and
+    /// details (an encoded `google.rpc.Status`, empty when it sent none).
     #[error("{message}")]
-    Upstream { code: i32, message: String },
+    Upstream { code: i32, message: String, details: Vec<u8> },
     /// An upstream answered, but not as the contract says: the answer is not used.
     #[error(transparent)]
     BrokenAnswer(#[from] BrokenAnswer),

@@ -89,7 +89,7 @@ impl RemoteUpstreams {
                     "the {service} upstream did not answer within --upstream-timeout ({} ms)",
                     self.limits.timeout.as_millis()
                 );
-                CascadeError::Upstream { code: Code::DeadlineExceeded as i32, message }
+                CascadeError::Upstream { code: Code::DeadlineExceeded as i32, message, details: Vec::new() }
             } else {
                 EngineError::DeadlineExceeded.into()
             }
@@ -164,7 +164,11 @@ impl RemoteUpstreams {
             if past && matches!(status.code(), Code::Cancelled | Code::DeadlineExceeded) {
                 return Err(expired());
             }
-            return Err(CascadeError::Upstream { code: status.code() as i32, message: status.message().to_string() });
+            return Err(CascadeError::Upstream {
+                code: status.code() as i32,
+                message: status.message().to_string(),
+                details: status.details().to_vec(),
+            });
         }
     }
 }

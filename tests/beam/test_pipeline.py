@@ -9,18 +9,24 @@ server on 127.0.0.1. Each check raises with what it saw; the last stdout line is
 
 1. The installed package is current: its stubs are what generate.py makes from the repository's
    proto now, and its modules are the sources in clients/python (else: run `make beam-env`).
-2. The client's retry policy against a scripted in-process gRPC server: RESOURCE_EXHAUSTED and
-   UNAVAILABLE are retried with bounded, growing, jittered waits and bounded attempts;
-   INVALID_ARGUMENT (and RESOURCE_EXHAUSTED for an oversized message) are not retried; the
-   bearer token arrives as `authorization: Bearer <token>`; the model handler sends the origin's
-   request (notebook preset, each candidate, top 3) and keeps batch order.
+2. The client's retry policy against a scripted in-process gRPC server that attaches the
+   structured details the real server does (google.rpc.ErrorInfo, RetryInfo): UNAVAILABLE, and
+   RESOURCE_EXHAUSTED with a RetryInfo, are retried with bounded, growing, jittered waits of at
+   least the server's delay, and bounded attempts; INVALID_ARGUMENT, and RESOURCE_EXHAUSTED
+   without a RetryInfo (an oversized message), are not, whatever the message says; the bearer
+   token arrives as `authorization: Bearer <token>`; the model handler sends the origin's request
+   (notebook preset, each candidate, top 3), keeps batch order, and a failed image of a batch
+   becomes that image's CaptionFailure while the others are answered.
 3. The same against the real server: a call refused with RESOURCE_EXHAUSTED (the one admission
-   slot held by a call whose image fetch is parked) succeeds on retry; INVALID_ARGUMENT is raised
-   after one attempt.
+   slot held by a call whose image fetch is parked; details SERVER_BUSY with a RetryInfo)
+   succeeds on retry; INVALID_ARGUMENT is raised after one attempt, as a CaptionError with the
+   image's key and the server's reason.
 4. The server honours each_candidate (every candidate listed with its own probability, as the
    origin prints them), and the origin pipeline (python -m caption_cascade_client.origin_pipeline)
    on the DirectRunner captions the nine example images, printing exactly the origin's blocks
-   with the service's answers (check_output, check_same_as_client).
+   with the service's answers (check_output, check_same_as_client), while a tenth URL that the
+   server may not fetch goes to the failure output (stderr) and the --output file with its
+   code: the pipeline succeeds and the others are printed and written all the same.
 """
 
 import argparse
@@ -29,6 +35,7 @@ import concurrent.futures
 import contextlib
 import filecmp
 import functools
+import hashlib
 import http.server
 import json
 import math
@@ -44,9 +51,13 @@ import time
 
 import grpc
 
+from google.protobuf import duration_pb2
+from google.rpc import error_details_pb2, status_pb2
+
 import caption_cascade_client
-from caption_cascade_client import CaptionClient, RetryPolicy, pb, pb_grpc
-from caption_cascade_client.beam import CascadeModelHandler
+from caption_cascade_client import CaptionClient, CaptionError, RetryPolicy, pb, pb_grpc, status_details
+from caption_cascade_client.beam import CaptionFailure, CascadeModelHandler
+from caption_cascade_client.origin_pipeline import parse_args
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 IMAGES = ROOT / "examples" / "images"
@@ -83,8 +94,14 @@ def check_installed_package():
 
 # --- 2. retries against a scripted server -------------------------------------------------------
 
+def detailed(code, message, reason=None, retry_delay_s=None):
+    """A scripted failure: code, message, and the details the real server attaches."""
+    return code, message, reason, retry_delay_s
+
+
 class ScriptedCascade(pb_grpc.CascadeServicer):
-    """Answers Caption calls with the next scripted status code; OK answers echo the request."""
+    """Answers Caption calls with the next scripted failure; OK answers echo the request. A
+    request whose image URL ends in "/bad" fails with INVALID_ARGUMENT whatever the script."""
 
     def __init__(self):
         self.script = collections.deque()
@@ -96,14 +113,28 @@ class ScriptedCascade(pb_grpc.CascadeServicer):
         with self.lock:
             self.requests.append(request)
             self.metadata.append(dict(context.invocation_metadata()))
-            code, details = self.script.popleft() if self.script else (grpc.StatusCode.OK, "")
-        if code != grpc.StatusCode.OK:
-            context.abort(code, details)
+            if request.image.url.endswith("/bad"):
+                failure = detailed(grpc.StatusCode.INVALID_ARGUMENT, "image: not an image", "IMAGE_UNDECODABLE")
+            else:
+                failure = self.script.popleft() if self.script else None
+        if failure is not None:
+            code, message, reason, retry_delay_s = failure
+            status = status_pb2.Status(code=code.value[0], message=message)
+            if reason is not None:
+                status.details.add().Pack(error_details_pb2.ErrorInfo(reason=reason, domain="caption.v1"))
+            if retry_delay_s is not None:
+                delay = duration_pb2.Duration()
+                delay.FromNanoseconds(int(retry_delay_s * 1e9))
+                status.details.add().Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+            context.set_trailing_metadata((("grpc-status-details-bin", status.SerializeToString()),))
+            context.abort(code, message)
         key = request.image.url or "sha256:fake"
         return pb.CaptionResponse(
             key=key,
-            captions=[pb.RankedCaption(text=f"caption of {key}", probability=0.5, count=1)] * request.top_k,
+            captions=[pb.RankedCaption(text=f"caption of {key}", probability=0.5, cosine=0.25, logit=25.0,
+                                       index=i, count=1) for i in range(request.top_k)],
             candidates=[f"caption of {key}"] * 10,
+            timings=pb.Timings(total_ms=12.5),
         )
 
 
@@ -122,6 +153,7 @@ def scripted_server():
 
 def check_retries_scripted():
     RE, UN, IA = grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INVALID_ARGUMENT
+    busy = detailed(RE, "server is full", "SERVER_BUSY", retry_delay_s=0.03)
     fast = RetryPolicy(max_attempts=4, initial_backoff_s=0.02, max_backoff_s=0.05)
     with scripted_server() as (servicer, target):
         waits = []
@@ -137,28 +169,48 @@ def check_retries_scripted():
                 outcome = e
             return outcome, client.retries - before, len(servicer.requests) - calls_before
 
-        outcome, retries, calls = run([(RE, "server is full"), (RE, "server is full")])
+        outcome, retries, calls = run([busy, busy])
         if isinstance(outcome, grpc.RpcError) or (retries, calls) != (2, 3):
-            fail(f"RESOURCE_EXHAUSTED twice then OK: {outcome!r}, {retries} retries, {calls} calls")
-        if [(n, c) for n, c, _ in waits] != [(1, RE), (2, RE)] or not all(0 <= d <= 0.05 for *_, d in waits):
+            fail(f"RESOURCE_EXHAUSTED with a RetryInfo twice then OK: {outcome!r}, {retries} retries, {calls} calls")
+        # At least the server's 30 ms, plus a jitter of at most the backoff's ceiling.
+        if [(n, c) for n, c, _ in waits] != [(1, RE), (2, RE)] or not all(0.03 <= d <= 0.08 for *_, d in waits):
             fail(f"retry hook saw {waits}")
 
-        outcome, retries, calls = run([(UN, "connection reset")])
+        outcome, retries, calls = run([detailed(UN, "connection reset")])
         if isinstance(outcome, grpc.RpcError) or (retries, calls) != (1, 2):
             fail(f"UNAVAILABLE then OK: {outcome!r}, {retries} retries, {calls} calls")
 
-        outcome, retries, calls = run([(IA, "image: not an image")])
-        if not isinstance(outcome, grpc.RpcError) or outcome.code() != IA or (retries, calls) != (0, 1):
+        outcome, retries, calls = run([detailed(IA, "image: not an image", "IMAGE_UNDECODABLE")])
+        if not isinstance(outcome, CaptionError) or outcome.code() != IA or (retries, calls) != (0, 1):
             fail(f"INVALID_ARGUMENT must fail at once: {outcome!r}, {retries} retries, {calls} calls")
+        if outcome.reason != "IMAGE_UNDECODABLE" or not outcome.key.startswith("sha256:"):
+            fail(f"the error's reason and key: {outcome.reason!r} {outcome.key!r}")
 
-        outcome, retries, calls = run([(RE, "request message of 9 bytes is over this server's limit of 4 bytes")])
+        # Decided by the details, never the text: an oversized message (no RetryInfo) is not
+        # retried even when its text reads like a full server's, and the other way round.
+        too_large = detailed(RE, "the server is full, retry later", "MESSAGE_TOO_LARGE")
+        outcome, retries, calls = run([too_large])
         if not isinstance(outcome, grpc.RpcError) or (retries, calls) != (0, 1):
             fail(f"an oversized message must not be retried: {outcome!r}, {retries} retries, {calls} calls")
+        if status_details(outcome).reason != "MESSAGE_TOO_LARGE" or status_details(outcome).retry_delay_s is not None:
+            fail(f"details of the oversized message: {status_details(outcome)}")
+        outcome, retries, calls = run([detailed(RE, "message is over this server's limit of 4 bytes", "SERVER_BUSY", 0.0)])
+        if isinstance(outcome, grpc.RpcError) or (retries, calls) != (1, 2):
+            fail(f"a RetryInfo makes it worth retrying: {outcome!r}, {retries} retries, {calls} calls")
+        outcome, retries, calls = run([detailed(RE, "no details at all")])
+        if not isinstance(outcome, grpc.RpcError) or (retries, calls) != (0, 1):
+            fail(f"RESOURCE_EXHAUSTED without details must not be retried: {outcome!r}, {retries}, {calls}")
 
-        outcome, retries, calls = run([(RE, "full")] * 10)
+        outcome, retries, calls = run([busy] * 10)
         servicer.script.clear()
         if not isinstance(outcome, grpc.RpcError) or outcome.code() != RE or (retries, calls) != (3, 4):
             fail(f"attempts must stop at max_attempts=4: {outcome!r}, {retries} retries, {calls} calls")
+
+        # Every field of the answer is there.
+        result = client.caption("http://127.0.0.1/x.png", top_k=2)
+        first = result.captions[0]
+        if (first.cosine, first.logit, first.index, first.count) != (0.25, 25.0, 0, 1) or result.timings.total_ms != 12.5:
+            fail(f"answer fields: {result}")
         client.close()
 
         # The backoff's ceiling grows by the multiplier and stops at max_backoff_s.
@@ -169,11 +221,18 @@ def check_retries_scripted():
             if not (0 <= min(delays) and max(delays) <= cap and max(delays) > 0.8 * cap):
                 fail(f"retry {n}: waits {min(delays):.3f}..{max(delays):.3f}, want jitter up to {cap}")
 
-        # A token without TLS is sent on loopback only (local credentials), as a bearer token.
+        # A token without TLS goes to loopback as a bearer token; elsewhere only when asked to.
         with CaptionClient(target, token="s3cret") as client:
             client.caption("http://127.0.0.1/x.png")
         if servicer.metadata[-1].get("authorization") != "Bearer s3cret":
             fail(f"token metadata: {servicer.metadata[-1]}")
+        try:
+            CaptionClient("captions.internal:50051", token="s3cret")
+            fail("a token over plaintext to another host was accepted without insecure_token")
+        except ValueError as e:
+            if "insecure_token" not in str(e):
+                fail(f"the refusal does not say how to allow it: {e}")
+        CaptionClient("captions.internal:50051", token="s3cret", insecure_token=True).close()
 
         # The handler: the origin's request, batch order kept, one PredictionResult per example.
         handler = CascadeModelHandler(target, max_batch_size=5, concurrency=3)
@@ -191,15 +250,22 @@ def check_retries_scripted():
             if not (request.each_candidate and request.top_k == TOP_K
                     and request.params.preset == pb.PRESET_NOTEBOOK):
                 fail(f"handler request is not the origin's: {request}")
-        # A failure that retries cannot mend fails the batch (RunInference's DLQ can take it).
-        servicer.script.append((IA, "image: not an image"))
-        try:
-            handler.run_inference(batch[:3], model)
-            fail("a batch with a failed image succeeded")
-        except grpc.RpcError as e:
-            if e.code() != IA:
-                fail(f"the batch failed with {e.code()}, want INVALID_ARGUMENT")
+        # A failure that retries cannot mend is that image's alone: the batch is answered.
+        mixed = [batch[0], "http://127.0.0.1/bad", batch[2]]
+        results = list(handler.run_inference(mixed, model))
+        failure = results[1].inference
+        if failure != CaptionFailure("http://127.0.0.1/bad", "INVALID_ARGUMENT", "image: not an image",
+                                     "IMAGE_UNDECODABLE"):
+            fail(f"the failed image's inference: {failure!r}")
+        if [r.inference[0].text for r in (results[0], results[2])] != [f"caption of {batch[0]}", f"caption of {batch[2]}"]:
+            fail(f"the batch's other images: {results}")
         model.close()
+
+    # The pipeline's flags are the CLI's, the old names kept as aliases.
+    args, _ = parse_args(["--endpoint", "h:1", "--endpoint-ca", "ca.pem", "--endpoint-token-file", "t", "http://x/a.png"])
+    old, _ = parse_args(["--target", "h:1", "--tls-ca", "ca.pem", "--token-file", "t", "http://x/a.png"])
+    if (args.endpoint, args.endpoint_ca, args.endpoint_token_file) != ("h:1", "ca.pem", "t") or vars(args) != vars(old):
+        fail(f"flags: {vars(args)} vs aliases {vars(old)}")
 
 
 # --- images over HTTP ---------------------------------------------------------------------------
@@ -254,7 +320,7 @@ def check_retries_real(limited, http_base):
     refusals = []
 
     def on_retry(n, error, delay):
-        refusals.append((n, error.code(), error.details()))
+        refusals.append((n, error.code(), error.details(), status_details(error)))
         # Free the slot once we have been refused, and wait for the holder to finish.
         Images.release.set()
         holder_thread.join(timeout=60)
@@ -265,6 +331,10 @@ def check_retries_real(limited, http_base):
     result = client.caption(scene_1, params={"decoding": "DECODING_GREEDY", "num_candidates": 2}, top_k=1)
     if not refusals or refusals[0][1] != grpc.StatusCode.RESOURCE_EXHAUSTED:
         fail(f"the call was never refused with RESOURCE_EXHAUSTED while the slot was held: {refusals}")
+    told = refusals[0][3]
+    if told is None or told.reason != "SERVER_BUSY" or told.metadata.get("flag") != "--max-inflight" \
+            or told.retry_delay_s is None:
+        fail(f"the refusal's details: {told}")
     if not result.key.startswith("sha256:") or not result.captions:
         fail(f"the retried call's answer: {result}")
     if "error" in holder or holder.get("result") is None:
@@ -274,9 +344,11 @@ def check_retries_real(limited, http_base):
     try:
         client.caption(b"not an image")
         fail("garbage bytes were captioned")
-    except grpc.RpcError as e:
-        if e.code() != grpc.StatusCode.INVALID_ARGUMENT:
-            fail(f"garbage bytes: {e.code()} {e.details()}")
+    except CaptionError as e:
+        if e.code() != grpc.StatusCode.INVALID_ARGUMENT or e.reason != "IMAGE_UNDECODABLE":
+            fail(f"garbage bytes: {e.code()} {e.reason} {e.details()}")
+        if e.key != "sha256:" + hashlib.sha256(b"not an image").hexdigest():
+            fail(f"garbage bytes' key: {e.key}")
     if client.retries != before:
         fail("INVALID_ARGUMENT was retried")
     client.close()
@@ -372,11 +444,16 @@ def check_same_as_client(stdout, target, urls):
 
 def run_pipeline(target, http_base, workdir):
     urls = [f"{http_base}/{p.name}" for p in sorted(IMAGES.iterdir()) if p.suffix in (".png", ".jpg")]
-    # Most URLs from a file, one as an argument: both inputs of the CLI, flattened.
-    (workdir / "urls.txt").write_text("# example scenes\n" + "\n".join(urls[1:]) + "\n\n")
+    # An address outside the server's --fetch-allow: refused before any connection is made.
+    forbidden = "http://127.0.0.2:9/forbidden.png"
+    # Most URLs from a file, one as an argument: both inputs of the CLI, flattened. The forbidden
+    # one among the good ones, so it shares a batch with them.
+    listed = urls[1:4] + [forbidden] + urls[4:]
+    (workdir / "urls.txt").write_text("# example scenes\n" + "\n".join(listed) + "\n\n")
+    output = workdir / "captions.jsonl"
     command = [
         sys.executable, "-m", "caption_cascade_client.origin_pipeline",
-        "--target", target, "--input", str(workdir / "urls.txt"), urls[0],
+        "--endpoint", target, "--input", str(workdir / "urls.txt"), urls[0], "--output", str(output),
         "--top-k", str(TOP_K), "--seed", str(SEED), "--params", json.dumps(PARAMS_OVER_PRESET),
         "--batch-size", "4", "--concurrency", "4",
         "--runner=DirectRunner", "--direct_num_workers=2", "--direct_running_mode=multi_threading",
@@ -386,9 +463,32 @@ def run_pipeline(target, http_base, workdir):
     elapsed = time.monotonic() - start
     sys.stderr.write(run.stderr[-4000:])
     if run.returncode != 0:
-        fail(f"the pipeline failed ({run.returncode}); stdout:\n{run.stdout}")
+        fail(f"the pipeline failed ({run.returncode}) over one forbidden image; stdout:\n{run.stdout}")
     print(run.stdout, end="")
-    return urls, run.stdout, elapsed
+    failed = check_failure(run.stderr, output, urls, forbidden)
+    return urls, run.stdout, elapsed, failed
+
+
+def check_failure(stderr, output, urls, forbidden):
+    """The forbidden image is reported on stderr and in --output with its code; every good image
+    has its captions in --output."""
+    if f"Image: forbidden failed: PERMISSION_DENIED" not in stderr:
+        fail(f"stderr does not report the forbidden image:\n{stderr[-2000:]}")
+    records = [json.loads(line) for line in output.read_text().splitlines()]
+    by_image = {r["image"]: r for r in records}
+    if len(records) != len(urls) + 1 or set(by_image) != set(urls) | {forbidden}:
+        fail(f"--output holds {sorted(by_image)}, want the {len(urls)} good URLs and the forbidden one")
+    error = by_image[forbidden].get("error") or {}
+    if error.get("code") != "PERMISSION_DENIED" or error.get("reason") != "DESTINATION_DENIED" or not error.get("message"):
+        fail(f"the forbidden image's record: {by_image[forbidden]}")
+    for url in urls:
+        record = by_image[url]
+        captions = record.get("captions") or []
+        if "error" in record or len(captions) != TOP_K or record["key"] != url or len(record["candidates"]) != 10:
+            fail(f"{url}: record {record}")
+        if not all(0 < c["cosine"] <= 1 and 0 <= c["probability"] <= 1 and c["count"] == 1 for c in captions):
+            fail(f"{url}: caption fields {captions}")
+    return {"image": forbidden, **error}
 
 
 def main():
@@ -410,7 +510,7 @@ def main():
         summary["retry_real"] = check_retries_real(args.limited, http_base)
         timings["retry_real_s"] = round(time.monotonic() - t, 2)
         check_each_candidate(args.target, http_base)
-        urls, stdout, timings["pipeline_s"] = run_pipeline(args.target, http_base, pathlib.Path(tmp))
+        urls, stdout, timings["pipeline_s"], summary["failed"] = run_pipeline(args.target, http_base, pathlib.Path(tmp))
         summary.update(check_output(stdout, urls, expected))
         check_same_as_client(stdout, args.target, urls)
     summary["timings"] = {k: round(v, 2) for k, v in timings.items()}

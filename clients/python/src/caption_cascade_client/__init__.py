@@ -9,20 +9,36 @@ from ._pb import caption_pb2 as pb
 from ._pb import caption_pb2_grpc as pb_grpc
 from .client import (
     NOTEBOOK_PARAMS,
+    Candidate,
     CaptionClient,
+    CaptionError,
     CaptionResult,
+    GenerateResult,
     RankedCaption,
+    RankResult,
     RetryPolicy,
+    StatusDetails,
+    Timings,
     generation_params,
+    image_message,
+    status_details,
 )
 
 __all__ = [
     "NOTEBOOK_PARAMS",
+    "Candidate",
     "CaptionClient",
+    "CaptionError",
     "CaptionResult",
+    "GenerateResult",
     "RankedCaption",
+    "RankResult",
     "RetryPolicy",
+    "StatusDetails",
+    "Timings",
     "generation_params",
+    "image_message",
+    "status_details",
     "pb",
     "pb_grpc",
 ]
