@@ -64,7 +64,7 @@ const CALL_DEADLINE: Duration = Duration::from_secs(30);
 const STREAM_DEADLINE: Duration = Duration::from_secs(90);
 /// How long after a replica serves again a failure may still be put down to the event.
 const GRACE: Duration = Duration::from_secs(2);
-/// Streams a burst opens at once: past the cap by this many more than it.
+/// Streams a burst opens at once: eight more than the cap.
 const BURST: usize = MAX_OPEN_STREAMS + 8;
 
 const TOKENS: [&str; 2] = ["soak-token-one", "soak-token-two"];
@@ -684,6 +684,15 @@ struct Item {
     reference: Option<(usize, u64)>,
 }
 
+/// An item sent on a stream and not answered yet: when it was sent, its rule and its reference.
+struct Sent {
+    at: Instant,
+    rule: &'static Rule,
+    reference: Option<(usize, u64)>,
+}
+
+type Unanswered = Arc<Mutex<HashMap<String, Sent>>>;
+
 /// Sends `items` 50 ms apart on a stream of its own, then closes the request side; every item
 /// must be answered, each under its rule, and the stream must end OK.
 async fn run_stream(ctx: &Ctx, ch: &Channel, rng: &mut StdRng, items: Vec<Item>) {
@@ -692,20 +701,18 @@ async fn run_stream(ctx: &Ctx, ch: &Channel, rng: &mut StdRng, items: Vec<Item>)
         Err(s) => return ctx.tally.violation(format!("{}: not opened: {s:?}", STREAM_END.case)),
     };
     let start = Instant::now();
-    let sent: Arc<Mutex<HashMap<String, (Instant, &'static Rule, Option<(usize, u64)>)>>> = Default::default();
-    let requests: Vec<_> = items
-        .into_iter()
-        .map(|item| {
-            sent.lock().unwrap().insert(item.request.id.clone(), (Instant::now(), item.rule, item.reference));
-            item
-        })
-        .collect();
-    let n = requests.len() as u64;
+    let unanswered: Unanswered = Arc::new(Mutex::new(
+        items
+            .iter()
+            .map(|i| (i.request.id.clone(), Sent { at: Instant::now(), rule: i.rule, reference: i.reference }))
+            .collect(),
+    ));
+    let n = items.len() as u64;
     let sender = {
-        let sent = sent.clone();
+        let unanswered = unanswered.clone();
         tokio::spawn(async move {
-            for item in requests {
-                sent.lock().unwrap().get_mut(&item.request.id).unwrap().0 = Instant::now();
+            for item in items {
+                unanswered.lock().unwrap().get_mut(&item.request.id).unwrap().at = Instant::now();
                 if tx.send(item.request).await.is_err() {
                     return;
                 }
@@ -718,8 +725,8 @@ async fn run_stream(ctx: &Ctx, ch: &Channel, rng: &mut StdRng, items: Vec<Item>)
         loop {
             match answers.message().await {
                 Ok(Some(answer)) => {
-                    let Some((from, rule, reference)) = sent.lock().unwrap().remove(&answer.id) else {
-                        ctx.tally.violation(format!("stream: an answer to {:?}, not asked or asked once", answer.id));
+                    let Some(Sent { at: from, rule, reference }) = unanswered.lock().unwrap().remove(&answer.id) else {
+                        ctx.tally.violation(format!("stream: {:?} answered twice, or never sent", answer.id));
                         continue;
                     };
                     answered += 1;
@@ -797,15 +804,16 @@ async fn stream_caller(ctx: Arc<Ctx>, worker: u64) {
 }
 
 /// Opens a stream that sends nothing and keeps its request side open: the cascade ends it once
-/// idle for --stream-idle-timeout-s, or refuses it while the cap is reached.
-async fn idle_stream(ctx: &Ctx, ch: &Channel, rule: &'static Rule) -> bool {
+/// idle for --stream-idle-timeout-s, or refuses it while the cap is reached. Returns whether it
+/// was accepted, and when the open was answered.
+async fn idle_stream(ctx: &Ctx, ch: &Channel, rule: &'static Rule) -> (bool, Instant) {
     let start = Instant::now();
     let req = authed(futures::stream::pending::<pb::CaptionStreamRequest>(), Some(TOKENS[0]), STREAM_DEADLINE);
     let mut answers = match CascadeClient::new(ch.clone()).caption_stream(req).await {
         Ok(answers) => answers.into_inner(),
         Err(s) => {
             ctx.tally.judge(rule, s.code(), start, s.message());
-            return false;
+            return (false, Instant::now());
         }
     };
     let opened = Instant::now();
@@ -820,7 +828,7 @@ async fn idle_stream(ctx: &Ctx, ch: &Channel, rule: &'static Rule) -> bool {
             }
         }
     }
-    true
+    (true, opened)
 }
 
 /// Idle streams, one after another, and every 30 s a burst of BURST at once: at most
@@ -834,9 +842,10 @@ async fn idle_caller(ctx: Arc<Ctx>) {
             last_burst = Instant::now();
             let start = Instant::now();
             let opened = futures::future::join_all((0..BURST).map(|_| idle_stream(&ctx, &ch, &BURSTING))).await;
-            let accepted = opened.iter().filter(|o| **o).count();
+            let accepted = opened.iter().filter(|(accepted, _)| *accepted).count();
+            let last_answered = opened.iter().map(|(_, at)| *at).max().unwrap();
             // Valid only if every open was answered before the first accepted one could end.
-            if start.elapsed() < IDLE_TIMEOUT && accepted > MAX_OPEN_STREAMS {
+            if last_answered - start < IDLE_TIMEOUT && accepted > MAX_OPEN_STREAMS {
                 ctx.tally.violation(format!("a burst of {BURST}: {accepted} streams open at once"));
             }
             ctx.tally.count(BURSTING.case, format!("note: a burst, {accepted} of {BURST} accepted"));
