@@ -123,8 +123,12 @@ fuzz: build-tools ## fuzz image decoding and preprocessing with libFuzzer for FU
 		-max_total_time=$(FUZZ_SECONDS) -malloc_limit_mb=$(FUZZ_MALLOC_MB) -rss_limit_mb=2048 -timeout=10
 
 SOAK_SECONDS ?= 600
-soak: setup ## mixed hostile and normal traffic against the server for SOAK_SECONDS (default 600); checks RSS stays bounded
+# Two soaks, one after the other: hostile images against one combined server (tests/hostile_images.rs),
+# then every trust boundary at once against the split topology with replicas killed and stopped
+# (tests/soak.rs). docs/testing.md, Soak.
+soak: setup ## two soaks of SOAK_SECONDS each (default 600): hostile images on a combined server, then hostile callers and chaos on the split topology; checks codes, losses, RSS bounds
 	SOAK_SECONDS=$(SOAK_SECONDS) $(CARGO_ENV) cargo test --locked --test hostile_images -- --ignored --nocapture soak
+	SOAK_SECONDS=$(SOAK_SECONDS) $(CARGO_ENV) cargo test --locked --test soak -- --ignored --nocapture --exact soak_split_topology_with_hostile_callers_and_chaos
 
 models: setup ## retrain the embedded models (13-14 minutes on 2 cores)
 	$(VENV)/bin/pip install --quiet -r tools/requirements-train.txt
