@@ -88,7 +88,7 @@ impl Role {
 
 /// What a case may be answered: `always`, and `in_chaos` too when the call overlapped a chaos
 /// event on a replica of a role it `reaches` (one a stopped replica holds past
-/// --upstream-timeout-ms is DEADLINE_EXCEEDED; one whose replica was killed is retried on the
+/// --upstream-timeout is DEADLINE_EXCEEDED; one whose replica was killed is retried on the
 /// other, and UNAVAILABLE only when the retry budget is spent).
 struct Rule {
     case: &'static str,
@@ -321,8 +321,8 @@ impl Tally {
             format!("{got:?}")
         } else if rule.in_chaos.contains(&got) && self.overlaps_chaos(rule.reaches, from, to) {
             // Callers' deadlines are far off: only the cascade's bound on a stopped upstream ends a call.
-            if got == Code::DeadlineExceeded && !message.contains("--upstream-timeout-ms") {
-                self.violation(format!("{}: DEADLINE_EXCEEDED not from --upstream-timeout-ms: {message:?}", rule.case));
+            if got == Code::DeadlineExceeded && !message.contains("--upstream-timeout") {
+                self.violation(format!("{}: DEADLINE_EXCEEDED not from --upstream-timeout: {message:?}", rule.case));
             }
             format!("{got:?} (in chaos)")
         } else {
@@ -804,7 +804,7 @@ async fn stream_caller(ctx: Arc<Ctx>, worker: u64) {
 }
 
 /// Opens a stream that sends nothing and keeps its request side open: the cascade ends it once
-/// idle for --stream-idle-timeout-s, or refuses it while the cap is reached. Returns whether it
+/// idle for --stream-idle-timeout, or refuses it while the cap is reached. Returns whether it
 /// was accepted, and when the open was answered.
 async fn idle_stream(ctx: &Ctx, ch: &Channel, rule: &'static Rule) -> (bool, Instant) {
     let start = Instant::now();
@@ -944,7 +944,7 @@ enum Action {
 }
 
 /// One replica at a time, in turn: killed (-9) and restarted on its address, or stopped for 3 s
-/// (under --upstream-timeout-ms) or 8 s (over it) and continued; the next event waits until the
+/// (under --upstream-timeout) or 8 s (over it) and continued; the next event waits until the
 /// cascade has both replicas of that role serving again, and 6 s more.
 async fn chaos(ctx: Arc<Ctx>, mut replicas: Vec<Replica>, memory: Arc<Memory>) -> (Vec<Replica>, Vec<String>) {
     let mut events = Vec::new();
@@ -1092,7 +1092,7 @@ async fn soak_split_topology_with_hostile_callers_and_chaos() {
         &endpoints(Role::Ranker),
         "--upstream-check-interval-ms",
         "200",
-        "--upstream-timeout-ms",
+        "--upstream-timeout",
         &UPSTREAM_TIMEOUT_MS.to_string(),
         "--auth-token-file",
         tokens.0.to_str().unwrap(),
@@ -1100,7 +1100,7 @@ async fn soak_split_topology_with_hostile_callers_and_chaos() {
         "127.0.0.1/32",
         "--max-open-streams",
         &MAX_OPEN_STREAMS.to_string(),
-        "--stream-idle-timeout-s",
+        "--stream-idle-timeout",
         &IDLE_TIMEOUT.as_secs().to_string(),
         "--max-stream-inflight",
         &STREAM_INFLIGHT.to_string(),
@@ -1288,7 +1288,7 @@ async fn memory_per_open_stream() {
     let n: usize = std::env::var("STREAMS").ok().and_then(|s| s.parse().ok()).unwrap_or(10_000);
     // Streams per connection: under the server's default --max-concurrent-streams (256).
     const PER_CONNECTION: usize = 250;
-    let args = ["--max-open-streams", "20000", "--stream-idle-timeout-s", "3600", "--max-queue-size", "4096"];
+    let args = ["--max-open-streams", "20000", "--stream-idle-timeout", "3600", "--max-queue-size", "4096"];
     let server = common::server(&args).metrics().start().await;
     let (pid, metrics) = (server.id(), server.metrics());
     let scene = draw_scene(&mut StdRng::seed_from_u64(8)).png();
