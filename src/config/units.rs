@@ -28,7 +28,7 @@ impl Size {
 impl fmt::Display for Size {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let units = [("GiB", 1u64 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)];
-        match units.iter().find(|(_, n)| self.0 >= *n && self.0 % n == 0) {
+        match units.iter().find(|(_, n)| self.0 >= *n && self.0.is_multiple_of(*n)) {
             Some((unit, n)) => write!(f, "{}{unit}", self.0 / n),
             None => write!(f, "{}", self.0),
         }
