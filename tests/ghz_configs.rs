@@ -6,6 +6,10 @@
 //! ghz itself is not installed here: the call goes through Python's protobuf JSON parser and
 //! grpcio (the .venv that `make test` sets up for tests/python_client.rs), with message classes
 //! built from the reflected descriptors, as ghz builds its dynamic messages.
+//!
+//! The configs that send many different images hold scenes drawn here from fixed seeds, checked
+//! image for image; `cargo test --test ghz_configs -- --ignored write_many_image_configs` writes
+//! them again.
 
 mod common;
 
@@ -17,9 +21,10 @@ use std::{
     process::{Command, Stdio},
 };
 
-use common::channel;
+use common::{channel, scenes::draw_scene};
 use prost::Message;
 use prost_types::{FileDescriptorProto, FileDescriptorSet};
+use rand::{rngs::StdRng, SeedableRng};
 use serde_json::Value;
 use tonic::transport::Channel;
 use tonic_reflection::pb::v1::{
@@ -95,6 +100,102 @@ fn is_go_duration(s: &str) -> bool {
     true
 }
 
+/// A config whose `data` is an array of requests, each with an image of its own: ghz sends them
+/// round-robin, so a load test decodes and computes many images instead of one.
+struct ManyImages {
+    file: &'static str,
+    name: &'static str,
+    images: usize,
+    seed: u64,
+    concurrency: u64,
+    total: u64,
+}
+
+const MANY: [ManyImages; 2] = [
+    ManyImages {
+        file: "caption-many.json",
+        name: "Cascade.Caption over 32 different images in turn: decoding once per image, then the image cache and the models",
+        images: 32,
+        seed: 1000,
+        concurrency: 8,
+        total: 400,
+    },
+    ManyImages {
+        file: "caption-cold.json",
+        name: "Cascade.Caption, every call a new image: a cold image cache, every call fetched, decoded and computed",
+        images: 96,
+        seed: 2000,
+        concurrency: 8,
+        total: 96,
+    },
+];
+
+impl ManyImages {
+    fn config(&self) -> Value {
+        let mut rng = StdRng::seed_from_u64(self.seed);
+        let data: Vec<Value> = (0..self.images)
+            .map(|_| {
+                serde_json::json!({
+                    "image": {"data": base64_encode(&draw_scene(&mut rng).png())},
+                    "params": {"num_candidates": 10, "decoding": "DECODING_SAMPLE"},
+                    "top_k": 3,
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "name": self.name,
+            "call": "caption.v1.Cascade.Caption",
+            "host": "localhost:50051",
+            "insecure": true,
+            "concurrency": self.concurrency,
+            "connections": 2,
+            "total": self.total,
+            "timeout": "30s",
+            "connect-timeout": "10s",
+            "data": data,
+        })
+    }
+}
+
+#[test]
+#[ignore = "writes bench/ghz/caption-many.json and caption-cold.json"]
+fn write_many_image_configs() {
+    for many in &MANY {
+        let text = serde_json::to_string_pretty(&many.config()).unwrap() + "\n";
+        std::fs::write(root().join("bench/ghz").join(many.file), text).unwrap();
+    }
+}
+
+#[test]
+fn many_image_configs_hold_the_scenes_they_name() {
+    let configs = configs();
+    for many in &MANY {
+        let config = configs.get(many.file).unwrap_or_else(|| panic!("bench/ghz/{} is missing", many.file));
+        assert!(*config == many.config(), "{}: not what write_many_image_configs writes", many.file);
+        let images: BTreeSet<&str> =
+            config["data"].as_array().unwrap().iter().map(|d| d["image"]["data"].as_str().unwrap()).collect();
+        assert_eq!(images.len(), many.images, "{}: every image differs", many.file);
+    }
+    // The cold config never sends an image twice.
+    assert!(MANY[1].total as usize <= MANY[1].images);
+}
+
+fn base64_encode(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let n = chunk.iter().enumerate().fold(0u32, |n, (i, b)| n | (*b as u32) << (16 - 8 * i));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
 fn base64_decode(s: &str) -> Vec<u8> {
     const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let s = s.trim_end_matches('=');
@@ -157,12 +258,26 @@ fn configs_are_ghz_json_with_an_example_image() {
             assert!((1..=concurrency).contains(&c.as_u64().unwrap()), "{name}: connections {c} not in 1..=concurrency");
         }
         // ghz applies Go templates to the payload: none of the data may look like one by accident.
-        let data = obj["data"].as_object().unwrap_or_else(|| panic!("{name}: data is not an object"));
-        assert!(!serde_json::to_string(data).unwrap().contains("{{"), "{name}: data holds a template");
-        // Inline sample image, base64 (protobuf JSON's bytes), one of examples/images/.
-        let b64 = data["image"]["data"].as_str().unwrap_or_else(|| panic!("{name}: data.image.data is not a string"));
-        let bytes = base64_decode(b64);
-        assert!(examples.iter().any(|(_, e)| *e == bytes), "{name}: data.image.data is not an examples/images file");
+        assert!(!serde_json::to_string(&obj["data"]).unwrap().contains("{{"), "{name}: data holds a template");
+        // One request, or an array ghz sends round-robin.
+        let requests: Vec<&Value> = match &obj["data"] {
+            Value::Array(items) => items.iter().collect(),
+            one => vec![one],
+        };
+        assert!(!requests.is_empty(), "{name}: no data");
+        for data in requests {
+            let data = data.as_object().unwrap_or_else(|| panic!("{name}: data is not an object"));
+            // Inline image, base64 (protobuf JSON's bytes): one of examples/images/, or a drawn scene.
+            let b64 =
+                data["image"]["data"].as_str().unwrap_or_else(|| panic!("{name}: data.image.data is not a string"));
+            let bytes = base64_decode(b64);
+            let is_example = examples.iter().any(|(_, e)| *e == bytes);
+            assert!(
+                is_example || MANY.iter().any(|m| m.file == name),
+                "{name}: data.image.data is not an examples/images file"
+            );
+            assert!(bytes.starts_with(b"\x89PNG") || bytes.starts_with(&[0xff, 0xd8]), "{name}: not a PNG or JPEG");
+        }
     }
     let want: BTreeSet<String> = METHODS.iter().map(|m| m.to_string()).collect();
     assert_eq!(covered, want, "one config per method");
@@ -285,7 +400,11 @@ async fn configs_call_methods_the_server_reflects_and_their_data_is_accepted() {
         let (input, output) = (rpc.input_type().trim_start_matches('.'), rpc.output_type().trim_start_matches('.'));
         let fds = FileDescriptorSet { file: files.clone() }.encode_to_vec();
         let path = format!("/{service}/{method}");
-        let data = config["data"].clone();
+        // The first of an array stands for the others, which the checks above compare image for image.
+        let data = match &config["data"] {
+            Value::Array(items) => items[0].clone(),
+            one => one.clone(),
+        };
         let answer = tokio::task::spawn_blocking({
             let (input, output) = (input.to_string(), output.to_string());
             move || call_with_python(addr, &path, &input, &output, &fds, &data)
@@ -294,7 +413,10 @@ async fn configs_call_methods_the_server_reflects_and_their_data_is_accepted() {
         .unwrap();
 
         // The answers the payload asks for.
-        let data = &config["data"];
+        let data = match &config["data"] {
+            Value::Array(items) => &items[0],
+            one => one,
+        };
         match method.as_str() {
             "Caption" => {
                 let top_k = data["top_k"].as_u64().unwrap_or(3) as usize;
