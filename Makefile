@@ -26,7 +26,7 @@ LIBTORCH       = $(shell ls -d $(CURDIR)/$(VENV)/lib/python3*/site-packages/torc
 CARGO_ENV      = LIBTORCH="$(LIBTORCH)" LD_LIBRARY_PATH="$(LIBTORCH)/lib:$$LD_LIBRARY_PATH"
 DEMO_IMAGES    = $(sort $(wildcard examples/images/*.png examples/images/*.jpg))
 
-.PHONY: help setup build-tools build demo test lint fmt models clean fuzz soak beam-env image-tools image-base image test-image bench cuda-bins
+.PHONY: help setup build-tools build install demo test lint fmt models clean fuzz soak beam-env image-tools image-base image test-image bench cuda-bins
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -48,6 +48,15 @@ $(TORCH_STAMP):
 
 build: setup ## compile the server and CLI
 	$(CARGO_ENV) cargo build --locked --bins
+
+# Where `make install` puts the binary (PREFIX/bin) and the embedded models (PREFIX/share/caption-cascade).
+PREFIX ?= $(HOME)/.local
+
+install: setup ## put caption-cascade on PATH (PREFIX/bin, default ~/.local/bin) with the embedded models beside it
+	$(CARGO_ENV) cargo install --locked --path . --root "$(PREFIX)" --bin caption-cascade --target-dir target --force
+	mkdir -p "$(PREFIX)/share/caption-cascade/models"
+	cp -r models/shapes-blip models/shapes-clip "$(PREFIX)/share/caption-cascade/models/"
+	@echo "installed $(PREFIX)/bin/caption-cascade (libtorch stays in $(LIBTORCH): keep this checkout's .venv)"
 
 demo: build ## caption the sample scenes with the embedded models
 	$(CARGO_ENV) cargo run --locked --quiet -- caption $(DEMO_IMAGES)

@@ -1,7 +1,11 @@
 //! Command-line and environment configuration of the engine and server, turned once into the
 //! typed settings the layers below receive. Building the application from them is [`crate::app`]'s.
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use clap::Args;
 use ipnet::IpNet;
@@ -28,10 +32,12 @@ use crate::{
 /// Models, device, batching and limits: everything needed to build the cascade in-process.
 #[derive(Debug, Clone, Args)]
 pub struct EngineArgs {
-    /// BLIP checkpoint folder (Hugging Face layout: config.json, model.safetensors, tokenizer.json, preprocessor_config.json).
+    /// BLIP checkpoint folder (Hugging Face layout: config.json, model.safetensors, tokenizer.json,
+    /// preprocessor_config.json). The default, the embedded shapes model, is looked for in the
+    /// working directory, then beside an installed binary (PREFIX/share/caption-cascade/models).
     #[arg(help_heading = "Models and device", long, env = "CAPTION_BLIP_MODEL", default_value = "models/shapes-blip")]
     pub blip_model: PathBuf,
-    /// CLIP checkpoint folder (Hugging Face layout).
+    /// CLIP checkpoint folder (Hugging Face layout); the default is looked for as --blip-model's.
     #[arg(help_heading = "Models and device", long, env = "CAPTION_CLIP_MODEL", default_value = "models/shapes-clip")]
     pub clip_model: PathBuf,
     /// Device the models run on.
@@ -374,7 +380,35 @@ impl ServerArgs {
     }
 }
 
+/// Where `make install` puts the embedded models, relative to the installed binary's folder.
+const INSTALLED_MODELS: &str = "../share/caption-cascade";
+
+/// A model folder as given; the default relative one, when the working directory lacks it, found
+/// beside an installed binary instead.
+fn model_folder(given: &Path) -> PathBuf {
+    if given.is_relative() && given.starts_with("models") && !given.exists() {
+        let installed = std::env::current_exe()
+            .ok()
+            .and_then(|exe| Some(exe.parent()?.join(INSTALLED_MODELS).join(given)))
+            .filter(|folder| folder.is_dir());
+        if let Some(folder) = installed {
+            return folder;
+        }
+    }
+    given.to_path_buf()
+}
+
 impl EngineArgs {
+    /// The BLIP checkpoint folder to load (see [`model_folder`]).
+    pub fn blip_folder(&self) -> PathBuf {
+        model_folder(&self.blip_model)
+    }
+
+    /// The CLIP checkpoint folder to load (see [`model_folder`]).
+    pub fn clip_folder(&self) -> PathBuf {
+        model_folder(&self.clip_model)
+    }
+
     /// How the models hold and compute their numbers on `device` (`--dtype`, `--quantize`,
     /// `--cuda-graphs`).
     pub fn numerics(&self, device: tch::Device) -> Result<crate::models::Numerics, String> {
