@@ -30,6 +30,104 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# --- the device run's checks (`compare.py check ...`, used by bench/run_cuda.sh) ----------------
+#
+# Each returns a list of failures (empty: passed), so a run that produced nothing, or only errors,
+# can never compare equal to another.
+
+# Largest |difference| of first-step logits, as a share of the reference's largest |logit|.
+# fp32 on CUDA against fp32 on the CPU: 1 %, because cuDNN computes fp32 convolutions (the patch
+# embedding) in TF32 by default (10-bit mantissa, about 5e-4 relative per product) and GPU kernels
+# sum in another order; the CPU parity suite holds 1e-4 absolute. bf16 or fp16 against fp32: 5 %,
+# the bound tests/precision.rs holds on the CPU (about 2 % measured there).
+LOGIT_TOL = {"fp32": 0.01, "bf16": 0.05, "fp16": 0.05}
+
+
+def caption_failures(what, a_records, b_records):
+    """Two `caption --json` outputs: every record a success with candidates, the same images, the
+    same greedy candidates."""
+    out = []
+    for side, records in (("first", a_records), ("second", b_records)):
+        if not records:
+            out.append(f"{what}: the {side} run captioned nothing")
+        for r in records:
+            if "error" in r:
+                out.append(f"{what}: {side} run, {r.get('image')}: error {r['error']}")
+            elif not r.get("candidates"):
+                out.append(f"{what}: {side} run, {r.get('image')}: no candidates")
+    if out:
+        return out
+    a = {r["image"]: r["candidates"] for r in a_records}
+    b = {r["image"]: r["candidates"] for r in b_records}
+    if a.keys() != b.keys():
+        return [f"{what}: different images: {sorted(a.keys() ^ b.keys())}"]
+    return [f"{what}: {img}: {a[img]} != {b[img]}" for img in sorted(a) if a[img] != b[img]]
+
+
+def bench_failures(what, levels):
+    """caption-bench's levels (its --json lines): none may have failed requests or no requests."""
+    if not levels:
+        return [f"{what}: caption-bench measured no level"]
+    out = []
+    for lv in levels:
+        c = lv.get("concurrency")
+        if lv.get("errors", 0):
+            out.append(f"{what}: concurrency {c}: {lv['errors']} failed requests (first: {lv.get('first_error')})")
+        if not lv.get("requests"):
+            out.append(f"{what}: concurrency {c}: no request answered")
+    return out
+
+
+def logit_failures(what, ref, got, tol):
+    """Two `caption-bench --first-step-logits` outputs: the same shape, finite, within `tol` of the
+    reference's largest |logit|."""
+    import math
+
+    a, b = ref.get("logits") or [], got.get("logits") or []
+    if not a or [len(r) for r in a] != [len(r) for r in b]:
+        return [f"{what}: logits of different shapes or none ({len(a)} rows against {len(b)})"]
+    flat_a = [x for r in a for x in r]
+    flat_b = [x for r in b for x in r]
+    if not all(math.isfinite(x) for x in flat_a + flat_b):
+        return [f"{what}: non-finite logits"]
+    diff = max(abs(x - y) for x, y in zip(flat_a, flat_b))
+    scale = max(abs(x) for x in flat_a)
+    print(f"# {what}: largest |difference| {diff:.5f}, {100 * diff / scale:.3f} % of the largest |logit| {scale:.3f}"
+          f" (tolerance {100 * tol:.1f} %)")
+    return [] if diff <= tol * scale else [f"{what}: logits differ by {diff} > {tol} x {scale}"]
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def check_main(argv):
+    """`check captions WHAT A B` | `check bench WHAT FILE` | `check logits WHAT REF GOT DTYPE`:
+    prints PASS or FAIL with the reasons, exits 1 on FAIL."""
+    kind, what, *files = argv
+    try:
+        failures = run_check(kind, what, files)
+    except (OSError, ValueError, KeyError, IndexError) as e:
+        failures = [f"{what}: cannot read the results: {e!r}"]
+    for f in failures:
+        print(f"FAIL {f}")
+    print(f"{'FAIL' if failures else 'PASS'} {what}")
+    return 1 if failures else 0
+
+
+def run_check(kind, what, files):
+    if kind == "captions":
+        failures = caption_failures(what, read_jsonl(files[0]), read_jsonl(files[1]))
+    elif kind == "bench":
+        failures = bench_failures(what, read_jsonl(files[0]))
+    elif kind == "logits":
+        ref, got = (json.loads(Path(f).read_text()) for f in files[:2])
+        failures = logit_failures(what, ref, got, LOGIT_TOL[files[2]])
+    else:
+        failures = [f"unknown check {kind!r}"]
+    return failures
+
+
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -153,13 +251,17 @@ class Transformers:
         import torch
         # The PIL image processors, as the project's preprocessing mirrors: with torchvision
         # installed transformers would pick a backend that resizes differently.
-        from transformers import (
-            AutoTokenizer,
-            BlipForConditionalGeneration,
-            BlipImageProcessorPil,
-            CLIPImageProcessorPil,
-            CLIPModel,
-        )
+        from transformers import AutoTokenizer, BlipForConditionalGeneration, CLIPModel
+
+        try:
+            from transformers import BlipImageProcessorPil, CLIPImageProcessorPil
+        except ImportError:
+            # A release without the backend-named classes (the GPU machines have 5.17, not the
+            # pinned 5.24): its plain processors, recorded in the run's header as such.
+            from transformers import BlipImageProcessor as BlipImageProcessorPil
+            from transformers import CLIPImageProcessor as CLIPImageProcessorPil
+
+            print("# transformers without BlipImageProcessorPil: its default image processors", file=sys.stderr)
 
         self.torch, self.device, self.dtype, self.args = torch, device, dtype, args
         blip_dir, clip_dir = models_dir / "blip-base", models_dir / "clip-vit-base-patch32"
@@ -238,7 +340,12 @@ def caption_bench(args, models_dir: Path, levels):
             "--json", out.name,
         ] + args.bench_args.split()
         subprocess.run(cmd, check=True, cwd=ROOT, stdout=sys.stderr)
-        return [json.loads(line) for line in Path(out.name).read_text().splitlines() if line.strip()]
+        levels = read_jsonl(out.name)
+    # A throughput of the requests that succeeded is no throughput: any failure fails the run.
+    failures = bench_failures(f"caption-bench {args.device} {args.dtype}", levels)
+    if failures:
+        sys.exit("\n".join(failures))
+    return levels
 
 
 # --- the report ---------------------------------------------------------------------------------
@@ -346,4 +453,6 @@ def main():
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["check"]:
+        sys.exit(check_main(sys.argv[2:]))
     main()

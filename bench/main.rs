@@ -60,6 +60,11 @@ struct Args {
     /// instead of serving the models in this process.
     #[arg(long)]
     endpoint: Option<SocketAddr>,
+    /// Instead of a load: write the first decode step's next-token logits of --blip-model for
+    /// fixed pixels (seeded on the CPU, so every device sees the same input) to this JSON file,
+    /// for `bench/compare.py check-logits` to compare across devices and precisions.
+    #[arg(long)]
+    first_step_logits: Option<PathBuf>,
     #[command(flatten)]
     engine: EngineArgs,
 }
@@ -69,6 +74,8 @@ struct Level {
     concurrency: usize,
     requests: usize,
     errors: usize,
+    /// The first failed request's status, so a run that failed says why.
+    first_error: Option<String>,
     seconds: f64,
     latencies_ms: Vec<f64>,
     /// The process's peak resident memory by the end of this level (server and clients).
@@ -90,6 +97,9 @@ impl Level {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(path) = &args.first_step_logits {
+        return first_step_logits(&args.engine, path);
+    }
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(run(args))
 }
@@ -98,7 +108,7 @@ fn build_runners(e: &EngineArgs, models: Models) -> anyhow::Result<(BlipRunner, 
     let source = match models {
         Models::Checkpoints => WeightSource::Checkpoints,
         Models::Base => {
-            let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/configs");
+            let root = repo_path("bench/configs");
             WeightSource::Random { blip: root.join("blip-base"), clip: root.join("clip-vit-base-patch32") }
         }
     };
@@ -169,7 +179,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .map(|l| {
                 serde_json::json!({
                     "models": format!("{:?}", args.models), "device": format!("{device:?}"),
-                    "concurrency": l.concurrency, "requests": l.requests, "errors": l.errors,
+                    "concurrency": l.concurrency, "requests": l.requests, "errors": l.errors, "first_error": l.first_error,
                     "images_per_s": l.throughput(), "p50_ms": l.percentile(0.5), "p90_ms": l.percentile(0.9),
                     "p99_ms": l.percentile(0.99), "candidates": args.candidates, "decode_len": args.decode_len,
                     "peak_rss_mb": l.peak_rss_mb, "dtype": format!("{:?}", engine.dtype), "quantize": format!("{:?}", engine.quantize),
@@ -182,9 +192,46 @@ async fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The first decode step's next-token logits (fp32 numbers) of --blip-model on the engine's
+/// device and precision, for two images of seeded random pixels, as JSON.
+fn first_step_logits(engine: &EngineArgs, path: &Path) -> anyhow::Result<()> {
+    use caption_cascade::models::blip::{Blip, SelfAttnCache};
+    use tch::{Kind, Tensor};
+
+    let _g = tch::no_grad_guard();
+    let device = engine.device.resolve().map_err(anyhow::Error::msg)?;
+    let numerics = engine.numerics(device).map_err(anyhow::Error::msg)?;
+    let blip = Blip::load_as(&engine.blip_folder(), device, numerics)?;
+    let size = blip.config.vision_config.image_size;
+    tch::manual_seed(1);
+    let pixels = Tensor::randn([2, 3, size, size], (Kind::Float, tch::Device::Cpu));
+    let embeds = blip.encode_image(&pixels.to_device(device).to_kind(blip.kind()));
+    let cross = blip.text_decoder.cross_attn_cache(&embeds);
+    let bos = blip.config.text_config.bos_token_id;
+    let ids = Tensor::from_slice(&[bos, bos]).view([2, 1]).to_device(device);
+    let hidden = blip.text_decoder.forward(&ids, &mut SelfAttnCache::default(), &cross, &[1, 1], None);
+    let logits = blip.text_decoder.next_token_logits(&hidden).to_kind(Kind::Float).to_device(tch::Device::Cpu);
+    let rows: Vec<Vec<f32>> = (0..2).map(|i| Vec::<f32>::try_from(logits.get(i)).map_err(anyhow::Error::from)).collect::<Result<_, _>>()?;
+    let json = serde_json::json!({
+        "device": format!("{device:?}"), "dtype": format!("{:?}", engine.dtype), "logits": rows,
+    });
+    std::fs::write(path, json.to_string())?;
+    Ok(())
+}
+
+/// `relative` in the working directory when it is there (a binary carried to another machine runs
+/// from a checkout at another path), else in the checkout this binary was built from.
+fn repo_path(relative: &str) -> PathBuf {
+    let here = PathBuf::from(relative);
+    if here.exists() {
+        return here;
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(relative)
+}
+
 /// The example images as bytes; clients take them in turn.
 fn sample_images() -> anyhow::Result<Arc<Vec<Vec<u8>>>> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/images");
+    let dir = repo_path("examples/images");
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)?
         .flatten()
         .map(|e| e.path())
@@ -217,7 +264,7 @@ async fn drive(
             let images = images.clone();
             let params = params.clone();
             tokio::spawn(async move {
-                let (mut latencies, mut errors, mut n) = (Vec::new(), 0usize, i);
+                let (mut latencies, mut errors, mut first_error, mut n) = (Vec::new(), 0usize, None, i);
                 while Instant::now() < deadline {
                     let req = pb::CaptionRequest {
                         image: Some(pb::Image {
@@ -231,23 +278,27 @@ async fn drive(
                     let t = Instant::now();
                     match client.caption(req).await {
                         Ok(_) => latencies.push(t.elapsed().as_secs_f64() * 1e3),
-                        Err(_) => errors += 1,
+                        Err(status) => {
+                            errors += 1;
+                            first_error.get_or_insert_with(|| format!("{:?}: {}", status.code(), status.message()));
+                        }
                     }
                 }
-                (latencies, errors)
+                (latencies, errors, first_error)
             })
         })
         .collect();
     let mut latencies_ms = Vec::new();
-    let mut errors = 0;
+    let (mut errors, mut first_error) = (0, None);
     for c in clients {
-        let (l, e) = c.await?;
+        let (l, e, f) = c.await?;
         latencies_ms.extend(l);
         errors += e;
+        first_error = first_error.or(f);
     }
     let seconds = start.elapsed().as_secs_f64();
     latencies_ms.sort_by(f64::total_cmp);
-    Ok(Level { concurrency, requests: latencies_ms.len(), errors, seconds, latencies_ms, peak_rss_mb: peak_rss_mb() })
+    Ok(Level { concurrency, requests: latencies_ms.len(), errors, first_error, seconds, latencies_ms, peak_rss_mb: peak_rss_mb() })
 }
 
 /// Peak resident set size of this process so far, in MB (`VmHWM`).

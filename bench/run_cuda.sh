@@ -1,49 +1,148 @@
 #!/usr/bin/env bash
-# The GPU benchmark in one run: the sample scenes captioned on CUDA, then `bench/compare.py`
-# (caption-bench against transformers on the same full-size random weights, made on the machine)
-# in fp32, bf16 and fp16, and caption-bench again in bf16 with --cuda-graphs. Before that, the
-# sample scenes' greedy captions on the GPU must equal the CPU's (fp32) and, with --cuda-graphs,
-# the GPU's without. About 8 minutes on an H200.
-# Usage: bench/run_cuda.sh BIN_DIR OUT_DIR   (BIN_DIR holds caption-cascade and caption-bench,
-# release builds against a CUDA libtorch; strip them to carry them: about 18 MB each)
+# The GPU run, in two parts that each fit one device command and bring back two files:
+# OUT_DIR/cuda-PART.tar.gz (every output, log and GPU memory trace) and OUT_DIR/cuda-PART.txt (the
+# summary: each check's PASS or FAIL, then the tables).
+#
+#   preflight (about 2 minutes): correctness first. The sample scenes' greedy captions on the GPU
+#     (fp32, eager and --cuda-graphs; bf16 eager and --cuda-graphs) against the CPU's fp32 and the
+#     GPU's eager ones; the first decode step's logits on the GPU (fp32, bf16) against the CPU's
+#     fp32 within the tolerances bench/compare.py states; then one short bf16 load of full-size
+#     models with and without --cuda-graphs, served with metrics on so the decode steps' batch
+#     sizes (images per step; rows are images x candidates) are logged, and GPU memory sampled
+#     throughout.
+#   full (at most 7 minutes): bench/compare.py, caption-bench against transformers on the same
+#     full-size weights, in bf16 and fp16, then caption-bench in bf16 with --cuda-graphs.
+#
+# Any failed request, error record, run without candidates, different caption or logit beyond
+# its tolerance makes the part FAIL (exit 1); a step over its time limit fails too. Offline: only
+# the carried files are read (HF_HUB_OFFLINE=1).
+#
+# Usage: bench/run_cuda.sh preflight|full BIN_DIR OUT_DIR
+#   BIN_DIR holds caption-cascade and caption-bench, release builds against a CUDA libtorch
+#   (strip them to carry them: about 18 MB each). Needs python3 with torch (and, for `full`,
+#   transformers and Pillow).
 set -uo pipefail
-BIN=${1:-target/release}
-OUT=${2:-bench/out}
+PART=${1:?usage: bench/run_cuda.sh preflight|full BIN_DIR OUT_DIR}
+BIN=${2:-target/release}
+OUT=${3:-bench/out}
+case "$PART" in preflight | full) ;; *) echo "unknown part $PART" >&2; exit 2 ;; esac
 mkdir -p "$OUT"
-TORCH=$(python3 -c 'import os, torch; print(os.path.dirname(torch.__file__))')
+WORK=$(mktemp -d)
+SUMMARY="$OUT/cuda-$PART.txt"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
+TORCH=$(python3 -c 'import os, torch; print(os.path.dirname(torch.__file__))') || exit 1
 export LD_LIBRARY_PATH="$TORCH/lib:${LD_LIBRARY_PATH:-}"
-# Prints whether two `caption --json` outputs hold the same candidates for the same images.
-same() {
-  python3 - "$@" <<'PY'
-import json, sys
-what, *files = sys.argv[1:]
-a, b = (sorted((j["image"], j.get("candidates")) for j in map(json.loads, open(f))) for f in files)
-ok = a == b and len(a) > 0
-print(f"{what}: {'the same' if ok else 'DIFFERENT'} greedy captions on {len(a)} images")
-if not ok:
-    print(a, "\n", b)
-PY
+MODELS=${BENCH_MODELS:-/tmp/bench-models}
+# BENCH_DEVICE=cpu dry-runs the script's flow without a GPU (the --cuda-graphs steps then fail).
+DEV=${BENCH_DEVICE:-cuda}
+# 48 images x 10 candidates = 480 rows per decode step at most: within the largest CUDA graph
+# bucket (512 rows), so the graphed runs replay at every level.
+LOAD="--generate-max-batch 48 --max-queue-size 1024"
+failed=0
+
+note() { echo "$*" | tee -a "$SUMMARY"; }
+# Runs a step under a time limit, its stdout in WORK/NAME.out and stderr in WORK/NAME.log; a
+# failure or timeout fails the part.
+step() {
+  local name=$1 limit=$2
+  shift 2
+  local t0=$SECONDS
+  timeout "$limit" "$@" >"$WORK/$name.out" 2>"$WORK/$name.log"
+  local rc=$?
+  if [ $rc -ne 0 ]; then
+    failed=1
+    note "FAIL $name: exit $rc after $((SECONDS - t0)) s (limit $limit s); last lines:"
+    tail -n 5 "$WORK/$name.log" "$WORK/$name.out" | tee -a "$SUMMARY"
+  else
+    echo "# $name: $((SECONDS - t0)) s" >>"$SUMMARY"
+  fi
+  return $rc
 }
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-"$BIN/caption-cascade" caption --device cuda examples/images/*.png
-"$BIN/caption-cascade" caption --device cuda --dtype bf16 examples/images/*.png
-# The GPU paths against the CPU: fp32 greedy captions on both must be the same.
-"$BIN/caption-cascade" caption --device cpu --greedy --json examples/images/*.png >"$OUT/cpu-fp32.jsonl"
-for dtype in fp32 bf16; do
-  "$BIN/caption-cascade" caption --device cuda --dtype $dtype --greedy --json examples/images/*.png >"$OUT/eager-$dtype.jsonl"
-  "$BIN/caption-cascade" caption --device cuda --dtype $dtype --greedy --json --cuda-graphs examples/images/*.png \
-    >"$OUT/graphs-$dtype.jsonl"
-  same "cuda $dtype with --cuda-graphs" "$OUT/eager-$dtype.jsonl" "$OUT/graphs-$dtype.jsonl"
+check() {
+  python3 bench/compare.py check "$@" | tee -a "$SUMMARY"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || failed=1
+}
+finish() {
+  [ -n "${SMI:-}" ] && kill "$SMI" 2>/dev/null
+  note "$([ $failed -eq 0 ] && echo PASS || echo FAIL) $PART"
+  cp "$SUMMARY" "$WORK/"
+  tar czf "$OUT/cuda-$PART.tar.gz" -C "$WORK" .
+  exit $failed
+}
+
+: >"$SUMMARY"
+note "# bench/run_cuda.sh $PART, $(date -u +%FT%TZ), $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$SUMMARY"
+python3 -c 'import torch, sys; print(f"# torch {torch.__version__}, CUDA {torch.version.cuda}")' | tee -a "$SUMMARY"
+nvidia-smi --query-gpu=timestamp,memory.used,utilization.gpu --format=csv -lms 500 >"$WORK/gpu-memory.csv" 2>&1 &
+SMI=$!
+
+if [ "$PART" = preflight ]; then
+  caption=("$BIN/caption-cascade" caption --greedy --json examples/images/*.png)
+  step cpu-fp32 60 "${caption[@]}" --device cpu --dtype fp32
+  for dtype in fp32 bf16; do
+    for mode in eager graphs; do
+      flags=$([ $mode = graphs ] && echo --cuda-graphs)
+      step "$mode-$dtype" 60 "${caption[@]}" --device $DEV --dtype $dtype $flags
+    done
+    check captions "$DEV $dtype, --cuda-graphs against eager" "$WORK/eager-$dtype.out" "$WORK/graphs-$dtype.out"
+  done
+  check captions "$DEV fp32 against cpu fp32" "$WORK/cpu-fp32.out" "$WORK/eager-fp32.out"
+  check captions "$DEV bf16 against cpu fp32" "$WORK/cpu-fp32.out" "$WORK/eager-bf16.out"
+  step logits-cpu-fp32 60 "$BIN/caption-bench" --device cpu --dtype fp32 --first-step-logits "$WORK/logits-cpu-fp32.json"
+  for dtype in fp32 bf16; do
+    step logits-$DEV-$dtype 60 "$BIN/caption-bench" --device $DEV --dtype $dtype \
+      --first-step-logits "$WORK/logits-$DEV-$dtype.json"
+    check logits "first-step logits, $DEV $dtype against cpu fp32" "$WORK/logits-cpu-fp32.json" \
+      "$WORK/logits-$DEV-$dtype.json" $dtype
+  done
+  # One short bf16 load of full-size models (random weights made in memory), eager and graphed.
+  for mode in eager graphs; do
+    flags=$([ $mode = graphs ] && echo --cuda-graphs)
+    step "bench-bf16-$mode" 60 "$BIN/caption-bench" --models base --device $DEV --dtype bf16 $flags \
+      --concurrency 48 --seconds 5 $LOAD --json "$WORK/bench-bf16-$mode.jsonl"
+    check bench "full-size bf16 $mode" "$WORK/bench-bf16-$mode.jsonl"
+    grep -E '^ +[0-9]' "$WORK/bench-bf16-$mode.out" | sed "s/^/# $mode: /" >>"$SUMMARY"
+  done
+  # Images per decode step, from a server's metrics while caption-bench loads it (embedded models).
+  "$BIN/caption-cascade" serve --device $DEV --dtype bf16 $([ "$DEV" = cuda ] && echo --cuda-graphs) $LOAD --listen 127.0.0.1:0 \
+    --metrics-listen 127.0.0.1:0 --ready-file "$WORK/ready.json" >"$WORK/serve.log" 2>&1 &
+  SERVER=$!
+  for _ in $(seq 60); do [ -s "$WORK/ready.json" ] && break; sleep 0.5; done
+  if [ -s "$WORK/ready.json" ]; then
+    grpc=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["grpc"])' "$WORK/ready.json")
+    metrics=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["metrics"])' "$WORK/ready.json")
+    step bench-served 40 "$BIN/caption-bench" --endpoint "$grpc" --concurrency 48 --seconds 5 \
+      --json "$WORK/bench-served.jsonl"
+    check bench "served, bf16 graphs" "$WORK/bench-served.jsonl"
+    python3 -c 'import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1]).read().decode())' \
+      "http://$metrics/metrics" >"$WORK/metrics.txt"
+    python3 - "$WORK/metrics.txt" <<'PY' | tee -a "$SUMMARY"
+import re, sys
+m = dict(re.findall(r'^(caption_batch_size_(?:sum|count)\{model="generate"\}) (\S+)$', open(sys.argv[1]).read(), re.M))
+s, n = (float(m.get(f'caption_batch_size_{k}{{model="generate"}}', 0)) for k in ("sum", "count"))
+print(f"# decode steps: {n:.0f}, images per step {s / max(n, 1):.1f} (rows: x 10 candidates)")
+PY
+  else
+    failed=1
+    note "FAIL serve: no ready file in 30 s"
+  fi
+  kill "$SERVER" 2>/dev/null
+  wait "$SERVER" 2>/dev/null
+  note "# peak GPU memory (MiB): $(grep -oE '[0-9]+ MiB' "$WORK/gpu-memory.csv" | sort -n | tail -n 1)"
+  finish
+fi
+
+# full: the table. Each compare.py run fails on any caption-bench error (see bench_failures).
+for dtype in bf16 fp16; do
+  step "compare-$dtype" 150 python3 bench/compare.py --device $DEV --dtype "$dtype" --threads 16 --hf-batch 32 \
+    --concurrency 1,48 --seconds 10 --rounds 1 --bin "$BIN/caption-bench" --bench-args "$LOAD" \
+    --models-dir "$MODELS" --out "$WORK/cuda-$dtype.json" && cat "$WORK/compare-$dtype.out" >>"$SUMMARY"
 done
-same "cuda fp32 against cpu fp32" "$OUT/cpu-fp32.jsonl" "$OUT/eager-fp32.jsonl"
-for dtype in fp32 bf16 fp16; do
-  python3 bench/compare.py --device cuda --dtype "$dtype" --threads 16 --hf-batch 32 --concurrency 1,32,64 \
-    --seconds 15 --rounds 1 --bin "$BIN/caption-bench" --bench-args "--generate-max-batch 64 --max-queue-size 1024" \
-    --models-dir "${BENCH_MODELS:-/tmp/bench-models}" --out "$OUT/cuda-$dtype.json" | tee "$OUT/cuda-$dtype.md"
-done
-# The same bf16 load with the decode steps' pieces replayed from CUDA graphs (the models compare.py
-# made above).
-"$BIN/caption-bench" --models checkpoints --blip-model "${BENCH_MODELS:-/tmp/bench-models}/blip-base" \
-  --clip-model "${BENCH_MODELS:-/tmp/bench-models}/clip-vit-base-patch32" --device cuda --dtype bf16 --cuda-graphs \
-  --intra-op-threads 16 --concurrency 1,32,64 --seconds 15 --generate-max-batch 64 --max-queue-size 1024 \
-  --json "$OUT/cuda-bf16-graphs.jsonl" | tee "$OUT/cuda-bf16-graphs.md"
+# The same bf16 load with the decode steps' pieces replayed from CUDA graphs (the models compare.py made).
+step bench-bf16-graphs 90 "$BIN/caption-bench" --models checkpoints --blip-model "$MODELS/blip-base" \
+  --clip-model "$MODELS/clip-vit-base-patch32" --device $DEV --dtype bf16 --cuda-graphs --intra-op-threads 16 \
+  --concurrency 1,48 --seconds 10 $LOAD --json "$WORK/cuda-bf16-graphs.jsonl"
+check bench "caption-bench bf16 --cuda-graphs" "$WORK/cuda-bf16-graphs.jsonl"
+grep -E '^ +[0-9]|^#' "$WORK/bench-bf16-graphs.out" >>"$SUMMARY"
+finish
