@@ -211,7 +211,8 @@ fn first_step_logits(engine: &EngineArgs, path: &Path) -> anyhow::Result<()> {
     let ids = Tensor::from_slice(&[bos, bos]).view([2, 1]).to_device(device);
     let hidden = blip.text_decoder.forward(&ids, &mut SelfAttnCache::default(), &cross, &[1, 1], None);
     let logits = blip.text_decoder.next_token_logits(&hidden).to_kind(Kind::Float).to_device(tch::Device::Cpu);
-    let rows: Vec<Vec<f32>> = (0..2).map(|i| Vec::<f32>::try_from(logits.get(i)).map_err(anyhow::Error::from)).collect::<Result<_, _>>()?;
+    let rows: Vec<Vec<f32>> =
+        (0..2).map(|i| Vec::<f32>::try_from(logits.get(i)).map_err(anyhow::Error::from)).collect::<Result<_, _>>()?;
     let json = serde_json::json!({
         "device": format!("{device:?}"), "dtype": format!("{:?}", engine.dtype), "logits": rows,
     });
@@ -298,7 +299,15 @@ async fn drive(
     }
     let seconds = start.elapsed().as_secs_f64();
     latencies_ms.sort_by(f64::total_cmp);
-    Ok(Level { concurrency, requests: latencies_ms.len(), errors, first_error, seconds, latencies_ms, peak_rss_mb: peak_rss_mb() })
+    Ok(Level {
+        concurrency,
+        requests: latencies_ms.len(),
+        errors,
+        first_error,
+        seconds,
+        latencies_ms,
+        peak_rss_mb: peak_rss_mb(),
+    })
 }
 
 /// Peak resident set size of this process so far, in MB (`VmHWM`).

@@ -14,21 +14,20 @@ extern "C" int caption_cascade_use_pool_stream(int device) {
   }
 }
 
-// ATen's own cached device properties; declared here rather than through ATen/cuda/CUDAContext.h,
-// which also wants the cuBLAS, cuSPARSE and cuSOLVER headers.
-namespace at {
-namespace cuda {
-cudaDeviceProp* getDeviceProperties(c10::DeviceIndex device);
-}  // namespace cuda
-}  // namespace at
+// The CUDA runtime libtorch loaded, asked by attribute: reading cudaDeviceProp by its layout would
+// take the headers' layout (this shim's CUDA) for the runtime's (libtorch's, possibly another major
+// version). Looked up at run time so that the binary needs no link against one libcudart.
+#include <dlfcn.h>
 
 // The major compute capability of `device` (8 and up compute bf16 natively), or -1.
 extern "C" int caption_cascade_cuda_capability_major(int device) {
-  try {
-    return at::cuda::getDeviceProperties(static_cast<c10::DeviceIndex>(device))->major;
-  } catch (...) {
+  using GetAttribute = cudaError_t (*)(int*, cudaDeviceAttr, int);
+  static const auto get = reinterpret_cast<GetAttribute>(dlsym(RTLD_DEFAULT, "cudaDeviceGetAttribute"));
+  int major = -1;
+  if (get == nullptr || get(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
     return -1;
   }
+  return major;
 }
 
 // CUDA graphs of the row-wise parts of a decode step (see src/models/graphs.rs). A graph records

@@ -12,7 +12,7 @@ use crate::{
         clip::Clip,
         preprocess::{self, ImageProcessor, Pixels},
         tokenizer::{pad_batch, RankTokenizer},
-        ModelError, Numerics, Shared,
+        transfer, ModelError, Numerics, Shared,
     },
     validate::InvalidParam,
 };
@@ -85,36 +85,35 @@ impl ClipRunner {
         let rows: Vec<&[i64]> = inputs.iter().flat_map(|i| i.captions.iter().map(Vec::as_slice)).collect();
         let enc = pad_batch(&rows, self.model.config.text_config.pad_token_id);
         let shape = [enc.rows as i64, enc.len as i64];
-        let ids = Tensor::from_slice(&enc.ids).view(shape).to_device(self.device);
-        let mask = Tensor::from_slice(&enc.mask).view(shape).to_device(self.device);
+        let ids = transfer::upload(&Tensor::from_slice(&enc.ids).view(shape), self.device);
+        let mask = transfer::upload(&Tensor::from_slice(&enc.mask).view(shape), self.device);
         let texts = l2_normalize(&self.model.text_features(&ids, &mask).to_kind(Kind::Float));
         let scale = self.model.logit_scale();
+        // Every request's cosines, logits and probabilities come back in one read.
         let mut start = 0i64;
-        let mut out = Vec::with_capacity(inputs.len());
+        let mut parts = Vec::with_capacity(3 * inputs.len());
         for (i, input) in inputs.iter().enumerate() {
             let n = input.captions.len() as i64;
             let cosine = texts.narrow(0, start, n).matmul(&images.get(i as i64));
             start += n;
             let logits = &cosine * scale;
             let probs = logits.softmax(-1, Kind::Float);
-            let to_vec = |t: &Tensor| Vec::<f32>::try_from(t.to_device(Device::Cpu).to_kind(Kind::Float));
-            let (cosine, logits, probs) = (
-                to_vec(&cosine).map_err(internal)?,
-                to_vec(&logits).map_err(internal)?,
-                to_vec(&probs).map_err(internal)?,
-            );
+            parts.extend([cosine, logits, probs]);
+        }
+        let all = if parts.is_empty() { Vec::new() } else { transfer::read::<f32>(&Tensor::cat(&parts, 0)) };
+        let mut at = 0;
+        let mut out = Vec::with_capacity(inputs.len());
+        for input in inputs {
+            let n = input.captions.len();
+            let (cosine, rest) = all[at..at + 3 * n].split_at(n);
+            let (logits, probs) = rest.split_at(n);
+            at += 3 * n;
             out.push(
-                (0..n as usize)
-                    .map(|j| RankScore { probability: probs[j], cosine: cosine[j], logit: logits[j] })
-                    .collect(),
+                (0..n).map(|j| RankScore { probability: probs[j], cosine: cosine[j], logit: logits[j] }).collect(),
             );
         }
         Ok(out)
     }
-}
-
-fn internal(e: impl std::fmt::Display) -> EngineError {
-    EngineError::Internal(e.to_string())
 }
 
 fn l2_normalize(x: &Tensor) -> Tensor {

@@ -162,7 +162,7 @@ extern "C" {
 fn cuda_capability(index: usize) -> Option<i32> {
     #[cfg(cuda_streams)]
     {
-        // SAFETY: the shim reads the device's properties and touches nothing else.
+        // SAFETY: the shim asks the CUDA runtime one attribute and touches nothing else.
         let major = unsafe { caption_cascade_cuda_capability_major(index as i32) };
         return (major > 0).then_some(major);
     }
@@ -176,6 +176,19 @@ fn cuda_capability(index: usize) -> Option<i32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The shim finds the CUDA runtime libtorch loaded and asks it; without a GPU it answers
+    /// "unknown" instead of failing or reading garbage.
+    #[cfg(cuda_streams)]
+    #[test]
+    fn capability_comes_from_the_runtime_or_is_unknown() {
+        let major = cuda_capability(0);
+        if tch::Cuda::is_available() {
+            assert!(major.is_some_and(|m| m >= 3), "{major:?}");
+        } else {
+            assert_eq!(major, None);
+        }
+    }
 
     #[test]
     fn int8_goes_with_fp32_on_the_cpu_only() {

@@ -18,5 +18,5 @@ use crate::models::preprocess::Pixels;
 fn stack_pixels<'a>(images: impl Iterator<Item = &'a Pixels>, device: Device, kind: Kind) -> Tensor {
     let tensors: Vec<Tensor> =
         images.map(|p| Tensor::from_slice(&p.data).view([3, i64::from(p.height), i64::from(p.width)])).collect();
-    Tensor::stack(&tensors, 0).to_device(device).to_kind(kind)
+    crate::models::transfer::upload(&Tensor::stack(&tensors, 0), device).to_kind(kind)
 }

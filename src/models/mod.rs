@@ -11,6 +11,7 @@ mod mkl;
 pub mod nn;
 pub mod preprocess;
 pub mod tokenizer;
+pub mod transfer;
 pub mod weights;
 
 use std::path::Path;

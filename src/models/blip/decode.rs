@@ -17,10 +17,13 @@ use super::{
     request::{DecodeRequest, Decoded, SpecialTokens},
     BlipTextDecoder, CrossAttnCache, SelfAttnCache,
 };
-use crate::models::generation::{
-    beam::{BeamParams, BeamState},
-    logits::{self, RowParams},
-    params::{GenerationParams, Strategy},
+use crate::models::{
+    generation::{
+        beam::{BeamParams, BeamState},
+        logits::{self, RowParams},
+        params::{GenerationParams, Strategy},
+    },
+    transfer::{self, Upload},
 };
 
 #[derive(Debug)]
@@ -166,7 +169,9 @@ impl<'m> DecodeBatch<'m> {
         let hidden = self.decoder.forward_at(&ids, &positions, &mut self.cache, &self.cross, &groups, mask.as_ref());
         let scores = self.decoder.next_token_logits(&hidden).to_kind(Kind::Float);
         self.steps += 1;
-        let mut next = self.choose_tokens(&scores);
+        // A step of beam rows alone takes its tokens from the beams' one read, and makes no other.
+        let all_beams = self.rows.iter().all(|r| self.beams.contains_key(&r.request));
+        let mut next = if all_beams { vec![0; self.rows.len()] } else { self.choose_tokens(&scores) };
         let mut done = Vec::new();
         let mut beam_finished: Vec<u64> = Vec::new();
         if !self.beams.is_empty() {
@@ -223,24 +228,43 @@ impl<'m> DecodeBatch<'m> {
         let too_short: Vec<bool> = self.rows.iter().map(|r| (r.tokens.len() as u32) < r.params.min_length).collect();
         let log_probs =
             logits::suppress_eos(&log_probs, &Tensor::from_slice(&too_short).upload(self.device), self.special.eos);
-        let mut src: Vec<usize> = (0..self.rows.len()).collect();
-        let mut tokens = Vec::new();
-        let mut finished = Vec::new();
+        // Every beam request's running scores go up in one upload, and every request's best 2k
+        // continuations come back in one read: the step waits on the device once for all of them.
+        let mut spans: Vec<(usize, u64, usize)> = Vec::new();
+        let mut running = vec![0f32; self.rows.len()];
         let mut start = 0;
         while start < self.rows.len() {
             let id = self.rows[start].request;
-            let Some(state) = self.beams.get_mut(&id) else {
+            let Some(state) = self.beams.get(&id) else {
                 start += 1;
                 continue;
             };
             let k = state.num_beams();
-            let running = Tensor::from_slice(state.running_scores()).view([-1, 1]).upload(self.device);
-            let total = (log_probs.narrow(0, start as i64, k as i64) + running).view([-1]);
-            let (values, indices) = total.topk((2 * k) as i64, -1, true, true);
-            let values = Vec::<f32>::try_from(values.to_device(Device::Cpu)).expect("f32 scores");
-            let indices = Vec::<i64>::try_from(indices.to_device(Device::Cpu)).expect("i64 indices");
-            let top: Vec<(f32, i64)> = values.into_iter().zip(indices).collect();
+            running[start..start + k].copy_from_slice(state.running_scores());
+            spans.push((start, id, k));
+            start += k;
+        }
+        let total = log_probs + Tensor::from_slice(&running).view([-1, 1]).upload(self.device);
+        let parts: Vec<Tensor> = spans
+            .iter()
+            .flat_map(|&(start, _, k)| {
+                let (values, indices) =
+                    total.narrow(0, start as i64, k as i64).view([-1]).topk((2 * k) as i64, -1, true, true);
+                // Scores (f32) and flat indices (below 2^53) are exact as f64: one transfer for both.
+                [values.to_kind(Kind::Double), indices.to_kind(Kind::Double)]
+            })
+            .collect();
+        let read = if parts.is_empty() { Vec::new() } else { transfer::read::<f64>(&Tensor::cat(&parts, 0)) };
+        let mut src: Vec<usize> = (0..self.rows.len()).collect();
+        let mut tokens = Vec::new();
+        let mut finished = Vec::new();
+        let mut at = 0;
+        for (start, id, k) in spans {
+            let (values, indices) = read[at..at + 4 * k].split_at(2 * k);
+            at += 4 * k;
+            let top: Vec<(f32, i64)> = values.iter().zip(indices).map(|(&v, &i)| (v as f32, i as i64)).collect();
             let beams_tokens: Vec<Vec<i64>> = self.rows[start..start + k].iter().map(|r| r.tokens.clone()).collect();
+            let state = self.beams.get_mut(&id).expect("a beam request of this step");
             let step = state.step(&top, vocab, &beams_tokens);
             for (j, (parent, token)) in step.next.into_iter().enumerate() {
                 src[start + j] = start + parent;
@@ -249,7 +273,6 @@ impl<'m> DecodeBatch<'m> {
             if let Some(hyps) = step.done {
                 finished.push((id, hyps));
             }
-            start += k;
         }
         (src, tokens, finished)
     }
@@ -348,7 +371,7 @@ impl<'m> DecodeBatch<'m> {
             logits::suppress_eos(&scores, &Tensor::from_slice(&too_short).upload(self.device), self.special.eos);
         let greedy = scores.argmax(-1, false);
         if !self.rows.iter().any(|r| r.params.strategy == Strategy::Sample) {
-            return Vec::try_from(greedy.to_device(Device::Cpu)).expect("token ids are int64");
+            return transfer::read(&greedy);
         }
         let u: Vec<f64> = self.rows.iter_mut().map(|r| 1.0 - r.rng.random::<f64>()).collect();
         let u = Tensor::from_slice(&u).view([-1, 1]).upload(self.device);
@@ -360,14 +383,14 @@ impl<'m> DecodeBatch<'m> {
             let (sampled, tie) = logits::sample_top_k(&scores, &self.row_params, max_k, &u);
             // Tokens and the tie flag come back in one transfer.
             let both = Tensor::cat(&[sampled.where_self(&is_sample, &greedy), tie.to_kind(Kind::Int64).view([1])], 0);
-            let mut chosen = Vec::<i64>::try_from(both.to_device(Device::Cpu)).expect("token ids are int64");
+            let mut chosen = transfer::read::<i64>(&both);
             if chosen.pop() == Some(0) {
                 return chosen;
             }
         }
         let probs = logits::warp(&scores, &self.row_params).softmax(-1, Kind::Float);
         let sampled = logits::sample(&probs, &u);
-        Vec::try_from(sampled.where_self(&is_sample, &greedy).to_device(Device::Cpu)).expect("token ids are int64")
+        transfer::read(&sampled.where_self(&is_sample, &greedy))
     }
 
     fn rows_per_image(&self) -> Vec<i64> {
@@ -462,22 +485,5 @@ fn row_params(rows: &[Row], vocab: i64, device: Device) -> RowParams {
                 .collect::<Vec<i64>>(),
         )
         .upload(device),
-    }
-}
-
-/// Copies a host tensor of this step's inputs to the batch's device without waiting for the
-/// device: a blocking copy to a GPU waits for every kernel queued before it, so a mid-step upload
-/// would stall the host until the forward pass ends. The host memory is staged before the call
-/// returns, so the source may go at once.
-trait Upload {
-    fn upload(&self, device: Device) -> Tensor;
-}
-
-impl Upload for Tensor {
-    fn upload(&self, device: Device) -> Tensor {
-        match device {
-            Device::Cpu => self.shallow_clone(),
-            _ => self.to_device_(device, self.kind(), true, false),
-        }
     }
 }

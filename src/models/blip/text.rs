@@ -13,6 +13,7 @@ use super::config::BlipTextConfig;
 use crate::models::{
     graphs::{self, Body, GraphMode, Owner},
     nn::{attention, causal_blocked, merge_heads, split_heads, Activation, Embedding, LayerNorm, Linear},
+    transfer,
     weights::Weights,
     ModelError,
 };
@@ -363,10 +364,11 @@ impl BlipTextDecoder {
         if cache.layers.is_empty() {
             cache.layers = self.layers.iter().map(|_| (Tensor::new(), Tensor::new())).collect();
         }
+        let groups = ImageGroups::new(rows_per_image, x.device());
         for (i, layer) in self.layers.iter().enumerate() {
             let (k_past, v_past) = &mut cache.layers[i];
             let part = |p: u32, inputs: &[&Tensor], f: Body| piece(layer_piece(i, p), inputs, f);
-            x = layer.forward(&x, (k_past, v_past, cache.reserve), past, &cross.layers[i], rows_per_image, mask, &part);
+            x = layer.forward(&x, (k_past, v_past, cache.reserve), past, &cross.layers[i], &groups, mask, &part);
         }
         cache.len = past + len;
         x
@@ -392,7 +394,7 @@ impl DecoderLayer {
         (k_past, v_past, reserve): (&mut Tensor, &mut Tensor, i64),
         past: i64,
         cross: &(Tensor, Tensor),
-        rows_per_image: &[i64],
+        groups: &ImageGroups,
         mask: Option<&Tensor>,
         piece: Launch,
     ) -> Tensor {
@@ -410,7 +412,7 @@ impl DecoderLayer {
             vec![c.query.forward(&x), x]
         });
         let q = split_heads(&after_self[0], c.heads);
-        let ctx = grouped_cross_attention(&q, &cross.0, &cross.1, rows_per_image, c.scale);
+        let ctx = grouped_cross_attention(&q, &cross.0, &cross.1, groups, c.scale);
 
         piece(2, &[&ctx, &after_self[1]], &|t| {
             let x = c.norm.forward(&(c.dense.forward(&merge_heads(t[0])) + t[1]));
@@ -421,12 +423,36 @@ impl DecoderLayer {
     }
 }
 
+/// How a forward pass's rows fall into image groups, worked out once per pass rather than per
+/// layer: the widest group, and for groups of different sizes (some candidates finished) each
+/// row's slot in the groups padded to the widest, uploaded once without blocking.
+struct ImageGroups {
+    images: i64,
+    widest: i64,
+    slots: Option<Tensor>,
+}
+
+impl ImageGroups {
+    fn new(rows_per_image: &[i64], device: tch::Device) -> Self {
+        let widest = rows_per_image.iter().copied().max().unwrap_or(0);
+        let slots = rows_per_image.iter().any(|&r| r != widest).then(|| {
+            let slots: Vec<i64> = rows_per_image
+                .iter()
+                .enumerate()
+                .flat_map(|(i, &n)| (0..n).map(move |j| i as i64 * widest + j))
+                .collect();
+            transfer::upload(&Tensor::from_slice(&slots), device)
+        });
+        Self { images: rows_per_image.len() as i64, widest, slots }
+    }
+}
+
 /// Attention of row queries `[rows, heads, len, hd]` to per-image keys/values `[images, heads, patches, hd]`,
 /// where consecutive rows share an image. The group's queries are folded into one longer query
 /// sequence so each image's keys and values are read once, never copied per row.
-fn grouped_cross_attention(q: &Tensor, k: &Tensor, v: &Tensor, rows_per_image: &[i64], scale: f64) -> Tensor {
-    let (rows, heads, len, hd) = q.size4().expect("4-d queries");
-    let images = rows_per_image.len() as i64;
+fn grouped_cross_attention(q: &Tensor, k: &Tensor, v: &Tensor, groups: &ImageGroups, scale: f64) -> Tensor {
+    let (_, heads, len, hd) = q.size4().expect("4-d queries");
+    let (images, widest) = (groups.images, groups.widest);
     let fold = |q: &Tensor, k: &Tensor, v: &Tensor, groups: i64, n: i64| {
         let q = q.view([groups, n, heads, len, hd]).permute([0, 2, 1, 3, 4]).reshape([groups, heads, n * len, hd]);
         attention(&q, k, v, None, scale).view([groups, heads, n, len, hd]).permute([0, 2, 1, 3, 4]).reshape([
@@ -436,19 +462,13 @@ fn grouped_cross_attention(q: &Tensor, k: &Tensor, v: &Tensor, rows_per_image: &
             hd,
         ])
     };
-    let widest = rows_per_image.iter().copied().max().unwrap_or(0);
-    if rows_per_image.iter().all(|&r| r == widest) {
+    let Some(slots) = &groups.slots else {
         return fold(q, k, v, images, widest);
-    }
-    // Groups of different sizes (some candidates finished): every group is padded to the widest
-    // with zero queries, attended in one call, and the padding dropped; one kernel per layer
-    // instead of one per image.
-    let slots: Vec<i64> =
-        rows_per_image.iter().enumerate().flat_map(|(i, &n)| (0..n).map(move |j| i as i64 * widest + j)).collect();
-    debug_assert_eq!(slots.len() as i64, rows);
-    let slots = Tensor::from_slice(&slots).to_device(q.device());
-    let padded = q.new_zeros([images * widest, heads, len, hd], (q.kind(), q.device())).index_copy(0, &slots, q);
-    fold(&padded, k, v, images, widest).index_select(0, &slots)
+    };
+    // Groups of different sizes: every group is padded to the widest with zero queries, attended
+    // in one call, and the padding dropped; one kernel per layer instead of one per image.
+    let padded = q.new_zeros([images * widest, heads, len, hd], (q.kind(), q.device())).index_copy(0, slots, q);
+    fold(&padded, k, v, images, widest).index_select(0, slots)
 }
 
 /// Additive causal mask `[1, 1, len, past + len]` for new tokens that follow `past` cached ones.

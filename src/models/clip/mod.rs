@@ -25,7 +25,8 @@ pub struct Clip {
     text: TextTower,
     visual_projection: Linear,
     text_projection: Linear,
-    logit_scale: Tensor,
+    /// `exp(logit_scale)`, read once at load: a read per batch would wait on the device.
+    logit_scale: f64,
 }
 
 #[derive(Debug)]
@@ -107,7 +108,7 @@ impl Clip {
         Ok(Self {
             visual_projection: Linear::no_bias(&w.pp("visual_projection"), d, p)?,
             text_projection: Linear::no_bias(&w.pp("text_projection"), h, p)?,
-            logit_scale: w.get_exact("logit_scale", &[])?,
+            logit_scale: w.get_exact("logit_scale", &[])?.exp().double_value(&[]),
             vision,
             text,
             config,
@@ -181,7 +182,7 @@ impl Clip {
 
     /// `exp(logit_scale)`, the temperature CLIP multiplies cosines by.
     pub fn logit_scale(&self) -> f64 {
-        self.logit_scale.exp().double_value(&[])
+        self.logit_scale
     }
 }
 
