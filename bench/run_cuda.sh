@@ -36,8 +36,8 @@ MODELS=${BENCH_MODELS:-/tmp/bench-models}
 # BENCH_DEVICE=cpu dry-runs the script's flow without a GPU (the --cuda-graphs steps then fail).
 DEV=${BENCH_DEVICE:-cuda}
 # 48 images x 10 candidates = 480 rows per decode step at most: within the largest CUDA graph
-# bucket (512 rows), so the graphed runs replay at every level.
-LOAD="--generate-max-batch 48 --max-queue-size 1024"
+# bucket (512 rows), so the graphed runs replay at every level (--cuda-graphs refuses more).
+LOAD="--generate-max-batch 48 --max-candidates 10 --max-queue-size 1024"
 failed=0
 
 note() { echo "$*" | tee -a "$SUMMARY"; }

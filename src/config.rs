@@ -413,6 +413,17 @@ impl EngineArgs {
     /// `--cuda-graphs`).
     pub fn numerics(&self, device: tch::Device) -> Result<crate::models::Numerics, String> {
         let numerics = self.quantize.numerics(device, self.dtype)?;
+        // A decode step holds up to this many rows; graphs cover the steps only up to their
+        // largest bucket, so a combination beyond it would run its fullest steps eagerly.
+        let rows = self.generate_max_batch.max(1) as u64 * u64::from(self.max_candidates);
+        let most = crate::models::graphs::MAX_ROWS as u64;
+        if self.cuda_graphs && rows > most {
+            return Err(format!(
+                "--cuda-graphs covers decode steps of up to {most} rows, and --generate-max-batch {} x \
+                 --max-candidates {} allows {rows}: lower one of them",
+                self.generate_max_batch, self.max_candidates
+            ));
+        }
         Ok(crate::models::Numerics { graphs: crate::backend::graph_mode(device, self.cuda_graphs)?, ..numerics })
     }
 

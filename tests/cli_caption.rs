@@ -114,6 +114,14 @@ fn json_output_has_one_object_per_image_and_bad_files_fail_clearly() {
 }
 
 #[test]
+fn cuda_graphs_refuse_batches_their_buckets_cannot_cover() {
+    let (ok, stdout, stderr) =
+        run(&["--cuda-graphs", "--generate-max-batch", "64", "--max-candidates", "10", "examples/images/scene_1.png"]);
+    assert!(!ok && stdout.is_empty());
+    assert!(stderr.contains("--generate-max-batch 64 x --max-candidates 10 allows 640"), "{stderr}");
+}
+
+#[test]
 fn options_the_device_cannot_honour_stop_the_run_with_the_reason() {
     let (ok, stdout, stderr) = run(&["--cuda-graphs", "examples/images/scene_1.png"]);
     assert!(!ok && stdout.is_empty());

@@ -10,7 +10,7 @@
 //! replay writes the graph's memory, so two streams must never share one.
 
 use std::{
-    cell::RefCell,
+    cell::{Cell, RefCell},
     collections::HashMap,
     panic::{self, AssertUnwindSafe},
     sync::atomic::{AtomicU64, Ordering},
@@ -67,23 +67,48 @@ pub fn bucket(rows: i64) -> Option<i64> {
 
 /// Runs piece `piece` of `owner`: `f` maps `inputs` (each `[rows, ...]`) to outputs (each
 /// `[rows, ...]`) row by row, so row `i` of every output depends on row `i` of the inputs alone.
-/// With `mode` off, or rows outside the buckets, `f` runs as is.
+/// With `mode` off, rows outside the buckets, or graphs turned off on this executor after a
+/// failed capture, `f` runs as is.
 pub fn run(mode: GraphMode, owner: Owner, piece: u32, inputs: &[&Tensor], f: Body) -> Vec<Tensor> {
     let rows = inputs.first().map_or(0, |t| t.size()[0]);
-    let Some(padded) = bucket(rows).filter(|_| mode != GraphMode::Off) else {
+    let Some(padded) = bucket(rows).filter(|_| mode != GraphMode::Off && !OFF.get()) else {
         return f(inputs);
     };
     let key = Key { owner, piece, rows: padded };
-    GRAPHS.with(|graphs| {
+    let replayed = GRAPHS.with(|graphs| {
         let mut graphs = graphs.borrow_mut();
-        match graphs.entry(key).or_insert_with(|| Entry::capture(mode, padded, inputs, f)) {
-            Entry::Ready(g) => g.replay(inputs, f).unwrap_or_else(|| {
-                tracing::warn!(piece, rows = padded, "a CUDA graph failed to replay; this step runs eagerly");
-                f(inputs)
-            }),
-            Entry::Failed => f(inputs),
+        if !graphs.contains_key(&key) {
+            graphs.insert(key, Captured::capture(mode, padded, inputs, f)?);
         }
+        Some(graphs[&key].replay(inputs, f).unwrap_or_else(|| {
+            tracing::warn!(piece, rows = padded, "a CUDA graph failed to replay; this step runs eagerly");
+            f(inputs)
+        }))
+    });
+    replayed.unwrap_or_else(|| {
+        // A capture that failed may have left its memory pool half set up: this executor's graphs
+        // go (with them the pool they share) and it serves eagerly from now on.
+        tracing::warn!(
+            piece,
+            rows = padded,
+            "a decode-step piece could not be captured as a CUDA graph; this executor runs eagerly from now on"
+        );
+        OFF.set(true);
+        GRAPHS.with(|graphs| graphs.borrow_mut().clear());
+        f(inputs)
     })
+}
+
+/// Graphs this executor thread holds, and whether a failed capture turned them off here.
+pub fn on_this_executor() -> (usize, bool) {
+    (GRAPHS.with(|g| g.borrow().len()), OFF.get())
+}
+
+/// Makes this thread's next emulated capture fail, as a CUDA capture can: the failure path on any
+/// device.
+#[doc(hidden)]
+pub fn fail_next_emulated_capture() {
+    FAIL_NEXT.set(true);
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -94,13 +119,10 @@ struct Key {
 }
 
 thread_local! {
-    static GRAPHS: RefCell<HashMap<Key, Entry>> = RefCell::new(HashMap::new());
-}
-
-enum Entry {
-    Ready(Captured),
-    /// Capture failed once for this key: it runs eagerly from then on instead of failing again.
-    Failed,
+    static GRAPHS: RefCell<HashMap<Key, Captured>> = RefCell::new(HashMap::new());
+    /// Set once a capture failed on this executor: no more captures or replays here.
+    static OFF: Cell<bool> = const { Cell::new(false) };
+    static FAIL_NEXT: Cell<bool> = const { Cell::new(false) };
 }
 
 struct Captured {
@@ -109,8 +131,9 @@ struct Captured {
     outputs: Vec<Tensor>,
 }
 
-impl Entry {
-    fn capture(mode: GraphMode, rows: i64, inputs: &[&Tensor], f: Body) -> Self {
+impl Captured {
+    /// The piece's static buffers and its graph; `None` when the capture failed.
+    fn capture(mode: GraphMode, rows: i64, inputs: &[&Tensor], f: Body) -> Option<Self> {
         let statics: Vec<Tensor> = inputs
             .iter()
             .map(|t| {
@@ -124,15 +147,10 @@ impl Entry {
         let refs: Vec<&Tensor> = statics.iter().collect();
         let outputs = f(&refs);
         if mode == GraphMode::Emulated {
-            return Entry::Ready(Captured { graph: None, inputs: statics, outputs });
+            return (!FAIL_NEXT.replace(false)).then_some(Captured { graph: None, inputs: statics, outputs });
         }
-        match Graph::record(|| f(&refs)) {
-            Some((graph, outputs)) => Entry::Ready(Captured { graph: Some(graph), inputs: statics, outputs }),
-            None => {
-                tracing::warn!(rows, "a decode-step piece could not be captured as a CUDA graph; it runs eagerly");
-                Entry::Failed
-            }
-        }
+        let (graph, outputs) = Graph::record(|| f(&refs))?;
+        Some(Captured { graph: Some(graph), inputs: statics, outputs })
     }
 }
 
@@ -258,5 +276,24 @@ mod tests {
         let x = Tensor::randn([5, 4], (Kind::Float, Device::Cpu));
         let got = run(GraphMode::Cuda, Owner::new(), 0, &[&x], &|xs| vec![xs[0].exp()]);
         assert!(got[0].allclose(&x.exp(), 1e-6, 1e-6, false));
+    }
+
+    #[test]
+    fn a_failed_capture_turns_graphs_off_for_the_executor_which_keeps_serving() {
+        let owner = Owner::new();
+        let piece = |xs: &[&Tensor]| vec![xs[0].exp()];
+        let x = Tensor::randn([3, 4], (Kind::Float, Device::Cpu));
+        run(GraphMode::Emulated, owner, 0, &[&x], &piece);
+        assert_eq!(on_this_executor(), (1, false));
+        fail_next_emulated_capture();
+        let y = Tensor::randn([9, 4], (Kind::Float, Device::Cpu));
+        let got = run(GraphMode::Emulated, owner, 1, &[&y], &piece);
+        assert!(got[0].allclose(&y.exp(), 1e-6, 1e-6, false));
+        assert_eq!(on_this_executor(), (0, true), "its graphs are freed and no more are made");
+        for rows in [3, 9, 1] {
+            let z = Tensor::randn([rows, 4], (Kind::Float, Device::Cpu));
+            assert!(run(GraphMode::Emulated, owner, 0, &[&z], &piece)[0].allclose(&z.exp(), 1e-6, 1e-6, false));
+        }
+        assert_eq!(on_this_executor(), (0, true));
     }
 }

@@ -1,0 +1,49 @@
+//! A CUDA graph capture that fails (emulated here) turns graphs off for its executor, which keeps
+//! serving: the decode batch it was in, and the ones after, caption exactly as eager decoding does.
+
+use std::path::Path;
+
+use caption_cascade::models::{
+    blip::{Blip, DecodeBatch, DecodeRequest, Decoded, SpecialTokens},
+    generation::{GenerationParams, Strategy},
+    graphs::{self, GraphMode},
+};
+use tch::{Device, Kind, Tensor};
+
+const BLIP: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/shapes-blip");
+
+fn decode(blip: &Blip, embeds: &Tensor) -> Vec<Decoded> {
+    let sp = SpecialTokens { bos: blip.config.text_config.bos_token_id, eos: blip.config.text_config.sep_token_id };
+    let params = |id, n| DecodeRequest {
+        id,
+        params: GenerationParams { num_candidates: n, strategy: Strategy::Greedy, ..Default::default() },
+        prefix: vec![sp.bos],
+    };
+    let (mut done, _) = DecodeBatch::new(&blip.text_decoder, sp, embeds, &[params(0, 2), params(1, 3)]).run_to_end();
+    done.sort_by_key(|d| d.id);
+    done
+}
+
+#[test]
+fn a_failed_capture_leaves_the_executor_serving_eagerly() {
+    let _g = tch::no_grad_guard();
+    let mut blip = Blip::load(Path::new(BLIP), Device::Cpu).unwrap();
+    tch::manual_seed(3);
+    let size = blip.config.vision_config.image_size;
+    let embeds = blip.encode_image(&Tensor::randn([2, 3, size, size], (Kind::Float, Device::Cpu)));
+    let eager = decode(&blip, &embeds);
+
+    blip.text_decoder.set_graph_mode(GraphMode::Emulated);
+    assert_eq!(decode(&blip, &embeds), eager, "emulated graphs decode as eager steps do");
+    let (captured, off) = graphs::on_this_executor();
+    assert!(captured > 0 && !off);
+
+    // A fresh model: its pieces are captured anew, and the first capture fails.
+    let mut fresh = Blip::load(Path::new(BLIP), Device::Cpu).unwrap();
+    fresh.text_decoder.set_graph_mode(GraphMode::Emulated);
+    graphs::fail_next_emulated_capture();
+    assert_eq!(decode(&fresh, &embeds), eager, "the batch whose capture failed");
+    assert_eq!(graphs::on_this_executor(), (0, true), "the executor's graphs are gone, none made since");
+    assert_eq!(decode(&blip, &embeds), eager, "later batches, of either model");
+    assert_eq!(graphs::on_this_executor(), (0, true));
+}
