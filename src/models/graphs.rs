@@ -77,10 +77,11 @@ pub fn run(mode: GraphMode, owner: Owner, piece: u32, inputs: &[&Tensor], f: Bod
     let key = Key { owner, piece, rows: padded };
     let replayed = GRAPHS.with(|graphs| {
         let mut graphs = graphs.borrow_mut();
-        if !graphs.contains_key(&key) {
-            graphs.insert(key, Captured::capture(mode, padded, inputs, f)?);
-        }
-        Some(graphs[&key].replay(inputs, f).unwrap_or_else(|| {
+        let captured = match graphs.entry(key) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => e.insert(Captured::capture(mode, padded, inputs, f)?),
+        };
+        Some(captured.replay(inputs, f).unwrap_or_else(|| {
             tracing::warn!(piece, rows = padded, "a CUDA graph failed to replay; this step runs eagerly");
             f(inputs)
         }))
