@@ -53,7 +53,8 @@ pub struct EngineArgs {
     #[arg(help_heading = "Models and device", long, env = "CAPTION_QUANTIZE", value_enum, default_value_t = Quantize::None)]
     pub quantize: Quantize,
     /// Replay BLIP's one-token decode steps from CUDA graphs (captured per executor and row
-    /// bucket on first use), which saves most kernel launches; CUDA only. docs/benchmark.md.
+    /// bucket on first use), which saves most kernel launches; CUDA only, and --generate-max-batch
+    /// x --max-candidates at most 512 rows. docs/benchmark.md.
     #[arg(help_heading = "Models and device", long, env = "CAPTION_CUDA_GRAPHS")]
     pub cuda_graphs: bool,
     /// Executor threads that run model batches (each runs one batch at a time). Default: 1 for
