@@ -116,13 +116,13 @@ impl RemoteUpstreams {
             if let Some(token) = &self.token {
                 request.metadata_mut().insert("authorization", token.header());
             }
-            // Each attempt is a span of the call's trace, and the upstream's span its child.
-            let attempt_span = tracing::info_span!("upstream", upstream = service, attempt = attempt + 1);
-            telemetry::inject(&attempt_span, request.metadata_mut());
             let started = Instant::now();
             // With no SERVING replica the balancer would wait for one until the deadline.
             let result = if pool.is_ready() {
-                send(pool.channel(), request).instrument(attempt_span).await
+                // Each attempt is a span of the call's trace, and the upstream's span its child.
+                let span = tracing::info_span!("upstream", upstream = service, attempt = attempt + 1);
+                telemetry::inject(&span, request.metadata_mut());
+                send(pool.channel(), request).instrument(span).await
             } else {
                 Err(Status::unavailable(format!("no {service} replica is serving")))
             };
