@@ -2,7 +2,8 @@
 //! test runs on loopback: a call's span carries its service and correlation key, is marked failed
 //! with the call's code, and continues the trace the caller's `traceparent` names; in the split
 //! topology the cascade tier's upstream calls carry the trace on, so the generator's and the
-//! ranker's spans are children of the cascade's.
+//! ranker's spans are children of the cascade's (and its upstream calls are counted by gRPC's
+//! canonical code names).
 
 mod common;
 
@@ -160,7 +161,7 @@ async fn the_split_topology_adds_to_one_trace_across_its_hop() {
     let endpoint = format!("http://{collector}");
     let tier = |name: &str, args: &[&str]| {
         let args: Vec<&str> = args.iter().copied().chain(["--otlp-endpoint", &endpoint]).collect();
-        server(&args).env(QUICK_EXPORT.0, QUICK_EXPORT.1).env("OTEL_SERVICE_NAME", name).spawn()
+        server(&args).metrics().env(QUICK_EXPORT.0, QUICK_EXPORT.1).env("OTEL_SERVICE_NAME", name).spawn()
     };
     let (generator, ranker) =
         (tier("generator", &["--services", "generator"]), tier("ranker", &["--services", "ranker"]));
@@ -219,5 +220,11 @@ async fn the_split_topology_adds_to_one_trace_across_its_hop() {
         assert_eq!(hex(&remote.span.trace_id), TRACE_ID, "{process}: the same trace");
         assert_eq!(remote.span.parent_span_id, hop.span.span_id, "{process}: a child of the cascade's attempt");
         assert_eq!(remote.attr("sent_key").as_deref(), Some(key), "{process}: the key it was sent");
+    }
+    // The hop's own count, by gRPC's canonical code names.
+    let metrics = reqwest::get(format!("http://{}/metrics", cascade.metrics())).await.unwrap().text().await.unwrap();
+    for service in ["Generate", "Rank"] {
+        let line = format!("caption_upstream_requests_total{{service=\"{service}\",code=\"OK\"}} 1");
+        assert!(metrics.lines().any(|l| l == line), "no {line}:\n{metrics}");
     }
 }
