@@ -126,9 +126,9 @@ async fn channel(process: &ServerProcess) -> Channel {
 #[tokio::test]
 async fn a_call_is_a_span_of_its_callers_trace_with_its_key() {
     let (collector, spans) = receiver().await;
-    // HOST:PORT, as gRPC tools write an endpoint.
-    let process =
-        server(&["--otlp-endpoint", &collector.to_string()]).env(QUICK_EXPORT.0, QUICK_EXPORT.1).start().await;
+    // HOST:PORT, as gRPC tools write an endpoint; spans are exported whatever the log keeps.
+    let args = ["--otlp-endpoint", &collector.to_string(), "--log-level", "error"];
+    let process = server(&args).env_remove("RUST_LOG").env(QUICK_EXPORT.0, QUICK_EXPORT.1).start().await;
     let mut cascade = CascadeClient::new(channel(&process).await);
     let scene = draw_scene(&mut StdRng::seed_from_u64(5));
     let answer = cascade.caption(traced(caption(scene.png()))).await.unwrap().into_inner();
@@ -145,6 +145,7 @@ async fn a_call_is_a_span_of_its_callers_trace_with_its_key() {
     assert_eq!(ok.process, "caption-cascade", "the service name when OTEL_SERVICE_NAME is unset");
     let answered = ok.span.events.iter().find(|e| e.name == "answered").expect("the answered line, as an event");
     assert_eq!(attr(&answered.attributes, "code").as_deref(), Some("OK"));
+    assert!(!process.log().contains("answered"), "the log keeps errors only:\n{}", process.log());
 
     let failed = wait_for_span(&spans, "of the failed call", |s| {
         s.span.status.as_ref().is_some_and(|st| st.code == StatusCode::Error as i32)
@@ -227,4 +228,24 @@ async fn the_split_topology_adds_to_one_trace_across_its_hop() {
         let line = format!("caption_upstream_requests_total{{service=\"{service}\",code=\"OK\"}} 1");
         assert!(metrics.lines().any(|l| l == line), "no {line}:\n{metrics}");
     }
+}
+
+#[tokio::test]
+async fn spans_not_yet_sent_are_flushed_when_the_server_stops() {
+    let (collector, spans) = receiver().await;
+    // The default five seconds between exports: only the flush at exit can send the span in time.
+    let mut process = server(&["--otlp-endpoint", &format!("http://{collector}")]).start().await;
+    let mut cascade = CascadeClient::new(channel(&process).await);
+    let scene = draw_scene(&mut StdRng::seed_from_u64(7));
+    let answer = cascade.caption(traced(caption(scene.png()))).await.unwrap().into_inner();
+    drop(cascade);
+    let sent = std::process::Command::new("kill").args(["-TERM", &process.id().to_string()]).status().unwrap();
+    assert!(sent.success());
+    let start = Instant::now();
+    while process.child().try_wait().unwrap().is_none() {
+        assert!(start.elapsed() < Duration::from_secs(4), "the server did not stop in time:\n{}", process.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let exported = spans.lock().unwrap().iter().any(|s| s.attr("key").as_deref() == Some(answer.key.as_str()));
+    assert!(exported, "the call's span was not exported before the server exited:\n{}", process.log());
 }
