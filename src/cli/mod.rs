@@ -24,13 +24,12 @@ pub struct Cli {
 #[derive(Debug, clap::Args)]
 #[command(next_help_heading = "Logs and traces")]
 pub struct TelemetryArgs {
-    /// How stderr's log lines are written: `text` (coloured only on a terminal, and never when
-    /// NO_COLOR is set) or `json` (one object per line: time, level, message, the call's service,
-    /// key, sent_key, code and duration_ms, target).
+    /// How stderr's log lines are written: `text` (coloured on a terminal only, never under
+    /// NO_COLOR) or `json` (one object per line).
     #[arg(long, global = true, env = "CAPTION_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
-    /// The least severe lines logged (debug and trace for this program's own modules only).
-    /// RUST_LOG, when set, wins: its directives can name any module.
+    /// The least severe lines logged (debug and trace: this program's own only). RUST_LOG, when
+    /// set, wins: its directives can name any module.
     #[arg(long, global = true, env = "CAPTION_LOG_LEVEL", value_enum, default_value_t = LogLevel::Info)]
     pub log_level: LogLevel,
     /// Export traces over OTLP/gRPC to this collector (http://HOST:PORT or HOST:PORT, plaintext).
