@@ -161,6 +161,10 @@ async fn json_logs_carry_no_secret_and_no_caller_controlled_line_or_field() {
         assert!(!entry["message"].as_str().unwrap().contains("FORGED"), "a caller wrote a message:\n{line}");
         assert!(!entry["time"].as_str().unwrap().starts_with("2026-01-01"), "{line}");
         if entry["message"] == "answered" {
+            // Each of the call's fields once (a parser would keep the last of two silently).
+            for field in ["\"service\":", "\"key\":", "\"sent_key\":", "\"code\":", "\"duration_ms\":"] {
+                assert!(line.matches(field).count() <= 1, "{field} twice:\n{line}");
+            }
             answered.push(entry);
         }
     }
