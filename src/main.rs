@@ -1,18 +1,22 @@
 use clap::Parser;
-use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
-        .with_writer(std::io::stderr)
-        .init();
     let cli = caption_cascade::cli::Cli::parse();
-    match caption_cascade::cli::run(cli).await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+    let telemetry = match cli.telemetry.install() {
+        Ok(telemetry) => telemetry,
         Err(e) => {
             eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
+            return std::process::ExitCode::FAILURE;
         }
+    };
+    let result = caption_cascade::cli::run(cli).await;
+    if let Err(e) = &result {
+        telemetry.fatal(e);
+    }
+    telemetry.shutdown().await;
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(_) => std::process::ExitCode::FAILURE,
     }
 }

@@ -1,16 +1,99 @@
-//! Prometheus metrics: the recorder, its `/metrics` endpoint on a listener the caller bound, and
-//! the bucket layout of every histogram. Metric names share the `caption_` prefix; the code that
-//! measures records through the `metrics` macros. Also how untrusted text enters a log field.
+//! What the process tells its operators: Prometheus metrics (the recorder, its `/metrics` endpoint
+//! on a listener the caller bound, the bucket layout of every histogram; metric names share the
+//! `caption_` prefix and the code that measures records through the `metrics` macros), the log
+//! ([`logs`]) and how untrusted text enters a log field, and traces ([`trace`]).
 
 mod endpoint;
 mod field;
+mod logs;
+mod trace;
 
 pub use field::{untrusted, Untrusted};
+pub use logs::{LogFormat, LogLevel};
+pub use trace::{failed, inject, TraceParent};
 
 use std::net::SocketAddr;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 use tokio::net::TcpListener;
+use tracing_subscriber::{
+    filter::Targets,
+    fmt::format::JsonFields,
+    layer::{Layer, SubscriberExt},
+    util::SubscriberInitExt,
+};
+
+/// How the process logs and traces.
+#[derive(Debug, Clone, Default)]
+pub struct Settings {
+    pub log_format: LogFormat,
+    pub log_level: LogLevel,
+    /// The OTLP/gRPC collector spans are exported to (`http://HOST:PORT`); none: no traces.
+    pub otlp_endpoint: Option<String>,
+}
+
+/// The installed log and trace exporter, until [`Telemetry::shutdown`].
+pub struct Telemetry {
+    format: LogFormat,
+    traces: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
+}
+
+/// Installs this process's log on stderr and, with an OTLP endpoint, its trace exporter: spans of
+/// this crate at INFO and above are exported whatever the log keeps.
+pub fn install(settings: &Settings) -> anyhow::Result<Telemetry> {
+    let (filter, ignored) = logs::filter(settings.log_level, std::env::var("RUST_LOG").ok().as_deref());
+    let log = match settings.log_format {
+        LogFormat::Text => {
+            tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(logs::stderr_colour()).boxed()
+        }
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_ansi(false)
+            .fmt_fields(JsonFields::new())
+            .event_format(logs::JsonLine)
+            .boxed(),
+    }
+    .with_filter(filter);
+    let (traces, exported) = match &settings.otlp_endpoint {
+        Some(endpoint) => {
+            let (provider, tracer) = trace::exporter(endpoint)?;
+            let own = Targets::new().with_target("caption_cascade", tracing::Level::INFO);
+            (Some(provider), Some(tracing_opentelemetry::layer().with_tracer(tracer).with_filter(own)))
+        }
+        None => (None, None),
+    };
+    tracing_subscriber::registry().with(log).with(exported).try_init()?;
+    if let Some(why) = ignored {
+        tracing::warn!("{why}");
+    }
+    if let Some(endpoint) = &settings.otlp_endpoint {
+        tracing::info!(endpoint, "exporting traces over OTLP");
+    }
+    Ok(Telemetry { format: settings.log_format, traces })
+}
+
+impl Telemetry {
+    /// Reports the error a command ended with, in the log's format whatever its level.
+    pub fn fatal(&self, e: &anyhow::Error) {
+        match self.format {
+            LogFormat::Text => eprintln!("error: {e:#}"),
+            LogFormat::Json => {
+                let message = serde_json::Value::from(format!("{e:#}"));
+                eprintln!("{}", logs::line("ERROR", message, serde_json::Map::new(), "caption_cascade"));
+            }
+        }
+    }
+
+    /// Sends the spans not yet exported; the exporter's thread may block, so it is waited on aside.
+    pub async fn shutdown(self) {
+        if let Some(provider) = self.traces {
+            let flushed = tokio::task::spawn_blocking(move || provider.shutdown()).await;
+            if let Ok(Err(e)) = flushed {
+                tracing::warn!(error = %e, "the last spans may not have been exported");
+            }
+        }
+    }
+}
 
 /// Seconds, from a millisecond to a minute.
 const DURATION_BUCKETS: &[f64] =

@@ -38,10 +38,10 @@ async fn metrics_move_with_traffic() {
         .unwrap();
 
     let text = scrape(metrics_addr).await;
-    let ok = value(&text, r#"caption_requests_total{service="Caption",code="Ok"}"#);
+    let ok = value(&text, r#"caption_requests_total{service="Caption",code="OK"}"#);
     assert_eq!(ok, Some(3.0), "{text}");
-    assert_eq!(value(&text, r#"caption_requests_total{service="Caption",code="InvalidArgument"}"#), Some(1.0));
-    assert_eq!(value(&text, r#"caption_requests_total{service="Rank",code="Ok"}"#), Some(1.0));
+    assert_eq!(value(&text, r#"caption_requests_total{service="Caption",code="INVALID_ARGUMENT"}"#), Some(1.0));
+    assert_eq!(value(&text, r#"caption_requests_total{service="Rank",code="OK"}"#), Some(1.0));
     assert_eq!(value(&text, r#"caption_request_duration_seconds_count{service="Caption"}"#), Some(4.0));
     assert!(value(&text, r#"caption_batch_size_count{model="generate"}"#).unwrap() >= 3.0);
     assert!(value(&text, r#"caption_batch_size_count{model="rank"}"#).unwrap() >= 4.0);

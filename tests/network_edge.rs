@@ -339,7 +339,7 @@ async fn an_expired_deadline_is_deadline_exceeded_wherever_it_expires() {
         let (code, msg) = raw_call(server.addr, path, &cheap.encode_to_vec(), &[("grpc-timeout", bad)]).await;
         assert_eq!(code, Code::Ok, "grpc-timeout {bad}: {msg}");
     }
-    let counted = server.metric(r#"caption_requests_total{service="Caption",code="DeadlineExceeded"}"#).await;
+    let counted = server.metric(r#"caption_requests_total{service="Caption",code="DEADLINE_EXCEEDED"}"#).await;
     assert_eq!(counted, 3.0, "deadline expiries counted as such");
 }
 

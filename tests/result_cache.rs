@@ -477,7 +477,7 @@ async fn the_split_cascade_tier_answers_from_the_cache_and_revalidates() {
         "1000000",
     ])
     .await;
-    let generated = || metric(g_metrics, "caption_requests_total{service=\"Generate\",code=\"Ok\"}");
+    let generated = || metric(g_metrics, "caption_requests_total{service=\"Generate\",code=\"OK\"}");
     let url = origin.url();
     let first = cascade.caption(request(url_image(url.clone()), greedy(), 1)).await;
     assert_eq!(top(&first), expected("scene_1.png"));

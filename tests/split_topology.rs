@@ -228,7 +228,7 @@ async fn a_split_deployment_captions_like_the_combined_one_and_survives_a_killed
     // Back again on the same address: it is found and given traffic.
     let g1 = tier(&g1_addr.to_string(), &generator).ready().await;
     wait_for("the restarted generator takes traffic", Duration::from_secs(60), async || {
-        metric(&g1, "caption_requests_total{service=\"Generate\",code=\"Ok\"}").await >= 3.0
+        metric(&g1, "caption_requests_total{service=\"Generate\",code=\"OK\"}").await >= 3.0
     })
     .await;
     stop.store(true, Ordering::SeqCst);

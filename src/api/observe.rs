@@ -1,6 +1,7 @@
-//! How every call is observed: counted by service and final status, timed, tracked as in flight,
-//! bounded by the caller's deadline, and logged inside a span carrying its correlation key (the
-//! server's own, as its label) and, apart, the key a caller sent in metadata.
+//! How every call is observed: counted by service and final status (gRPC's canonical code names),
+//! timed, tracked as in flight, bounded by the caller's deadline, and logged inside a span carrying
+//! its correlation key (the server's own, as its label) and, apart, the key a caller sent in
+//! metadata; the span continues the trace the caller's `traceparent` names.
 
 use std::{future::Future, time::Instant};
 
@@ -13,7 +14,7 @@ use crate::{
     cascade::{image::label, CascadeError, Failed},
     engine::{Admission, EngineError},
     pb,
-    telemetry::{untrusted, Untrusted},
+    telemetry::{self, untrusted, TraceParent, Untrusted},
 };
 
 /// Answers that carry their image's correlation key.
@@ -39,11 +40,25 @@ impl Keyed for pb::CaptionResponse {
     }
 }
 
-/// The correlation key a cascade tier sends along with a call to its upstreams, so that their
-/// log lines for it can be found. Any caller can set it, so it is logged escaped and cut, beside
-/// the key the server derives itself and never instead of it.
-pub fn sent_key(metadata: &MetadataMap) -> Option<Untrusted> {
-    Some(untrusted(metadata.get(pb::KEY_HEADER)?.as_bytes(), SENT_KEY_CHARS))
+/// What a call's metadata says about where it comes from, for its span.
+pub struct Caller {
+    /// The correlation key a cascade tier sends along with a call to its upstreams, so that their
+    /// log lines for it can be found. Any caller can set it, so it is logged escaped and cut,
+    /// beside the key the server derives itself and never instead of it.
+    sent_key: Option<Untrusted>,
+    trace: TraceParent,
+}
+
+impl Caller {
+    pub fn of(metadata: &MetadataMap) -> Self {
+        let sent_key = metadata.get(pb::KEY_HEADER).map(|key| untrusted(key.as_bytes(), SENT_KEY_CHARS));
+        Self { sent_key, trace: TraceParent::of(metadata) }
+    }
+
+    /// A caller that sent no key: one of a stream's requests, in the stream's trace.
+    pub fn in_trace(trace: TraceParent) -> Self {
+        Self { sent_key: None, trace }
+    }
 }
 
 /// Enough for the label of any URL a cascade tier accepts by default.
@@ -68,7 +83,7 @@ impl Drop for CallObserver {
     fn drop(&mut self) {
         let code = self.code.unwrap_or(Code::Cancelled);
         gauge!("caption_inflight_requests", "service" => self.service).decrement(1.0);
-        counter!("caption_requests_total", "service" => self.service, "code" => format!("{code:?}")).increment(1);
+        counter!("caption_requests_total", "service" => self.service, "code" => pb::code_name(code)).increment(1);
         histogram!("caption_request_duration_seconds", "service" => self.service)
             .record(self.start.elapsed().as_secs_f64());
     }
@@ -76,10 +91,11 @@ impl Drop for CallObserver {
 
 /// Runs `call` observed and bounded by the caller's deadline, so an expired deadline is answered
 /// DEADLINE_EXCEEDED wherever the call is (fetching, queued, computing). Its span carries the
-/// label of the key the call named its image by, once known, and the key sent in metadata.
+/// label of the key the call named its image by, once known, and the key sent in metadata; the
+/// `answered` line adds only what the span does not hold: the code and the duration.
 pub async fn observed<T, F>(
     service: &'static str,
-    sent: Option<Untrusted>,
+    caller: Caller,
     admission: Admission,
     call: impl FnOnce(Admission) -> F,
 ) -> Result<T, Refused>
@@ -88,7 +104,8 @@ where
     F: Future<Output = Result<T, Failed>>,
 {
     let span = tracing::info_span!("call", service, key = tracing::field::Empty, sent_key = tracing::field::Empty);
-    if let Some(sent) = &sent {
+    caller.trace.adopt(&span);
+    if let Some(sent) = &caller.sent_key {
         span.record("sent_key", tracing::field::display(sent));
     }
     async move {
@@ -104,11 +121,16 @@ where
             Ok(answer) => (Code::Ok, Some(answer.key())),
             Err(refused) => (refused.status.code(), refused.key.as_deref()),
         };
+        let span = tracing::Span::current();
         if let Some(key) = key {
-            tracing::Span::current().record("key", tracing::field::display(label(key)));
+            span.record("key", tracing::field::display(label(key)));
+        }
+        if code != Code::Ok {
+            telemetry::failed(&span, pb::code_name(code));
         }
         observer.code = Some(code);
-        tracing::info!(code = ?code, ms = observer.start.elapsed().as_millis() as u64, "answered");
+        let duration_ms = observer.start.elapsed().as_millis() as u64;
+        tracing::info!(code = %pb::code_name(code), duration_ms, "answered");
         result
     }
     .instrument(span)

@@ -6,7 +6,7 @@ use tonic::{Request, Response, Status};
 use super::{
     captioning::Captioning,
     convert,
-    observe::{observed, sent_key},
+    observe::{observed, Caller},
     stream,
 };
 use crate::{
@@ -24,8 +24,9 @@ pub struct Services {
 #[tonic::async_trait]
 impl pb::generator_server::Generator for Services {
     async fn generate(&self, request: Request<pb::GenerateRequest>) -> Result<Response<pb::GenerateResponse>, Status> {
-        let (sent, admission) = (sent_key(request.metadata()), convert::admission(request.metadata()));
-        let answer = observed("Generate", sent, admission, |admission| self.generate_call(request, admission)).await?;
+        let (caller, admission) = (Caller::of(request.metadata()), convert::admission(request.metadata()));
+        let answer =
+            observed("Generate", caller, admission, |admission| self.generate_call(request, admission)).await?;
         Ok(Response::new(answer))
     }
 }
@@ -33,8 +34,8 @@ impl pb::generator_server::Generator for Services {
 #[tonic::async_trait]
 impl pb::ranker_server::Ranker for Services {
     async fn rank(&self, request: Request<pb::RankRequest>) -> Result<Response<pb::RankResponse>, Status> {
-        let (sent, admission) = (sent_key(request.metadata()), convert::admission(request.metadata()));
-        let answer = observed("Rank", sent, admission, |admission| self.rank_call(request, admission)).await?;
+        let (caller, admission) = (Caller::of(request.metadata()), convert::admission(request.metadata()));
+        let answer = observed("Rank", caller, admission, |admission| self.rank_call(request, admission)).await?;
         Ok(Response::new(answer))
     }
 }
@@ -51,8 +52,8 @@ impl pb::cascade_server::Cascade for Services {
     }
 
     async fn caption(&self, request: Request<pb::CaptionRequest>) -> Result<Response<pb::CaptionResponse>, Status> {
-        let (sent, admission) = (sent_key(request.metadata()), convert::admission(request.metadata()));
-        let answer = observed("Caption", sent, admission, |admission| async move {
+        let (caller, admission) = (Caller::of(request.metadata()), convert::admission(request.metadata()));
+        let answer = observed("Caption", caller, admission, |admission| async move {
             let mut req = request.into_inner();
             let source = convert::image_source(req.image.take()).map_err(CascadeError::from)?;
             self.captioning.caption(source, req, admission).await

@@ -17,12 +17,13 @@ use super::{
     captioning::Captioning,
     convert,
     error::{self, Refused},
-    observe::observed,
+    observe::{observed, Caller},
 };
 use crate::{
     cascade::{CascadeError, Failed},
     engine::Admission,
     pb,
+    telemetry::TraceParent,
     validate::InvalidParam,
 };
 
@@ -70,8 +71,10 @@ impl Streams {
         let open = self.open.clone().try_acquire_owned().map_err(|_| error::too_many_streams(self.limits.max_open))?;
         // The stream's deadline bounds every image in it.
         let admission = convert::admission(request.metadata());
+        // Each image's call is a span of the stream's trace.
+        let trace = TraceParent::of(request.metadata());
         let (tx, rx) = mpsc::channel(self.limits.inflight);
-        tokio::spawn(drive(captioning, self.limits, request.into_inner(), admission, tx, Open::new(open)));
+        tokio::spawn(drive(captioning, self.limits, request.into_inner(), admission, trace, tx, Open::new(open)));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }
@@ -99,6 +102,7 @@ async fn drive(
     limits: StreamLimits,
     mut inbound: Streaming<pb::CaptionStreamRequest>,
     admission: Admission,
+    trace: TraceParent,
     tx: Answers,
     _open: Open,
 ) {
@@ -137,9 +141,9 @@ async fn drive(
         };
         match next {
             Ok(Some(item)) => {
-                let (captioning, tx) = (captioning.clone(), tx.clone());
+                let (captioning, tx, caller) = (captioning.clone(), tx.clone(), Caller::in_trace(trace.clone()));
                 running.spawn(async move {
-                    let answer = answer_one(&captioning, item, admission).await;
+                    let answer = answer_one(&captioning, item, caller, admission).await;
                     let _ = tx.send(Ok(answer)).await;
                     drop(slot);
                 });
@@ -163,11 +167,12 @@ async fn drive(
 async fn answer_one(
     captioning: &Captioning,
     item: pb::CaptionStreamRequest,
+    caller: Caller,
     admission: Admission,
 ) -> pb::CaptionStreamResponse {
     // Every field by name: one added later must be weighed here.
     let pb::CaptionStreamRequest { id, request } = item;
-    let call = observed("CaptionStream", None, admission, |admission| async move {
+    let call = observed("CaptionStream", caller, admission, |admission| async move {
         let mut request = request.ok_or_else(|| {
             Failed::from(CascadeError::from(InvalidParam::new("request", "set the CaptionRequest to answer")))
         })?;

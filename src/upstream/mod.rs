@@ -2,8 +2,8 @@
 //! every address an endpoint resolves to, health-checked and re-resolved as pods come and go;
 //! the caller's remaining deadline passed down, bounded by `--upstream-timeout`; answers
 //! bounded in size by the request limits ([`limits`]); retries on UNAVAILABLE and
-//! RESOURCE_EXHAUSTED under a retry budget with jittered backoff; the correlation key in
-//! metadata; and metrics. What an answer holds is checked by the chain, not here.
+//! RESOURCE_EXHAUSTED under a retry budget with jittered backoff; the correlation key and the
+//! trace context (`traceparent`) in metadata; and metrics. What an answer holds is checked by the chain, not here.
 
 mod limits;
 mod pool;
@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use metrics::{counter, histogram};
 use tonic::{metadata::MetadataValue, transport::Channel, Code, Status};
+use tracing::Instrument;
 
 pub use limits::{AnswerBounds, CallLimits, DEFAULT_TIMEOUT};
 pub use pool::{endpoint_url, Pool, UpstreamSpec};
@@ -25,6 +26,7 @@ use crate::{
     cascade::{BrokenAnswer, CascadeError, Chain, IndexedScore, UpstreamCall, Upstreams, GENERATE, RANK},
     engine::EngineError,
     pb::{self, KEY_HEADER},
+    telemetry,
     validate::SentParams,
 };
 
@@ -117,7 +119,10 @@ impl RemoteUpstreams {
             let started = Instant::now();
             // With no SERVING replica the balancer would wait for one until the deadline.
             let result = if pool.is_ready() {
-                send(pool.channel(), request).await
+                // Each attempt is a span of the call's trace, and the upstream's span its child.
+                let span = tracing::info_span!("upstream", upstream = service, attempt = attempt + 1);
+                telemetry::inject(&span, request.metadata_mut());
+                send(pool.channel(), request).instrument(span).await
             } else {
                 Err(Status::unavailable(format!("no {service} replica is serving")))
             };
@@ -130,12 +135,12 @@ impl RemoteUpstreams {
                     Status::unavailable(format!("the connection to a {service} replica broke"))
                 }
                 Ok(out) => {
-                    counter!("caption_upstream_requests_total", "service" => service, "code" => "Ok").increment(1);
+                    counter!("caption_upstream_requests_total", "service" => service, "code" => pb::code_name(Code::Ok)).increment(1);
                     return Ok(out);
                 }
                 Err(status) => status,
             };
-            counter!("caption_upstream_requests_total", "service" => service, "code" => format!("{:?}", status.code()))
+            counter!("caption_upstream_requests_total", "service" => service, "code" => pb::code_name(status.code()))
                 .increment(1);
             if is_too_large(&status) {
                 // Asking again would bring the same answer.

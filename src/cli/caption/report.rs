@@ -9,10 +9,9 @@ use std::{
     path::Path,
 };
 
-use serde_json::{json, Value};
-use tonic::Code;
-
 use super::runner::{is_url, Done, Outcome, Shape};
+use crate::pb;
+use serde_json::{json, Value};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -82,7 +81,7 @@ impl Record {
             Err(f) => Self(json!({
                 "image": done.name,
                 "key": f.key.clone().or_else(|| url_key(&done.name)),
-                "error": {"code": code_name(f.code), "message": f.message},
+                "error": {"code": pb::code_name(f.code), "message": f.message},
             })),
         };
         record.0["params"] = recipe.0.clone();
@@ -108,29 +107,6 @@ impl Record {
 /// A URL is its own key even when it failed before reaching anything that says so.
 fn url_key(name: &str) -> Option<String> {
     is_url(name).then(|| name.to_string())
-}
-
-/// gRPC's canonical name of a status code, as every gRPC library spells it.
-pub fn code_name(code: Code) -> &'static str {
-    match code {
-        Code::Ok => "OK",
-        Code::Cancelled => "CANCELLED",
-        Code::Unknown => "UNKNOWN",
-        Code::InvalidArgument => "INVALID_ARGUMENT",
-        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        Code::NotFound => "NOT_FOUND",
-        Code::AlreadyExists => "ALREADY_EXISTS",
-        Code::PermissionDenied => "PERMISSION_DENIED",
-        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-        Code::FailedPrecondition => "FAILED_PRECONDITION",
-        Code::Aborted => "ABORTED",
-        Code::OutOfRange => "OUT_OF_RANGE",
-        Code::Unimplemented => "UNIMPLEMENTED",
-        Code::Internal => "INTERNAL",
-        Code::Unavailable => "UNAVAILABLE",
-        Code::DataLoss => "DATA_LOSS",
-        Code::Unauthenticated => "UNAUTHENTICATED",
-    }
 }
 
 /// The JSONL output file, appended to, and the images it already holds a result for.
