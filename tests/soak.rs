@@ -14,7 +14,6 @@ mod common;
 
 use std::{
     collections::{BTreeMap, HashMap},
-    marker::PhantomData,
     net::SocketAddr,
     path::PathBuf,
     process::Command,
@@ -25,23 +24,22 @@ use std::{
     time::{Duration, Instant},
 };
 
-use bytes::BufMut;
 use caption_cascade::{
     images::SMALL_IMAGE_PIXELS,
     pb::{self, cascade_client::CascadeClient},
 };
-use common::{png_image, scenes::draw_scene, ServerProcess};
+use common::{
+    png_image,
+    raw::{field, Raw},
+    scenes::draw_scene,
+    ServerProcess,
+};
 use futures::StreamExt;
 use prost::Message;
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{
-    codec::{BufferSettings, Codec, EncodeBuf, Encoder},
-    transport::Channel,
-    Code, Status,
-};
-use tonic_prost::ProstCodec;
+use tonic::{transport::Channel, Code, Status};
 
 // The cascade tier's flags that the checks below depend on.
 const MAX_OPEN_STREAMS: usize = 16;
@@ -173,46 +171,6 @@ async fn metric(metrics: SocketAddr, prefix: &str) -> Option<f64> {
 fn status_kb(pid: u32, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status.lines().find(|l| l.starts_with(field))?.split_whitespace().nth(1)?.parse().ok()
-}
-
-/// Sends requests as the protobuf bytes given and decodes answers as `U` (as
-/// tests/undecodable_requests.rs does): no generated client can send a string that is not UTF-8.
-struct Raw<U>(PhantomData<U>);
-
-impl<U: Message + Default + Send + 'static> Codec for Raw<U> {
-    type Encode = Vec<u8>;
-    type Decode = U;
-    type Encoder = RawEncoder;
-    type Decoder = <ProstCodec<(), U> as Codec>::Decoder;
-
-    fn encoder(&mut self) -> RawEncoder {
-        RawEncoder
-    }
-
-    fn decoder(&mut self) -> Self::Decoder {
-        ProstCodec::<(), U>::raw_decoder(BufferSettings::default())
-    }
-}
-
-struct RawEncoder;
-
-impl Encoder for RawEncoder {
-    type Item = Vec<u8>;
-    type Error = Status;
-
-    fn encode(&mut self, item: Vec<u8>, buf: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        buf.put_slice(&item);
-        Ok(())
-    }
-}
-
-/// A length-delimited protobuf field: tag, length, bytes.
-fn field(number: u32, bytes: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    prost::encoding::encode_key(number, prost::encoding::WireType::LengthDelimited, &mut out);
-    prost::encoding::encode_varint(bytes.len() as u64, &mut out);
-    out.extend_from_slice(bytes);
-    out
 }
 
 const NOT_UTF8_BYTES: &[u8] = b"http://caf\xe9/\xff";
@@ -599,7 +557,7 @@ async fn send(ch: &Channel, planned: Planned) -> Result<pb::CaptionResponse, Sta
             grpc.ready().await.map_err(|e| Status::unavailable(e.to_string()))?;
             let path = http::uri::PathAndQuery::from_static("/caption.v1.Cascade/Caption");
             let req = authed(bytes, planned.token, CALL_DEADLINE);
-            grpc.unary(req, path, Raw::<pb::CaptionResponse>(PhantomData)).await.map(|r| r.into_inner())
+            grpc.unary(req, path, Raw::<pb::CaptionResponse>::new()).await.map(|r| r.into_inner())
         }
     }
 }
@@ -876,7 +834,7 @@ async fn malformed_caller(ctx: Arc<Ctx>) {
         let path = http::uri::PathAndQuery::from_static("/caption.v1.Cascade/CaptionStream");
         let req = authed(tokio_stream::iter([good, bad]), Ctx::token(&mut rng), STREAM_DEADLINE);
         let run = async {
-            let mut answers = match grpc.streaming(req, path, Raw::<pb::CaptionStreamResponse>(PhantomData)).await {
+            let mut answers = match grpc.streaming(req, path, Raw::<pb::CaptionStreamResponse>::new()).await {
                 Ok(answers) => answers.into_inner(),
                 Err(s) if s.code() == Code::ResourceExhausted => {
                     ctx.tally.count(MALFORMED_END.case, "note: open refused RESOURCE_EXHAUSTED".into());

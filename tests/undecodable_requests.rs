@@ -6,67 +6,25 @@
 
 mod common;
 
-use std::marker::PhantomData;
-
-use bytes::BufMut;
 use caption_cascade::pb;
-use common::{png_image, scenes::draw_scene, shared_channel};
+use common::{
+    png_image,
+    raw::{field, Raw},
+    scenes::draw_scene,
+    shared_channel,
+};
 use prost::Message;
 use rand::{rngs::StdRng, SeedableRng};
-use tonic::{
-    codec::{BufferSettings, Codec, EncodeBuf, Encoder},
-    transport::Channel,
-    Code, Status,
-};
-use tonic_prost::ProstCodec;
-
-/// Sends requests as the protobuf bytes given and decodes answers as `U`.
-struct Raw<U>(PhantomData<U>);
-
-impl<U: Message + Default + Send + 'static> Codec for Raw<U> {
-    type Encode = Vec<u8>;
-    type Decode = U;
-    type Encoder = RawEncoder;
-    type Decoder = <ProstCodec<(), U> as Codec>::Decoder;
-
-    fn encoder(&mut self) -> RawEncoder {
-        RawEncoder
-    }
-
-    fn decoder(&mut self) -> Self::Decoder {
-        ProstCodec::<(), U>::raw_decoder(BufferSettings::default())
-    }
-}
-
-struct RawEncoder;
-
-impl Encoder for RawEncoder {
-    type Item = Vec<u8>;
-    type Error = Status;
-
-    fn encode(&mut self, item: Vec<u8>, buf: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        buf.put_slice(&item);
-        Ok(())
-    }
-}
+use tonic::{transport::Channel, Code, Status};
 
 async fn unary<U: Message + Default + Send + 'static>(ch: &Channel, path: &'static str, body: Vec<u8>) -> Status {
     let mut grpc = tonic::client::Grpc::new(ch.clone());
     grpc.ready().await.unwrap();
     let uri = http::uri::PathAndQuery::from_static(path);
-    match grpc.unary(tonic::Request::new(body), uri, Raw::<U>(PhantomData)).await {
+    match grpc.unary(tonic::Request::new(body), uri, Raw::<U>::new()).await {
         Ok(_) => panic!("{path} answered a request that does not decode"),
         Err(status) => status,
     }
-}
-
-/// A length-delimited field: tag, length, bytes.
-fn field(number: u32, bytes: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    prost::encoding::encode_key(number, prost::encoding::WireType::LengthDelimited, &mut out);
-    prost::encoding::encode_varint(bytes.len() as u64, &mut out);
-    out.extend_from_slice(bytes);
-    out
 }
 
 const NOT_UTF8: &[u8] = b"caf\xe9 \xff";
@@ -119,7 +77,7 @@ async fn a_stream_item_that_does_not_decode_ends_the_stream_as_invalid_argument(
     let path = http::uri::PathAndQuery::from_static("/caption.v1.Cascade/CaptionStream");
     let items = tokio_stream::iter([good, bad]);
     let mut answers = grpc
-        .streaming(tonic::Request::new(items), path, Raw::<pb::CaptionStreamResponse>(PhantomData))
+        .streaming(tonic::Request::new(items), path, Raw::<pb::CaptionStreamResponse>::new())
         .await
         .unwrap()
         .into_inner();

@@ -6,6 +6,7 @@
 
 pub mod http;
 pub mod process;
+pub mod raw;
 pub mod scenes;
 
 // Each test binary uses part of the harness.
