@@ -12,7 +12,6 @@
 use std::{
     cell::{Cell, RefCell},
     collections::HashMap,
-    panic::{self, AssertUnwindSafe},
     sync::atomic::{AtomicU64, Ordering},
 };
 
@@ -174,7 +173,9 @@ impl Captured {
     }
 }
 
-/// An instantiated CUDA graph (libtorch's `at::cuda::CUDAGraph`, through the CUDA shim).
+/// An instantiated CUDA graph (libtorch's `at::cuda::CUDAGraph`, through the CUDA shim). A build
+/// without the shim never makes one.
+#[cfg_attr(not(cuda_streams), allow(dead_code))]
 struct Graph(*mut std::ffi::c_void);
 
 #[cfg(cuda_streams)]
@@ -199,7 +200,7 @@ impl Graph {
                 return None;
             }
             // A panic inside the capture must still end it, or the stream stays in capture mode.
-            let outputs = panic::catch_unwind(AssertUnwindSafe(body));
+            let outputs = std::panic::catch_unwind(std::panic::AssertUnwindSafe(body));
             let ended = caption_cascade_graph_end(graph.0) == 0;
             let outputs = outputs.ok().filter(|_| ended)?;
             Some((graph, outputs))
