@@ -201,7 +201,7 @@ fn first_step_logits(engine: &EngineArgs, path: &Path) -> anyhow::Result<()> {
     let _g = tch::no_grad_guard();
     let device = engine.device.resolve().map_err(anyhow::Error::msg)?;
     let numerics = engine.numerics(device).map_err(anyhow::Error::msg)?;
-    let blip = Blip::load_as(&engine.blip_folder(), device, numerics)?;
+    let blip = Blip::load_as(&engine.blip_folder()?, device, numerics)?;
     let size = blip.config.vision_config.image_size;
     tch::manual_seed(1);
     let pixels = Tensor::randn([2, 3, size, size], (Kind::Float, tch::Device::Cpu));

@@ -67,8 +67,8 @@ pub fn load_runners(args: &EngineArgs, source: &WeightSource) -> anyhow::Result<
             let _no_grad = tch::no_grad_guard();
             let failed = |folder: &PathBuf, e| anyhow::anyhow!("cannot build a model of {}: {e}", folder.display());
             Ok((
-                BlipRunner::random_as(blip, &args.blip_folder(), device, numerics).map_err(|e| failed(blip, e))?,
-                ClipRunner::random_as(clip, &args.clip_folder(), device, numerics).map_err(|e| failed(clip, e))?,
+                BlipRunner::random_as(blip, &args.blip_folder()?, device, numerics).map_err(|e| failed(blip, e))?,
+                ClipRunner::random_as(clip, &args.clip_folder()?, device, numerics).map_err(|e| failed(clip, e))?,
             ))
         }
     }
@@ -85,20 +85,20 @@ fn load_models(args: &EngineArgs, models: ModelSet) -> anyhow::Result<(Option<Bl
 }
 
 fn load_blip(args: &EngineArgs, device: tch::Device, numerics: Numerics) -> anyhow::Result<BlipRunner> {
-    let folder = args.blip_folder();
+    let folder = args.blip_folder()?;
     BlipRunner::load_as(&folder, device, numerics).map_err(|e| {
         anyhow::anyhow!(
-            "cannot load the BLIP model from {}: {e} (set --blip-model or CAPTION_BLIP_MODEL to a BLIP checkpoint folder)",
+            "cannot load the BLIP model from {}: {e} (set --blip-model or CAPTION_BLIP_MODEL to a BLIP checkpoint folder or hub id)",
             folder.display()
         )
     })
 }
 
 fn load_clip(args: &EngineArgs, device: tch::Device, numerics: Numerics) -> anyhow::Result<ClipRunner> {
-    let folder = args.clip_folder();
+    let folder = args.clip_folder()?;
     ClipRunner::load_as(&folder, device, numerics).map_err(|e| {
         anyhow::anyhow!(
-            "cannot load the CLIP model from {}: {e} (set --clip-model or CAPTION_CLIP_MODEL to a CLIP checkpoint folder)",
+            "cannot load the CLIP model from {}: {e} (set --clip-model or CAPTION_CLIP_MODEL to a CLIP checkpoint folder or hub id)",
             folder.display()
         )
     })

@@ -26,13 +26,16 @@ use crate::{
 /// Models, device, batching and limits: everything needed to build the cascade in-process.
 #[derive(Debug, Clone, Args)]
 pub struct EngineArgs {
-    /// BLIP checkpoint folder (Hugging Face layout: config.json, model.safetensors, tokenizer.json,
-    /// preprocessor_config.json). The default, the embedded shapes model, is looked for in the
-    /// working directory, then beside an installed binary (PREFIX/share/caption-cascade/models).
-    #[arg(help_heading = "Models and device", long, env = "CAPTION_BLIP_MODEL", default_value = "models/shapes-blip")]
+    /// BLIP checkpoint: a folder (Hugging Face layout: config.json, model.safetensors,
+    /// tokenizer.json, preprocessor_config.json) or a hub id, e.g.
+    /// Salesforce/blip-image-captioning-base[@REVISION], fetched into the hub cache on first use
+    /// (HF_HUB_CACHE or HF_HOME; HF_ENDPOINT, HF_TOKEN, HF_HUB_OFFLINE=1 as the hub's own tools).
+    /// The default, the embedded shapes model, is looked for in the working directory, then beside
+    /// an installed binary (PREFIX/share/caption-cascade/models).
+    #[arg(help_heading = "Models and device", long, env = "CAPTION_BLIP_MODEL", default_value = DEFAULT_BLIP, value_name = "DIR|HUB_ID")]
     pub blip_model: PathBuf,
-    /// CLIP checkpoint folder (Hugging Face layout); the default is looked for as --blip-model's.
-    #[arg(help_heading = "Models and device", long, env = "CAPTION_CLIP_MODEL", default_value = "models/shapes-clip")]
+    /// CLIP checkpoint: a folder or a hub id (e.g. openai/clip-vit-base-patch32), as --blip-model.
+    #[arg(help_heading = "Models and device", long, env = "CAPTION_CLIP_MODEL", default_value = DEFAULT_CLIP, value_name = "DIR|HUB_ID")]
     pub clip_model: PathBuf,
     /// Device the models run on.
     #[arg(help_heading = "Models and device", long, env = "CAPTION_DEVICE", value_enum, default_value_t = DeviceChoice::Auto)]
@@ -164,33 +167,84 @@ impl Policy {
     }
 }
 
+const DEFAULT_BLIP: &str = "models/shapes-blip";
+const DEFAULT_CLIP: &str = "models/shapes-clip";
+
 /// Where `make install` puts the embedded models, relative to the installed binary's folder.
 const INSTALLED_MODELS: &str = "../share/caption-cascade";
 
-/// A model folder as given; the default relative one, when the working directory lacks it, found
-/// beside an installed binary instead.
-fn model_folder(given: &Path) -> PathBuf {
-    if given.is_relative() && given.starts_with("models") && !given.exists() {
-        let installed = std::env::current_exe()
-            .ok()
-            .and_then(|exe| Some(exe.parent()?.join(INSTALLED_MODELS).join(given)))
-            .filter(|folder| folder.is_dir());
-        if let Some(folder) = installed {
-            return folder;
+/// What a model flag names: a folder on this machine, or a checkpoint on the hub.
+#[derive(Debug, PartialEq)]
+enum ModelSource {
+    Folder(PathBuf),
+    Hub { repo_id: String, revision: String },
+}
+
+impl ModelSource {
+    /// A folder that exists wins; the embedded defaults are looked for beside an installed binary
+    /// and are never hub ids; anything else of the form `owner/name[@revision]` is a hub id (as
+    /// the hub spells ids: letters, digits, `-`, `_`, `.`).
+    fn of(given: &Path) -> ModelSource {
+        if given.exists() {
+            return ModelSource::Folder(given.to_path_buf());
+        }
+        if given == Path::new(DEFAULT_BLIP) || given == Path::new(DEFAULT_CLIP) {
+            let installed = std::env::current_exe()
+                .ok()
+                .and_then(|exe| Some(exe.parent()?.join(INSTALLED_MODELS).join(given)))
+                .filter(|folder| folder.is_dir());
+            return ModelSource::Folder(installed.unwrap_or_else(|| given.to_path_buf()));
+        }
+        let text = given.to_string_lossy();
+        let (id, revision) = text.split_once('@').unwrap_or((&text, "main"));
+        let word = |w: &str| {
+            !w.is_empty()
+                && !w.starts_with('.')
+                && w.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        };
+        match id.split_once('/') {
+            Some((owner, name)) if word(owner) && word(name) && !revision.is_empty() => {
+                ModelSource::Hub { repo_id: id.to_string(), revision: revision.to_string() }
+            }
+            _ => ModelSource::Folder(given.to_path_buf()),
         }
     }
-    given.to_path_buf()
+}
+
+/// The folder to load the checkpoint `given` to `flag` names from: the folder itself, or the hub
+/// cache's snapshot of a hub id (fetched now unless cached).
+fn model_folder(given: &Path, flag: &str) -> anyhow::Result<PathBuf> {
+    match ModelSource::of(given) {
+        ModelSource::Folder(folder) => Ok(folder),
+        ModelSource::Hub { repo_id, revision } => {
+            let offline =
+                std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| matches!(v.trim(), "1" | "true" | "TRUE" | "yes"));
+            tracing::info!(%repo_id, %revision, offline, "fetching the checkpoint {flag} names from the hub");
+            let req = crate::hub::PullRequest {
+                repo_id: repo_id.clone(),
+                revision,
+                models_dir: PathBuf::new(),
+                // As the hub's own tools: HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub.
+                cache_dir: std::env::var_os("HF_HUB_CACHE").filter(|v| !v.is_empty()).map(PathBuf::from),
+                endpoint: None,
+                offline,
+            };
+            crate::hub::checkpoint(&req).map_err(|e| {
+                anyhow::anyhow!("{flag} {repo_id}: {e} (or set {flag} to a checkpoint folder on this machine)")
+            })
+        }
+    }
 }
 
 impl EngineArgs {
-    /// The BLIP checkpoint folder to load (see [`model_folder`]).
-    pub fn blip_folder(&self) -> PathBuf {
-        model_folder(&self.blip_model)
+    /// The BLIP checkpoint folder to load (see [`ModelSource`]).
+    pub fn blip_folder(&self) -> anyhow::Result<PathBuf> {
+        model_folder(&self.blip_model, "--blip-model")
     }
 
-    /// The CLIP checkpoint folder to load (see [`model_folder`]).
-    pub fn clip_folder(&self) -> PathBuf {
-        model_folder(&self.clip_model)
+    /// The CLIP checkpoint folder to load (see [`ModelSource`]).
+    pub fn clip_folder(&self) -> anyhow::Result<PathBuf> {
+        model_folder(&self.clip_model, "--clip-model")
     }
 
     /// How the models hold and compute their numbers on `device` (`--dtype`, `--quantize`,
@@ -302,4 +356,29 @@ fn memory_limit() -> u64 {
         Some(kib * 1024)
     };
     cgroup.or_else(physical).unwrap_or(4 << 30)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_model_flag_names_a_folder_or_a_hub_id() {
+        let hub = |id: &str, rev: &str| ModelSource::Hub { repo_id: id.into(), revision: rev.into() };
+        let folder = |p: &str| ModelSource::Folder(p.into());
+        assert_eq!(
+            ModelSource::of(Path::new("Salesforce/blip-image-captioning-base")),
+            hub("Salesforce/blip-image-captioning-base", "main")
+        );
+        assert_eq!(
+            ModelSource::of(Path::new("openai/clip-vit-base-patch32@v1.0")),
+            hub("openai/clip-vit-base-patch32", "v1.0")
+        );
+        // An existing folder wins over the hub id it looks like.
+        assert_eq!(ModelSource::of(Path::new("models/shapes-clip")), folder("models/shapes-clip"));
+        assert_eq!(ModelSource::of(Path::new("src/config")), folder("src/config"));
+        for path in ["./acme/model", "/abs/acme", "acme/model/sub", "acme", "acme/", "acme/model@", "a b/c", "../x"] {
+            assert_eq!(ModelSource::of(Path::new(path)), folder(path), "{path}");
+        }
+    }
 }

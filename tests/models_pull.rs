@@ -97,3 +97,64 @@ fn an_unreachable_hub_is_a_clear_error() {
     assert!(!ok && stderr.contains("is not a hub id"), "{stderr}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `caption` with `args`, the hub's environment cleared but for `env`.
+fn caption_with(args: &[&str], env: &[(&str, &Path)]) -> (bool, String, String) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_caption-cascade"));
+    cmd.args(["caption", "--device", "cpu", "--greedy", "-n", "1"]).args(args);
+    cmd.arg(root.join("examples/images/scene_1.png"));
+    for var in ["HF_ENDPOINT", "HF_HUB_OFFLINE", "HF_HUB_CACHE", "HF_HOME", "CAPTION_BLIP_MODEL", "CAPTION_CLIP_MODEL"]
+    {
+        cmd.env_remove(var);
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.current_dir(root).output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+#[test]
+fn the_model_flags_take_hub_ids_served_from_the_hub_cache() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = scratch("model-flags");
+    let cache = dir.join("cache");
+    fake_cache(&cache, "acme/shapes-blip", &root.join("models/shapes-blip"));
+    fake_cache(&cache, "acme/shapes-clip", &root.join("models/shapes-clip"));
+    let offline = Path::new("1");
+    let ids = ["--blip-model", "acme/shapes-blip", "--clip-model", "acme/shapes-clip@main"];
+    let (ok, from_hub, stderr) = caption_with(&ids, &[("HF_HUB_CACHE", &cache), ("HF_HUB_OFFLINE", offline)]);
+    assert!(ok, "{stderr}");
+    // The same captions as the folders the cache was filled from.
+    let (ok, from_folders, stderr) = caption_with(&[], &[]);
+    assert!(ok, "{stderr}");
+    assert_eq!(from_hub, from_folders);
+    assert!(!from_hub.trim().is_empty());
+    // HF_HOME/hub is the cache when HF_HUB_CACHE is not set.
+    let home = dir.join("home");
+    std::fs::create_dir_all(&home).unwrap();
+    std::fs::rename(&cache, home.join("hub")).unwrap();
+    let (ok, _, stderr) = caption_with(&ids, &[("HF_HOME", &home), ("HF_HUB_OFFLINE", offline)]);
+    assert!(ok, "{stderr}");
+
+    // A revision the cache lacks, offline, names the flag, the id and what is missing.
+    let ids = ["--blip-model", "acme/shapes-blip@v2"];
+    let (ok, _, stderr) = caption_with(&ids, &[("HF_HOME", &home), ("HF_HUB_OFFLINE", offline)]);
+    assert!(!ok);
+    assert!(stderr.contains("--blip-model acme/shapes-blip: offline: config.json"), "{stderr}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_hub_id_the_hub_cannot_serve_names_the_flag() {
+    let dir = scratch("model-flags-unreachable");
+    let (ok, _, stderr) = caption_with(
+        &["--clip-model", "acme/absent"],
+        &[("HF_ENDPOINT", Path::new("http://127.0.0.1:9")), ("HF_HUB_CACHE", &dir)],
+    );
+    assert!(!ok);
+    assert!(stderr.contains("--clip-model acme/absent: cannot reach the model hub at http://127.0.0.1:9"), "{stderr}");
+    assert!(stderr.contains("checkpoint folder on this machine"), "{stderr}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -1,5 +1,6 @@
 //! Checkpoint folders from the Hugging Face Hub: downloads (or takes from the local hub cache,
-//! offline) the files a BLIP or CLIP folder needs, and lays them out as published.
+//! offline) the files a BLIP or CLIP folder needs, and lays them out as published, or names the
+//! hub cache's own snapshot folder of them.
 
 use std::path::{Path, PathBuf};
 
@@ -45,16 +46,9 @@ pub enum PullError {
 
 /// Pulls the checkpoint into `models_dir/<name>`; returns that folder.
 pub async fn pull(req: &PullRequest) -> Result<PathBuf, PullError> {
-    let name = req
-        .repo_id
-        .split_once('/')
-        .map(|(_, n)| n)
-        .filter(|n| !n.is_empty() && !n.contains('/'))
-        .ok_or_else(|| PullError::BadId(req.repo_id.clone()))?;
+    let name = repo_name(&req.repo_id)?;
     let target = req.models_dir.join(name);
-    let cache = req.cache_dir.clone().map_or_else(Cache::from_env, Cache::new);
-    let repo = Repo::with_revision(req.repo_id.clone(), RepoType::Model, req.revision.clone());
-    let files = if req.offline { from_cache(&cache, &repo, req)? } else { download(&cache, &repo, req).await? };
+    let files = fetch(req).await?;
     std::fs::create_dir_all(&target).map_err(|e| PullError::Io(format!("{}: {e}", target.display())))?;
     for (name, path) in files {
         let dest = target.join(&name);
@@ -62,6 +56,51 @@ pub async fn pull(req: &PullRequest) -> Result<PathBuf, PullError> {
             .map_err(|e| PullError::Io(format!("{} → {}: {e}", path.display(), dest.display())))?;
     }
     Ok(target)
+}
+
+/// The hub cache's snapshot folder of the checkpoint: downloaded first unless cached (or, offline,
+/// only from the cache). The hub's tools lay a snapshot out as the repository is, so the folder
+/// loads as is, and a second start finds it without a copy. Blocking: the download runs on a
+/// thread of its own, so this may be called from any thread, a runtime's included.
+pub fn checkpoint(req: &PullRequest) -> Result<PathBuf, PullError> {
+    repo_name(&req.repo_id)?;
+    let req = req.clone();
+    let fetched = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| PullError::Io(e.to_string()))?;
+        rt.block_on(fetch(&req))
+    })
+    .join()
+    .map_err(|_| PullError::Io("the hub download thread panicked".into()))??;
+    let snapshot = |path: &PathBuf| path.parent().map(Path::to_path_buf);
+    let folder = fetched.iter().find(|(name, _)| name == REQUIRED[0]).and_then(|(_, p)| snapshot(p));
+    // Every file of one revision lies in the same snapshot folder.
+    match folder {
+        Some(folder) if fetched.iter().all(|(_, p)| snapshot(p).as_ref() == Some(&folder)) => Ok(folder),
+        _ => Err(PullError::Io("the hub cache holds this revision's files in more than one folder".into())),
+    }
+}
+
+/// The files a checkpoint folder needs, as paths in the hub cache.
+async fn fetch(req: &PullRequest) -> Result<Vec<(String, PathBuf)>, PullError> {
+    let cache = req.cache_dir.clone().map_or_else(Cache::from_env, Cache::new);
+    let repo = Repo::with_revision(req.repo_id.clone(), RepoType::Model, req.revision.clone());
+    if req.offline {
+        from_cache(&cache, &repo, req)
+    } else {
+        download(&cache, &repo, req).await
+    }
+}
+
+/// The repository's name (`owner/name` → `name`), or why `repo_id` is no hub id.
+fn repo_name(repo_id: &str) -> Result<&str, PullError> {
+    repo_id
+        .split_once('/')
+        .map(|(_, n)| n)
+        .filter(|n| !n.is_empty() && !n.contains('/'))
+        .ok_or_else(|| PullError::BadId(repo_id.to_string()))
 }
 
 fn from_cache(cache: &Cache, repo: &Repo, req: &PullRequest) -> Result<Vec<(String, PathBuf)>, PullError> {
