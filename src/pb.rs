@@ -6,6 +6,7 @@
 #![allow(clippy::all, missing_docs)]
 
 mod codec;
+pub mod status;
 
 pub use codec::Codec;
 use tonic::Code;

@@ -16,6 +16,7 @@ use common::{
 use prost::Message;
 use rand::{rngs::StdRng, SeedableRng};
 use tonic::{transport::Channel, Code, Status};
+use tonic_types::StatusExt;
 
 async fn unary<U: Message + Default + Send + 'static>(ch: &Channel, path: &'static str, body: Vec<u8>) -> Status {
     let mut grpc = tonic::client::Grpc::new(ch.clone());
@@ -32,6 +33,11 @@ const NOT_UTF8: &[u8] = b"caf\xe9 \xff";
 fn expect_invalid(status: &Status, field: &str) {
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     assert!(status.message().contains(field) && status.message().contains("UTF-8"), "{}", status.message());
+    // The reason a program reads, as on every other status the server makes.
+    let info = status.get_details_error_info().unwrap_or_else(|| panic!("no ErrorInfo: {status:?}"));
+    assert_eq!((info.reason.as_str(), info.domain.as_str()), ("UNDECODABLE_REQUEST", "caption.v1"));
+    let message = field.split('.').next().unwrap();
+    assert!(info.metadata["message"].ends_with(message), "{field}: {:?}", info.metadata);
 }
 
 #[tokio::test]

@@ -1,22 +1,21 @@
 //! The single mapping from domain errors to gRPC statuses, with the structured details
 //! (`google.rpc.ErrorInfo`, and `google.rpc.RetryInfo` where asking again can succeed) that let a
-//! caller decide without reading the message.
+//! caller decide without reading the message. A request that does not decode never reaches a
+//! handler: the codec answers it (`pb::Codec`, INVALID_ARGUMENT, reason `UNDECODABLE_REQUEST`).
 
-use std::{collections::HashMap, time::Duration};
+use std::time::Duration;
 
 use tonic::{Code, Status};
-use tonic_types::{ErrorDetails, StatusExt};
 
 use crate::{
     cascade::{CascadeError, Failed},
     engine::EngineError,
     images::{DecodeError, ImageError},
-    pb,
+    pb::{self, status::detailed},
     telemetry::untrusted,
 };
 
-/// The `domain` of every ErrorInfo this server attaches: the API's proto package.
-pub const DOMAIN: &str = "caption.v1";
+pub use pb::status::DOMAIN;
 
 /// How long a caller refused by a full server (admission or a model queue) should wait: about a
 /// batch's time on the models, after which slots and queue places have turned over.
@@ -45,17 +44,6 @@ impl From<Refused> for Status {
     fn from(refused: Refused) -> Self {
         refused.status
     }
-}
-
-/// A status with an ErrorInfo of `reason` (and `metadata`), plus a RetryInfo when `retry` is set:
-/// only then may the caller expect the same request to succeed later.
-fn detailed(code: Code, message: String, reason: &str, metadata: &[(&str, String)], retry: Option<Duration>) -> Status {
-    let metadata: HashMap<String, String> = metadata.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
-    let mut details = ErrorDetails::with_error_info(reason, DOMAIN, metadata);
-    if let Some(delay) = retry {
-        details.set_retry_info(Some(delay));
-    }
-    Status::with_error_details(code, message, details)
 }
 
 fn flag(name: &str) -> (&'static str, String) {
@@ -173,6 +161,10 @@ pub fn stream_error(status: &Status) -> pb::google::rpc::Status {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
+    use tonic_types::StatusExt;
+
     use super::*;
     use crate::{cascade::BrokenAnswer, validate::InvalidParam};
 

@@ -1,14 +1,16 @@
 //! The protobuf codec of every `caption.v1` call, on both sides: prost's encoding, with a message
 //! that does not decode (a string that is not UTF-8, a malformed field) answered as the fault of
 //! whoever sent it. A request is the caller's input, so INVALID_ARGUMENT naming what was wrong
-//! (gRPC's own codecs say INTERNAL for every side); an answer is the server's, so INTERNAL.
+//! (gRPC's own codecs say INTERNAL for every side); an answer is the server's, so INTERNAL. Each
+//! carries an ErrorInfo (reason `UNDECODABLE_REQUEST` or `UNDECODABLE_ANSWER`, and the message's
+//! type) like every other status the server makes.
 
 use std::marker::PhantomData;
 
 use prost::Message;
 use tonic::{
     codec::{BufferSettings, DecodeBuf, Decoder},
-    Status,
+    Code, Status,
 };
 use tonic_prost::ProstEncoder;
 
@@ -18,17 +20,19 @@ pub trait Sent {
 }
 
 macro_rules! sent_by {
-    ($why:literal, $code:ident: $($message:ident),+) => {$(
+    ($why:literal, $code:ident, $reason:literal: $($message:ident),+) => {$(
         impl Sent for super::$message {
             fn undecodable(error: prost::DecodeError) -> Status {
-                Status::$code(format!(concat!("the ", $why, " does not decode: {}"), located(&error)))
+                let message = format!(concat!("the ", $why, " does not decode: {}"), located(&error));
+                let kind = ("message", stringify!($message).to_string());
+                super::status::detailed(Code::$code, message, $reason, &[kind], None)
             }
         }
     )+};
 }
 
-sent_by!("request", invalid_argument: GenerateRequest, RankRequest, CaptionRequest, CaptionStreamRequest);
-sent_by!("answer", internal: GenerateResponse, RankResponse, CaptionResponse, CaptionStreamResponse);
+sent_by!("request", InvalidArgument, "UNDECODABLE_REQUEST": GenerateRequest, RankRequest, CaptionRequest, CaptionStreamRequest);
+sent_by!("answer", Internal, "UNDECODABLE_ANSWER": GenerateResponse, RankResponse, CaptionResponse, CaptionStreamResponse);
 
 /// prost's error with the field it names written from the outermost message in:
 /// `CaptionRequest.params.prompt: invalid string value: …`, which prost writes innermost first.
@@ -94,6 +98,7 @@ impl<U: Message + Default + Sent> Decoder for SentDecoder<U> {
 mod tests {
     use prost::Message;
     use tonic::Code;
+    use tonic_types::StatusExt;
 
     use super::Sent;
     use crate::pb;
@@ -106,6 +111,9 @@ mod tests {
         let error = pb::CaptionRequest::decode(BAD_URL).unwrap_err();
         let status = pb::CaptionRequest::undecodable(error);
         assert_eq!(status.code(), Code::InvalidArgument);
+        let info = status.get_details_error_info().expect("an ErrorInfo");
+        assert_eq!((info.reason.as_str(), info.domain.as_str()), ("UNDECODABLE_REQUEST", pb::status::DOMAIN));
+        assert_eq!(info.metadata["message"], "CaptionRequest");
         assert_eq!(
             status.message(),
             "the request does not decode: CaptionRequest.image.source: invalid string value: data is not UTF-8 encoded"
