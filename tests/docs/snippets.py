@@ -10,7 +10,8 @@ Driven by tests/docs_snippets.rs; docs/development.md ("The docs test") is what 
 * a `text` block right after a run block is its expected output;
 * every relative link of these files names an existing file, and an existing heading for `#anchors`.
 
-Usage: python snippets.py --binary PATH [--only FILE ...]
+Usage: python snippets.py --binary PATH [--only SUFFIX ...] [--docs FILE ...]
+(`--docs` tests those files instead of the project's documentation: the harness's own test uses it.)
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ class Block:
 
     @property
     def where(self) -> str:
-        return f"{self.path.relative_to(ROOT)}:{self.line}"
+        return f"{shown(self.path)}:{self.line}"
 
     @property
     def kind(self) -> str | None:
@@ -90,6 +91,10 @@ class Report:
 # --- reading the documents ---------------------------------------------------------------------
 
 
+def shown(path: Path) -> str:
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def blocks_of(path: Path, report: Report) -> list[Block]:
     lines = path.read_text().splitlines()
     blocks: list[Block] = []
@@ -107,7 +112,7 @@ def blocks_of(path: Path, report: Report) -> list[Block]:
             body.append(lines[i][len(indent):] if lines[i].startswith(indent) else lines[i])
             i += 1
         lang = info.split()[0] if info else ""
-        where = f"{path.relative_to(ROOT)}:{start + 1}"
+        where = f"{shown(path)}:{start + 1}"
         if not lang:
             report.fail(where, "a fence without a language (`sh`, `python`, `js`, `text`, …)")
         elif lang not in TESTED and lang not in UNTESTED:
@@ -157,11 +162,11 @@ def check_links(path: Path, report: Report) -> int:
             checked += 1
             file, _, anchor = target.partition("#")
             dest = (path.parent / file).resolve() if file else path
-            where = f"{path.relative_to(ROOT)}:{number}"
+            where = f"{shown(path)}:{number}"
             if not dest.exists():
                 report.fail(where, f"link {target!r}: no such file")
             elif anchor and dest.suffix == ".md" and anchor not in anchors(dest):
-                report.fail(where, f"link {target!r}: no heading #{anchor} in {dest.relative_to(ROOT)}")
+                report.fail(where, f"link {target!r}: no heading #{anchor} in {shown(dest)}")
     return checked
 
 
@@ -256,7 +261,7 @@ class Environment:
 
     def scratch(self, doc: Path) -> Path:
         """A directory that holds the checkout's files (links) and takes what blocks write."""
-        where = self.tmp / "run" / str(doc.relative_to(ROOT)).replace("/", "_")
+        where = self.tmp / "run" / shown(doc).strip("/").replace("/", "_")
         where.mkdir(parents=True)
         for entry in ROOT.iterdir():
             if entry.name not in (".git", "target"):
@@ -433,6 +438,7 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--binary", required=True, type=Path)
     parser.add_argument("--only", nargs="*", default=[])
+    parser.add_argument("--docs", nargs="*", type=Path, default=[])
     args = parser.parse_args()
     if os.environ.get("DOCS_TEST_NETNS") != "1":
         # A private network namespace: the blocks use the documented ports and collide with nothing.
@@ -443,7 +449,7 @@ def main() -> int:
                                 env={**os.environ, "DOCS_TEST_NETNS": "1"})
     started = time.monotonic()
     report = Report()
-    docs = [d for d in DOC_FILES if not args.only or any(str(d).endswith(o) for o in args.only)]
+    docs = [d.resolve() for d in args.docs] or [d for d in DOC_FILES if not args.only or any(str(d).endswith(o) for o in args.only)]
     links = sum(check_links(d, report) for d in docs)
     with tempfile.TemporaryDirectory(prefix="docs-test-") as tmp:
         env = Environment(args.binary.resolve(), Path(tmp))
@@ -462,7 +468,7 @@ def main() -> int:
                 file_run.close()
     marked = ", ".join(f"{n} {reason}" for reason, n in sorted(report.marked.items()))
     print(f"docs: {report.ran} blocks ran, {sum(report.marked.values())} marked ({marked}), "
-          f"{report.chart_docs} checked by chart_docs; {links} links resolve; {time.monotonic() - started:.0f} s")
+          f"{report.chart_docs} checked by chart_docs; {links} links checked; {time.monotonic() - started:.0f} s")
     for failure in report.failures:
         print(f"docs test failed: {failure.splitlines()[0]}", file=sys.stderr)
     return 1 if report.failures else 0
