@@ -56,7 +56,7 @@ pub struct EngineArgs {
     pub cuda_graphs: bool,
     /// Executor threads that run model batches (each runs one batch at a time). Default: 1 for
     /// `serve`, whose one image then has every core (lowest latency); the `caption` bulk job on a
-    /// CPU runs one per core with one thread each (highest throughput; README, Command line).
+    /// CPU runs one per core with one thread each (highest throughput; docs/cli.md).
     #[arg(help_heading = "Batching", long, env = "CAPTION_EXECUTORS")]
     pub executors: Option<usize>,
     /// libtorch intra-op threads per executor on CPU; default: the cores divided among executors.

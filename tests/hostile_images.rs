@@ -57,7 +57,7 @@ impl Server {
     }
 }
 
-/// The README's bound on resident memory for this test's flags, over the RSS after start-up.
+/// docs/api.md's bound on resident memory for this test's flags, over the RSS after start-up.
 fn memory_bound_kb(base_kb: u64) -> u64 {
     base_kb + (DECODES * (MAX_PIXELS + SMALL_IMAGE_PIXELS) * 11 + CACHE_BYTES) / 1024
 }

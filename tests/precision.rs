@@ -1,7 +1,7 @@
 //! `--dtype bf16` and `--quantize int8` against fp32: the full-size models' logits (same random weights, rounded) and
 //! the embedded models' greedy captions of the sample scenes through the served API.
 //!
-//! The 500-scene agreement figures in README come from `bench/precision.py`.
+//! The 500-scene agreement figures in docs/benchmark.md come from `bench/precision.py`.
 
 mod common;
 
