@@ -231,7 +231,12 @@ class Environment:
         shims.mkdir()
         write_exe(shims / "pip", f'#!/bin/sh\nexec "{self.venv}/bin/python" -m pip "$@"\n')
         self.pip_env = {"PIP_NO_INDEX": "1", "PIP_NO_BUILD_ISOLATION": "0", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
-        run([str(self.venv / "bin/python"), "-m", "pip", "install", "--quiet", str(ROOT / "clients/python")],
+        # From a copy: pip builds in the package's folder, and other tests (and the other run of
+        # this harness) build the same package at the same time.
+        pkg = tmp / "pkg"
+        copy_clients(pkg / "clients")
+        (pkg / "proto").symlink_to(ROOT / "proto")
+        run([str(self.venv / "bin/python"), "-m", "pip", "install", "--quiet", str(pkg / "clients/python")],
             env={**os.environ, **self.pip_env}, cwd=tmp)
         # grpcurl's stand-in: the request goes through the server's reflection, then grpcio.
         gen = tmp / "gen"
@@ -264,9 +269,18 @@ class Environment:
         where = self.tmp / "run" / shown(doc).strip("/").replace("/", "_")
         where.mkdir(parents=True)
         for entry in ROOT.iterdir():
-            if entry.name not in (".git", "target"):
+            if entry.name == "clients":
+                # A copy, so that `pip install ./clients/python` builds here, not in the checkout.
+                copy_clients(where / entry.name)
+            elif entry.name not in (".git", "target"):
                 (where / entry.name).symlink_to(entry)
         return where
+
+
+def copy_clients(to: Path) -> None:
+    """The checkout's clients/ without its build output."""
+    shutil.copytree(ROOT / "clients", to, symlinks=True,
+                    ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__", "node_modules"))
 
 
 def write_exe(path: Path, text: str) -> None:
