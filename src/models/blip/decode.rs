@@ -23,6 +23,7 @@ use crate::models::{
         logits::{self, RowParams},
         params::{GenerationParams, Strategy},
     },
+    timing,
     transfer::{self, Upload},
 };
 
@@ -151,6 +152,7 @@ impl<'m> DecodeBatch<'m> {
         if self.rows.is_empty() {
             return Vec::new();
         }
+        let _timer = timing::StepTimer::start();
         let n = self.rows.len() as i64;
         let first = self.cache.past_len() == 0;
         let (ids, positions) = if first {
@@ -169,13 +171,31 @@ impl<'m> DecodeBatch<'m> {
         let hidden = self.decoder.forward_at(&ids, &positions, &mut self.cache, &self.cross, &groups, mask.as_ref());
         let scores = self.decoder.next_token_logits(&hidden).to_kind(Kind::Float);
         self.steps += 1;
-        // A step of beam rows alone takes its tokens from the beams' one read, and makes no other.
+        // Every row's chosen token (greedy and sampled rows) and every beam request's best
+        // continuations are computed on the device first and come back in one read: a step waits
+        // on the device once, whatever mix of strategies its rows follow.
         let all_beams = self.rows.iter().all(|r| self.beams.contains_key(&r.request));
-        let mut next = if all_beams { vec![0; self.rows.len()] } else { self.choose_tokens(&scores) };
+        let choice = (!all_beams).then(|| self.choose_tokens(&scores));
+        let beam_query = (!self.beams.is_empty()).then(|| self.beam_candidates(&scores));
+        let mut parts: Vec<Tensor> = Vec::new();
+        if let Some(c) = &choice {
+            parts.push(c.read.to_kind(Kind::Double));
+        }
+        if let Some((spans, t)) = &beam_query {
+            if !spans.is_empty() {
+                parts.push(t.shallow_clone());
+            }
+        }
+        let read = if parts.is_empty() { Vec::new() } else { transfer::read::<f64>(&Tensor::cat(&parts, 0)) };
+        let (chosen, beam_read) = read.split_at(choice.as_ref().map_or(0, |c| c.read.size()[0] as usize));
+        let mut next = match choice {
+            Some(c) => c.tokens(chosen, &self.row_params),
+            None => vec![0; self.rows.len()],
+        };
         let mut done = Vec::new();
         let mut beam_finished: Vec<u64> = Vec::new();
-        if !self.beams.is_empty() {
-            let (src, tokens, finished) = self.advance_beams(&scores);
+        if let Some((spans, _)) = beam_query {
+            let (src, tokens, finished) = self.advance_beams(spans, beam_read, scores.size()[1]);
             self.reorder_rows(&src);
             for (i, t) in tokens {
                 next[i] = t;
@@ -218,18 +238,16 @@ impl<'m> DecodeBatch<'m> {
         done
     }
 
-    /// One beam-search step for every beam request: returns, for all rows, the row each new row
-    /// continues (`src`), the tokens beam rows take, and the requests whose search ended.
-    #[allow(clippy::type_complexity)]
-    fn advance_beams(&mut self, scores: &Tensor) -> (Vec<usize>, Vec<(usize, i64)>, Vec<(u64, Vec<Vec<i64>>)>) {
-        let vocab = scores.size()[1];
+    /// Each beam request's best `2k` continuations on the device: the requests' spans of rows
+    /// (first row, id, beams) and their scores and flat indices as one `f64` tensor, `4k` values
+    /// per request in span order, for the step's one read.
+    fn beam_candidates(&self, scores: &Tensor) -> (Vec<(usize, u64, usize)>, Tensor) {
         let log_probs = scores.log_softmax(-1, Kind::Float);
         let log_probs = logits::repetition_penalty(&log_probs, &self.seen, &self.row_params.repetition_penalty);
         let too_short: Vec<bool> = self.rows.iter().map(|r| (r.tokens.len() as u32) < r.params.min_length).collect();
         let log_probs =
             logits::suppress_eos(&log_probs, &Tensor::from_slice(&too_short).upload(self.device), self.special.eos);
-        // Every beam request's running scores go up in one upload, and every request's best 2k
-        // continuations come back in one read: the step waits on the device once for all of them.
+        // Every beam request's running scores go up in one upload.
         let mut spans: Vec<(usize, u64, usize)> = Vec::new();
         let mut running = vec![0f32; self.rows.len()];
         let mut start = 0;
@@ -254,7 +272,20 @@ impl<'m> DecodeBatch<'m> {
                 [values.to_kind(Kind::Double), indices.to_kind(Kind::Double)]
             })
             .collect();
-        let read = if parts.is_empty() { Vec::new() } else { transfer::read::<f64>(&Tensor::cat(&parts, 0)) };
+        let candidates = if parts.is_empty() { Tensor::new() } else { Tensor::cat(&parts, 0) };
+        (spans, candidates)
+    }
+
+    /// One beam-search step for every beam request from what [`beam_candidates`](Self::beam_candidates)
+    /// computed (`read` back): returns, for all rows, the row each new row continues (`src`), the
+    /// tokens beam rows take, and the requests whose search ended.
+    #[allow(clippy::type_complexity)]
+    fn advance_beams(
+        &mut self,
+        spans: Vec<(usize, u64, usize)>,
+        read: &[f64],
+        vocab: i64,
+    ) -> (Vec<usize>, Vec<(usize, i64)>, Vec<(u64, Vec<Vec<i64>>)>) {
         let mut src: Vec<usize> = (0..self.rows.len()).collect();
         let mut tokens = Vec::new();
         let mut finished = Vec::new();
@@ -364,14 +395,16 @@ impl<'m> DecodeBatch<'m> {
         )
     }
 
-    fn choose_tokens(&mut self, scores: &Tensor) -> Vec<i64> {
+    /// Every row's next token as greedy and sampled rows choose it, computed on the device (beam
+    /// rows' entries are ignored); the step reads it back with whatever else it reads.
+    fn choose_tokens(&mut self, scores: &Tensor) -> Choice {
         let scores = logits::repetition_penalty(scores, &self.seen, &self.row_params.repetition_penalty);
         let too_short: Vec<bool> = self.rows.iter().map(|r| (r.tokens.len() as u32) < r.params.min_length).collect();
         let scores =
             logits::suppress_eos(&scores, &Tensor::from_slice(&too_short).upload(self.device), self.special.eos);
         let greedy = scores.argmax(-1, false);
         if !self.rows.iter().any(|r| r.params.strategy == Strategy::Sample) {
-            return transfer::read(&greedy);
+            return Choice { read: greedy, fallback: None };
         }
         let u: Vec<f64> = self.rows.iter_mut().map(|r| 1.0 - r.rng.random::<f64>()).collect();
         let u = Tensor::from_slice(&u).view([-1, 1]).upload(self.device);
@@ -381,16 +414,12 @@ impl<'m> DecodeBatch<'m> {
         let max_k = self.rows.iter().map(|r| if r.params.top_k == 0 { vocab } else { i64::from(r.params.top_k) }).max();
         if let Some(max_k) = max_k.filter(|&k| k < vocab) {
             let (sampled, tie) = logits::sample_top_k(&scores, &self.row_params, max_k, &u);
-            // Tokens and the tie flag come back in one transfer.
-            let both = Tensor::cat(&[sampled.where_self(&is_sample, &greedy), tie.to_kind(Kind::Int64).view([1])], 0);
-            let mut chosen = transfer::read::<i64>(&both);
-            if chosen.pop() == Some(0) {
-                return chosen;
-            }
+            // Tokens and the tie flag come back in the step's one transfer.
+            let read = Tensor::cat(&[sampled.where_self(&is_sample, &greedy), tie.to_kind(Kind::Int64).view([1])], 0);
+            return Choice { read, fallback: Some(Fallback { scores, u, is_sample, greedy }) };
         }
         let probs = logits::warp(&scores, &self.row_params).softmax(-1, Kind::Float);
-        let sampled = logits::sample(&probs, &u);
-        transfer::read(&sampled.where_self(&is_sample, &greedy))
+        Choice { read: logits::sample(&probs, &u).where_self(&is_sample, &greedy), fallback: None }
     }
 
     fn rows_per_image(&self) -> Vec<i64> {
@@ -453,6 +482,39 @@ impl<'m> DecodeBatch<'m> {
                 Decoded { id, candidates: slots.into_iter().map(|s| s.expect("checked")).collect() }
             })
             .collect()
+    }
+}
+
+/// A step's chosen tokens on the device, before the step reads them.
+struct Choice {
+    /// `[rows]` tokens, followed by the top-k draw's tie flag when `fallback` is set.
+    read: Tensor,
+    fallback: Option<Fallback>,
+}
+
+/// What the whole-vocabulary draw needs when ties at some row's k-th score reach beyond the
+/// top-k window: nothing of it is computed unless the flag says so.
+struct Fallback {
+    scores: Tensor,
+    u: Tensor,
+    is_sample: Tensor,
+    greedy: Tensor,
+}
+
+impl Choice {
+    /// The tokens from `read`, this choice's part of the step's read (`params`: the rows').
+    fn tokens(self, read: &[f64], params: &RowParams) -> Vec<i64> {
+        let mut tokens: Vec<i64> = read.iter().map(|&t| t as i64).collect();
+        let Some(f) = self.fallback else { return tokens };
+        if tokens.pop() == Some(0) {
+            return tokens;
+        }
+        // Ties beyond the window are rare (it holds twice the largest k), and which rows they
+        // hit is known only once the flag is read: drawing over the whole vocabulary on every
+        // step instead would bring back the two full-vocabulary sorts the window avoids. So this
+        // step, and only this one, waits on the device a second time.
+        let sampled = logits::sample(&logits::warp(&f.scores, params).softmax(-1, Kind::Float), &f.u);
+        transfer::read(&sampled.where_self(&f.is_sample, &f.greedy))
     }
 }
 

@@ -56,6 +56,7 @@ impl Blip {
     fn with_numerics(config: BlipConfig, weights: Weights, numerics: Numerics) -> Result<Self, ModelError> {
         let mut blip = Self::new(config, &weights.with_int8_linears(numerics.int8_linears))?;
         blip.text_decoder.set_graph_mode(numerics.graphs);
+        blip.text_decoder.set_graph_rows(numerics.graph_rows);
         Ok(blip)
     }
 

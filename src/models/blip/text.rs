@@ -26,7 +26,11 @@ pub struct BlipTextDecoder {
     layers: Vec<DecoderLayer>,
     head: LmHead,
     max_positions: i64,
+    /// Width of the image features cross-attention reads.
+    encoder_width: i64,
     graphs: GraphMode,
+    /// The most rows a step may hold: [`capture_graphs`](Self::capture_graphs) covers them all.
+    graph_rows: i64,
     owner: Owner,
 }
 
@@ -263,7 +267,9 @@ impl BlipTextDecoder {
             layers,
             head,
             max_positions: cfg.max_position_embeddings,
+            encoder_width: cfg.encoder_hidden_size,
             graphs: GraphMode::Off,
+            graph_rows: graphs::MAX_ROWS,
             owner: Owner::new(),
         })
     }
@@ -271,6 +277,36 @@ impl BlipTextDecoder {
     /// How one-token decode steps launch their row-wise pieces (see [`graphs`]).
     pub fn set_graph_mode(&mut self, mode: GraphMode) {
         self.graphs = mode;
+    }
+
+    pub fn graph_mode(&self) -> GraphMode {
+        self.graphs
+    }
+
+    /// The most rows a decode step may hold (`--generate-max-batch` × `--max-candidates`).
+    pub fn set_graph_rows(&mut self, rows: i64) {
+        self.graph_rows = rows;
+    }
+
+    /// Captures every piece of a one-token step at every row bucket up to the most rows a step
+    /// may hold, on this executor, so serving never stops for a capture; returns the buckets
+    /// covered. It runs one step of padding rows per bucket: a graph depends only on its shapes,
+    /// never on its inputs' values. A capture that fails turns graphs off for the executor, as in
+    /// serving ([`graphs::run`]).
+    pub fn capture_graphs(&self) -> usize {
+        if self.graphs == GraphMode::Off {
+            return 0;
+        }
+        let _no_grad = tch::no_grad_guard();
+        let (kind, device) = (self.kind(), self.word_embeddings.weight.device());
+        let cross = self.cross_attn_cache(&Tensor::zeros([1, 1, self.encoder_width], (kind, device)));
+        let buckets = graphs::buckets_up_to(self.graph_rows);
+        for &rows in &buckets {
+            let zeros = Tensor::zeros([rows, 1], (Kind::Int64, device));
+            let hidden = self.forward_at(&zeros, &zeros, &mut SelfAttnCache::default(), &cross, &[rows], None);
+            let _ = self.next_token_logits(&hidden);
+        }
+        buckets.len()
     }
 
     /// The graph mode of a step that runs `len` tokens per row: prompts of every length arrive
