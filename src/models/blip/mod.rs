@@ -4,6 +4,7 @@
 pub mod config;
 pub mod decode;
 pub mod request;
+pub mod slots;
 pub mod text;
 pub mod vision;
 
@@ -12,7 +13,7 @@ use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
 pub use config::BlipConfig;
-pub use decode::DecodeBatch;
+pub use decode::{DecodeBatch, SlotStats};
 pub use request::{DecodeRequest, Decoded, SpecialTokens};
 pub use text::{BlipTextDecoder, CrossAttnCache, SelfAttnCache};
 pub use vision::BlipVisionModel;
