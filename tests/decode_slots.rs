@@ -62,7 +62,7 @@ fn with_bos(blip: &Blip, mut r: DecodeRequest) -> DecodeRequest {
 
 fn alone(blip: &Blip, seed: u64, req: &DecodeRequest) -> Decoded {
     let e = embeds(blip, &[seed]);
-    let (mut done, _) = DecodeBatch::new(&blip.text_decoder, special(blip), &e, &[req.clone()]).run_to_end();
+    let (mut done, _) = DecodeBatch::new(&blip.text_decoder, special(blip), &e, std::slice::from_ref(req)).run_to_end();
     done.remove(0)
 }
 
