@@ -134,7 +134,7 @@ impl Occupancy {
         free
     }
 
-    /// Free slots, lowest first.
+    /// How many slots are free.
     pub fn free(&self) -> usize {
         self.taken.len() - self.live()
     }
