@@ -5,6 +5,11 @@
 //! max_length) so every level does the same work per image. Prints a table and, with --json,
 //! writes one JSON object per level.
 //!
+//! `--arrival-rate R` measures one open-loop level instead: a request starts every 1/R seconds
+//! whatever the server's progress, each with a decode length of its own (half to one and a half
+//! times `--decode-len`, ending early at the end token after half of it), so requests join and
+//! leave running decode batches mid-decode and rows of one image end at different steps.
+//!
 //! `--models checkpoints` serves the folders `--blip-model` / `--clip-model` name (by default the
 //! shipped shapes models; `make bench` points them at full-size weights it saved once for both
 //! sides); `--models base` builds full-size BLIP-base and CLIP ViT-B/32 from `bench/configs/` with
@@ -22,6 +27,7 @@ use caption_cascade::{
     app::WeightSource,
     backend::{BlipRunner, ClipRunner},
     config::EngineArgs,
+    models::timing::StepTimes,
     pb::{self, cascade_client::CascadeClient},
 };
 use clap::{Parser, ValueEnum};
@@ -53,6 +59,10 @@ struct Args {
     /// Fixed sequence length of every candidate (start token included).
     #[arg(long, default_value_t = 20)]
     decode_len: u32,
+    /// Instead of the concurrency levels, one open-loop level: requests arrive at this rate (per
+    /// second) for --seconds, with staggered decode lengths; the level ends when all are answered.
+    #[arg(long)]
+    arrival_rate: Option<f64>,
     /// Write one JSON object per level to this file.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -71,6 +81,7 @@ struct Args {
 
 #[derive(Debug)]
 struct Level {
+    /// Concurrent clients, or 0 for the open-loop level.
     concurrency: usize,
     requests: usize,
     errors: usize,
@@ -80,6 +91,8 @@ struct Level {
     latencies_ms: Vec<f64>,
     /// The process's peak resident memory by the end of this level (server and clients).
     peak_rss_mb: f64,
+    /// The decode steps this level ran in this process (none when loading an --endpoint).
+    steps: StepTimes,
 }
 
 impl Level {
@@ -142,14 +155,34 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // Warm-up: first calls pay for lazy initialisation (allocator, kernels).
     drive(addr, &images, 2, Duration::from_secs_f64(args.seconds.min(3.0)), &args).await?;
     println!(
-        "{:>11} {:>9} {:>8} {:>11} {:>9} {:>9} {:>9} {:>9}",
-        "concurrency", "requests", "errors", "images/s", "p50 ms", "p90 ms", "p99 ms", "peak MB"
+        "{:>11} {:>9} {:>8} {:>11} {:>9} {:>9} {:>9} {:>9} {:>8} {:>11} {:>11}",
+        if args.arrival_rate.is_some() { "arrivals" } else { "concurrency" },
+        "requests",
+        "errors",
+        "images/s",
+        "p50 ms",
+        "p90 ms",
+        "p99 ms",
+        "peak MB",
+        "steps",
+        "host ms/st",
+        "wait ms/st"
     );
     let mut levels = Vec::new();
-    for &c in &args.concurrency {
-        let level = drive(addr, &images, c, Duration::from_secs_f64(args.seconds), &args).await?;
+    let plan: Vec<Option<usize>> = match args.arrival_rate {
+        Some(_) => vec![None],
+        None => args.concurrency.iter().map(|&c| Some(c)).collect(),
+    };
+    for c in plan {
+        let length = Duration::from_secs_f64(args.seconds);
+        let level = match (c, args.arrival_rate) {
+            (Some(c), _) => drive(addr, &images, c, length, &args).await?,
+            (None, Some(rate)) => open_loop(addr, &images, rate, length, &args).await?,
+            (None, None) => unreachable!("a level is either closed or open loop"),
+        };
+        let c = c.map_or_else(|| format!("open@{}/s", args.arrival_rate.unwrap_or_default()), |c| c.to_string());
         println!(
-            "{:>11} {:>9} {:>8} {:>11.2} {:>9.1} {:>9.1} {:>9.1} {:>9.0}",
+            "{:>11} {:>9} {:>8} {:>11.2} {:>9.1} {:>9.1} {:>9.1} {:>9.0} {:>8} {:>11.3} {:>11.3}",
             c,
             level.requests,
             level.errors,
@@ -157,12 +190,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
             level.percentile(0.5),
             level.percentile(0.9),
             level.percentile(0.99),
-            level.peak_rss_mb
+            level.peak_rss_mb,
+            level.steps.steps,
+            level.steps.host_ms_per_step(),
+            level.steps.device_wait_ms_per_step()
         );
         levels.push(level);
     }
-    if let (Some(first), Some(best)) =
-        (levels.first(), levels.iter().max_by(|a, b| a.throughput().total_cmp(&b.throughput())))
+    if let (None, Some(first), Some(best)) =
+        (args.arrival_rate, levels.first(), levels.iter().max_by(|a, b| a.throughput().total_cmp(&b.throughput())))
     {
         println!(
             "# batching gain: {:.2}x ({:.2} images/s at concurrency {} / {:.2} at concurrency {})",
@@ -179,10 +215,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .map(|l| {
                 serde_json::json!({
                     "models": format!("{:?}", args.models), "device": format!("{device:?}"),
-                    "concurrency": l.concurrency, "requests": l.requests, "errors": l.errors, "first_error": l.first_error,
+                    "concurrency": l.concurrency, "arrival_rate": args.arrival_rate, "requests": l.requests, "errors": l.errors, "first_error": l.first_error,
                     "images_per_s": l.throughput(), "p50_ms": l.percentile(0.5), "p90_ms": l.percentile(0.9),
                     "p99_ms": l.percentile(0.99), "candidates": args.candidates, "decode_len": args.decode_len,
                     "peak_rss_mb": l.peak_rss_mb, "dtype": format!("{:?}", engine.dtype), "quantize": format!("{:?}", engine.quantize),
+                    "decode_steps": l.steps.steps, "host_ms_per_step": finite(l.steps.host_ms_per_step()),
+                    "device_wait_ms_per_step": finite(l.steps.device_wait_ms_per_step()),
                 })
                 .to_string()
             })
@@ -252,6 +290,7 @@ async fn drive(
 ) -> anyhow::Result<Level> {
     let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))?.connect().await?;
     let start = Instant::now();
+    let steps_before = StepTimes::now();
     let deadline = start + length;
     let params = pb::GenerationParams {
         num_candidates: Some(args.candidates),
@@ -307,6 +346,85 @@ async fn drive(
         seconds,
         latencies_ms,
         peak_rss_mb: peak_rss_mb(),
+        steps: StepTimes::now().since(&steps_before),
+    })
+}
+
+/// `x`, or JSON's null where it is not a number (no steps ran in this process).
+fn finite(x: f64) -> Option<f64> {
+    x.is_finite().then_some(x)
+}
+
+/// The parameters of open-loop request `n`: a decode length of its own between half and one and a
+/// half times `--decode-len` (spread by a multiplicative hash, so neighbours differ), which rows
+/// may end early at the end token once past half of it, and sampling, so each candidate ends
+/// when its own draws say.
+fn staggered_params(n: u64, decode_len: u32, candidates: u32) -> pb::GenerationParams {
+    let lo = (decode_len / 2).max(2);
+    let span = u64::from(decode_len + 1);
+    let max_length = lo + (n.wrapping_mul(2_654_435_761) % span) as u32;
+    pb::GenerationParams {
+        num_candidates: Some(candidates),
+        max_length: Some(max_length),
+        min_length: Some(max_length / 2),
+        seed: Some(n),
+        ..Default::default()
+    }
+}
+
+/// One open-loop level: a request every `1 / rate` seconds for `length`, each on its own task, so
+/// arrivals never wait for answers; returns once every request is answered.
+async fn open_loop(
+    addr: SocketAddr,
+    images: &Arc<Vec<Vec<u8>>>,
+    rate: f64,
+    length: Duration,
+    args: &Args,
+) -> anyhow::Result<Level> {
+    anyhow::ensure!(rate.is_finite() && rate > 0.0, "--arrival-rate must be a positive number");
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))?.connect().await?;
+    let start = Instant::now();
+    let steps_before = StepTimes::now();
+    let mut ticks = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut tasks = Vec::new();
+    let mut n = 0u64;
+    while start.elapsed() < length {
+        ticks.tick().await;
+        let mut client = CascadeClient::new(channel.clone());
+        let req = pb::CaptionRequest {
+            image: Some(pb::Image { source: Some(pb::image::Source::Data(images[n as usize % images.len()].clone())) }),
+            params: Some(staggered_params(n, args.decode_len, args.candidates)),
+            top_k: Some(3),
+            ..Default::default()
+        };
+        n += 1;
+        tasks.push(tokio::spawn(async move {
+            let t = Instant::now();
+            client.caption(req).await.map(|_| t.elapsed().as_secs_f64() * 1e3)
+        }));
+    }
+    let (mut latencies_ms, mut errors, mut first_error) = (Vec::new(), 0, None);
+    for t in tasks {
+        match t.await? {
+            Ok(ms) => latencies_ms.push(ms),
+            Err(status) => {
+                errors += 1;
+                first_error.get_or_insert_with(|| format!("{:?}: {}", status.code(), status.message()));
+            }
+        }
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    latencies_ms.sort_by(f64::total_cmp);
+    Ok(Level {
+        concurrency: 0,
+        requests: latencies_ms.len(),
+        errors,
+        first_error,
+        seconds,
+        latencies_ms,
+        peak_rss_mb: peak_rss_mb(),
+        steps: StepTimes::now().since(&steps_before),
     })
 }
 

@@ -12,6 +12,8 @@
 #     throughout.
 #   full (at most 7 minutes): bench/compare.py, caption-bench against transformers on the same
 #     full-size weights, in bf16 and fp16, then caption-bench in bf16 with --cuda-graphs.
+#   Each caption-bench load also reports where its decode steps' time went: host time per step
+#   against the time spent waiting for the device's results.
 #
 # Any failed request, error record, run without candidates, different caption or logit beyond
 # its tolerance makes the part FAIL (exit 1); a step over its time limit fails too. Offline: only
@@ -62,6 +64,19 @@ check() {
   python3 bench/compare.py check "$@" | tee -a "$SUMMARY"
   [ "${PIPESTATUS[0]}" -eq 0 ] || failed=1
 }
+# Where a decode step's time goes, per level of a caption-bench JSON file: host time (launches,
+# bookkeeping) against the time the host waited for the device to read results back.
+step_times() {
+  python3 - "$1" "$2" <<'PY' | tee -a "$SUMMARY"
+import json, sys
+fmt = lambda x: "n/a" if x is None else f"{x:.3f}"
+for line in open(sys.argv[2]):
+    if line.strip():
+        r = json.loads(line)
+        print(f"# {sys.argv[1]}, concurrency {r['concurrency']}: {r.get('decode_steps', 0)} decode steps, "
+              f"host {fmt(r.get('host_ms_per_step'))} ms/step, device wait {fmt(r.get('device_wait_ms_per_step'))} ms/step")
+PY
+}
 finish() {
   [ -n "${SMI:-}" ] && kill "$SMI" 2>/dev/null
   note "$([ $failed -eq 0 ] && echo PASS || echo FAIL) $PART"
@@ -103,6 +118,7 @@ if [ "$PART" = preflight ]; then
       --concurrency 48 --seconds 5 $LOAD --json "$WORK/bench-bf16-$mode.jsonl"
     check bench "full-size bf16 $mode" "$WORK/bench-bf16-$mode.jsonl"
     grep -E '^ +[0-9]' "$WORK/bench-bf16-$mode.out" | sed "s/^/# $mode: /" >>"$SUMMARY"
+    step_times "full-size bf16 $mode" "$WORK/bench-bf16-$mode.jsonl"
   done
   # Images per decode step, from a server's metrics while caption-bench loads it (embedded models).
   "$BIN/caption-cascade" serve --device $DEV --dtype bf16 $([ "$DEV" = cuda ] && echo --cuda-graphs) $LOAD --listen 127.0.0.1:0 \
@@ -145,4 +161,5 @@ step bench-bf16-graphs 90 "$BIN/caption-bench" --models checkpoints --blip-model
   --concurrency 1,48 --seconds 10 $LOAD --json "$WORK/cuda-bf16-graphs.jsonl"
 check bench "caption-bench bf16 --cuda-graphs" "$WORK/cuda-bf16-graphs.jsonl"
 grep -E '^ +[0-9]|^#' "$WORK/bench-bf16-graphs.out" >>"$SUMMARY"
+step_times "caption-bench bf16 --cuda-graphs" "$WORK/cuda-bf16-graphs.jsonl"
 finish

@@ -262,7 +262,11 @@ impl EngineArgs {
                 self.generate_max_batch, self.max_candidates
             ));
         }
-        Ok(crate::models::Numerics { graphs: crate::backend::graph_mode(device, self.cuda_graphs)?, ..numerics })
+        Ok(crate::models::Numerics {
+            graphs: crate::backend::graph_mode(device, self.cuda_graphs)?,
+            graph_rows: rows.min(most) as i64,
+            ..numerics
+        })
     }
 
     pub fn executors(&self) -> usize {

@@ -1,7 +1,7 @@
 //! How often a decode step waits on the device: every read back goes through
 //! `models::transfer::read`, which counts per thread, so on the CPU a step can be shown to read
-//! exactly once: greedy and sampled rows, image groups of different sizes, and beam search with
-//! two requests in one batch.
+//! exactly once: greedy and sampled rows, image groups of different sizes, beam search with
+//! two requests in one batch, and beam rows sharing a step with greedy or sampled rows.
 
 mod common;
 
@@ -89,4 +89,36 @@ fn a_beam_step_reads_once_for_all_its_requests() {
     let reads = reads_per_step(&model(), &[beam.clone(), GenerationParams { num_beams: 2, num_candidates: 2, ..beam }]);
     assert!(reads.len() > 3, "{reads:?}");
     assert!(reads.iter().all(|&r| r == 1), "reads per step: {reads:?}");
+}
+
+fn beam(n: u32) -> GenerationParams {
+    GenerationParams { strategy: Strategy::Beam, num_beams: n, num_candidates: n, max_length: 24, ..Default::default() }
+}
+
+#[test]
+fn a_step_of_beam_and_greedy_rows_reads_once() {
+    let greedy = |n| GenerationParams { num_candidates: n, strategy: Strategy::Greedy, ..Default::default() };
+    // Groups of 1, 3 and 2 rows: uneven from the first step, and beams and greedy rows end apart.
+    let reads = reads_per_step(&model(), &[greedy(1), beam(3), greedy(2)]);
+    assert!(reads.len() > 3, "{reads:?}");
+    assert!(reads.iter().all(|&r| r == 1), "reads per step: {reads:?}");
+}
+
+#[test]
+fn a_step_of_beam_and_sampled_rows_reads_once() {
+    // Top-k 50 on a 20-odd token vocabulary of the shapes model would be no top-k at all; 3
+    // takes the top-k window's path, whose tie flag travels in the same read.
+    let sampled = |n, seed, top_k| GenerationParams {
+        num_candidates: n,
+        seed,
+        top_k,
+        temperature: 1.5,
+        max_length: 24,
+        ..Default::default()
+    };
+    for top_k in [3, 0] {
+        let reads = reads_per_step(&model(), &[sampled(4, 5, top_k), beam(2), sampled(1, 6, top_k)]);
+        assert!(reads.len() > 3, "top_k {top_k}: {reads:?}");
+        assert!(reads.iter().all(|&r| r == 1), "top_k {top_k}: reads per step: {reads:?}");
+    }
 }

@@ -1,5 +1,7 @@
 //! A CUDA graph capture that fails (emulated here) turns graphs off for its executor, which keeps
 //! serving: the decode batch it was in, and the ones after, caption exactly as eager decoding does.
+//! Graphs captured for every bucket up front (as a CUDA executor does at start) leave serving
+//! nothing to capture.
 
 use std::path::Path;
 
@@ -46,4 +48,25 @@ fn a_failed_capture_leaves_the_executor_serving_eagerly() {
     assert_eq!(graphs::on_this_executor(), (0, true), "the executor's graphs are gone, none made since");
     assert_eq!(decode(&blip, &embeds), eager, "later batches, of either model");
     assert_eq!(graphs::on_this_executor(), (0, true));
+}
+
+#[test]
+fn graphs_captured_up_front_cover_every_step_that_follows() {
+    let _g = tch::no_grad_guard();
+    let mut blip = Blip::load(Path::new(BLIP), Device::Cpu).unwrap();
+    tch::manual_seed(4);
+    let size = blip.config.vision_config.image_size;
+    let embeds = blip.encode_image(&Tensor::randn([2, 3, size, size], (Kind::Float, Device::Cpu)));
+    let eager = decode(&blip, &embeds);
+
+    blip.text_decoder.set_graph_mode(GraphMode::Emulated);
+    // Two requests of 2 and 3 candidates: steps of 5, then fewer rows as candidates finish.
+    blip.text_decoder.set_graph_rows(5);
+    assert_eq!(graphs::on_this_executor(), (0, false));
+    assert_eq!(blip.text_decoder.capture_graphs(), 4, "buckets 1, 2, 4 and 8");
+    let (captured, off) = graphs::on_this_executor();
+    let layers = blip.config.text_config.num_hidden_layers as usize;
+    assert_eq!((captured, off), (4 * (2 + 3 * layers), false), "every piece at every bucket");
+    assert_eq!(decode(&blip, &embeds), eager);
+    assert_eq!(graphs::on_this_executor(), (captured, false), "serving captured nothing new");
 }

@@ -1,6 +1,7 @@
 //! The shared scheduler with fake models: batches fill to max_batch_size, a lone request waits at
 //! most max_queue_delay, a full queue refuses at once, deadlines and cancellations drop work,
-//! joiners enter a running decode batch, and neither model starves the other. Batching delays and
+//! joiners enter a running decode batch, neither model starves the other, and every executor
+//! prepares the generator (`StepWise::start_executor`) once before it takes work. Batching delays and
 //! deadlines run on a manual clock, so those checks do not race real time.
 
 use std::{
@@ -21,6 +22,13 @@ struct Log {
     rank_batches: Vec<usize>,
     started: Vec<u64>,
     cancelled: Vec<u64>,
+    /// "start executor-N" when an executor prepares the generator, "prefill executor-N" when it
+    /// prefills, in order.
+    executor_events: Vec<String>,
+}
+
+fn thread_name() -> String {
+    std::thread::current().name().unwrap_or("unnamed").to_string()
 }
 
 /// A "generator" whose input is the number of steps a request needs.
@@ -42,11 +50,18 @@ impl StepWise for FakeGenerate {
     const NAME: &'static str = "generate";
 
     fn prefill(&self, inputs: Vec<(u64, u32)>) -> (FakeGenerateBatch<'_>, Vec<(u64, Result<u32, EngineError>)>) {
-        self.log.lock().unwrap().started.extend(inputs.iter().map(|(id, _)| *id));
+        let mut log = self.log.lock().unwrap();
+        log.started.extend(inputs.iter().map(|(id, _)| *id));
+        log.executor_events.push(format!("prefill {}", thread_name()));
+        drop(log);
         let mut batch =
             FakeGenerateBatch { runner: self, rows: inputs.into_iter().map(|(id, n)| (id, n, n)).collect() };
         let done = batch.decode();
         (batch, done)
+    }
+
+    fn start_executor(&self) {
+        self.log.lock().unwrap().executor_events.push(format!("start {}", thread_name()));
     }
 }
 
@@ -324,4 +339,36 @@ async fn a_panicking_batch_fails_its_own_requests_only() {
     // The executor survived: later batches of both models are served.
     assert_eq!(s.submit_one_shot(5, Admission::default()).await, Ok(10));
     assert_eq!(s.submit_step_wise(2, Admission::default()).await, Ok(2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_executor_prepares_the_generator_once_before_it_takes_work() {
+    let log = Arc::new(Mutex::new(Log::default()));
+    let s = Scheduler::start_with_clock(
+        SchedulerConfig { executors: 2, generate: queue(1, 0, 8), rank: queue(4, 0, 8) },
+        Arc::new(FakeGenerate { log: log.clone(), step_time: Duration::from_millis(5) }),
+        Arc::new(FakeRank { log: log.clone() }),
+        Arc::new(ManualClock::new()),
+    );
+    let runs: Vec<_> = (0..6).map(|_| s.submit_step_wise(3, Admission::default())).collect();
+    for r in futures::future::join_all(runs).await {
+        assert_eq!(r, Ok(3));
+    }
+    until("both executors started", || {
+        log.lock().unwrap().executor_events.iter().filter(|e| e.starts_with("start")).count() == 2
+    })
+    .await;
+    let events = log.lock().unwrap().executor_events.clone();
+    for (i, e) in events.iter().enumerate() {
+        let thread = e.split_once(' ').unwrap().1;
+        let starts = events.iter().filter(|x| *x == &format!("start {thread}")).count();
+        assert_eq!(starts, 1, "{events:?}");
+        if e.starts_with("prefill") {
+            assert!(
+                events[..i].contains(&format!("start {thread}")),
+                "{thread} prefilled before it started: {events:?}"
+            );
+        }
+    }
+    s.shutdown();
 }

@@ -5,6 +5,7 @@ use std::{
     collections::{BTreeMap, HashMap},
     path::Path,
     sync::atomic::{AtomicU64, Ordering},
+    time::Instant,
 };
 
 use tch::{Device, Kind};
@@ -15,6 +16,7 @@ use crate::{
     models::{
         blip::{Blip, DecodeBatch, DecodeRequest, Decoded, SpecialTokens},
         generation::GenerationParams,
+        graphs::{self, GraphMode},
         preprocess::{self, ImageProcessor, Pixels},
         tokenizer::CaptionTokenizer,
         ModelError, Numerics, Shared,
@@ -206,6 +208,29 @@ impl StepWise for BlipRunner {
             }
         }
         (GenerateBatch { runner: self, decode, strip }, finished)
+    }
+
+    /// On CUDA every graph bucket is captured here, before the executor serves: a capture in
+    /// the middle of serving stalls that step for the capture, and captures spread over hours
+    /// grow the shared graph pool at random times. The CPU's emulated graphs cost nothing to
+    /// make, so they stay lazy.
+    fn start_executor(&self) {
+        if self.model.text_decoder.graph_mode() != GraphMode::Cuda {
+            return;
+        }
+        let started = Instant::now();
+        let buckets = self.model.text_decoder.capture_graphs();
+        let (graphs, off) = graphs::on_this_executor();
+        if off {
+            tracing::warn!(buckets, "decode-step graphs could not be captured; this executor runs eagerly");
+        } else {
+            tracing::info!(
+                buckets,
+                graphs,
+                ms = started.elapsed().as_millis() as u64,
+                "captured the decode-step graphs of every row bucket"
+            );
+        }
     }
 }
 

@@ -48,6 +48,10 @@ pub trait StepWise: Send + Sync + 'static {
         &self,
         inputs: Vec<(u64, Self::Input)>,
     ) -> (Self::Batch<'_>, Vec<(u64, Result<Self::Output, EngineError>)>);
+
+    /// Prepares this executor thread for the model before it takes work (after the executor's
+    /// own device set-up), e.g. captures what a step replays, so serving never stops for it.
+    fn start_executor(&self) {}
 }
 
 /// Requests being decoded together. A verb need not copy: an implementation may keep its rows in

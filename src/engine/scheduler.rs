@@ -221,6 +221,9 @@ impl<G: StepWise, R: OneShot> Scheduler<G, R> {
 fn executor_loop<G: StepWise, R: OneShot>(shared: &Shared<G, R>) {
     (shared.executor_init)();
     let generate = shared.generate.as_deref();
+    if let Some(g) = generate {
+        g.start_executor();
+    }
     let mut running: Option<G::Batch<'_>> = None;
     let mut inflight: HashMap<u64, InFlight<G::Output>> = HashMap::new();
     loop {

@@ -64,6 +64,13 @@ pub fn bucket(rows: i64) -> Option<i64> {
     }
 }
 
+/// Every bucket a step of up to `rows` rows may be padded to, smallest first.
+pub fn buckets_up_to(rows: i64) -> Vec<i64> {
+    let mut buckets: Vec<i64> = (1..=rows.min(MAX_ROWS)).filter_map(bucket).collect();
+    buckets.dedup();
+    buckets
+}
+
 /// Runs piece `piece` of `owner`: `f` maps `inputs` (each `[rows, ...]`) to outputs (each
 /// `[rows, ...]`) row by row, so row `i` of every output depends on row `i` of the inputs alone.
 /// With `mode` off, rows outside the buckets, or graphs turned off on this executor after a
@@ -251,6 +258,14 @@ mod tests {
             let b = bucket(rows).unwrap();
             assert!(b >= rows && (b <= 2 * rows), "{rows} -> {b}");
         }
+    }
+
+    #[test]
+    fn the_buckets_up_to_a_size_are_those_its_steps_use() {
+        assert_eq!(buckets_up_to(0), Vec::<i64>::new());
+        assert_eq!(buckets_up_to(5), [1, 2, 4, 8]);
+        assert_eq!(buckets_up_to(130), [1, 2, 4, 8, 16, 32, 64, 128, 192]);
+        assert_eq!(buckets_up_to(10_000).last(), Some(&MAX_ROWS));
     }
 
     #[test]

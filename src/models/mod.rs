@@ -10,6 +10,7 @@ pub mod int8;
 mod mkl;
 pub mod nn;
 pub mod preprocess;
+pub mod timing;
 pub mod tokenizer;
 pub mod transfer;
 pub mod weights;
@@ -26,11 +27,13 @@ pub struct Numerics {
     pub kind: Kind,
     pub int8_linears: bool,
     pub graphs: graphs::GraphMode,
+    /// The most rows a decode step may hold: graphs are captured for every bucket up to it.
+    pub graph_rows: i64,
 }
 
 impl From<Kind> for Numerics {
     fn from(kind: Kind) -> Self {
-        Self { kind, int8_linears: false, graphs: graphs::GraphMode::Off }
+        Self { kind, int8_linears: false, graphs: graphs::GraphMode::Off, graph_rows: graphs::MAX_ROWS }
     }
 }
 

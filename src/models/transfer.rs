@@ -40,7 +40,10 @@ where
     Vec<T>: TryFrom<Tensor, Error = tch::TchError>,
 {
     READS.with(|r| r.set(r.get() + 1));
-    Vec::<T>::try_from(t.to_device(Device::Cpu).flatten(0, -1)).expect("a tensor of the element type asked for")
+    let started = std::time::Instant::now();
+    let host = t.to_device(Device::Cpu);
+    super::timing::waited(started.elapsed());
+    Vec::<T>::try_from(host.flatten(0, -1)).expect("a tensor of the element type asked for")
 }
 
 /// How many reads this thread has made through [`read`] so far.

@@ -4,6 +4,7 @@
 pub mod config;
 pub mod decode;
 pub mod request;
+pub mod slots;
 pub mod text;
 pub mod vision;
 
@@ -12,7 +13,7 @@ use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
 pub use config::BlipConfig;
-pub use decode::DecodeBatch;
+pub use decode::{DecodeBatch, SlotStats};
 pub use request::{DecodeRequest, Decoded, SpecialTokens};
 pub use text::{BlipTextDecoder, CrossAttnCache, SelfAttnCache};
 pub use vision::BlipVisionModel;
@@ -56,6 +57,7 @@ impl Blip {
     fn with_numerics(config: BlipConfig, weights: Weights, numerics: Numerics) -> Result<Self, ModelError> {
         let mut blip = Self::new(config, &weights.with_int8_linears(numerics.int8_linears))?;
         blip.text_decoder.set_graph_mode(numerics.graphs);
+        blip.text_decoder.set_graph_rows(numerics.graph_rows);
         Ok(blip)
     }
 

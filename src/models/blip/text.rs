@@ -9,7 +9,10 @@
 
 use tch::{Kind, Tensor};
 
-use super::config::BlipTextConfig;
+use super::{
+    config::BlipTextConfig,
+    slots::{SlotBuffers, StepSlots},
+};
 use crate::models::{
     graphs::{self, Body, GraphMode, Owner},
     nn::{attention, causal_blocked, merge_heads, split_heads, Activation, Embedding, LayerNorm, Linear},
@@ -26,7 +29,11 @@ pub struct BlipTextDecoder {
     layers: Vec<DecoderLayer>,
     head: LmHead,
     max_positions: i64,
+    /// Width of the image features cross-attention reads.
+    encoder_width: i64,
     graphs: GraphMode,
+    /// The most rows a step may hold: [`capture_graphs`](Self::capture_graphs) covers them all.
+    graph_rows: i64,
     owner: Owner,
 }
 
@@ -102,45 +109,10 @@ impl SelfAttnCache {
         self.layers.first().filter(|(k, _)| k.defined()).map_or(0, |(k, _)| k.size()[2])
     }
 
-    /// Keeps only the given rows (finished rows leave the batch); the buffers keep their room,
-    /// so the next step writes in place instead of growing them again.
-    pub fn select_rows(&mut self, rows: &Tensor) {
-        for (k, v) in &mut self.layers {
-            *k = k.index_select(0, rows);
-            *v = v.index_select(0, rows);
-        }
-    }
-
-    /// Forgets the first `n` positions of every row (padding no row needs any more).
-    pub fn drop_leading(&mut self, n: i64) {
-        for (k, v) in &mut self.layers {
-            let capacity = k.size()[2];
-            *k = k.narrow(2, n, capacity - n);
-            *v = v.narrow(2, n, capacity - n);
-        }
-        self.len -= n;
-        self.reserve = (self.reserve - n).max(0);
-    }
-
-    /// Appends `other`'s rows after this cache's rows. The shorter history is left-padded with
-    /// zeros to the longer one's length; callers mask the padded positions.
-    pub fn append_rows(&mut self, other: SelfAttnCache) {
-        let (a, b) = (self.len, other.len);
-        let pad = |t: &Tensor, len: i64, n: i64| {
-            let filled = t.narrow(2, 0, len);
-            if n == 0 {
-                return filled;
-            }
-            let mut size = t.size();
-            size[2] = n;
-            Tensor::cat(&[Tensor::zeros(size.as_slice(), (t.kind(), t.device())), filled], 2)
-        };
-        for ((k, v), (ok, ov)) in self.layers.iter_mut().zip(other.layers) {
-            *k = Tensor::cat(&[pad(k, a, (b - a).max(0)), pad(&ok, b, (a - b).max(0))], 0);
-            *v = Tensor::cat(&[pad(v, a, (b - a).max(0)), pad(&ov, b, (a - b).max(0))], 0);
-        }
-        self.len = a.max(b);
-        self.reserve = self.reserve.max(other.reserve);
+    /// The buffers, each `[rows, heads, capacity, head_dim]` with the first
+    /// [`past_len`](Self::past_len) positions filled.
+    pub(super) fn into_layers(self) -> Vec<(Tensor, Tensor)> {
+        self.layers
     }
 }
 
@@ -152,7 +124,9 @@ fn write_positions(buffer: &mut Tensor, past: i64, new: &Tensor, reserve: i64) -
     if capacity < past + n {
         let mut size = new.size();
         size[2] = (past + n + SelfAttnCache::GROWTH).max(reserve);
-        let grown = Tensor::empty(size.as_slice(), (new.kind(), new.device()));
+        // Zeros, not uninitialised memory: a slot-held batch reads positions past a short row's
+        // history (masked), and a masked NaN would still poison the softmax.
+        let grown = Tensor::zeros(size.as_slice(), (new.kind(), new.device()));
         if past > 0 {
             grown.narrow(2, 0, past).copy_(&buffer.narrow(2, 0, past));
         }
@@ -173,19 +147,13 @@ impl CrossAttnCache {
         self.layers.first().map_or(0, |(k, _)| k.size()[0])
     }
 
-    pub fn select_images(&mut self, images: &Tensor) {
-        for (k, v) in &mut self.layers {
-            *k = k.index_select(0, images);
-            *v = v.index_select(0, images);
-        }
+    /// Images `0..images` of slot buffers `[image slots, heads, patches, head_dim]`, without copying.
+    pub(super) fn from_layers(layers: &[(Tensor, Tensor)], images: i64) -> Self {
+        Self { layers: layers.iter().map(|(k, v)| (k.narrow(0, 0, images), v.narrow(0, 0, images))).collect() }
     }
 
-    /// Appends `other`'s images after this cache's images.
-    pub fn append_images(&mut self, other: CrossAttnCache) {
-        for ((k, v), (ok, ov)) in self.layers.iter_mut().zip(other.layers) {
-            *k = Tensor::cat(&[&*k, &ok], 0);
-            *v = Tensor::cat(&[&*v, &ov], 0);
-        }
+    pub(super) fn into_layers(self) -> Vec<(Tensor, Tensor)> {
+        self.layers
     }
 }
 
@@ -263,7 +231,9 @@ impl BlipTextDecoder {
             layers,
             head,
             max_positions: cfg.max_position_embeddings,
+            encoder_width: cfg.encoder_hidden_size,
             graphs: GraphMode::Off,
+            graph_rows: graphs::MAX_ROWS,
             owner: Owner::new(),
         })
     }
@@ -271,6 +241,36 @@ impl BlipTextDecoder {
     /// How one-token decode steps launch their row-wise pieces (see [`graphs`]).
     pub fn set_graph_mode(&mut self, mode: GraphMode) {
         self.graphs = mode;
+    }
+
+    pub fn graph_mode(&self) -> GraphMode {
+        self.graphs
+    }
+
+    /// The most rows a decode step may hold (`--generate-max-batch` × `--max-candidates`).
+    pub fn set_graph_rows(&mut self, rows: i64) {
+        self.graph_rows = rows;
+    }
+
+    /// Captures every piece of a one-token step at every row bucket up to the most rows a step
+    /// may hold, on this executor, so serving never stops for a capture; returns the buckets
+    /// covered. It runs one step of padding rows per bucket: a graph depends only on its shapes,
+    /// never on its inputs' values. A capture that fails turns graphs off for the executor, as in
+    /// serving ([`graphs::run`]).
+    pub fn capture_graphs(&self) -> usize {
+        if self.graphs == GraphMode::Off {
+            return 0;
+        }
+        let _no_grad = tch::no_grad_guard();
+        let (kind, device) = (self.kind(), self.word_embeddings.weight.device());
+        let cross = self.cross_attn_cache(&Tensor::zeros([1, 1, self.encoder_width], (kind, device)));
+        let buckets = graphs::buckets_up_to(self.graph_rows);
+        for &rows in &buckets {
+            let zeros = Tensor::zeros([rows, 1], (Kind::Int64, device));
+            let hidden = self.forward_at(&zeros, &zeros, &mut SelfAttnCache::default(), &cross, &[rows], None);
+            let _ = self.next_token_logits(&hidden);
+        }
+        buckets.len()
     }
 
     /// The graph mode of a step that runs `len` tokens per row: prompts of every length arrive
@@ -365,12 +365,75 @@ impl BlipTextDecoder {
             cache.layers = self.layers.iter().map(|_| (Tensor::new(), Tensor::new())).collect();
         }
         let groups = ImageGroups::new(rows_per_image, x.device());
+        let reserve = cache.reserve;
         for (i, layer) in self.layers.iter().enumerate() {
             let (k_past, v_past) = &mut cache.layers[i];
+            let (ck, cv) = &cross.layers[i];
             let part = |p: u32, inputs: &[&Tensor], f: Body| piece(layer_piece(i, p), inputs, f);
-            x = layer.forward(&x, (k_past, v_past, cache.reserve), past, &cross.layers[i], &groups, mask, &part);
+            let mut self_attend = |q: &Tensor, k: &Tensor, v: &Tensor, scale: f64| {
+                let k = write_positions(k_past, past, k, reserve);
+                let v = write_positions(v_past, past, v, reserve);
+                attention(q, &k, &v, mask, scale)
+            };
+            let cross_attend = |q: &Tensor, scale: f64| grouped_cross_attention(q, ck, cv, &groups, scale);
+            x = layer.forward(&x, &mut self_attend, &cross_attend, &part);
         }
         cache.len = past + len;
+        x
+    }
+
+    /// A one-token step of a batch held in slots (see [`slots`](super::slots)): `ids` and
+    /// `positions` `[rows, 1]` of its live rows; writes each row's keys and values at its slot
+    /// and position in `cache` and returns the last layer's hidden states `[rows, 1, hidden]`.
+    /// The row-wise pieces run on the live rows alone; the attentions read the slots `slots`
+    /// names, dead ones masked.
+    pub fn forward_slots(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        cache: &mut SlotBuffers,
+        cross: &SlotBuffers,
+        slots: &StepSlots,
+    ) -> Tensor {
+        let mode = self.graph_mode_for(1);
+        let piece = |id: u32, inputs: &[&Tensor], f: Body| graphs::run(mode, self.owner, id, inputs, f);
+        let mut x = piece(EMBED_PIECE, &[ids, positions], &|t| {
+            let x = self.word_embeddings.forward(t[0]) + self.position_embeddings.forward(t[1]);
+            vec![self.embed_norm.forward(&x)]
+        })
+        .remove(0);
+        let groups = ImageGroups {
+            images: slots.images_used,
+            widest: slots.widest,
+            slots: slots.cross_slots.as_ref().map(Tensor::shallow_clone),
+        };
+        let at = [Some(&slots.write_slots), None, Some(&slots.write_positions)];
+        for (i, layer) in self.layers.iter().enumerate() {
+            let (k_buf, v_buf) = &mut cache.layers_mut()[i];
+            let (ck, cv) = &cross.layers()[i];
+            let (ck, cv) = (ck.narrow(0, 0, slots.images_used), cv.narrow(0, 0, slots.images_used));
+            let part = |p: u32, inputs: &[&Tensor], f: Body| piece(layer_piece(i, p), inputs, f);
+            let mut self_attend = |q: &Tensor, k: &Tensor, v: &Tensor, scale: f64| {
+                let _ = k_buf.index_put_(&at, &k.squeeze_dim(2), false);
+                let _ = v_buf.index_put_(&at, &v.squeeze_dim(2), false);
+                let used = slots.rows_used;
+                let k = k_buf.narrow(0, 0, used).narrow(2, 0, slots.width);
+                let v = v_buf.narrow(0, 0, used).narrow(2, 0, slots.width);
+                match &slots.row_slots {
+                    None => attention(q, &k, &v, slots.mask.as_ref(), scale),
+                    Some(idx) => {
+                        // Live queries at their slots, zeros at dead ones: the cache is read in
+                        // place, never gathered per row.
+                        let mut size = q.size();
+                        size[0] = used;
+                        let padded = q.new_zeros(size.as_slice(), (q.kind(), q.device())).index_copy(0, idx, q);
+                        attention(&padded, &k, &v, slots.mask.as_ref(), scale).index_select(0, idx)
+                    }
+                }
+            };
+            let cross_attend = |q: &Tensor, scale: f64| grouped_cross_attention(q, &ck, &cv, &groups, scale);
+            x = layer.forward(&x, &mut self_attend, &cross_attend, &part);
+        }
         x
     }
 
@@ -386,33 +449,26 @@ impl BlipTextDecoder {
     }
 }
 
+/// A layer's self-attention: queries, the step's new keys and values, and the scale give the
+/// attention output, the cache updated on the way.
+type SelfAttend<'a> = &'a mut dyn FnMut(&Tensor, &Tensor, &Tensor, f64) -> Tensor;
+/// A layer's cross-attention: queries and the scale give the attention output.
+type CrossAttend<'a> = &'a dyn Fn(&Tensor, f64) -> Tensor;
+
 impl DecoderLayer {
-    #[allow(clippy::too_many_arguments)]
-    fn forward(
-        &self,
-        x: &Tensor,
-        (k_past, v_past, reserve): (&mut Tensor, &mut Tensor, i64),
-        past: i64,
-        cross: &(Tensor, Tensor),
-        groups: &ImageGroups,
-        mask: Option<&Tensor>,
-        piece: Launch,
-    ) -> Tensor {
+    fn forward(&self, x: &Tensor, self_attend: SelfAttend, cross_attend: CrossAttend, piece: Launch) -> Tensor {
         // Three row-wise pieces, with the two attentions (whose shapes follow the cache and the
         // image groups) between them.
         let (a, c) = (&self.self_attn, &self.cross_attn);
         let qkv = piece(0, &[x], &|t| vec![a.query.forward(t[0]), a.key.forward(t[0]), a.value.forward(t[0])]);
-        let q = split_heads(&qkv[0], a.heads);
-        let k = write_positions(k_past, past, &split_heads(&qkv[1], a.heads), reserve);
-        let v = write_positions(v_past, past, &split_heads(&qkv[2], a.heads), reserve);
-        let ctx = attention(&q, &k, &v, mask, a.scale);
+        let split = |t: &Tensor| split_heads(t, a.heads);
+        let ctx = self_attend(&split(&qkv[0]), &split(&qkv[1]), &split(&qkv[2]), a.scale);
 
         let after_self = piece(1, &[&ctx, x], &|t| {
             let x = a.norm.forward(&(a.dense.forward(&merge_heads(t[0])) + t[1]));
             vec![c.query.forward(&x), x]
         });
-        let q = split_heads(&after_self[0], c.heads);
-        let ctx = grouped_cross_attention(&q, &cross.0, &cross.1, groups, c.scale);
+        let ctx = cross_attend(&split_heads(&after_self[0], c.heads), c.scale);
 
         piece(2, &[&ctx, &after_self[1]], &|t| {
             let x = c.norm.forward(&(c.dense.forward(&merge_heads(t[0])) + t[1]));

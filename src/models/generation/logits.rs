@@ -16,9 +16,30 @@ pub struct RowParams {
 }
 
 impl RowParams {
-    /// These rows followed by `other`'s.
-    pub fn concat(&self, other: &Self) -> Self {
-        self.zip(other, |a, b| Tensor::cat(&[a, b], 0))
+    /// The first `n` rows.
+    pub fn narrow(&self, n: i64) -> Self {
+        self.zip(self, |a, _| a.narrow(0, 0, n))
+    }
+
+    /// These rows, then ones up to `rows` rows (room for rows that join later).
+    pub fn grown(&self, rows: i64) -> Self {
+        self.zip(self, |a, _| {
+            let mut size = a.size();
+            size[0] = rows - size[0];
+            Tensor::cat(&[a, &Tensor::ones(size.as_slice(), (a.kind(), a.device()))], 0)
+        })
+    }
+
+    /// Writes `src`'s rows over rows `idx`, in place.
+    pub fn put(&mut self, idx: &Tensor, src: &Self) {
+        for (dst, src) in [
+            (&mut self.repetition_penalty, &src.repetition_penalty),
+            (&mut self.temperature, &src.temperature),
+            (&mut self.top_k, &src.top_k),
+            (&mut self.top_p, &src.top_p),
+        ] {
+            let _ = dst.index_copy_(0, idx, src);
+        }
     }
 
     /// The rows at `idx`, in that order.
