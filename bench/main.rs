@@ -95,7 +95,34 @@ struct Level {
     steps: StepTimes,
 }
 
+/// When a level started, by the wall clock and by this process's decode-step counters.
+struct Since {
+    start: Instant,
+    steps: StepTimes,
+}
+
 impl Level {
+    /// A level that ends now, with what its requests measured.
+    fn ended(
+        concurrency: usize,
+        mut latencies_ms: Vec<f64>,
+        errors: usize,
+        first_error: Option<String>,
+        since: Since,
+    ) -> Level {
+        latencies_ms.sort_by(f64::total_cmp);
+        Level {
+            concurrency,
+            requests: latencies_ms.len(),
+            errors,
+            first_error,
+            seconds: since.start.elapsed().as_secs_f64(),
+            latencies_ms,
+            peak_rss_mb: peak_rss_mb(),
+            steps: StepTimes::now().since(&since.steps),
+        }
+    }
+
     fn throughput(&self) -> f64 {
         self.requests as f64 / self.seconds
     }
@@ -336,18 +363,7 @@ async fn drive(
         errors += e;
         first_error = first_error.or(f);
     }
-    let seconds = start.elapsed().as_secs_f64();
-    latencies_ms.sort_by(f64::total_cmp);
-    Ok(Level {
-        concurrency,
-        requests: latencies_ms.len(),
-        errors,
-        first_error,
-        seconds,
-        latencies_ms,
-        peak_rss_mb: peak_rss_mb(),
-        steps: StepTimes::now().since(&steps_before),
-    })
+    Ok(Level::ended(concurrency, latencies_ms, errors, first_error, Since { start, steps: steps_before }))
 }
 
 /// `x`, or JSON's null where it is not a number (no steps ran in this process).
@@ -414,18 +430,7 @@ async fn open_loop(
             }
         }
     }
-    let seconds = start.elapsed().as_secs_f64();
-    latencies_ms.sort_by(f64::total_cmp);
-    Ok(Level {
-        concurrency: 0,
-        requests: latencies_ms.len(),
-        errors,
-        first_error,
-        seconds,
-        latencies_ms,
-        peak_rss_mb: peak_rss_mb(),
-        steps: StepTimes::now().since(&steps_before),
-    })
+    Ok(Level::ended(0, latencies_ms, errors, first_error, Since { start, steps: steps_before }))
 }
 
 /// Peak resident set size of this process so far, in MB (`VmHWM`).
