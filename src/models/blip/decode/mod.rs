@@ -10,20 +10,24 @@
 //! never sees, and every row keeps its own history length and positions, so every row computes
 //! what it would compute alone and the rows that stay are never copied.
 
+mod beams;
+mod choose;
+mod joins;
+
 use std::collections::HashMap;
 
-use rand::{rngs::StdRng, Rng, SeedableRng};
+use rand::{rngs::StdRng, SeedableRng};
 use tch::{Device, Kind, Tensor};
 
 use super::{
     request::{DecodeRequest, Decoded, SpecialTokens},
-    slots::{self, LiveRow, Occupancy, SlotBuffers, StepSlots},
+    slots::{LiveRow, Occupancy, SlotBuffers, StepSlots},
     BlipTextDecoder, CrossAttnCache, SelfAttnCache,
 };
 use crate::models::{
     generation::{
         beam::{BeamParams, BeamState},
-        logits::{self, RowParams},
+        logits::RowParams,
         params::{GenerationParams, Strategy},
     },
     timing,
@@ -328,104 +332,6 @@ impl<'m> DecodeBatch<'m> {
         done
     }
 
-    /// Each beam request's best `2k` continuations on the device: the requests' spans of rows
-    /// (first row, id, beams) and their scores and flat indices as one `f64` tensor, `4k` values
-    /// per request in span order, for the step's one read.
-    fn beam_candidates(
-        &self,
-        scores: &Tensor,
-        seen: &Tensor,
-        params: &RowParams,
-    ) -> (Vec<(usize, u64, usize)>, Tensor) {
-        let log_probs = scores.log_softmax(-1, Kind::Float);
-        let log_probs = logits::repetition_penalty(&log_probs, seen, &params.repetition_penalty);
-        let too_short: Vec<bool> = self.rows.iter().map(|r| (r.tokens.len() as u32) < r.params.min_length).collect();
-        let log_probs =
-            logits::suppress_eos(&log_probs, &Tensor::from_slice(&too_short).upload(self.device), self.special.eos);
-        // Every beam request's running scores go up in one upload.
-        let mut spans: Vec<(usize, u64, usize)> = Vec::new();
-        let mut running = vec![0f32; self.rows.len()];
-        let mut start = 0;
-        while start < self.rows.len() {
-            let id = self.rows[start].request;
-            let Some(state) = self.beams.get(&id) else {
-                start += 1;
-                continue;
-            };
-            let k = state.num_beams();
-            running[start..start + k].copy_from_slice(state.running_scores());
-            spans.push((start, id, k));
-            start += k;
-        }
-        let total = log_probs + Tensor::from_slice(&running).view([-1, 1]).upload(self.device);
-        let parts: Vec<Tensor> = spans
-            .iter()
-            .flat_map(|&(start, _, k)| {
-                let (values, indices) =
-                    total.narrow(0, start as i64, k as i64).view([-1]).topk((2 * k) as i64, -1, true, true);
-                // Scores (f32) and flat indices (below 2^53) are exact as f64: one transfer for both.
-                [values.to_kind(Kind::Double), indices.to_kind(Kind::Double)]
-            })
-            .collect();
-        let candidates = if parts.is_empty() { Tensor::new() } else { Tensor::cat(&parts, 0) };
-        (spans, candidates)
-    }
-
-    /// One beam-search step for every beam request from what [`beam_candidates`](Self::beam_candidates)
-    /// computed (`read` back): returns, for all rows, the row each new row continues (`src`), the
-    /// tokens beam rows take, and the requests whose search ended.
-    #[allow(clippy::type_complexity)]
-    fn advance_beams(
-        &mut self,
-        spans: Vec<(usize, u64, usize)>,
-        read: &[f64],
-        vocab: i64,
-    ) -> (Vec<usize>, Vec<(usize, i64)>, Vec<(u64, Vec<Vec<i64>>)>) {
-        let mut src: Vec<usize> = (0..self.rows.len()).collect();
-        let mut tokens = Vec::new();
-        let mut finished = Vec::new();
-        let mut at = 0;
-        for (start, id, k) in spans {
-            let (values, indices) = read[at..at + 4 * k].split_at(2 * k);
-            at += 4 * k;
-            let top: Vec<(f32, i64)> = values.iter().zip(indices).map(|(&v, &i)| (v as f32, i as i64)).collect();
-            let beams_tokens: Vec<Vec<i64>> = self.rows[start..start + k].iter().map(|r| r.tokens.clone()).collect();
-            let state = self.beams.get_mut(&id).expect("a beam request of this step");
-            let step = state.step(&top, vocab, &beams_tokens);
-            for (j, (parent, token)) in step.next.into_iter().enumerate() {
-                src[start + j] = start + parent;
-                tokens.push((start + j, token));
-            }
-            if let Some(hyps) = step.done {
-                finished.push((id, hyps));
-            }
-        }
-        (src, tokens, finished)
-    }
-
-    /// Rebuilds row `i` from row `src[i]` (beams continuing another beam's history): only the
-    /// slots of rows that change are written.
-    fn reorder_rows(&mut self, src: &[usize]) {
-        let moved: Vec<(i64, i64)> = src
-            .iter()
-            .enumerate()
-            .filter(|&(i, &s)| i != s)
-            .map(|(i, &s)| (self.rows[i].slot as i64, self.rows[s].slot as i64))
-            .collect();
-        if moved.is_empty() {
-            return;
-        }
-        let to = Tensor::from_slice(&moved.iter().map(|m| m.0).collect::<Vec<_>>()).upload(self.device);
-        let from = Tensor::from_slice(&moved.iter().map(|m| m.1).collect::<Vec<_>>()).upload(self.device);
-        self.cache.copy_within(&to, &from);
-        let seen = self.seen.index_select(0, &from);
-        let _ = self.seen.index_copy_(0, &to, &seen);
-        let histories: Vec<Vec<i64>> = src.iter().map(|&s| self.rows[s].tokens.clone()).collect();
-        for (row, tokens) in self.rows.iter_mut().zip(histories) {
-            row.tokens = tokens;
-        }
-    }
-
     /// Runs until every row has finished; returns every request's candidates in request order of
     /// completion, and the number of decoder steps taken.
     pub fn run_to_end(mut self) -> (Vec<Decoded>, u64) {
@@ -434,68 +340,6 @@ impl<'m> DecodeBatch<'m> {
             done.extend(self.step());
         }
         (done, self.steps)
-    }
-
-    /// Moves every row of `other` into this batch. Both must have run at least one step: a
-    /// batch's first step runs its whole prefix, later steps one token per row. The joiners'
-    /// state is written into free slots; the rows already here stay where they are, and the
-    /// buffers are made anew only when there are not enough free slots (growing geometrically).
-    pub fn join(&mut self, mut other: DecodeBatch<'m>) {
-        if other.is_done() {
-            return;
-        }
-        if self.is_done() {
-            other.steps += self.steps;
-            *self = other;
-            return;
-        }
-        assert!(self.steps > 0 && other.steps > 0, "decode batches join only after their first step");
-        let n = other.rows.len();
-        let row_capacity = grown(&self.row_slots, n);
-        let history = other.rows.iter().map(|r| r.tokens.len() as i64 - 1).max().unwrap_or(0);
-        // Room for the joiners' histories, and the room they had (a GPU's reserve).
-        let positions = self.cache.size(2).max(other.cache.size(2));
-        self.cache.reserve(row_capacity as i64, 2, positions);
-        self.grow_rows(row_capacity);
-        let to = self.row_slots.take(n, row_capacity);
-        let from: Vec<usize> = other.rows.iter().map(|r| r.slot).collect();
-        let (to_t, from_t) = (slot_tensor(&to, self.device), slot_tensor(&from, self.device));
-        self.cache.put(&to_t, &other.cache, &from_t, 2, Some(history));
-        let seen = other.seen.index_select(0, &from_t);
-        let _ = self.seen.index_copy_(0, &to_t, &seen);
-        self.row_params.put(&to_t, &other.row_params.select(&from_t));
-
-        let mut images: Vec<usize> = Vec::new();
-        for r in &other.rows {
-            if !images.contains(&r.image) {
-                images.push(r.image);
-            }
-        }
-        let image_capacity = grown(&self.image_slots, images.len());
-        self.cross.reserve(image_capacity as i64, 2, self.cross.size(2));
-        let image_to = self.image_slots.take(images.len(), image_capacity);
-        let image_to_t = slot_tensor(&image_to, self.device);
-        self.cross.put(&image_to_t, &other.cross, &slot_tensor(&images, self.device), 2, None);
-        for (mut row, slot) in std::mem::take(&mut other.rows).into_iter().zip(to) {
-            row.slot = slot;
-            row.image = image_to[images.iter().position(|&i| i == row.image).expect("listed")];
-            self.rows.push(row);
-        }
-        self.results.extend(std::mem::take(&mut other.results));
-        self.beams.extend(std::mem::take(&mut other.beams));
-    }
-
-    /// Makes the per-row tensors (`seen`, the row parameters) `capacity` slots long.
-    fn grow_rows(&mut self, capacity: usize) {
-        let have = self.seen.size()[0];
-        let capacity = capacity as i64;
-        if capacity <= have {
-            return;
-        }
-        let seen = Tensor::zeros([capacity, self.seen.size()[1]], (Kind::Bool, self.device));
-        seen.narrow(0, 0, have).copy_(&self.seen);
-        self.seen = seen;
-        self.row_params = self.row_params.grown(capacity);
     }
 
     /// Drops every row of request `id` (its caller went away); true if it was decoding.
@@ -508,33 +352,6 @@ impl<'m> DecodeBatch<'m> {
             self.retain_rows(&keep);
         }
         true
-    }
-
-    /// Every row's next token as greedy and sampled rows choose it, computed on the device (beam
-    /// rows' entries are ignored); the step reads it back with whatever else it reads.
-    fn choose_tokens(&mut self, scores: &Tensor, seen: &Tensor, params: &RowParams) -> Choice {
-        let scores = logits::repetition_penalty(scores, seen, &params.repetition_penalty);
-        let too_short: Vec<bool> = self.rows.iter().map(|r| (r.tokens.len() as u32) < r.params.min_length).collect();
-        let scores =
-            logits::suppress_eos(&scores, &Tensor::from_slice(&too_short).upload(self.device), self.special.eos);
-        let greedy = scores.argmax(-1, false);
-        if !self.rows.iter().any(|r| r.params.strategy == Strategy::Sample) {
-            return Choice { read: greedy, fallback: None };
-        }
-        let u: Vec<f64> = self.rows.iter_mut().map(|r| 1.0 - r.rng.random::<f64>()).collect();
-        let u = Tensor::from_slice(&u).view([-1, 1]).upload(self.device);
-        let is_sample: Vec<bool> = self.rows.iter().map(|r| r.params.strategy == Strategy::Sample).collect();
-        let is_sample = Tensor::from_slice(&is_sample).upload(self.device);
-        let vocab = scores.size()[1];
-        let max_k = self.rows.iter().map(|r| if r.params.top_k == 0 { vocab } else { i64::from(r.params.top_k) }).max();
-        if let Some(max_k) = max_k.filter(|&k| k < vocab) {
-            let (sampled, tie) = logits::sample_top_k(&scores, params, max_k, &u);
-            // Tokens and the tie flag come back in the step's one transfer.
-            let read = Tensor::cat(&[sampled.where_self(&is_sample, &greedy), tie.to_kind(Kind::Int64).view([1])], 0);
-            return Choice { read, fallback: Some(Fallback { scores, u, is_sample, greedy }) };
-        }
-        let probs = logits::warp(&scores, params).softmax(-1, Kind::Float);
-        Choice { read: logits::sample(&probs, &u).where_self(&is_sample, &greedy), fallback: None }
     }
 
     /// Rows per image, for a first step (rows in image order).
@@ -552,63 +369,6 @@ impl<'m> DecodeBatch<'m> {
         groups
     }
 
-    /// Keeps the rows at `keep`: the others' slots (and the slots of images left without rows)
-    /// become dead, nothing moves, unless occupancy falls below the compaction threshold.
-    fn retain_rows(&mut self, keep: &[usize]) {
-        let mut old: Vec<Option<Row>> = std::mem::take(&mut self.rows).into_iter().map(Some).collect();
-        for &i in keep {
-            self.rows.push(old[i].take().expect("each row kept once"));
-        }
-        for row in old.into_iter().flatten() {
-            self.row_slots.release(row.slot);
-        }
-        for image in 0..self.image_slots.capacity() {
-            if self.image_slots.is_taken(image) && !self.rows.iter().any(|r| r.image == image) {
-                self.image_slots.release(image);
-            }
-        }
-        if slots::wants_compaction(&self.row_slots) {
-            self.compact_rows();
-        }
-        if slots::wants_compaction(&self.image_slots) {
-            self.compact_images();
-        }
-    }
-
-    /// Moves the live rows to slots `0..rows`, in row order.
-    fn compact_rows(&mut self) {
-        let from: Vec<usize> = self.rows.iter().map(|r| r.slot).collect();
-        let to: Vec<usize> = (0..from.len()).collect();
-        let (to_t, from_t) = (slot_tensor(&to, self.device), slot_tensor(&from, self.device));
-        self.cache.copy_within(&to_t, &from_t);
-        let seen = self.seen.index_select(0, &from_t);
-        let _ = self.seen.index_copy_(0, &to_t, &seen);
-        let params = self.row_params.select(&from_t);
-        self.row_params.put(&to_t, &params);
-        for (row, slot) in self.rows.iter_mut().zip(to) {
-            row.slot = slot;
-        }
-        self.row_slots.reset(from.len());
-        self.compactions += 1;
-    }
-
-    /// Moves the live images to slots `0..images`, in the order of their first rows.
-    fn compact_images(&mut self) {
-        let mut from: Vec<usize> = Vec::new();
-        for r in &self.rows {
-            if !from.contains(&r.image) {
-                from.push(r.image);
-            }
-        }
-        let to: Vec<usize> = (0..from.len()).collect();
-        self.cross.copy_within(&slot_tensor(&to, self.device), &slot_tensor(&from, self.device));
-        for row in &mut self.rows {
-            row.image = from.iter().position(|&i| i == row.image).expect("listed");
-        }
-        self.image_slots.reset(from.len());
-        self.compactions += 1;
-    }
-
     fn collect_completed(&mut self) -> Vec<Decoded> {
         let complete: Vec<u64> =
             self.results.iter().filter(|(_, s)| s.iter().all(Option::is_some)).map(|(&id, _)| id).collect();
@@ -619,55 +379,6 @@ impl<'m> DecodeBatch<'m> {
                 Decoded { id, candidates: slots.into_iter().map(|s| s.expect("checked")).collect() }
             })
             .collect()
-    }
-}
-
-/// A step's chosen tokens on the device, before the step reads them.
-struct Choice {
-    /// `[rows]` tokens, followed by the top-k draw's tie flag when `fallback` is set.
-    read: Tensor,
-    fallback: Option<Fallback>,
-}
-
-/// What the whole-vocabulary draw needs when ties at some row's k-th score reach beyond the
-/// top-k window: nothing of it is computed unless the flag says so.
-struct Fallback {
-    scores: Tensor,
-    u: Tensor,
-    is_sample: Tensor,
-    greedy: Tensor,
-}
-
-impl Choice {
-    /// The tokens from `read`, this choice's part of the step's read (`params`: the rows').
-    fn tokens(self, read: &[f64], params: &RowParams) -> Vec<i64> {
-        let mut tokens: Vec<i64> = read.iter().map(|&t| t as i64).collect();
-        let Some(f) = self.fallback else { return tokens };
-        if tokens.pop() == Some(0) {
-            return tokens;
-        }
-        // Ties beyond the window are rare (it holds twice the largest k), and which rows they
-        // hit is known only once the flag is read: drawing over the whole vocabulary on every
-        // step instead would bring back the two full-vocabulary sorts the window avoids. So this
-        // step, and only this one, waits on the device a second time.
-        let sampled = logits::sample(&logits::warp(&f.scores, params).softmax(-1, Kind::Float), &f.u);
-        transfer::read(&sampled.where_self(&f.is_sample, &f.greedy))
-    }
-}
-
-/// Slots as indices on `device`.
-fn slot_tensor(slots: &[usize], device: Device) -> Tensor {
-    Tensor::from_slice(&slots.iter().map(|&s| s as i64).collect::<Vec<_>>()).upload(device)
-}
-
-/// The capacity `occupancy` needs for `more` slots: as it is when enough are free, else grown
-/// by at least half, so a batch reaches its high-water mark in a few reallocations.
-fn grown(occupancy: &Occupancy, more: usize) -> usize {
-    let (capacity, free) = (occupancy.capacity(), occupancy.free());
-    if more <= free {
-        capacity
-    } else {
-        (capacity + more - free).max(capacity + capacity / 2)
     }
 }
 

@@ -7,7 +7,14 @@
 //! grouped by image (`rows_per_image`), and each group's queries attend to one copy of its image's
 //! keys and values.
 
+mod cache;
+mod cross;
+
 use tch::{Kind, Tensor};
+
+use cache::write_positions;
+pub use cache::{CrossAttnCache, SelfAttnCache};
+use cross::{grouped_cross_attention, ImageGroups};
 
 use super::{
     config::BlipTextConfig,
@@ -16,7 +23,6 @@ use super::{
 use crate::models::{
     graphs::{self, Body, GraphMode, Owner},
     nn::{attention, causal_blocked, merge_heads, split_heads, Activation, Embedding, LayerNorm, Linear},
-    transfer,
     weights::Weights,
     ModelError,
 };
@@ -74,87 +80,6 @@ struct LmHead {
     transform_norm: LayerNorm,
     act: Activation,
     decoder: Linear,
-}
-
-/// Per-layer self-attention keys and values of the tokens decoded so far.
-///
-/// Each layer's keys and values live in buffers `[rows, heads, capacity, head_dim]` whose first
-/// `len` positions are filled; a step writes its new positions in place. The buffers are made
-/// with room for [`reserving`](Self::reserving)'s positions, and grow by
-/// [`SelfAttnCache::GROWTH`] positions when full. Growing the history by concatenation instead
-/// copied every layer's whole history on every step.
-#[derive(Debug, Default)]
-pub struct SelfAttnCache {
-    layers: Vec<(Tensor, Tensor)>,
-    len: i64,
-    reserve: i64,
-}
-
-impl SelfAttnCache {
-    /// Positions of room added whenever a buffer is made or is full.
-    const GROWTH: i64 = 16;
-
-    /// A cache whose buffers are made with room for `positions` from the start, so they never
-    /// grow while no history gets longer than that.
-    pub fn reserving(positions: i64) -> Self {
-        Self { reserve: positions, ..Self::default() }
-    }
-
-    pub fn past_len(&self) -> i64 {
-        self.len
-    }
-
-    /// Positions the buffers have room for (0 before the first step).
-    pub fn capacity(&self) -> i64 {
-        self.layers.first().filter(|(k, _)| k.defined()).map_or(0, |(k, _)| k.size()[2])
-    }
-
-    /// The buffers, each `[rows, heads, capacity, head_dim]` with the first
-    /// [`past_len`](Self::past_len) positions filled.
-    pub(super) fn into_layers(self) -> Vec<(Tensor, Tensor)> {
-        self.layers
-    }
-}
-
-/// Writes `new` `[rows, heads, n, head_dim]` at positions `past..past + n` of `buffer`, making
-/// room first when needed, and returns the filled part `[rows, heads, past + n, head_dim]`.
-fn write_positions(buffer: &mut Tensor, past: i64, new: &Tensor, reserve: i64) -> Tensor {
-    let n = new.size()[2];
-    let capacity = if buffer.defined() { buffer.size()[2] } else { 0 };
-    if capacity < past + n {
-        let mut size = new.size();
-        size[2] = (past + n + SelfAttnCache::GROWTH).max(reserve);
-        // Zeros, not uninitialised memory: a slot-held batch reads positions past a short row's
-        // history (masked), and a masked NaN would still poison the softmax.
-        let grown = Tensor::zeros(size.as_slice(), (new.kind(), new.device()));
-        if past > 0 {
-            grown.narrow(2, 0, past).copy_(&buffer.narrow(2, 0, past));
-        }
-        *buffer = grown;
-    }
-    buffer.narrow(2, past, n).copy_(new);
-    buffer.narrow(2, 0, past + n)
-}
-
-/// Per-layer cross-attention keys and values, one entry per image: `[images, heads, patches, head_dim]`.
-#[derive(Debug)]
-pub struct CrossAttnCache {
-    layers: Vec<(Tensor, Tensor)>,
-}
-
-impl CrossAttnCache {
-    pub fn images(&self) -> i64 {
-        self.layers.first().map_or(0, |(k, _)| k.size()[0])
-    }
-
-    /// Images `0..images` of slot buffers `[image slots, heads, patches, head_dim]`, without copying.
-    pub(super) fn from_layers(layers: &[(Tensor, Tensor)], images: i64) -> Self {
-        Self { layers: layers.iter().map(|(k, v)| (k.narrow(0, 0, images), v.narrow(0, 0, images))).collect() }
-    }
-
-    pub(super) fn into_layers(self) -> Vec<(Tensor, Tensor)> {
-        self.layers
-    }
 }
 
 impl BlipTextDecoder {
@@ -477,54 +402,6 @@ impl DecoderLayer {
         })
         .remove(0)
     }
-}
-
-/// How a forward pass's rows fall into image groups, worked out once per pass rather than per
-/// layer: the widest group, and for groups of different sizes (some candidates finished) each
-/// row's slot in the groups padded to the widest, uploaded once without blocking.
-struct ImageGroups {
-    images: i64,
-    widest: i64,
-    slots: Option<Tensor>,
-}
-
-impl ImageGroups {
-    fn new(rows_per_image: &[i64], device: tch::Device) -> Self {
-        let widest = rows_per_image.iter().copied().max().unwrap_or(0);
-        let slots = rows_per_image.iter().any(|&r| r != widest).then(|| {
-            let slots: Vec<i64> = rows_per_image
-                .iter()
-                .enumerate()
-                .flat_map(|(i, &n)| (0..n).map(move |j| i as i64 * widest + j))
-                .collect();
-            transfer::upload(&Tensor::from_slice(&slots), device)
-        });
-        Self { images: rows_per_image.len() as i64, widest, slots }
-    }
-}
-
-/// Attention of row queries `[rows, heads, len, hd]` to per-image keys/values `[images, heads, patches, hd]`,
-/// where consecutive rows share an image. The group's queries are folded into one longer query
-/// sequence so each image's keys and values are read once, never copied per row.
-fn grouped_cross_attention(q: &Tensor, k: &Tensor, v: &Tensor, groups: &ImageGroups, scale: f64) -> Tensor {
-    let (_, heads, len, hd) = q.size4().expect("4-d queries");
-    let (images, widest) = (groups.images, groups.widest);
-    let fold = |q: &Tensor, k: &Tensor, v: &Tensor, groups: i64, n: i64| {
-        let q = q.view([groups, n, heads, len, hd]).permute([0, 2, 1, 3, 4]).reshape([groups, heads, n * len, hd]);
-        attention(&q, k, v, None, scale).view([groups, heads, n, len, hd]).permute([0, 2, 1, 3, 4]).reshape([
-            groups * n,
-            heads,
-            len,
-            hd,
-        ])
-    };
-    let Some(slots) = &groups.slots else {
-        return fold(q, k, v, images, widest);
-    };
-    // Groups of different sizes: every group is padded to the widest with zero queries, attended
-    // in one call, and the padding dropped; one kernel per layer instead of one per image.
-    let padded = q.new_zeros([images * widest, heads, len, hd], (q.kind(), q.device())).index_copy(0, slots, q);
-    fold(&padded, k, v, images, widest).index_select(0, slots)
 }
 
 /// Additive causal mask `[1, 1, len, past + len]` for new tokens that follow `past` cached ones.

@@ -1,0 +1,76 @@
+//! How greedy and sampled rows choose their next tokens: computed on the device, read back with
+//! the rest of the step, and the whole-vocabulary draw kept for the rare step that needs it.
+
+use rand::Rng;
+use tch::{Kind, Tensor};
+
+use super::DecodeBatch;
+use crate::models::{
+    generation::{
+        logits::{self, RowParams},
+        params::Strategy,
+    },
+    transfer::{self, Upload},
+};
+
+impl DecodeBatch<'_> {
+    /// Every row's next token as greedy and sampled rows choose it, computed on the device (beam
+    /// rows' entries are ignored); the step reads it back with whatever else it reads.
+    pub(super) fn choose_tokens(&mut self, scores: &Tensor, seen: &Tensor, params: &RowParams) -> Choice {
+        let scores = logits::repetition_penalty(scores, seen, &params.repetition_penalty);
+        let too_short: Vec<bool> = self.rows.iter().map(|r| (r.tokens.len() as u32) < r.params.min_length).collect();
+        let scores =
+            logits::suppress_eos(&scores, &Tensor::from_slice(&too_short).upload(self.device), self.special.eos);
+        let greedy = scores.argmax(-1, false);
+        if !self.rows.iter().any(|r| r.params.strategy == Strategy::Sample) {
+            return Choice { read: greedy, fallback: None };
+        }
+        let u: Vec<f64> = self.rows.iter_mut().map(|r| 1.0 - r.rng.random::<f64>()).collect();
+        let u = Tensor::from_slice(&u).view([-1, 1]).upload(self.device);
+        let is_sample: Vec<bool> = self.rows.iter().map(|r| r.params.strategy == Strategy::Sample).collect();
+        let is_sample = Tensor::from_slice(&is_sample).upload(self.device);
+        let vocab = scores.size()[1];
+        let max_k = self.rows.iter().map(|r| if r.params.top_k == 0 { vocab } else { i64::from(r.params.top_k) }).max();
+        if let Some(max_k) = max_k.filter(|&k| k < vocab) {
+            let (sampled, tie) = logits::sample_top_k(&scores, params, max_k, &u);
+            // Tokens and the tie flag come back in the step's one transfer.
+            let read = Tensor::cat(&[sampled.where_self(&is_sample, &greedy), tie.to_kind(Kind::Int64).view([1])], 0);
+            return Choice { read, fallback: Some(Fallback { scores, u, is_sample, greedy }) };
+        }
+        let probs = logits::warp(&scores, params).softmax(-1, Kind::Float);
+        Choice { read: logits::sample(&probs, &u).where_self(&is_sample, &greedy), fallback: None }
+    }
+}
+
+/// A step's chosen tokens on the device, before the step reads them.
+pub(super) struct Choice {
+    /// `[rows]` tokens, followed by the top-k draw's tie flag when `fallback` is set.
+    pub(super) read: Tensor,
+    fallback: Option<Fallback>,
+}
+
+/// What the whole-vocabulary draw needs when ties at some row's k-th score reach beyond the
+/// top-k window: nothing of it is computed unless the flag says so.
+pub(super) struct Fallback {
+    scores: Tensor,
+    u: Tensor,
+    is_sample: Tensor,
+    greedy: Tensor,
+}
+
+impl Choice {
+    /// The tokens from `read`, this choice's part of the step's read (`params`: the rows').
+    pub(super) fn tokens(self, read: &[f64], params: &RowParams) -> Vec<i64> {
+        let mut tokens: Vec<i64> = read.iter().map(|&t| t as i64).collect();
+        let Some(f) = self.fallback else { return tokens };
+        if tokens.pop() == Some(0) {
+            return tokens;
+        }
+        // Ties beyond the window are rare (it holds twice the largest k), and which rows they
+        // hit is known only once the flag is read: drawing over the whole vocabulary on every
+        // step instead would bring back the two full-vocabulary sorts the window avoids. So this
+        // step, and only this one, waits on the device a second time.
+        let sampled = logits::sample(&logits::warp(&f.scores, params).softmax(-1, Kind::Float), &f.u);
+        transfer::read(&sampled.where_self(&f.is_sample, &f.greedy))
+    }
+}
