@@ -4,27 +4,17 @@
 
 use tch::{Kind, Tensor};
 
-use super::DecodeBatch;
-use crate::models::{
-    generation::logits::{self, RowParams},
-    transfer::Upload,
-};
+use super::{DecodeBatch, LiveRows};
+use crate::models::{generation::logits, transfer::Upload};
 
 impl DecodeBatch<'_> {
     /// Each beam request's best `2k` continuations on the device: the requests' spans of rows
     /// (first row, id, beams) and their scores and flat indices as one `f64` tensor, `4k` values
     /// per request in span order, for the step's one read.
-    pub(super) fn beam_candidates(
-        &self,
-        scores: &Tensor,
-        seen: &Tensor,
-        params: &RowParams,
-    ) -> (Vec<(usize, u64, usize)>, Tensor) {
+    pub(super) fn beam_candidates(&self, scores: &Tensor, rows: &LiveRows) -> (Vec<(usize, u64, usize)>, Tensor) {
         let log_probs = scores.log_softmax(-1, Kind::Float);
-        let log_probs = logits::repetition_penalty(&log_probs, seen, &params.repetition_penalty);
-        let too_short: Vec<bool> = self.rows.iter().map(|r| (r.tokens.len() as u32) < r.params.min_length).collect();
-        let log_probs =
-            logits::suppress_eos(&log_probs, &Tensor::from_slice(&too_short).upload(self.device), self.special.eos);
+        let log_probs = logits::repetition_penalty(&log_probs, &rows.seen, &rows.params.repetition_penalty);
+        let log_probs = logits::suppress_eos(&log_probs, &rows.too_short, self.special.eos);
         // Every beam request's running scores go up in one upload.
         let mut spans: Vec<(usize, u64, usize)> = Vec::new();
         let mut running = vec![0f32; self.rows.len()];

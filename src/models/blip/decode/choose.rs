@@ -4,7 +4,7 @@
 use rand::Rng;
 use tch::{Kind, Tensor};
 
-use super::DecodeBatch;
+use super::{DecodeBatch, LiveRows};
 use crate::models::{
     generation::{
         logits::{self, RowParams},
@@ -16,11 +16,10 @@ use crate::models::{
 impl DecodeBatch<'_> {
     /// Every row's next token as greedy and sampled rows choose it, computed on the device (beam
     /// rows' entries are ignored); the step reads it back with whatever else it reads.
-    pub(super) fn choose_tokens(&mut self, scores: &Tensor, seen: &Tensor, params: &RowParams) -> Choice {
-        let scores = logits::repetition_penalty(scores, seen, &params.repetition_penalty);
-        let too_short: Vec<bool> = self.rows.iter().map(|r| (r.tokens.len() as u32) < r.params.min_length).collect();
-        let scores =
-            logits::suppress_eos(&scores, &Tensor::from_slice(&too_short).upload(self.device), self.special.eos);
+    pub(super) fn choose_tokens(&mut self, scores: &Tensor, rows: &LiveRows) -> Choice {
+        let params = &rows.params;
+        let scores = logits::repetition_penalty(scores, &rows.seen, &params.repetition_penalty);
+        let scores = logits::suppress_eos(&scores, &rows.too_short, self.special.eos);
         let greedy = scores.argmax(-1, false);
         if !self.rows.iter().any(|r| r.params.strategy == Strategy::Sample) {
             return Choice { read: greedy, fallback: None };

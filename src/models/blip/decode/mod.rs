@@ -93,6 +93,15 @@ pub struct SlotStats {
     pub compactions: u64,
 }
 
+/// What a step's token choice and beam search read of its live rows, in row order, gathered once.
+struct LiveRows {
+    /// `[rows, vocab]`: the tokens each row already contains.
+    seen: Tensor,
+    params: RowParams,
+    /// `[rows]`: rows still short of their `min_length`, whose end token is suppressed.
+    too_short: Tensor,
+}
+
 impl<'m> DecodeBatch<'m> {
     /// Starts decoding `requests`, where request `i` reads image `i` of `image_embeds`.
     /// Every prefix must have the same length (batches of other lengths can join later).
@@ -255,13 +264,15 @@ impl<'m> DecodeBatch<'m> {
             None => (self.seen.narrow(0, 0, n), self.row_params.narrow(n)),
             Some(idx) => (self.seen.index_select(0, idx), self.row_params.select(idx)),
         };
+        let too_short: Vec<bool> = self.rows.iter().map(|r| (r.tokens.len() as u32) < r.params.min_length).collect();
+        let rows = LiveRows { seen, params, too_short: Tensor::from_slice(&too_short).upload(self.device) };
         self.steps += 1;
         // Every row's chosen token (greedy and sampled rows) and every beam request's best
         // continuations are computed on the device first and come back in one read: a step waits
         // on the device once, whatever mix of strategies its rows follow.
         let all_beams = self.rows.iter().all(|r| self.beams.contains_key(&r.request));
-        let choice = (!all_beams).then(|| self.choose_tokens(&scores, &seen, &params));
-        let beam_query = (!self.beams.is_empty()).then(|| self.beam_candidates(&scores, &seen, &params));
+        let choice = (!all_beams).then(|| self.choose_tokens(&scores, &rows));
+        let beam_query = (!self.beams.is_empty()).then(|| self.beam_candidates(&scores, &rows));
         let mut parts: Vec<Tensor> = Vec::new();
         if let Some(c) = &choice {
             parts.push(c.read.to_kind(Kind::Double));
@@ -274,7 +285,7 @@ impl<'m> DecodeBatch<'m> {
         let read = if parts.is_empty() { Vec::new() } else { transfer::read::<f64>(&Tensor::cat(&parts, 0)) };
         let (chosen, beam_read) = read.split_at(choice.as_ref().map_or(0, |c| c.read.size()[0] as usize));
         let mut next = match choice {
-            Some(c) => c.tokens(chosen, &params),
+            Some(c) => c.tokens(chosen, &rows.params),
             None => vec![0; self.rows.len()],
         };
         let mut done = Vec::new();
