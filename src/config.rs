@@ -16,7 +16,7 @@ pub use server::{ServerArgs, Service};
 pub use units::{Size, Span};
 
 use crate::{
-    backend::{DeviceChoice, Precision, Quantize},
+    backend::{CudaGraphs, DeviceChoice, Precision, Quantize},
     cascade::RequestLimits,
     engine::{QueueConfig, SchedulerConfig},
     images::{DecodeLimits, EgressPolicy, FetchLimits},
@@ -49,11 +49,13 @@ pub struct EngineArgs {
     /// docs/benchmark.md, Precision, has both.
     #[arg(help_heading = "Models and device", long, env = "CAPTION_QUANTIZE", value_enum, default_value_t = Quantize::None)]
     pub quantize: Quantize,
-    /// Replay BLIP's one-token decode steps from CUDA graphs (captured per executor and row
-    /// bucket on first use), which saves most kernel launches; CUDA only, and --generate-max-batch
-    /// x --max-candidates at most 512 rows. docs/benchmark.md.
-    #[arg(help_heading = "Models and device", long, env = "CAPTION_CUDA_GRAPHS")]
-    pub cuda_graphs: bool,
+    /// Replay BLIP's one-token decode steps from CUDA graphs, captured per executor when it
+    /// starts: `pieces` (the bare flag) graphs the row-wise parts between attentions; `whole` each
+    /// greedy or sampled step whole, over caches made once per executor for --generate-max-batch,
+    /// --max-candidates and --max-length. CUDA only; --generate-max-batch x --max-candidates at
+    /// most 512 rows. docs/benchmark.md.
+    #[arg(help_heading = "Models and device", long, env = "CAPTION_CUDA_GRAPHS", value_enum, num_args = 0..=1, require_equals = true, default_missing_value = "pieces", default_value = "off", value_name = "pieces|whole")]
+    pub cuda_graphs: CudaGraphs,
     /// Executor threads that run model batches (each runs one batch at a time). Default: 1 for
     /// `serve`, whose one image then has every core (lowest latency); the `caption` bulk job on a
     /// CPU runs one per core with one thread each (highest throughput; docs/cli.md).
@@ -255,7 +257,7 @@ impl EngineArgs {
         // largest bucket, so a combination beyond it would run its fullest steps eagerly.
         let rows = self.generate_max_batch.max(1) as u64 * u64::from(self.max_candidates);
         let most = crate::models::graphs::MAX_ROWS as u64;
-        if self.cuda_graphs && rows > most {
+        if self.cuda_graphs != CudaGraphs::Off && rows > most {
             return Err(format!(
                 "--cuda-graphs covers decode steps of up to {most} rows, and --generate-max-batch {} x \
                  --max-candidates {} allows {rows}: lower one of them",
@@ -265,6 +267,12 @@ impl EngineArgs {
         Ok(crate::models::Numerics {
             graphs: crate::backend::graph_mode(device, self.cuda_graphs)?,
             graph_rows: rows.min(most) as i64,
+            whole_step: (self.cuda_graphs == CudaGraphs::Whole).then(|| crate::models::graphs::WholeStep {
+                rows: rows.min(most) as i64,
+                images: self.generate_max_batch.max(1) as i64,
+                per_image: i64::from(self.max_candidates),
+                positions: i64::from(self.max_length),
+            }),
             ..numerics
         })
     }

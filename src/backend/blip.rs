@@ -14,7 +14,7 @@ use super::stack_pixels;
 use crate::{
     engine::{EngineError, RunningBatch, StepWise},
     models::{
-        blip::{Blip, DecodeBatch, DecodeRequest, Decoded, SpecialTokens},
+        blip::{self, Blip, DecodeBatch, DecodeRequest, Decoded, SpecialTokens},
         generation::GenerationParams,
         graphs::{self, GraphMode},
         preprocess::{self, ImageProcessor, Pixels},
@@ -220,12 +220,14 @@ impl StepWise for BlipRunner {
         }
         let started = Instant::now();
         let buckets = self.model.text_decoder.capture_graphs();
+        let whole = blip::decode::capture_whole_steps(&self.model.text_decoder, self.special_tokens().eos);
         let (graphs, off) = graphs::on_this_executor();
         if off {
             tracing::warn!(buckets, "decode-step graphs could not be captured; this executor runs eagerly");
         } else {
             tracing::info!(
                 buckets,
+                whole,
                 graphs,
                 ms = started.elapsed().as_millis() as u64,
                 "captured the decode-step graphs of every row bucket"

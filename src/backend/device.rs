@@ -140,9 +140,25 @@ fn cpu_has_bf16() -> bool {
     })
 }
 
+/// What of BLIP's one-token decode steps is replayed from CUDA graphs (`--cuda-graphs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum CudaGraphs {
+    /// Every kernel launched as it comes.
+    #[default]
+    #[value(alias = "false")]
+    Off,
+    /// The row-wise pieces between attentions (projections, norms, feed-forward, LM head).
+    #[value(alias = "true")]
+    Pieces,
+    /// The whole greedy or sampled step: attentions over fixed-capacity caches, LM head,
+    /// logits processing and sampling; beam steps run as `pieces`.
+    Whole,
+}
+
 /// How BLIP's decode steps launch on `device` (`--cuda-graphs`), or why they cannot. Graphs are
 /// captured on each executor's own stream, which only a build with the CUDA shim gives.
-pub fn graph_mode(device: Device, cuda_graphs: bool) -> Result<GraphMode, String> {
+pub fn graph_mode(device: Device, cuda_graphs: CudaGraphs) -> Result<GraphMode, String> {
+    let cuda_graphs = cuda_graphs != CudaGraphs::Off;
     match (cuda_graphs, device) {
         (false, _) => Ok(GraphMode::Off),
         (true, Device::Cuda(_)) if cfg!(cuda_streams) => Ok(GraphMode::Cuda),
@@ -208,15 +224,17 @@ mod tests {
 
     #[test]
     fn cuda_graphs_go_with_a_cuda_device_only() {
-        assert_eq!(graph_mode(Device::Cpu, false), Ok(GraphMode::Off));
-        assert_eq!(graph_mode(Device::Cuda(0), false), Ok(GraphMode::Off));
-        let cpu = graph_mode(Device::Cpu, true).unwrap_err();
-        assert!(cpu.contains("needs a CUDA device"), "{cpu}");
-        let gpu = graph_mode(Device::Cuda(0), true);
-        if cfg!(cuda_streams) {
-            assert_eq!(gpu, Ok(GraphMode::Cuda));
-        } else {
-            assert!(gpu.unwrap_err().contains("no CUDA shim"));
+        assert_eq!(graph_mode(Device::Cpu, CudaGraphs::Off), Ok(GraphMode::Off));
+        assert_eq!(graph_mode(Device::Cuda(0), CudaGraphs::Off), Ok(GraphMode::Off));
+        for graphs in [CudaGraphs::Pieces, CudaGraphs::Whole] {
+            let cpu = graph_mode(Device::Cpu, graphs).unwrap_err();
+            assert!(cpu.contains("needs a CUDA device"), "{cpu}");
+            let gpu = graph_mode(Device::Cuda(0), graphs);
+            if cfg!(cuda_streams) {
+                assert_eq!(gpu, Ok(GraphMode::Cuda));
+            } else {
+                assert!(gpu.unwrap_err().contains("no CUDA shim"));
+            }
         }
     }
 }

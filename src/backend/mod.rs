@@ -8,7 +8,7 @@ pub mod device;
 
 pub use blip::{BlipRunner, GenerateInput, GenerateOutput, GeneratedCaption, Prompt};
 pub use clip::{ClipRunner, RankInput, RankOutput, RankScore};
-pub use device::{graph_mode, DeviceChoice, Precision, Quantize};
+pub use device::{graph_mode, CudaGraphs, DeviceChoice, Precision, Quantize};
 
 use tch::{Device, Kind, Tensor};
 

@@ -48,6 +48,20 @@ impl Default for Owner {
     }
 }
 
+/// What a decode step captured whole (`--cuda-graphs=whole`) must hold: its fixed-capacity
+/// buffers are made for this much once per executor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WholeStep {
+    /// Rows a step may hold (`--generate-max-batch` × `--max-candidates`).
+    pub rows: i64,
+    /// Images a step may hold (`--generate-max-batch`).
+    pub images: i64,
+    /// Rows one image may have (`--max-candidates`).
+    pub per_image: i64,
+    /// The longest history (`--max-length`).
+    pub positions: i64,
+}
+
 /// A piece's computation: outputs from inputs, row by row.
 pub type Body<'a> = &'a dyn Fn(&[&Tensor]) -> Vec<Tensor>;
 
@@ -106,6 +120,16 @@ pub fn run(mode: GraphMode, owner: Owner, piece: u32, inputs: &[&Tensor], f: Bod
     })
 }
 
+/// Drops this executor's graphs of `owner` (whose buffers are going away).
+pub fn forget(owner: Owner) {
+    GRAPHS.with(|graphs| graphs.borrow_mut().retain(|k, _| k.owner != owner));
+}
+
+/// Whether graphs were turned off on this executor after a failed capture.
+pub fn off_here() -> bool {
+    OFF.get()
+}
+
 /// Graphs this executor thread holds, and whether a failed capture turned them off here.
 pub fn on_this_executor() -> (usize, bool) {
     (GRAPHS.with(|g| g.borrow().len()), OFF.get())
@@ -146,11 +170,15 @@ impl Captured {
             .map(|t| {
                 let mut size = t.size();
                 size[0] = rows;
-                Tensor::zeros(size.as_slice(), (t.kind(), t.device()))
+                let buffer = Tensor::zeros(size.as_slice(), (t.kind(), t.device()));
+                buffer.narrow(0, 0, t.size()[0]).copy_(t);
+                buffer
             })
             .collect();
         // A first eager run makes libtorch's lazy set-up (library handles, workspaces) happen
-        // outside the capture, where it is not allowed.
+        // outside the capture, where it is not allowed. It runs on the step's own inputs: a
+        // piece that writes state (a whole step writes the cache) then writes what the step
+        // itself will write, never zeros over a live row.
         let refs: Vec<&Tensor> = statics.iter().collect();
         let outputs = f(&refs);
         if mode == GraphMode::Emulated {

@@ -29,11 +29,19 @@ pub struct Numerics {
     pub graphs: graphs::GraphMode,
     /// The most rows a decode step may hold: graphs are captured for every bucket up to it.
     pub graph_rows: i64,
+    /// Whether a greedy or sampled one-token step is captured whole, and what it must hold.
+    pub whole_step: Option<graphs::WholeStep>,
 }
 
 impl From<Kind> for Numerics {
     fn from(kind: Kind) -> Self {
-        Self { kind, int8_linears: false, graphs: graphs::GraphMode::Off, graph_rows: graphs::MAX_ROWS }
+        Self {
+            kind,
+            int8_linears: false,
+            graphs: graphs::GraphMode::Off,
+            graph_rows: graphs::MAX_ROWS,
+            whole_step: None,
+        }
     }
 }
 

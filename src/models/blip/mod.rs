@@ -1,6 +1,7 @@
 //! BLIP for conditional generation: the vision transformer and the text decoder, built from a
 //! Hugging Face checkpoint folder (`config.json` + weights) with the checkpoint's key names.
 
+pub mod arena;
 pub mod config;
 pub mod decode;
 pub mod request;
@@ -58,6 +59,8 @@ impl Blip {
         let mut blip = Self::new(config, &weights.with_int8_linears(numerics.int8_linears))?;
         blip.text_decoder.set_graph_mode(numerics.graphs);
         blip.text_decoder.set_graph_rows(numerics.graph_rows);
+        let v = &blip.config.vision_config;
+        blip.text_decoder.set_whole_step(numerics.whole_step, (v.image_size / v.patch_size).pow(2) + 1);
         Ok(blip)
     }
 

@@ -15,6 +15,18 @@ pub struct RowParams {
     pub top_p: Tensor,
 }
 
+impl Default for RowParams {
+    /// No rows, no tensors (a placeholder while the real ones are elsewhere).
+    fn default() -> Self {
+        Self {
+            repetition_penalty: Tensor::new(),
+            temperature: Tensor::new(),
+            top_k: Tensor::new(),
+            top_p: Tensor::new(),
+        }
+    }
+}
+
 impl RowParams {
     /// The first `n` rows.
     pub fn narrow(&self, n: i64) -> Self {
@@ -106,14 +118,14 @@ pub fn warp(scores: &Tensor, params: &RowParams) -> Tensor {
 /// size): the same draw as warping and sampling the whole vocabulary, since top-k leaves nothing
 /// else, without the two full-vocabulary sorts per step. Top-k keeps every token tied with the
 /// k-th, so twice `max_k` tokens are looked at (bf16 logits tie often). Returns the tokens `[rows]`
-/// and whether some row's ties reach beyond even those (a scalar bool; then [`warp`] and
+/// and whether each row's ties reach beyond even those (`[rows]` bool; then [`warp`] and
 /// [`sample`] over the whole vocabulary give the answer).
 pub fn sample_top_k(scores: &Tensor, params: &RowParams, max_k: i64, u: &Tensor) -> (Tensor, Tensor) {
     let scores = scores / &params.temperature;
     let window = (2 * max_k).min(scores.size()[1] - 1);
     let (values, ids) = scores.topk(window + 1, -1, true, true);
     let kth = values.gather(1, &(&params.top_k - 1).clamp_max(max_k - 1).unsqueeze(1), false);
-    let tie_beyond = values.narrow(1, window, 1).ge_tensor(&kth).any();
+    let tie_beyond = values.narrow(1, window, 1).ge_tensor(&kth).squeeze_dim(1);
     let (values, ids) = (values.narrow(1, 0, window), ids.narrow(1, 0, window));
     let kept = values.masked_fill(&values.lt_tensor(&kth), f64::NEG_INFINITY);
     // Vocabulary order, as the whole-vocabulary draw walks its cumulative distribution.
@@ -193,7 +205,7 @@ mod tests {
             let u = Tensor::rand([rows, 1], (Kind::Double, tch::Device::Cpu)).clamp_min(1e-9);
             let whole = sample(&warp(&scores, &params).softmax(-1, Kind::Float), &u);
             let (fast, tie) = sample_top_k(&scores, &params, 50, &u);
-            assert!(!bool::try_from(tie).unwrap());
+            assert!(!bool::try_from(tie.any()).unwrap());
             assert_eq!(Vec::<i64>::try_from(fast).unwrap(), Vec::<i64>::try_from(whole).unwrap(), "step {step}");
         }
     }
@@ -211,14 +223,14 @@ mod tests {
         let scores = row(&[1.0, 5.0, 1.0, 0.0, 1.0, -1.0]);
         for x in [0.1, 0.9, 0.97, 0.99, 1.0] {
             let (fast, tie) = sample_top_k(&scores, &params(2), 2, &u(x));
-            assert!(!bool::try_from(tie).unwrap());
+            assert!(!bool::try_from(tie.any()).unwrap());
             let whole = sample(&warp(&scores, &params(2)).softmax(-1, Kind::Float), &u(x));
             assert_eq!(i64::try_from(fast).unwrap(), i64::try_from(whole).unwrap(), "u = {x}");
         }
         // Five tokens tied at 1.0 reach beyond the window: reported.
         let scores = row(&[5.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0]);
         let (_, tie) = sample_top_k(&scores, &params(2), 2, &u(0.5));
-        assert!(bool::try_from(tie).unwrap());
+        assert!(bool::try_from(tie.any()).unwrap());
     }
 
     #[test]

@@ -33,7 +33,8 @@ impl DecodeBatch<'_> {
         if let Some(max_k) = max_k.filter(|&k| k < vocab) {
             let (sampled, tie) = logits::sample_top_k(&scores, params, max_k, &u);
             // Tokens and the tie flag come back in the step's one transfer.
-            let read = Tensor::cat(&[sampled.where_self(&is_sample, &greedy), tie.to_kind(Kind::Int64).view([1])], 0);
+            let read =
+                Tensor::cat(&[sampled.where_self(&is_sample, &greedy), tie.any().to_kind(Kind::Int64).view([1])], 0);
             return Choice { read, fallback: Some(Fallback { scores, u, is_sample, greedy }) };
         }
         let probs = logits::warp(&scores, params).softmax(-1, Kind::Float);
@@ -69,7 +70,18 @@ impl Choice {
         // hit is known only once the flag is read: drawing over the whole vocabulary on every
         // step instead would bring back the two full-vocabulary sorts the window avoids. So this
         // step, and only this one, waits on the device a second time.
-        let sampled = logits::sample(&logits::warp(&f.scores, params).softmax(-1, Kind::Float), &f.u);
-        transfer::read(&sampled.where_self(&f.is_sample, &f.greedy))
+        transfer::read(&whole_vocabulary(&f.scores, params, &f.u, &f.is_sample, &f.greedy))
     }
+}
+
+/// Every row's token drawn over the whole vocabulary (sampled rows; `greedy` for the others): the
+/// answer when ties reach beyond the top-k window.
+pub(super) fn whole_vocabulary(
+    scores: &Tensor,
+    params: &RowParams,
+    u: &Tensor,
+    is_sample: &Tensor,
+    greedy: &Tensor,
+) -> Tensor {
+    logits::sample(&logits::warp(scores, params).softmax(-1, Kind::Float), u).where_self(is_sample, greedy)
 }

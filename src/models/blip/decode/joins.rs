@@ -19,17 +19,21 @@ impl<'m> DecodeBatch<'m> {
         if other.is_done() {
             return;
         }
-        if self.is_done() {
+        if self.is_done() && !self.holds_arena() {
             other.steps += self.steps;
             *self = other;
             return;
         }
         assert!(self.steps > 0 && other.steps > 0, "decode batches join only after their first step");
         let n = other.rows.len();
-        let row_capacity = grown(&self.row_slots, n);
+        let row_capacity = grown(&self.row_slots, n, self.cache.slots() as usize);
         let history = other.rows.iter().map(|r| r.tokens.len() as i64 - 1).max().unwrap_or(0);
-        // Room for the joiners' histories, and the room they had (a GPU's reserve).
-        let positions = self.cache.size(2).max(other.cache.size(2));
+        // Room for the joiners' histories, and the room they had (a GPU's reserve); an arena's
+        // room is fixed, and its limits keep every history within it.
+        let positions = match self.holds_arena() {
+            true => self.cache.size(2).max(history),
+            false => self.cache.size(2).max(other.cache.size(2)),
+        };
         self.cache.reserve(row_capacity as i64, 2, positions);
         self.grow_rows(row_capacity);
         let to = self.row_slots.take(n, row_capacity);
@@ -46,7 +50,7 @@ impl<'m> DecodeBatch<'m> {
                 images.push(r.image);
             }
         }
-        let image_capacity = grown(&self.image_slots, images.len());
+        let image_capacity = grown(&self.image_slots, images.len(), self.cross.slots() as usize);
         self.cross.reserve(image_capacity as i64, 2, self.cross.size(2));
         let image_to = self.image_slots.take(images.len(), image_capacity);
         let image_to_t = slot_tensor(&image_to, self.device);
@@ -137,12 +141,18 @@ pub(super) fn slot_tensor(slots: &[usize], device: Device) -> Tensor {
 }
 
 /// The capacity `occupancy` needs for `more` slots: as it is when enough are free, else grown
-/// by at least half, so a batch reaches its high-water mark in a few reallocations.
-fn grown(occupancy: &Occupancy, more: usize) -> usize {
+/// by at least half, so a batch reaches its high-water mark in a few reallocations; never
+/// beyond the `room` its buffers already have when that is enough (an arena's).
+fn grown(occupancy: &Occupancy, more: usize, room: usize) -> usize {
     let (capacity, free) = (occupancy.capacity(), occupancy.free());
     if more <= free {
-        capacity
+        return capacity;
+    }
+    let needed = capacity + more - free;
+    let geometric = needed.max(capacity + capacity / 2);
+    if needed <= room {
+        geometric.min(room)
     } else {
-        (capacity + more - free).max(capacity + capacity / 2)
+        geometric
     }
 }

@@ -13,6 +13,9 @@
 mod beams;
 mod choose;
 mod joins;
+mod whole;
+
+pub use whole::capture_whole_steps;
 
 use std::collections::HashMap;
 
@@ -27,7 +30,7 @@ use super::{
 use crate::models::{
     generation::{
         beam::{BeamParams, BeamState},
-        logits::RowParams,
+        logits::{self, RowParams},
         params::{GenerationParams, Strategy},
     },
     timing,
@@ -72,6 +75,27 @@ pub struct DecodeBatch<'m> {
     reserve: i64,
     compactions: u64,
     device: Device,
+    /// Set while the batch's slots are the executor's whole-step arena.
+    lease: Option<whole::Lease>,
+    /// Each step's processed scores, when asked for (tests compare paths with them).
+    recorded: Option<Vec<StepScores>>,
+}
+
+impl Drop for DecodeBatch<'_> {
+    fn drop(&mut self) {
+        self.release_arena();
+    }
+}
+
+/// One step's processed scores (repetition penalty and `min_length` applied), in row order:
+/// `rows[i]` is row `i`'s request and candidate.
+#[derive(Debug)]
+pub struct StepScores {
+    pub rows: Vec<(u64, usize)>,
+    /// `[rows, vocab]` float.
+    pub scores: Tensor,
+    /// Whether the step ran whole.
+    pub whole: bool,
 }
 
 /// The state of a batch's slots, for tests and diagnostics.
@@ -91,6 +115,8 @@ pub struct SlotStats {
     pub cross_reallocations: u64,
     pub cache_reallocations: u64,
     pub compactions: u64,
+    /// Whether the slots are the executor's whole-step arena.
+    pub whole_step_arena: bool,
 }
 
 /// What a step's token choice and beam search read of its live rows, in row order, gathered once.
@@ -180,7 +206,19 @@ impl<'m> DecodeBatch<'m> {
             reserve: reserve.min(decoder.max_positions()),
             compactions: 0,
             device,
+            lease: None,
+            recorded: None,
         }
+    }
+
+    /// Keeps each step's processed scores from now on (see [`StepScores`]); for tests.
+    pub fn record_scores(&mut self) {
+        self.recorded.get_or_insert_with(Vec::new);
+    }
+
+    /// The scores kept since [`record_scores`](Self::record_scores), taken.
+    pub fn take_recorded(&mut self) -> Vec<StepScores> {
+        self.recorded.as_mut().map(std::mem::take).unwrap_or_default()
     }
 
     /// Where the batch's slots stand.
@@ -196,6 +234,7 @@ impl<'m> DecodeBatch<'m> {
             cross_reallocations: self.cross.reallocations(),
             cache_reallocations: self.cache.reallocations(),
             compactions: self.compactions,
+            whole_step_arena: self.holds_arena(),
         }
     }
 
@@ -215,13 +254,68 @@ impl<'m> DecodeBatch<'m> {
         }
         let _timer = timing::StepTimer::start();
         let n = self.rows.len() as i64;
-        // The live rows' slots, when they are not simply slots `0..n` in order.
-        let live: Option<Tensor>;
         if self.steps == 0 && self.rows.iter().enumerate().any(|(i, r)| r.slot != i) {
             // Rows cancelled before the first step: it runs on slots in order.
             self.compact_rows();
             self.compact_images();
         }
+        let (next, mut done, beam_finished) = match self.whole_step() {
+            Some(next) => {
+                if self.recorded.is_some() {
+                    let scores = self.whole_step_scores().expect("a whole step holds the arena");
+                    self.record(scores, true);
+                }
+                (next, Vec::new(), Vec::new())
+            }
+            None => self.layered_step(),
+        };
+        self.steps += 1;
+        let slot_ids: Vec<i64> = self.rows.iter().map(|r| r.slot as i64).collect();
+        let marked = Tensor::ones([n], (Kind::Bool, self.device));
+        let _ = self.seen.index_put_(
+            &[
+                Some(Tensor::from_slice(&slot_ids).upload(self.device)),
+                Some(Tensor::from_slice(&next).upload(self.device)),
+            ],
+            &marked,
+            false,
+        );
+
+        let mut keep = Vec::with_capacity(self.rows.len());
+        for (i, (row, &token)) in self.rows.iter_mut().zip(&next).enumerate() {
+            row.tokens.push(token);
+            if self.beams.contains_key(&row.request) {
+                if !beam_finished.contains(&row.request) {
+                    keep.push(i);
+                }
+                continue;
+            }
+            let finished = token == self.special.eos || row.tokens.len() as u32 >= row.params.max_length;
+            if finished {
+                if let Some(slots) = self.results.get_mut(&row.request) {
+                    slots[row.candidate] = Some(std::mem::take(&mut row.tokens));
+                }
+            } else {
+                keep.push(i);
+            }
+        }
+        for id in &beam_finished {
+            self.beams.remove(id);
+        }
+        if keep.len() < self.rows.len() {
+            self.retain_rows(&keep);
+        }
+        done.extend(self.collect_completed());
+        done
+    }
+
+    /// A step through the model's layers (piece by piece, some pieces graphed): the first step,
+    /// beam steps, and whatever a whole step cannot hold. Returns every row's next token, the
+    /// beam requests finished and their ids.
+    fn layered_step(&mut self) -> (Vec<i64>, Vec<Decoded>, Vec<u64>) {
+        let n = self.rows.len() as i64;
+        // The live rows' slots, when they are not simply slots `0..n` in order.
+        let live: Option<Tensor>;
         let hidden = if self.steps == 0 {
             // The first step runs each row's whole prefix; rows are slots `0..n` and images
             // `0..images` in order, and the cache it fills becomes the batch's slots as is.
@@ -266,7 +360,14 @@ impl<'m> DecodeBatch<'m> {
         };
         let too_short: Vec<bool> = self.rows.iter().map(|r| (r.tokens.len() as u32) < r.params.min_length).collect();
         let rows = LiveRows { seen, params, too_short: Tensor::from_slice(&too_short).upload(self.device) };
-        self.steps += 1;
+        if self.recorded.is_some() {
+            let processed = logits::suppress_eos(
+                &logits::repetition_penalty(&scores, &rows.seen, &rows.params.repetition_penalty),
+                &rows.too_short,
+                self.special.eos,
+            );
+            self.record(processed, false);
+        }
         // Every row's chosen token (greedy and sampled rows) and every beam request's best
         // continuations are computed on the device first and come back in one read: a step waits
         // on the device once, whatever mix of strategies its rows follow.
@@ -304,43 +405,14 @@ impl<'m> DecodeBatch<'m> {
                 beam_finished.push(id);
             }
         }
-        let slot_ids: Vec<i64> = self.rows.iter().map(|r| r.slot as i64).collect();
-        let marked = Tensor::ones([n], (Kind::Bool, self.device));
-        let _ = self.seen.index_put_(
-            &[
-                Some(Tensor::from_slice(&slot_ids).upload(self.device)),
-                Some(Tensor::from_slice(&next).upload(self.device)),
-            ],
-            &marked,
-            false,
-        );
+        (next, done, beam_finished)
+    }
 
-        let mut keep = Vec::with_capacity(self.rows.len());
-        for (i, (row, &token)) in self.rows.iter_mut().zip(&next).enumerate() {
-            row.tokens.push(token);
-            if self.beams.contains_key(&row.request) {
-                if !beam_finished.contains(&row.request) {
-                    keep.push(i);
-                }
-                continue;
-            }
-            let finished = token == self.special.eos || row.tokens.len() as u32 >= row.params.max_length;
-            if finished {
-                if let Some(slots) = self.results.get_mut(&row.request) {
-                    slots[row.candidate] = Some(std::mem::take(&mut row.tokens));
-                }
-            } else {
-                keep.push(i);
-            }
+    fn record(&mut self, scores: Tensor, whole: bool) {
+        let rows = self.rows.iter().map(|r| (r.request, r.candidate)).collect();
+        if let Some(recorded) = self.recorded.as_mut() {
+            recorded.push(StepScores { rows, scores, whole });
         }
-        for id in &beam_finished {
-            self.beams.remove(id);
-        }
-        if keep.len() < self.rows.len() {
-            self.retain_rows(&keep);
-        }
-        done.extend(self.collect_completed());
-        done
     }
 
     /// Runs until every row has finished; returns every request's candidates in request order of

@@ -33,22 +33,32 @@ impl ImageGroups {
 /// where consecutive rows share an image. The group's queries are folded into one longer query
 /// sequence so each image's keys and values are read once, never copied per row.
 pub(super) fn grouped_cross_attention(q: &Tensor, k: &Tensor, v: &Tensor, groups: &ImageGroups, scale: f64) -> Tensor {
-    let (_, heads, len, hd) = q.size4().expect("4-d queries");
     let (images, widest) = (groups.images, groups.widest);
-    let fold = |q: &Tensor, k: &Tensor, v: &Tensor, groups: i64, n: i64| {
-        let q = q.view([groups, n, heads, len, hd]).permute([0, 2, 1, 3, 4]).reshape([groups, heads, n * len, hd]);
-        attention(&q, k, v, None, scale).view([groups, heads, n, len, hd]).permute([0, 2, 1, 3, 4]).reshape([
-            groups * n,
-            heads,
-            len,
-            hd,
-        ])
-    };
     let Some(slots) = &groups.slots else {
-        return fold(q, k, v, images, widest);
+        return attend_grid(q, k, v, images, widest, scale);
     };
     // Groups of different sizes: every group is padded to the widest with zero queries, attended
     // in one call, and the padding dropped; one kernel per layer instead of one per image.
+    let (_, heads, len, hd) = q.size4().expect("4-d queries");
     let padded = q.new_zeros([images * widest, heads, len, hd], (q.kind(), q.device())).index_copy(0, slots, q);
-    fold(&padded, k, v, images, widest).index_select(0, slots)
+    attend_grid(&padded, k, v, images, widest, scale).index_select(0, slots)
+}
+
+/// Attention of a grid of queries `[images × per_image, heads, len, hd]` (query slot
+/// `image × per_image + i`) to per-image keys/values `[images, heads, patches, hd]`: each image's
+/// queries are folded into one longer query sequence, so its keys and values are read once.
+pub(super) fn attend_grid(q: &Tensor, k: &Tensor, v: &Tensor, images: i64, per_image: i64, scale: f64) -> Tensor {
+    let (_, heads, len, hd) = q.size4().expect("4-d queries");
+    let q = q.view([images, per_image, heads, len, hd]).permute([0, 2, 1, 3, 4]).reshape([
+        images,
+        heads,
+        per_image * len,
+        hd,
+    ]);
+    attention(&q, k, v, None, scale).view([images, heads, per_image, len, hd]).permute([0, 2, 1, 3, 4]).reshape([
+        images * per_image,
+        heads,
+        len,
+        hd,
+    ])
 }

@@ -9,6 +9,7 @@
 
 mod cache;
 mod cross;
+mod whole;
 
 use tch::{Kind, Tensor};
 
@@ -16,12 +17,15 @@ use cache::write_positions;
 pub use cache::{CrossAttnCache, SelfAttnCache};
 use cross::{grouped_cross_attention, ImageGroups};
 
+pub use whole::{column, COLUMNS};
+
 use super::{
+    arena::{Arena, Capacity},
     config::BlipTextConfig,
     slots::{SlotBuffers, StepSlots},
 };
 use crate::models::{
-    graphs::{self, Body, GraphMode, Owner},
+    graphs::{self, Body, GraphMode, Owner, WholeStep},
     nn::{attention, causal_blocked, merge_heads, split_heads, Activation, Embedding, LayerNorm, Linear},
     weights::Weights,
     ModelError,
@@ -40,6 +44,8 @@ pub struct BlipTextDecoder {
     graphs: GraphMode,
     /// The most rows a step may hold: [`capture_graphs`](Self::capture_graphs) covers them all.
     graph_rows: i64,
+    /// What a whole-step graph's buffers hold, when one-token steps are captured whole.
+    whole_step: Option<Capacity>,
     owner: Owner,
 }
 
@@ -159,6 +165,7 @@ impl BlipTextDecoder {
             encoder_width: cfg.encoder_hidden_size,
             graphs: GraphMode::Off,
             graph_rows: graphs::MAX_ROWS,
+            whole_step: None,
             owner: Owner::new(),
         })
     }
@@ -175,6 +182,37 @@ impl BlipTextDecoder {
     /// The most rows a decode step may hold (`--generate-max-batch` × `--max-candidates`).
     pub fn set_graph_rows(&mut self, rows: i64) {
         self.graph_rows = rows;
+    }
+
+    /// Captures greedy and sampled one-token steps whole, over buffers made for `limits` with
+    /// `patches` image patches per image; `None`: piece by piece.
+    pub fn set_whole_step(&mut self, limits: Option<WholeStep>, patches: i64) {
+        self.whole_step = limits.map(|l| Capacity::new(l, patches, self.max_positions));
+    }
+
+    /// What a whole step's buffers hold, when steps are captured whole and graphs are on.
+    pub fn whole_step(&self) -> Option<Capacity> {
+        self.whole_step.filter(|_| self.graphs != GraphMode::Off)
+    }
+
+    /// This model's identity among the graphs and arenas of an executor.
+    pub fn owner(&self) -> Owner {
+        self.owner
+    }
+
+    /// Empty whole-step buffers for `capacity`.
+    pub fn new_arena(&self, capacity: Capacity) -> Arena {
+        let a = &self.layers[0].self_attn;
+        let hidden = self.word_embeddings.weight.size()[1];
+        Arena::new(
+            capacity,
+            self.layers.len(),
+            a.heads,
+            hidden / a.heads,
+            self.vocab_size(),
+            self.kind(),
+            self.word_embeddings.weight.device(),
+        )
     }
 
     /// Captures every piece of a one-token step at every row bucket up to the most rows a step
@@ -272,11 +310,7 @@ impl BlipTextDecoder {
         let past = cache.past_len();
         let mode = self.graph_mode_for(len);
         let piece = |id: u32, inputs: &[&Tensor], f: Body| graphs::run(mode, self.owner, id, inputs, f);
-        let mut x = piece(EMBED_PIECE, &[ids, positions], &|t| {
-            let x = self.word_embeddings.forward(t[0]) + self.position_embeddings.forward(t[1]);
-            vec![self.embed_norm.forward(&x)]
-        })
-        .remove(0);
+        let mut x = piece(EMBED_PIECE, &[ids, positions], &|t| vec![self.embed(t[0], t[1])]).remove(0);
         let causal;
         let mask = match self_mask {
             Some(m) => Some(m),
@@ -322,11 +356,7 @@ impl BlipTextDecoder {
     ) -> Tensor {
         let mode = self.graph_mode_for(1);
         let piece = |id: u32, inputs: &[&Tensor], f: Body| graphs::run(mode, self.owner, id, inputs, f);
-        let mut x = piece(EMBED_PIECE, &[ids, positions], &|t| {
-            let x = self.word_embeddings.forward(t[0]) + self.position_embeddings.forward(t[1]);
-            vec![self.embed_norm.forward(&x)]
-        })
-        .remove(0);
+        let mut x = piece(EMBED_PIECE, &[ids, positions], &|t| vec![self.embed(t[0], t[1])]).remove(0);
         let groups = ImageGroups {
             images: slots.images_used,
             widest: slots.widest,
@@ -362,15 +392,22 @@ impl BlipTextDecoder {
         x
     }
 
+    /// Normalised token and position embeddings of `ids` at `positions` (both `[rows, len]`).
+    fn embed(&self, ids: &Tensor, positions: &Tensor) -> Tensor {
+        self.embed_norm.forward(&(self.word_embeddings.forward(ids) + self.position_embeddings.forward(positions)))
+    }
+
+    /// Logits `[rows, vocab]` from hidden states `[rows, hidden]`.
+    fn lm_head(&self, hidden: &Tensor) -> Tensor {
+        let head = &self.head;
+        head.decoder.forward(&head.transform_norm.forward(&head.act.forward(&head.transform.forward(hidden))))
+    }
+
     /// Next-token logits `[rows, vocab]` from the hidden state of each row's last position.
     pub fn next_token_logits(&self, hidden: &Tensor) -> Tensor {
         let len = hidden.size()[1];
         let last = hidden.select(1, len - 1);
-        graphs::run(self.graph_mode_for(len), self.owner, HEAD_PIECE, &[&last], &|t| {
-            let head = &self.head;
-            vec![head.decoder.forward(&head.transform_norm.forward(&head.act.forward(&head.transform.forward(t[0]))))]
-        })
-        .remove(0)
+        graphs::run(self.graph_mode_for(len), self.owner, HEAD_PIECE, &[&last], &|t| vec![self.lm_head(t[0])]).remove(0)
     }
 }
 
