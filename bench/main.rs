@@ -248,6 +248,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     "peak_rss_mb": l.peak_rss_mb, "dtype": format!("{:?}", engine.dtype), "quantize": format!("{:?}", engine.quantize),
                     "decode_steps": l.steps.steps, "host_ms_per_step": finite(l.steps.host_ms_per_step()),
                     "device_wait_ms_per_step": finite(l.steps.device_wait_ms_per_step()),
+                    "whole_steps": l.steps.whole, "cuda_graphs": format!("{:?}", engine.cuda_graphs),
                 })
                 .to_string()
             })

@@ -131,6 +131,30 @@ fn options_the_device_cannot_honour_stop_the_run_with_the_reason() {
     assert!(stderr.contains("--dtype fp32"), "{stderr}");
 }
 
+#[test]
+fn cuda_graphs_name_what_they_capture_and_keep_the_old_spellings() {
+    for graphs in ["--cuda-graphs=whole", "--cuda-graphs=pieces"] {
+        let (ok, _, stderr) = run(&[graphs, "examples/images/scene_1.png"]);
+        assert!(!ok);
+        assert!(stderr.contains("--cuda-graphs needs a CUDA device"), "{graphs}: {stderr}");
+    }
+    let (ok, _, stderr) = run(&["--cuda-graphs=sideways", "examples/images/scene_1.png"]);
+    assert!(!ok);
+    assert!(stderr.contains("invalid value 'sideways'") && stderr.contains("pieces, whole"), "{stderr}");
+    // CAPTION_CUDA_GRAPHS was a boolean: true and false still mean what they meant.
+    for (value, refused) in [("true", true), ("false", false)] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_caption-cascade"))
+            .args(["caption", "--device", "cpu", "examples/images/scene_1.png"])
+            .env("CAPTION_CUDA_GRAPHS", value)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.success(), !refused, "{value}: {stderr}");
+        assert_eq!(stderr.contains("--cuda-graphs needs a CUDA device"), refused, "{value}: {stderr}");
+    }
+}
+
 /// Serves `body` to every connection on a loopback port, from a thread, for the test's lifetime.
 fn serve_once_per_connection(body: Vec<u8>) -> std::net::SocketAddr {
     use std::io::{Read, Write};

@@ -10,13 +10,16 @@ mod common;
 use std::path::Path;
 
 use caption_cascade::{
+    backend::{BlipRunner, GenerateInput, GenerateOutput},
+    engine::{EngineError, RunningBatch, StepWise},
     images::{decode_image, DecodeLimits},
     models::{
         blip::{decode::capture_whole_steps, Blip, DecodeBatch, DecodeRequest, Decoded, SpecialTokens},
         generation::{GenerationParams, Strategy},
         graphs::{self, GraphMode, WholeStep},
-        preprocess,
+        preprocess, timing, transfer, Numerics,
     },
+    validate::{CaptionLimits, GenerationLimits, SeedOrigin, Validator},
 };
 use common::scenes::draw_scene;
 use rand::{rngs::StdRng, SeedableRng};
@@ -272,4 +275,84 @@ fn a_batch_that_outgrows_the_arena_lets_it_go_and_later_batches_get_another() {
     let (again, held_again, _) = dec_run(&blip);
     assert_eq!(again, eager);
     assert!(held_again, "the next batch got an arena: the old one went with the batch that grew it");
+}
+
+#[test]
+fn a_whole_step_waits_on_the_device_once() {
+    let _g = tch::no_grad_guard();
+    let mut blip = Blip::load(Path::new(BLIP), Device::Cpu).unwrap();
+    whole(&mut blip, limits());
+    let sp = special(&blip);
+    for reqs in [
+        vec![request(&blip, 1, greedy(3, 12)), request(&blip, 2, greedy(1, 9))],
+        vec![request(&blip, 1, sampled(3, 50, 12, 1)), request(&blip, 2, greedy(2, 9))],
+        vec![request(&blip, 1, sampled(2, 0, 12, 2)), request(&blip, 2, sampled(2, 3, 9, 3))],
+    ] {
+        let mut batch = DecodeBatch::new(&blip.text_decoder, sp, &embeds(&blip, &[1, 2]), &reqs);
+        batch.record_scores();
+        let mut reads = Vec::new();
+        while !batch.is_done() {
+            let before = transfer::reads();
+            batch.step();
+            reads.push(transfer::reads() - before);
+        }
+        assert!(batch.take_recorded()[1..].iter().all(|s| s.whole));
+        assert!(reads.iter().all(|&r| r == 1), "{reads:?}");
+    }
+}
+
+/// Through the engine's verbs, as the scheduler drives them: a batch prefilled, stepped, joined
+/// by another, one request filtered out, run to its end and dropped; then a new batch.
+fn through_the_verbs(runner: &BlipRunner) -> Vec<(u64, Vec<String>)> {
+    let limits = GenerationLimits { max_candidates: 8, max_length: 40 };
+    let validator = Validator::new(limits, CaptionLimits { max_captions: 8, max_caption_bytes: 256 });
+    let input = |seed: u64, params: GenerationParams| {
+        let scene = draw_scene(&mut StdRng::seed_from_u64(seed));
+        let img = decode_image(&scene.png(), &DecodeLimits::default()).unwrap();
+        let params = validator.params(params, SeedOrigin::Caller).unwrap();
+        let prompt = runner.prompt(params.get()).unwrap();
+        GenerateInput { pixels: runner.processor().pixels(&img).unwrap(), params, prompt }
+    };
+    let mut done: Vec<(u64, Result<GenerateOutput, EngineError>)> = Vec::new();
+    let (mut running, finished) =
+        runner.prefill(vec![(1, input(1, sampled(4, 50, 20, 1))), (2, input(2, greedy(2, 14)))]);
+    done.extend(finished);
+    for _ in 0..3 {
+        done.extend(running.decode());
+    }
+    let (joiner, finished) = runner.prefill(vec![(3, input(3, sampled(3, 0, 16, 3)))]);
+    done.extend(finished);
+    running.concatenate(joiner);
+    done.extend(running.decode());
+    running.filter(1);
+    while running.requests() > 0 {
+        done.extend(running.decode());
+    }
+    drop(running);
+    let (mut next, finished) = runner.prefill(vec![(4, input(4, sampled(3, 50, 18, 4)))]);
+    done.extend(finished);
+    while next.requests() > 0 {
+        done.extend(next.decode());
+    }
+    let mut out: Vec<(u64, Vec<String>)> =
+        done.into_iter().map(|(id, r)| (id, r.unwrap().candidates.into_iter().map(|c| c.text).collect())).collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn the_engine_serves_whole_steps_as_it_serves_layered_ones() {
+    let before = timing::whole_steps_here();
+    let eager = through_the_verbs(&BlipRunner::load(Path::new(BLIP), Device::Cpu).unwrap());
+    assert_eq!(timing::whole_steps_here(), before, "without --cuda-graphs=whole no step runs whole");
+    assert_eq!(eager.iter().map(|(id, _)| *id).collect::<Vec<_>>(), [2, 3, 4], "request 1 was filtered out");
+    let numerics = Numerics {
+        graphs: GraphMode::Emulated,
+        whole_step: Some(WholeStep { rows: 16, images: 4, per_image: 8, positions: 40 }),
+        ..Kind::Float.into()
+    };
+    let runner = BlipRunner::load_as(Path::new(BLIP), Device::Cpu, numerics).unwrap();
+    let before = timing::whole_steps_here();
+    assert_eq!(through_the_verbs(&runner), eager);
+    assert!(timing::whole_steps_here() - before >= 10, "its later steps ran whole");
 }

@@ -9,18 +9,23 @@ use std::{
 };
 
 static STEPS: AtomicU64 = AtomicU64::new(0);
+static WHOLE_STEPS: AtomicU64 = AtomicU64::new(0);
 static STEP_NANOS: AtomicU64 = AtomicU64::new(0);
 static WAIT_NANOS: AtomicU64 = AtomicU64::new(0);
 
 thread_local! {
     /// Time this thread has waited in device reads, inside a step or not.
     static WAITED: Cell<u64> = const { Cell::new(0) };
+    /// Steps this thread ran whole.
+    static WHOLE_HERE: Cell<u64> = const { Cell::new(0) };
 }
 
 /// Totals of every decode step this process has run so far.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct StepTimes {
     pub steps: u64,
+    /// Of `steps`, those run whole (`--cuda-graphs=whole`); the others went through the layers.
+    pub whole: u64,
     /// Wall time of the steps.
     pub wall: Duration,
     /// The part of `wall` spent waiting for the device (reading results back).
@@ -32,6 +37,7 @@ impl StepTimes {
     pub fn now() -> Self {
         Self {
             steps: STEPS.load(Ordering::Relaxed),
+            whole: WHOLE_STEPS.load(Ordering::Relaxed),
             wall: Duration::from_nanos(STEP_NANOS.load(Ordering::Relaxed)),
             device_wait: Duration::from_nanos(WAIT_NANOS.load(Ordering::Relaxed)),
         }
@@ -41,6 +47,7 @@ impl StepTimes {
     pub fn since(&self, earlier: &Self) -> Self {
         Self {
             steps: self.steps - earlier.steps,
+            whole: self.whole - earlier.whole,
             wall: self.wall.saturating_sub(earlier.wall),
             device_wait: self.device_wait.saturating_sub(earlier.device_wait),
         }
@@ -62,6 +69,17 @@ impl StepTimes {
         }
         d.as_secs_f64() * 1e3 / self.steps as f64
     }
+}
+
+/// Counts a step that ran whole.
+pub fn ran_whole() {
+    WHOLE_STEPS.fetch_add(1, Ordering::Relaxed);
+    WHOLE_HERE.with(|w| w.set(w.get() + 1));
+}
+
+/// Steps this thread has run whole so far.
+pub fn whole_steps_here() -> u64 {
+    WHOLE_HERE.with(Cell::get)
 }
 
 /// Adds a device wait of this thread (called by the read helper).

@@ -261,6 +261,7 @@ impl<'m> DecodeBatch<'m> {
         }
         let (next, mut done, beam_finished) = match self.whole_step() {
             Some(next) => {
+                timing::ran_whole();
                 if self.recorded.is_some() {
                     let scores = self.whole_step_scores().expect("a whole step holds the arena");
                     self.record(scores, true);
