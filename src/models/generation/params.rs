@@ -59,6 +59,14 @@ impl Default for GenerationParams {
 }
 
 impl GenerationParams {
+    /// The tokens top-k keeps of a vocabulary of `vocab`: all of them where top-k is off.
+    pub fn top_k_within(&self, vocab: i64) -> i64 {
+        match self.top_k {
+            0 => vocab,
+            k => i64::from(k).min(vocab),
+        }
+    }
+
     /// The origin notebook's BLIP call (`sample=True, top_p=0.9, max_length=80, min_length=10`,
     /// repetition penalty 1.1, top_k 50, 10 candidates), with `max_length` capped at `limit`.
     pub fn notebook(limit: u32) -> Self {

@@ -1,15 +1,11 @@
 //! How greedy and sampled rows choose their next tokens: computed on the device, read back with
 //! the rest of the step, and the whole-vocabulary draw kept for the rare step that needs it.
 
-use rand::Rng;
 use tch::{Kind, Tensor};
 
-use super::{DecodeBatch, LiveRows};
+use super::{DecodeBatch, LiveRows, Row};
 use crate::models::{
-    generation::{
-        logits::{self, RowParams},
-        params::Strategy,
-    },
+    generation::logits::{self, RowParams},
     transfer::{self, Upload},
 };
 
@@ -21,15 +17,15 @@ impl DecodeBatch<'_> {
         let scores = logits::repetition_penalty(scores, &rows.seen, &params.repetition_penalty);
         let scores = logits::suppress_eos(&scores, &rows.too_short, self.special.eos);
         let greedy = scores.argmax(-1, false);
-        if !self.rows.iter().any(|r| r.params.strategy == Strategy::Sample) {
+        if !self.rows.iter().any(Row::samples) {
             return Choice { read: greedy, fallback: None };
         }
-        let u: Vec<f64> = self.rows.iter_mut().map(|r| 1.0 - r.rng.random::<f64>()).collect();
+        let u: Vec<f64> = self.rows.iter_mut().map(Row::draw).collect();
         let u = Tensor::from_slice(&u).view([-1, 1]).upload(self.device);
-        let is_sample: Vec<bool> = self.rows.iter().map(|r| r.params.strategy == Strategy::Sample).collect();
+        let is_sample: Vec<bool> = self.rows.iter().map(Row::samples).collect();
         let is_sample = Tensor::from_slice(&is_sample).upload(self.device);
         let vocab = scores.size()[1];
-        let max_k = self.rows.iter().map(|r| if r.params.top_k == 0 { vocab } else { i64::from(r.params.top_k) }).max();
+        let max_k = self.rows.iter().map(|r| r.params.top_k_within(vocab)).max();
         if let Some(max_k) = max_k.filter(|&k| k < vocab) {
             let (sampled, tie) = logits::sample_top_k(&scores, params, max_k, &u);
             // Tokens and the tie flag come back in the step's one transfer.
@@ -37,8 +33,7 @@ impl DecodeBatch<'_> {
                 Tensor::cat(&[sampled.where_self(&is_sample, &greedy), tie.any().to_kind(Kind::Int64).view([1])], 0);
             return Choice { read, fallback: Some(Fallback { scores, u, is_sample, greedy }) };
         }
-        let probs = logits::warp(&scores, params).softmax(-1, Kind::Float);
-        Choice { read: logits::sample(&probs, &u).where_self(&is_sample, &greedy), fallback: None }
+        Choice { read: whole_vocabulary(&scores, params, &u, &is_sample, &greedy), fallback: None }
     }
 }
 

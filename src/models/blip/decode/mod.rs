@@ -19,7 +19,7 @@ pub use whole::capture_whole_steps;
 
 use std::collections::HashMap;
 
-use rand::{rngs::StdRng, SeedableRng};
+use rand::{rngs::StdRng, Rng, SeedableRng};
 use tch::{Device, Kind, Tensor};
 
 use super::{
@@ -49,6 +49,22 @@ struct Row {
     slot: usize,
     /// Its image's slot in the cross-attention cache.
     image: usize,
+}
+
+impl Row {
+    fn samples(&self) -> bool {
+        self.params.strategy == Strategy::Sample
+    }
+
+    /// Whether the row is still short of its `min_length` (its end token suppressed).
+    fn too_short(&self) -> bool {
+        (self.tokens.len() as u32) < self.params.min_length
+    }
+
+    /// The row's next uniform draw, in (0, 1].
+    fn draw(&mut self) -> f64 {
+        1.0 - self.rng.random::<f64>()
+    }
 }
 
 pub struct DecodeBatch<'m> {
@@ -359,7 +375,7 @@ impl<'m> DecodeBatch<'m> {
             None => (self.seen.narrow(0, 0, n), self.row_params.narrow(n)),
             Some(idx) => (self.seen.index_select(0, idx), self.row_params.select(idx)),
         };
-        let too_short: Vec<bool> = self.rows.iter().map(|r| (r.tokens.len() as u32) < r.params.min_length).collect();
+        let too_short: Vec<bool> = self.rows.iter().map(Row::too_short).collect();
         let rows = LiveRows { seen, params, too_short: Tensor::from_slice(&too_short).upload(self.device) };
         if self.recorded.is_some() {
             let processed = logits::suppress_eos(
@@ -485,15 +501,7 @@ fn row_params(rows: &[Row], vocab: i64, device: Device) -> RowParams {
         repetition_penalty: col(&|p| p.repetition_penalty),
         temperature: col(&|p| if sampling(p) { p.temperature } else { 1.0 }),
         top_p: col(&|p| if sampling(p) { p.top_p } else { 1.0 }),
-        top_k: Tensor::from_slice(
-            &rows
-                .iter()
-                .map(|r| match r.params.top_k {
-                    0 => vocab,
-                    k => i64::from(k).min(vocab),
-                })
-                .collect::<Vec<i64>>(),
-        )
-        .upload(device),
+        top_k: Tensor::from_slice(&rows.iter().map(|r| r.params.top_k_within(vocab)).collect::<Vec<i64>>())
+            .upload(device),
     }
 }

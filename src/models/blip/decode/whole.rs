@@ -4,10 +4,9 @@
 //! random draws uploaded once each and its tokens read back once. Beam steps, and batches the
 //! arena cannot hold, take the layered path.
 
-use rand::Rng;
 use tch::{Kind, Tensor};
 
-use super::{choose::whole_vocabulary, DecodeBatch};
+use super::{choose::whole_vocabulary, DecodeBatch, Row};
 use crate::models::{
     blip::{
         arena::{self, Arena, Capacity},
@@ -17,7 +16,7 @@ use crate::models::{
     },
     generation::{
         logits::{self, RowParams},
-        params::{GenerationParams, Strategy},
+        params::GenerationParams,
     },
     graphs::{self, GraphMode, Owner},
     transfer::{self, Upload},
@@ -142,7 +141,7 @@ impl<'m> DecodeBatch<'m> {
             inputs[at + column::POSITION as usize] = len;
             inputs[at + column::READS as usize] = len + 1;
             inputs[at + column::QUERY as usize] = r.image as i64 * capacity.per_image + r.candidate as i64;
-            inputs[at + column::TOO_SHORT as usize] = i64::from((r.tokens.len() as u32) < r.params.min_length);
+            inputs[at + column::TOO_SHORT as usize] = i64::from(r.too_short());
         }
         let device = self.device;
         let inputs = Tensor::from_slice(&inputs).view([rows, COLUMNS]).upload(device);
@@ -160,7 +159,7 @@ impl<'m> DecodeBatch<'m> {
             scores: &lease.scores,
         };
         let greedy = graph.scores(&inputs, positions);
-        if !self.rows.iter().any(|r| r.params.strategy == Strategy::Sample) {
+        if !self.rows.iter().any(Row::samples) {
             let read = transfer::read::<i64>(&greedy);
             return Some(self.rows.iter().map(|r| read[r.slot]).collect());
         }
@@ -168,12 +167,12 @@ impl<'m> DecodeBatch<'m> {
         // not depend on the path its steps take.
         let (mut draws, mut flags) = (vec![1.0f64; rows as usize], vec![0i64; 2 * rows as usize]);
         for r in &mut self.rows {
-            draws[r.slot] = 1.0 - r.rng.random::<f64>();
-            flags[2 * r.slot] = i64::from(r.params.strategy == Strategy::Sample);
+            draws[r.slot] = r.draw();
+            flags[2 * r.slot] = i64::from(r.samples());
             flags[2 * r.slot + 1] = 1;
         }
         let vocab = self.decoder.vocab_size();
-        let max_k = self.rows.iter().map(|r| top_k(&r.params, vocab)).max().expect("rows");
+        let max_k = self.rows.iter().map(|r| r.params.top_k_within(vocab)).max().expect("rows");
         let draws = Tensor::from_slice(&draws).view([rows, 1]).upload(device);
         let flags = Tensor::from_slice(&flags).view([rows, 2]).upload(device);
         let chosen = graph.choose(&draws, &flags, Window::for_max_k(max_k, vocab));
@@ -294,13 +293,6 @@ fn dead_rows(rows: i64, capacity: Capacity) -> Vec<i64> {
     inputs
 }
 
-fn top_k(params: &GenerationParams, vocab: i64) -> i64 {
-    match params.top_k {
-        0 => vocab,
-        k => i64::from(k).min(vocab),
-    }
-}
-
 /// Captures, into this executor's arena, the step graph of every row bucket and positions
 /// bucket and the choice graph of every row bucket for the default top-k's window, so serving
 /// captures only for windows of other top-k values; returns the graphs made. It runs steps of
@@ -322,7 +314,8 @@ pub fn capture_whole_steps(decoder: &BlipTextDecoder, eos: i64) -> usize {
         scores: &arena.scores,
     };
     let device = arena.seen.device();
-    let window = Window::for_max_k(top_k(&GenerationParams::default(), decoder.vocab_size()), decoder.vocab_size());
+    let vocab = decoder.vocab_size();
+    let window = Window::for_max_k(GenerationParams::default().top_k_within(vocab), vocab);
     let mut made = 0;
     for rows in graphs::buckets_up_to(capacity.rows) {
         let inputs = Tensor::from_slice(&dead_rows(rows, capacity)).view([rows, COLUMNS]).upload(device);
