@@ -8,7 +8,7 @@ use std::path::Path;
 use caption_cascade::models::{
     blip::{Blip, DecodeBatch, DecodeRequest, Decoded, SpecialTokens},
     generation::{GenerationParams, Strategy},
-    graphs::{self, GraphMode},
+    graphs::{self, GraphMode, WholeStep},
 };
 use tch::{Device, Kind, Tensor};
 
@@ -69,4 +69,36 @@ fn graphs_captured_up_front_cover_every_step_that_follows() {
     assert_eq!((captured, off), (4 * (2 + 3 * layers), false), "every piece at every bucket");
     assert_eq!(decode(&blip, &embeds), eager);
     assert_eq!(graphs::on_this_executor(), (captured, false), "serving captured nothing new");
+}
+
+#[test]
+fn a_failed_whole_step_capture_leaves_the_batch_decoding_through_the_layers() {
+    let _g = tch::no_grad_guard();
+    let mut blip = Blip::load(Path::new(BLIP), Device::Cpu).unwrap();
+    tch::manual_seed(5);
+    let size = blip.config.vision_config.image_size;
+    let embeds = blip.encode_image(&Tensor::randn([2, 3, size, size], (Kind::Float, Device::Cpu)));
+    let eager = decode(&blip, &embeds);
+
+    blip.text_decoder.set_graph_mode(GraphMode::Emulated);
+    let v = &blip.config.vision_config;
+    let limits = WholeStep { rows: 8, images: 2, per_image: 4, positions: 40 };
+    blip.text_decoder.set_whole_step(Some(limits), (v.image_size / v.patch_size).pow(2) + 1);
+    // The first step runs through the layers (its pieces captured); the second is the first whole
+    // step, and its capture fails.
+    let sp = SpecialTokens { bos: blip.config.text_config.bos_token_id, eos: blip.config.text_config.sep_token_id };
+    let reqs = |n: u32, id| DecodeRequest {
+        id,
+        params: GenerationParams { num_candidates: n, strategy: Strategy::Greedy, ..Default::default() },
+        prefix: vec![sp.bos],
+    };
+    let mut batch = DecodeBatch::new(&blip.text_decoder, sp, &embeds, &[reqs(2, 0), reqs(3, 1)]);
+    let mut done = batch.step();
+    graphs::fail_next_emulated_capture();
+    while !batch.is_done() {
+        done.extend(batch.step());
+    }
+    done.sort_by_key(|d| d.id);
+    assert_eq!(done, eager, "the step whose capture failed, and the steps after it");
+    assert_eq!(graphs::on_this_executor(), (0, true));
 }
