@@ -1,8 +1,10 @@
-//! CUDA graphs for the row-wise pieces of a decode step. A one-token step at a few hundred rows
-//! launches some 300 small kernels, and on a GPU the launches, not the arithmetic, set its pace.
-//! The pieces between attentions (projections, norms, the feed-forward block, the LM head) depend
-//! on nothing but their rows, so each is captured once per row bucket and replayed; attention,
-//! whose shapes change with the cache and the image groups, runs between them as usual.
+//! CUDA graphs for decode steps. A one-token step at a few hundred rows launches some 300 small
+//! kernels, and on a GPU the launches, not the arithmetic, set its pace. The pieces between
+//! attentions (projections, norms, the feed-forward block, the LM head) depend on nothing but
+//! their rows, so each is captured once per row bucket and replayed; attention, whose shapes
+//! change with the cache and the image groups, runs between them as usual. A whole step whose
+//! shapes depend on its buckets alone (over a fixed-capacity arena, `blip::arena`) is captured
+//! through the same [`run`], as one piece.
 //!
 //! A piece's inputs are copied into static buffers padded to the bucket, the graph replays on the
 //! executor's stream, and its outputs are views of the graph's own memory, valid until the piece

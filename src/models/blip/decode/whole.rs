@@ -93,25 +93,23 @@ impl StepGraph<'_> {
     }
 
     /// Each slot row's token and whether its ties reach beyond the window (`[rows, 2]`), from
-    /// `draws` `[rows, 1]` and `flags` `[rows, 2]` (sampled, live).
-    fn choose(&self, draws: &Tensor, flags: &Tensor, window: Window) -> Tensor {
+    /// `draws` `[rows, 3]`: the row's uniform draw, 1 where it samples, 1 where it is live.
+    fn choose(&self, draws: &Tensor, window: Window) -> Tensor {
         let piece = match window {
             Window::TopK(k) => CHOOSE_TOP_K + k as u32,
             Window::Vocabulary => CHOOSE_VOCABULARY,
         };
-        graphs::run(self.mode, self.owner, piece, &[draws, flags], &|t| {
+        graphs::run(self.mode, self.owner, piece, &[draws], &|t| {
             let rows = t[0].size()[0];
             let (scores, params) = (self.scores.narrow(0, 0, rows), self.params.narrow(rows));
             let greedy = scores.argmax(-1, false);
-            let (is_sample, live) = (t[1].select(1, 0).ne(0), t[1].select(1, 1).ne(0));
+            let (u, is_sample, live) = (t[0].narrow(1, 0, 1), t[0].select(1, 1).ne(0.0), t[0].select(1, 2).ne(0.0));
             let (tokens, tie) = match window {
                 Window::TopK(k) => {
-                    let (sampled, tie) = logits::sample_top_k(&scores, &params, k, t[0]);
+                    let (sampled, tie) = logits::sample_top_k(&scores, &params, k, &u);
                     (sampled.where_self(&is_sample, &greedy), tie.logical_and(&live))
                 }
-                Window::Vocabulary => {
-                    (whole_vocabulary(&scores, &params, t[0], &is_sample, &greedy), live.zeros_like())
-                }
+                Window::Vocabulary => (whole_vocabulary(&scores, &params, &u, &is_sample, &greedy), live.zeros_like()),
             };
             vec![Tensor::stack(&[tokens, tie.to_kind(Kind::Int64)], 1)]
         })
@@ -165,29 +163,25 @@ impl<'m> DecodeBatch<'m> {
         }
         // Every row draws when any row samples, as the layered path does: a row's stream does
         // not depend on the path its steps take.
-        let (mut draws, mut flags) = (vec![1.0f64; rows as usize], vec![0i64; 2 * rows as usize]);
+        let mut draws = [1.0f64, 0.0, 0.0].repeat(rows as usize);
         for r in &mut self.rows {
-            draws[r.slot] = r.draw();
-            flags[2 * r.slot] = i64::from(r.samples());
-            flags[2 * r.slot + 1] = 1;
+            draws[3 * r.slot..3 * r.slot + 3].copy_from_slice(&[r.draw(), f64::from(u8::from(r.samples())), 1.0]);
         }
         let vocab = self.decoder.vocab_size();
         let max_k = self.rows.iter().map(|r| r.params.top_k_within(vocab)).max().expect("rows");
-        let draws = Tensor::from_slice(&draws).view([rows, 1]).upload(device);
-        let flags = Tensor::from_slice(&flags).view([rows, 2]).upload(device);
-        let chosen = graph.choose(&draws, &flags, Window::for_max_k(max_k, vocab));
+        let draws = Tensor::from_slice(&draws).view([rows, 3]).upload(device);
+        let chosen = graph.choose(&draws, Window::for_max_k(max_k, vocab));
         let read = transfer::read::<i64>(&chosen);
         let mut tokens: Vec<i64> = read.chunks(2).map(|c| c[0]).collect();
         if read.chunks(2).any(|c| c[1] != 0) {
             // As on the layered path: ties beyond the window are rare, and only this step waits
             // on the device a second time.
             let scores = lease.scores.narrow(0, 0, rows);
-            let is_sample = flags.select(1, 0).ne(0);
             tokens = transfer::read(&whole_vocabulary(
                 &scores,
                 &self.row_params.narrow(rows),
-                &draws,
-                &is_sample,
+                &draws.narrow(1, 0, 1),
+                &draws.select(1, 1).ne(0.0),
                 &scores.argmax(-1, false),
             ));
         }
@@ -323,8 +317,9 @@ pub fn capture_whole_steps(decoder: &BlipTextDecoder, eos: i64) -> usize {
             let _ = graph.scores(&inputs, positions);
             made += 1;
         }
-        let draws = Tensor::ones([rows, 1], (Kind::Double, device));
-        let _ = graph.choose(&draws, &Tensor::zeros([rows, 2], (Kind::Int64, device)), window);
+        let draws = Tensor::zeros([rows, 3], (Kind::Double, device));
+        let _ = draws.narrow(1, 0, 1).fill_(1.0);
+        let _ = graph.choose(&draws, window);
         made += 1;
     }
     arena::give_back(decoder.owner(), arena);
