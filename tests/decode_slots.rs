@@ -7,38 +7,12 @@ mod common;
 
 use std::path::Path;
 
-use caption_cascade::{
-    images::{decode_image, DecodeLimits},
-    models::{
-        blip::{Blip, DecodeBatch, DecodeRequest, Decoded, SpecialTokens},
-        generation::{GenerationParams, Strategy},
-        preprocess,
-    },
+use caption_cascade::models::{
+    blip::{Blip, DecodeBatch, DecodeRequest, Decoded},
+    generation::{GenerationParams, Strategy},
 };
-use common::scenes::draw_scene;
-use rand::{rngs::StdRng, SeedableRng};
-use tch::{Device, Tensor};
-
-const BLIP: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/shapes-blip");
-
-/// Image embeddings of the scenes of `seeds`, each encoded on its own (as alone, so batched and
-/// lone requests read the same numbers).
-fn embeds(blip: &Blip, seeds: &[u64]) -> Tensor {
-    let each: Vec<Tensor> = seeds
-        .iter()
-        .map(|&seed| {
-            let scene = draw_scene(&mut StdRng::seed_from_u64(seed));
-            let img = decode_image(&scene.png(), &DecodeLimits::default()).unwrap();
-            let p = preprocess::load(Path::new(BLIP)).unwrap().pixels(&img).unwrap();
-            blip.encode_image(&Tensor::from_slice(&p.data).view([1, 3, i64::from(p.height), i64::from(p.width)]))
-        })
-        .collect();
-    Tensor::cat(&each, 0)
-}
-
-fn special(blip: &Blip) -> SpecialTokens {
-    SpecialTokens { bos: blip.config.text_config.bos_token_id, eos: blip.config.text_config.sep_token_id }
-}
+use common::decode::{embeds, special, BLIP};
+use tch::Device;
 
 /// `n` candidates of exactly `len` tokens (greedy, or sampled with `seed`).
 fn fixed(id: u64, n: u32, len: u32, sampled: Option<u64>) -> DecodeRequest {

@@ -14,35 +14,19 @@ use caption_cascade::{
     engine::{EngineError, RunningBatch, StepWise},
     images::{decode_image, DecodeLimits},
     models::{
-        blip::{decode::capture_whole_steps, Blip, DecodeBatch, DecodeRequest, Decoded, SpecialTokens},
+        blip::{decode::capture_whole_steps, Blip, DecodeBatch, DecodeRequest, Decoded},
         generation::{GenerationParams, Strategy},
         graphs::{self, GraphMode, WholeStep},
-        preprocess, timing, transfer, Numerics,
+        timing, transfer, Numerics,
     },
     validate::{CaptionLimits, GenerationLimits, SeedOrigin, Validator},
 };
-use common::scenes::draw_scene;
+use common::{
+    decode::{embeds, special, BLIP},
+    scenes::draw_scene,
+};
 use rand::{rngs::StdRng, SeedableRng};
 use tch::{Device, Kind, Tensor};
-
-const BLIP: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/shapes-blip");
-
-fn embeds(blip: &Blip, seeds: &[u64]) -> Tensor {
-    let each: Vec<Tensor> = seeds
-        .iter()
-        .map(|&seed| {
-            let scene = draw_scene(&mut StdRng::seed_from_u64(seed));
-            let img = decode_image(&scene.png(), &DecodeLimits::default()).unwrap();
-            let p = preprocess::load(Path::new(BLIP)).unwrap().pixels(&img).unwrap();
-            blip.encode_image(&Tensor::from_slice(&p.data).view([1, 3, i64::from(p.height), i64::from(p.width)]))
-        })
-        .collect();
-    Tensor::cat(&each, 0)
-}
-
-fn special(blip: &Blip) -> SpecialTokens {
-    SpecialTokens { bos: blip.config.text_config.bos_token_id, eos: blip.config.text_config.sep_token_id }
-}
 
 fn request(blip: &Blip, id: u64, params: GenerationParams) -> DecodeRequest {
     DecodeRequest { id, params, prefix: vec![special(blip).bos] }

@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod decode;
 pub mod http;
 pub mod process;
 pub mod raw;
