@@ -42,7 +42,7 @@ impl BlipTextDecoder {
     ) -> Tensor {
         let rows = inputs.size()[0];
         let col = |c: i64| inputs.select(1, c);
-        let x = self.embed(&col(column::TOKEN).view([rows, 1]), &col(column::POSITION).view([rows, 1]));
+        let mut x = self.embed(&col(column::TOKEN).view([rows, 1]), &col(column::POSITION).view([rows, 1]));
         let device = x.device();
         let blocked =
             Tensor::arange(positions, (Kind::Int64, device)).unsqueeze(0).ge_tensor(&col(column::READS).unsqueeze(1));
@@ -56,7 +56,6 @@ impl BlipTextDecoder {
         let grid = images * per_image;
         let query = col(column::QUERY);
         let direct = |_: u32, inputs: &[&Tensor], f: Body| f(inputs);
-        let mut x = x;
         for (i, layer) in self.layers.iter().enumerate() {
             let (k_buf, v_buf) = &cache.layers()[i];
             let (ck, cv) = &cross.layers()[i];
