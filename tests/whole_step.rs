@@ -75,9 +75,10 @@ fn steps(batch: &mut DecodeBatch, n: usize, done: &mut Vec<Decoded>) {
     }
 }
 
-/// A batch that starts with two requests, takes a third after 3 steps (top-k off: the whole
-/// vocabulary), loses one to a cancel, takes a fourth (greedy), and runs to its end. Returns the
-/// candidates, the running batch's recorded steps, and whether it held the arena at the end.
+/// A batch that starts with two requests, takes a third after 4 steps (top-k off: the whole
+/// vocabulary), loses one to a cancel, takes a fourth (top-k 3) and a fifth (greedy, with a
+/// prompt), and runs to its end. Returns the candidates, the running batch's recorded steps,
+/// and whether it held the arena at the end.
 fn scenario(blip: &Blip) -> (Vec<Decoded>, Vec<caption_cascade::models::blip::decode::StepScores>, bool) {
     let sp = special(blip);
     let dec = &blip.text_decoder;
@@ -94,7 +95,9 @@ fn scenario(blip: &Blip) -> (Vec<Decoded>, Vec<caption_cascade::models::blip::de
     let mut joiner = DecodeBatch::new(dec, sp, &embeds(blip, &[4]), &[request(blip, 4, sampled(3, 3, 18, 4))]);
     done.extend(joiner.step());
     running.join(joiner);
-    let mut late = DecodeBatch::new(dec, sp, &embeds(blip, &[5]), &[request(blip, 5, greedy(1, 9))]);
+    // A prompt: its rows start three positions in, among rows one position in.
+    let prompted = DecodeRequest { prefix: vec![sp.bos, 7, 9], ..request(blip, 5, greedy(2, 12)) };
+    let mut late = DecodeBatch::new(dec, sp, &embeds(blip, &[5]), &[prompted]);
     done.extend(late.step());
     running.join(late);
     while !running.is_done() {
