@@ -374,6 +374,34 @@ fn memory_limit() -> u64 {
 mod tests {
     use super::*;
 
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        engine: EngineArgs,
+    }
+
+    #[test]
+    fn whole_step_graphs_are_made_for_what_the_flags_allow() {
+        use clap::Parser;
+        let parse = |args: &[&str]| Cli::parse_from([&["test"], args].concat()).engine;
+        let whole =
+            parse(&["--cuda-graphs=whole", "--generate-max-batch", "4", "--max-candidates", "5", "--max-length", "30"]);
+        assert_eq!(whole.cuda_graphs, CudaGraphs::Whole);
+        assert_eq!(parse(&["--cuda-graphs"]).cuda_graphs, CudaGraphs::Pieces);
+        assert_eq!(parse(&[]).cuda_graphs, CudaGraphs::Off);
+        match whole.numerics(tch::Device::Cuda(0)) {
+            Ok(n) => {
+                let want = crate::models::graphs::WholeStep { rows: 20, images: 4, per_image: 5, positions: 30 };
+                assert_eq!(n.whole_step, Some(want));
+                assert_eq!(n.graph_rows, 20);
+            }
+            // A build without the CUDA shim refuses graphs; the limits never matter there.
+            Err(e) => assert!(!cfg!(cuda_streams) && e.contains("no CUDA shim"), "{e}"),
+        }
+        let pieces = parse(&["--cuda-graphs=pieces"]).numerics(tch::Device::Cuda(0));
+        assert!(pieces.map_or(true, |n| n.whole_step.is_none()));
+    }
+
     #[test]
     fn a_model_flag_names_a_folder_or_a_hub_id() {
         let hub = |id: &str, rev: &str| ModelSource::Hub { repo_id: id.into(), revision: rev.into() };
