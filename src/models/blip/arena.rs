@@ -78,17 +78,21 @@ pub struct Arena {
     pub scores: Tensor,
 }
 
+/// The text decoder's dimensions an arena's buffers take.
+#[derive(Debug, Clone, Copy)]
+pub struct DecoderShape {
+    pub layers: usize,
+    pub heads: i64,
+    pub head_dim: i64,
+    pub vocab: i64,
+    pub kind: Kind,
+    pub device: Device,
+}
+
 impl Arena {
-    /// Empty buffers for `capacity` (`layers` self-attention layers of `heads` × `head_dim`).
-    pub fn new(
-        capacity: Capacity,
-        layers: usize,
-        heads: i64,
-        head_dim: i64,
-        vocab: i64,
-        kind: Kind,
-        device: Device,
-    ) -> Self {
+    /// Empty buffers for `capacity`, for a decoder of `shape`.
+    pub fn new(capacity: Capacity, shape: DecoderShape) -> Self {
+        let DecoderShape { layers, heads, head_dim, vocab, kind, device } = shape;
         // Zeros, not uninitialised memory: a step reads dead slots (masked), and a NaN there would
         // still poison the softmax.
         let buffers = |slots: i64, len: i64| {
@@ -177,7 +181,9 @@ mod tests {
         let model = Owner::new();
         let cap = Capacity::new(WholeStep { rows: 3, images: 2, per_image: 2, positions: 8 }, 5, 512);
         assert_eq!(cap.rows, 4, "the row bucket of 3");
-        let make = || Arena::new(cap, 1, 2, 4, 10, Kind::Float, Device::Cpu);
+        let shape =
+            DecoderShape { layers: 1, heads: 2, head_dim: 4, vocab: 10, kind: Kind::Float, device: Device::Cpu };
+        let make = || Arena::new(cap, shape);
         let first = lend(model, make).expect("made");
         let owner = first.owner;
         assert!(lend(model, make).is_none(), "lent out");

@@ -20,7 +20,7 @@ use cross::{grouped_cross_attention, ImageGroups};
 pub use whole::{column, COLUMNS};
 
 use super::{
-    arena::{Arena, Capacity},
+    arena::{Arena, Capacity, DecoderShape},
     config::BlipTextConfig,
     slots::{SlotBuffers, StepSlots},
 };
@@ -202,17 +202,17 @@ impl BlipTextDecoder {
 
     /// Empty whole-step buffers for `capacity`.
     pub fn new_arena(&self, capacity: Capacity) -> Arena {
-        let a = &self.layers[0].self_attn;
-        let hidden = self.word_embeddings.weight.size()[1];
-        Arena::new(
-            capacity,
-            self.layers.len(),
-            a.heads,
-            hidden / a.heads,
-            self.vocab_size(),
-            self.kind(),
-            self.word_embeddings.weight.device(),
-        )
+        let heads = self.layers[0].self_attn.heads;
+        let weight = &self.word_embeddings.weight;
+        let shape = DecoderShape {
+            layers: self.layers.len(),
+            heads,
+            head_dim: weight.size()[1] / heads,
+            vocab: self.vocab_size(),
+            kind: self.kind(),
+            device: weight.device(),
+        };
+        Arena::new(capacity, shape)
     }
 
     /// Captures every piece of a one-token step at every row bucket up to the most rows a step
