@@ -215,20 +215,14 @@ impl StepSlots {
         let write_slots =
             row_slots.as_ref().map_or_else(|| up(rows.iter().map(|r| r.slot as i64).collect()), Tensor::shallow_clone);
         let write_positions = up(rows.iter().map(|r| r.len).collect());
-        let mask =
-            (!in_order || rows.iter().any(|r| r.len + 1 != width)).then(|| {
-                // Dead slots read position 0 only; live ones their history.
-                let mut reads = vec![1i64; rows_used];
-                for r in rows {
-                    reads[r.slot] = r.len + 1;
-                }
-                let blocked = Tensor::arange(width, (Kind::Int64, device))
-                    .unsqueeze(0)
-                    .ge_tensor(&up(reads).view([rows_used as i64, 1]));
-                Tensor::zeros([rows_used as i64, width], (kind, device))
-                    .masked_fill(&blocked, f64::NEG_INFINITY)
-                    .view([rows_used as i64, 1, 1, width])
-            });
+        let mask = (!in_order || rows.iter().any(|r| r.len + 1 != width)).then(|| {
+            // Dead slots read position 0 only; live ones their history.
+            let mut reads = vec![1i64; rows_used];
+            for r in rows {
+                reads[r.slot] = r.len + 1;
+            }
+            history_mask(&up(reads), width, kind)
+        });
         let widest = rows.iter().map(|r| r.index as i64 + 1).max().unwrap_or(1);
         let cross: Vec<i64> = rows.iter().map(|r| r.image as i64 * widest + r.index as i64).collect();
         let filled = n as i64 == images_used as i64 * widest && cross.iter().enumerate().all(|(i, &c)| c == i as i64);
@@ -244,4 +238,14 @@ impl StepSlots {
             cross_slots: (!filled).then(|| up(cross)),
         }
     }
+}
+
+/// Additive self-attention mask `[slots, 1, 1, width]` of slots that each read their first
+/// `reads[slot]` positions (`reads` `[slots]`; a dead slot reads 1, a finite and unused result).
+pub fn history_mask(reads: &Tensor, width: i64, kind: Kind) -> Tensor {
+    let slots = reads.size()[0];
+    let blocked = Tensor::arange(width, (Kind::Int64, reads.device())).unsqueeze(0).ge_tensor(&reads.view([slots, 1]));
+    Tensor::zeros([slots, width], (kind, reads.device()))
+        .masked_fill(&blocked, f64::NEG_INFINITY)
+        .view([slots, 1, 1, width])
 }

@@ -5,10 +5,14 @@
 //! each query at its image's slot in a fixed grid. What changes from step to step travels as
 //! one `[rows, COLUMNS]` integer input.
 
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 use super::{cross::attend_grid, BlipTextDecoder};
-use crate::models::{blip::slots::SlotBuffers, graphs::Body, nn::attention};
+use crate::models::{
+    blip::slots::{history_mask, SlotBuffers},
+    graphs::Body,
+    nn::attention,
+};
 
 /// The columns of a whole step's input, one row per slot.
 pub mod column {
@@ -43,12 +47,7 @@ impl BlipTextDecoder {
         let rows = inputs.size()[0];
         let col = |c: i64| inputs.select(1, c);
         let mut x = self.embed(&col(column::TOKEN).view([rows, 1]), &col(column::POSITION).view([rows, 1]));
-        let device = x.device();
-        let blocked =
-            Tensor::arange(positions, (Kind::Int64, device)).unsqueeze(0).ge_tensor(&col(column::READS).unsqueeze(1));
-        let mask = Tensor::zeros([rows, positions], (x.kind(), device))
-            .masked_fill(&blocked, f64::NEG_INFINITY)
-            .view([rows, 1, 1, positions]);
+        let mask = history_mask(&col(column::READS), positions, x.kind());
         let heads = self.layers[0].self_attn.heads;
         let head_dim = x.size()[2] / heads;
         let write_at = col(column::POSITION).view([rows, 1, 1, 1]).expand([rows, heads, 1, head_dim], false);
