@@ -268,7 +268,6 @@ impl EngineArgs {
             graphs: crate::backend::graph_mode(device, self.cuda_graphs)?,
             graph_rows: rows.min(most) as i64,
             whole_step: (self.cuda_graphs == CudaGraphs::Whole).then(|| crate::models::graphs::WholeStep {
-                rows: rows.min(most) as i64,
                 images: self.generate_max_batch.max(1) as i64,
                 per_image: i64::from(self.max_candidates),
                 positions: i64::from(self.max_length),
@@ -391,7 +390,7 @@ mod tests {
         assert_eq!(parse(&[]).cuda_graphs, CudaGraphs::Off);
         match whole.numerics(tch::Device::Cuda(0)) {
             Ok(n) => {
-                let want = crate::models::graphs::WholeStep { rows: 20, images: 4, per_image: 5, positions: 30 };
+                let want = crate::models::graphs::WholeStep { images: 4, per_image: 5, positions: 30 };
                 assert_eq!(n.whole_step, Some(want));
                 assert_eq!(n.graph_rows, 20);
             }

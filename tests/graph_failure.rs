@@ -82,7 +82,8 @@ fn a_failed_whole_step_capture_leaves_the_batch_decoding_through_the_layers() {
 
     blip.text_decoder.set_graph_mode(GraphMode::Emulated);
     let v = &blip.config.vision_config;
-    let limits = WholeStep { rows: 8, images: 2, per_image: 4, positions: 40 };
+    let limits = WholeStep { images: 2, per_image: 4, positions: 40 };
+    blip.text_decoder.set_graph_rows(8);
     blip.text_decoder.set_whole_step(Some(limits), (v.image_size / v.patch_size).pow(2) + 1);
     // The first step runs through the layers (its pieces captured); the second is the first whole
     // step, and its capture fails.

@@ -58,13 +58,15 @@ fn greedy(n: u32, max_length: u32) -> GenerationParams {
 }
 
 fn limits() -> WholeStep {
-    WholeStep { rows: 16, images: 4, per_image: 4, positions: 40 }
+    WholeStep { images: 4, per_image: 4, positions: 40 }
 }
 
-fn whole(blip: &mut Blip, limits: WholeStep) {
+/// Whole steps (emulated) of up to `rows` rows within `limits`.
+fn whole(blip: &mut Blip, rows: i64, limits: WholeStep) {
     let v = &blip.config.vision_config;
     let patches = (v.image_size / v.patch_size).pow(2) + 1;
     blip.text_decoder.set_graph_mode(GraphMode::Emulated);
+    blip.text_decoder.set_graph_rows(rows);
     blip.text_decoder.set_whole_step(Some(limits), patches);
 }
 
@@ -136,7 +138,7 @@ fn compare_paths(mut blip: Blip) {
     let (eager, eager_steps, _) = scenario(&blip);
     assert_eq!(eager.iter().map(|d| d.id).collect::<Vec<_>>(), [1, 3, 4, 5], "request 2 was cancelled");
 
-    whole(&mut blip, limits());
+    whole(&mut blip, 16, limits());
     let (got, got_steps, held) = scenario(&blip);
     assert_eq!(got, eager, "the same candidates");
     assert!(held, "the batch ran in the arena");
@@ -167,7 +169,7 @@ fn graphs_captured_at_start_serve_every_later_batch_in_the_same_arena() {
         })
         .collect();
 
-    whole(&mut blip, limits());
+    whole(&mut blip, 16, limits());
     // As an executor does when it starts: the pieces (for first steps and beam steps), then the
     // whole steps. 16 rows: buckets 1, 2, 4, 8, 16; 40 positions: 16, 32, 40; one choice graph
     // per bucket.
@@ -219,7 +221,7 @@ fn beam_steps_and_batches_beyond_the_arena_take_the_layered_path() {
     let too_wide = [request(&blip, 3, sampled(6, 50, 12, 2))];
     let eager = (run(&blip, &with_beams, &[1, 2]), run(&blip, &too_wide, &[3]));
 
-    whole(&mut blip, limits());
+    whole(&mut blip, 16, limits());
     let (beams, wide) = (run(&blip, &with_beams, &[1, 2]), run(&blip, &too_wide, &[3]));
     assert_eq!(beams.0, eager.0 .0);
     assert!(!beams.1, "a batch with beam rows steps through the layers");
@@ -251,7 +253,7 @@ fn a_batch_that_outgrows_the_arena_lets_it_go_and_later_batches_get_another() {
         (done, before.whole_step_arena, kinds)
     };
     let (eager, ..) = dec_run(&blip);
-    whole(&mut blip, WholeStep { rows: 4, ..limits() });
+    whole(&mut blip, 4, limits());
     let (got, held, kinds) = dec_run(&blip);
     assert_eq!(got, eager);
     assert!(held, "3 rows fit the arena");
@@ -268,7 +270,7 @@ fn a_batch_that_outgrows_the_arena_lets_it_go_and_later_batches_get_another() {
 fn a_whole_step_waits_on_the_device_once() {
     let _g = tch::no_grad_guard();
     let mut blip = Blip::load(Path::new(BLIP), Device::Cpu).unwrap();
-    whole(&mut blip, limits());
+    whole(&mut blip, 16, limits());
     let sp = special(&blip);
     for reqs in [
         vec![request(&blip, 1, greedy(3, 12)), request(&blip, 2, greedy(1, 9))],
@@ -335,7 +337,8 @@ fn the_engine_serves_whole_steps_as_it_serves_layered_ones() {
     assert_eq!(eager.iter().map(|(id, _)| *id).collect::<Vec<_>>(), [2, 3, 4], "request 1 was filtered out");
     let numerics = Numerics {
         graphs: GraphMode::Emulated,
-        whole_step: Some(WholeStep { rows: 16, images: 4, per_image: 8, positions: 40 }),
+        graph_rows: 16,
+        whole_step: Some(WholeStep { images: 4, per_image: 8, positions: 40 }),
         ..Kind::Float.into()
     };
     let runner = BlipRunner::load_as(Path::new(BLIP), Device::Cpu, numerics).unwrap();

@@ -50,12 +50,11 @@ impl Default for Owner {
     }
 }
 
-/// What a decode step captured whole (`--cuda-graphs=whole`) must hold: its fixed-capacity
-/// buffers are made for this much once per executor.
+/// What a decode step captured whole (`--cuda-graphs=whole`) must hold besides its rows (the
+/// most rows a step may hold, as for the pieces): its fixed-capacity buffers are made for this
+/// much once per executor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WholeStep {
-    /// Rows a step may hold (`--generate-max-batch` × `--max-candidates`).
-    pub rows: i64,
     /// Images a step may hold (`--generate-max-batch`).
     pub images: i64,
     /// Rows one image may have (`--max-candidates`).

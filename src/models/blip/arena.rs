@@ -29,8 +29,10 @@ pub struct Capacity {
 }
 
 impl Capacity {
-    pub fn new(limits: WholeStep, patches: i64, max_positions: i64) -> Self {
-        let rows = graphs::bucket(limits.rows.clamp(1, graphs::MAX_ROWS)).expect("within the buckets");
+    /// Room for steps of up to `rows` rows within `limits`, `patches` per image, and at most
+    /// `max_positions` positions (the model's).
+    pub fn new(rows: i64, limits: WholeStep, patches: i64, max_positions: i64) -> Self {
+        let rows = graphs::bucket(rows.clamp(1, graphs::MAX_ROWS)).expect("within the buckets");
         Self {
             rows,
             images: limits.images.max(1),
@@ -179,7 +181,7 @@ mod tests {
     #[test]
     fn an_arena_is_lent_once_and_made_anew_only_when_lost() {
         let model = Owner::new();
-        let cap = Capacity::new(WholeStep { rows: 3, images: 2, per_image: 2, positions: 8 }, 5, 512);
+        let cap = Capacity::new(3, WholeStep { images: 2, per_image: 2, positions: 8 }, 5, 512);
         assert_eq!(cap.rows, 4, "the row bucket of 3");
         let shape =
             DecoderShape { layers: 1, heads: 2, head_dim: 4, vocab: 10, kind: Kind::Float, device: Device::Cpu };

@@ -185,9 +185,10 @@ impl BlipTextDecoder {
     }
 
     /// Captures greedy and sampled one-token steps whole, over buffers made for `limits` with
-    /// `patches` image patches per image; `None`: piece by piece.
+    /// `patches` image patches per image and the rows [`set_graph_rows`](Self::set_graph_rows)
+    /// gave (so it is set first); `None`: piece by piece.
     pub fn set_whole_step(&mut self, limits: Option<WholeStep>, patches: i64) {
-        self.whole_step = limits.map(|l| Capacity::new(l, patches, self.max_positions));
+        self.whole_step = limits.map(|l| Capacity::new(self.graph_rows, l, patches, self.max_positions));
     }
 
     /// What a whole step's buffers hold, when steps are captured whole and graphs are on.
